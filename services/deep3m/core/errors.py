@@ -1,0 +1,71 @@
+"""The domain error hierarchy.
+
+Every error a user can cause or meet is one of these. The gRPC layer maps each
+class to one status code (see ``deep3m.runtime.interceptor``); anything else is
+an internal error whose details stay in the log.
+"""
+
+from __future__ import annotations
+
+
+class Deep3mError(Exception):
+    """Base of all domain errors.
+
+    ``field`` names the offending file, field or value, so a user can fix it.
+    ``retryable`` tells a worker whether another attempt could succeed.
+    """
+
+    grpc_code_name = "INTERNAL"
+    retryable = False
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgumentError(Deep3mError, ValueError):
+    """The request or its input data is malformed (bad shape, corrupt file, ...)."""
+
+    grpc_code_name = "INVALID_ARGUMENT"
+
+
+class NotFoundError(Deep3mError, LookupError):
+    """A referenced file, volume, model or job does not exist."""
+
+    grpc_code_name = "NOT_FOUND"
+
+
+class AlreadyExistsError(Deep3mError):
+    """The target exists and holds something else."""
+
+    grpc_code_name = "ALREADY_EXISTS"
+
+
+class FailedPreconditionError(Deep3mError):
+    """The system is not in a state that allows the operation (stale lease, ...)."""
+
+    grpc_code_name = "FAILED_PRECONDITION"
+
+
+class ResourceExhaustedError(Deep3mError):
+    """A limit was hit (region too large, out of memory, queue full)."""
+
+    grpc_code_name = "RESOURCE_EXHAUSTED"
+    retryable = True
+
+
+class UnavailableError(Deep3mError):
+    """A dependency (store, scheduler) cannot be reached right now."""
+
+    grpc_code_name = "UNAVAILABLE"
+    retryable = True
+
+
+class CancelledError(Deep3mError):
+    """The job was cancelled while the work was running."""
+
+    grpc_code_name = "CANCELLED"
