@@ -1,0 +1,61 @@
+"""Resolve volume references against the configured store roots.
+
+A reference names a store URL (or none, for the default store) and a path.
+URLs outside the configured roots are refused, so a request cannot make a
+service read or write arbitrary buckets or folders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.store import Store, check_key, normalize_url
+
+
+@dataclass(frozen=True)
+class StoreRoots:
+    """The default store plus extra roots that inputs may come from."""
+
+    default_url: str
+    extra_urls: tuple[str, ...] = ()
+    storage_options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> StoreRoots:
+        extra = tuple(u.strip() for u in settings.input_roots.split(",") if u.strip())
+        return cls(
+            normalize_url(settings.store_url),
+            tuple(normalize_url(u) for u in extra),
+            tuple(sorted(settings.storage_options().items())),
+        )
+
+    @property
+    def urls(self) -> Sequence[str]:
+        return (self.default_url, *self.extra_urls)
+
+    def check_url(self, url: str, *, field: str = "store_url") -> str:
+        norm = normalize_url(url)
+        for root in self.urls:
+            if norm == root or norm.startswith(root.rstrip("/") + "/"):
+                return norm
+        raise InvalidArgumentError(
+            f"{url!r} is outside the configured store roots ({', '.join(self.urls)})", field=field
+        )
+
+    def store(self, url: str = "", *, field: str = "store_url") -> Store:
+        """The store for ``url`` (default store when empty), checked against the roots."""
+        norm = self.check_url(url or self.default_url, field=field)
+        options = dict(self.storage_options) if norm.startswith("s3://") else None
+        return Store(norm, options)
+
+    def resolve(self, store_url: str, path: str, *, field: str = "volume") -> tuple[Store, str]:
+        if not path:
+            raise InvalidArgumentError(f"{field}.path is empty", field=f"{field}.path")
+        try:
+            key = check_key(path)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(exc.message, field=f"{field}.path") from exc
+        return self.store(store_url, field=f"{field}.store_url"), key
