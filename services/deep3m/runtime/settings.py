@@ -1,12 +1,35 @@
-"""One typed settings object for every role, read from ``DEEP3M_*`` variables."""
+"""One typed settings object for every role, read from ``DEEP3M_*`` variables.
+
+Environment variables are matched case-insensitively; an empty variable means
+the default (Helm templates render unset values as empty strings). A variable
+that does not parse raises ``SettingsError`` naming the variable. Unknown
+``DEEP3M_*`` variables are ignored, so tools sharing the prefix do not break
+each other; ``unknown_env_vars`` lists them so a server can warn about typos.
+Keyword arguments, in contrast, must name real fields (``extra="forbid"``).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from deep3m.core.errors import InvalidArgumentError
+
+ENV_PREFIX = "DEEP3M_"
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Never echo these back in error messages.
+_SECRET_FIELDS = frozenset({"s3_access_key_id", "s3_secret_access_key"})
+
+
+class SettingsError(InvalidArgumentError):
+    """A setting (environment variable or keyword) has a value that does not parse."""
+
 
 Role = Literal["scheduler", "tiling", "training", "inference", "postprocess"]
 ROLES: tuple[Role, ...] = ("scheduler", "tiling", "training", "inference", "postprocess")
@@ -25,7 +48,9 @@ DEFAULT_PORTS: dict[str, int] = {
 class Settings(BaseSettings):
     """Settings shared by all roles. Environment: ``DEEP3M_<FIELD>``."""
 
-    model_config = SettingsConfigDict(env_prefix="DEEP3M_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, env_ignore_empty=True
+    )
 
     # Store
     store_url: str = "file://./deep3m-data"
@@ -51,6 +76,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     worker_id: str = ""
+    # Roles other than the scheduler pull tasks from it; off for a bare API server.
+    worker_enabled: bool = True
 
     # Scheduling
     lease_seconds: float = Field(default=60.0, gt=0)
@@ -72,6 +99,29 @@ class Settings(BaseSettings):
     autoscale_tasks_per_replica: int = Field(default=8, ge=1)
     autoscale_cooldown_seconds: float = Field(default=300.0, ge=0)
 
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise _settings_error(exc, given=values) from None
+
+    @field_validator("store_url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        scheme = url.split("://", 1)[0] if "://" in url else "file"
+        if scheme not in ("file", "s3", "memory"):
+            raise ValueError(
+                f"unsupported store URL scheme {scheme!r}; use file://, s3:// or memory://"
+            )
+        return url
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, level: str) -> str:
+        if level.upper() not in _LOG_LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(_LOG_LEVELS)}")
+        return level.upper()
+
     def port_for(self, role: str) -> int:
         return self.grpc_port or DEFAULT_PORTS[role]
 
@@ -89,6 +139,46 @@ class Settings(BaseSettings):
         if client_kwargs:
             options["client_kwargs"] = client_kwargs
         return options
+
+
+def env_var(field_name: str) -> str:
+    """The environment variable that sets ``field_name``."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def _settings_error(exc: ValidationError, *, given: Mapping[str, Any]) -> SettingsError:
+    problems: list[str] = []
+    names: list[str] = []
+    for err in exc.errors():
+        loc = str(err["loc"][0]) if err["loc"] else ""
+        # Values passed as keywords are named as fields; the rest came from the environment.
+        name = loc if loc in given else env_var(loc)
+        value = "" if loc in _SECRET_FIELDS else f"={err.get('input')!r}"
+        message = (
+            "not a setting"
+            if err["type"] == "extra_forbidden"
+            else str(err["msg"]).removeprefix("Value error, ")
+        )
+        problems.append(f"{name}{value}: {message}")
+        names.append(name)
+    return SettingsError("invalid setting " + "; ".join(problems), field=names[0] if names else "")
+
+
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``DEEP3M_*`` variables that set no field (likely typos); sorted."""
+    env = os.environ if environ is None else environ
+    known = {env_var(name) for name in Settings.model_fields}
+    return sorted(k for k in env if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def warn_unknown_env_vars(logger: logging.Logger, environ: Mapping[str, str] | None = None) -> None:
+    unknown = unknown_env_vars(environ)
+    if unknown:
+        logger.warning(
+            "ignoring unknown settings variables: %s",
+            ", ".join(unknown),
+            extra={"variables": unknown},
+        )
 
 
 @lru_cache(maxsize=1)
