@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,17 @@ from rich.table import Table
 from deep3m.core.errors import Deep3mError
 from deep3m.runtime.settings import ROLES
 
-app = typer.Typer(help="deep3m: deep-learning segmentation of large microscopy volumes.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="deep3m: deep-learning segmentation of large microscopy volumes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 console = Console(stderr=True)
 out = Console()
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     text = "text"
     json = "json"
 
@@ -41,6 +45,7 @@ class State:
     scheduler: str = os.environ.get("DEEP3M_SCHEDULER_ADDRESS", "127.0.0.1:50051")
     namespace: str | None = None
     kube_context: str | None = None
+    release: str | None = None
     output: OutputFormat = OutputFormat.text
     timeout_s: float = 30.0
 
@@ -50,20 +55,28 @@ state = State()
 
 @app.callback()
 def _global(
-    scheduler: str = typer.Option(state.scheduler, "--scheduler", "-s",
-                                  help="Scheduler address host:port."),
-    namespace: str | None = typer.Option(None, "--namespace", "-n",
-                                         help="Reach an in-cluster scheduler in this namespace "
-                                              "through a Kubernetes port-forward."),
-    kube_context: str | None = typer.Option(None, "--kube-context",
-                                            help="kubeconfig context for --namespace."),
-    output: OutputFormat = typer.Option(OutputFormat.text, "--output", "-o",
-                                        help="text or json."),
+    scheduler: str = typer.Option(
+        state.scheduler, "--scheduler", "-s", help="Scheduler address host:port."
+    ),
+    namespace: str | None = typer.Option(
+        None,
+        "--namespace",
+        "-n",
+        help="Reach an in-cluster scheduler in this namespace through a Kubernetes port-forward.",
+    ),
+    kube_context: str | None = typer.Option(
+        None, "--kube-context", help="kubeconfig context for --namespace."
+    ),
+    release: str | None = typer.Option(
+        None, "--release", help="Helm release name, when several share a namespace."
+    ),
+    output: OutputFormat = typer.Option(OutputFormat.text, "--output", "-o", help="text or json."),
     timeout_s: float = typer.Option(30.0, "--timeout", help="Deadline of each call, seconds."),
 ) -> None:
     state.scheduler = scheduler
     state.namespace = namespace
     state.kube_context = kube_context
+    state.release = release
     state.output = output
     state.timeout_s = timeout_s
 
@@ -82,19 +95,19 @@ def _client() -> Iterator[Any]:
 
     with contextlib.ExitStack() as stack:
         address = state.scheduler
-        if state.namespace:
-            from deep3m.client.portforward import port_forward
+        if state.namespace or state.kube_context:
+            from deep3m.client.portforward import scheduler_tunnel
 
             address = stack.enter_context(
-                port_forward(state.namespace, "deep3m-scheduler", 50051,
-                             context=state.kube_context)
+                scheduler_tunnel(
+                    state.namespace or "deep3m", context=state.kube_context, release=state.release
+                )
             )
         client = stack.enter_context(Deep3mClient(address, timeout_s=state.timeout_s))
         try:
             yield client
         except Deep3mError as exc:
-            raise _fail(f"{exc.message}" + (f" (field: {exc.field})" if exc.field else "")) \
-                from exc
+            raise _fail(f"{exc.message}" + (f" (field: {exc.field})" if exc.field else "")) from exc
 
 
 def _job_dict(job: Any) -> dict[str, Any]:
@@ -116,11 +129,17 @@ def _print_job(job: Any) -> None:
     table.add_column("total", justify="right")
     table.add_column("quarantined", justify="right")
     for stage in job.stages:
-        table.add_row(stage.name, stage.role, str(stage.tasks_done), str(stage.tasks_total),
-                      str(stage.tasks_quarantined))
+        table.add_row(
+            stage.name,
+            stage.role,
+            str(stage.tasks_done),
+            str(stage.tasks_total),
+            str(stage.tasks_quarantined),
+        )
     out.print(table)
-    out.print(f"state: [bold]{common_pb2.JobState.Name(job.state).removeprefix('JOB_STATE_')}"
-              "[/bold]")
+    out.print(
+        f"state: [bold]{common_pb2.JobState.Name(job.state).removeprefix('JOB_STATE_')}[/bold]"
+    )
     for key, value in job.outputs.items():
         out.print(f"  {key}: {value}")
     for err in job.errors:
@@ -164,8 +183,9 @@ def _follow(client: Any, job_id: str, *, quiet: bool = False) -> Any:
     """Show a progress bar from the job's watch stream; returns the final job."""
     from deep3m.client.progress import follow_job
 
-    return follow_job(client, job_id, console=console,
-                      show=not quiet and state.output is OutputFormat.text)
+    return follow_job(
+        client, job_id, console=console, show=not quiet and state.output is OutputFormat.text
+    )
 
 
 def _finish(client: Any, job_id: str, wait: bool) -> None:
@@ -230,8 +250,9 @@ def up(
 @app.command()
 def ingest(
     source: str = typer.Argument(..., help="TIFF, folder of TIFF/PNG pages, HDF5, MRC or zarr."),
-    output: str = typer.Option(..., "--output", help="Volume path in the store, "
-                                                     "e.g. volumes/stack.zarr"),
+    output: str = typer.Option(
+        ..., "--output", help="Volume path in the store, e.g. volumes/stack.zarr"
+    ),
     voxel_size_nm: str = typer.Option("", help="z,y,x voxel size in nm, e.g. 40,5.9,5.9"),
     chunk_shape: str = typer.Option("", help="z,y,x chunk shape"),
     shard_shape: str = typer.Option("", help="z,y,x shard shape"),
@@ -265,7 +286,9 @@ def predict(
     """Segment a volume with a trained model (blocks sharded over inference workers)."""
     with _client() as client:
         job = client.predict(
-            _volume_ref(input), model, _volume_ref(output),
+            _volume_ref(input),
+            model,
+            _volume_ref(output),
             tta_level=tta_level,
             members=[m for m in members.split(",") if m],
             block_shape=_shape(block_shape, "block-shape"),
@@ -288,8 +311,9 @@ def train(
     members: str = typer.Option("1fm,3fm,5fm", help="Comma-separated ensemble members."),
     iterations: int = typer.Option(0, help="Iterations per member (0: default)."),
     base_model: str = typer.Option("", "--base-model", help="Fine-tune from this model."),
-    add_iterations: int = typer.Option(0, "--add-iterations",
-                                       help="Fine-tuning iterations on top of the base."),
+    add_iterations: int = typer.Option(
+        0, "--add-iterations", help="Fine-tuning iterations on top of the base."
+    ),
     batch_size: int = typer.Option(0, help="Batch size (0: default)."),
     patch_shape: str = typer.Option("", help="y,x training patch."),
     wait: bool = typer.Option(True, help="Follow the job until it ends."),
@@ -297,12 +321,18 @@ def train(
     """Train (or fine-tune) an ensemble: one training task per member."""
     with _client() as client:
         job = client.train(
-            images=_volume_ref(images), labels=_volume_ref(labels), model=model,
+            images=_volume_ref(images),
+            labels=_volume_ref(labels),
+            model=model,
             validation_images=_volume_ref(validation_images) if validation_images else None,
             validation_labels=_volume_ref(validation_labels) if validation_labels else None,
-            architecture=architecture, width=width,
-            members=[m for m in members.split(",") if m], iterations=iterations,
-            base_model=base_model, add_iterations=add_iterations, batch_size=batch_size,
+            architecture=architecture,
+            width=width,
+            members=[m for m in members.split(",") if m],
+            iterations=iterations,
+            base_model=base_model,
+            add_iterations=add_iterations,
+            batch_size=batch_size,
             patch_shape=_shape(patch_shape, "patch-shape"),
         )
         _finish(client, job.id, wait)
@@ -331,9 +361,13 @@ def jobs(limit: int = typer.Option(50, help="At most this many, newest first."))
         for job in found:
             done = sum(s.tasks_done for s in job.stages)
             total = sum(s.tasks_total for s in job.stages)
-            table.add_row(job.id, job.spec.name, job.spec.WhichOneof("kind") or "",
-                          common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_"),
-                          f"{done}/{total}")
+            table.add_row(
+                job.id,
+                job.spec.name,
+                job.spec.WhichOneof("kind") or "",
+                common_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_"),
+                f"{done}/{total}",
+            )
         out.print(table)
 
 

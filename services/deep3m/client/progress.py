@@ -58,8 +58,12 @@ def follow_job(client: Any, job_id: str, *, console: Console, show: bool = True)
                         event.stage, total=max(event.tasks_total, 1), stage=event.stage, info=""
                     )
                 bar = bars[event.stage]
-                progress.update(bar, completed=event.tasks_done,
-                                total=max(event.tasks_total, 1), info=describe(event))
+                progress.update(
+                    bar,
+                    completed=event.tasks_done,
+                    total=max(event.tasks_total, 1),
+                    info=describe(event),
+                )
             if event.error:
                 progress.console.print(f"[red]{event.error}[/red]")
     return client.get(job_id)

@@ -20,8 +20,9 @@ from deep3m.core.errors import InvalidArgumentError
 Shape = tuple[int, ...]
 
 
-def _as_shape(values: Sequence[int], name: str, *, ndim: int | None = None,
-              minimum: int = 0) -> Shape:
+def _as_shape(
+    values: Sequence[int], name: str, *, ndim: int | None = None, minimum: int = 0
+) -> Shape:
     shape = tuple(int(v) for v in values)
     if ndim is not None and len(shape) != ndim:
         raise InvalidArgumentError(
@@ -56,8 +57,10 @@ class Box:
     @classmethod
     def from_shape(cls, shape: Sequence[int], offset: Sequence[int] | None = None) -> Box:
         off = tuple(offset) if offset is not None else (0,) * len(shape)
-        return cls(tuple(int(o) for o in off), tuple(int(o) + int(s) for o, s in zip(off, shape,
-                                                                                    strict=True)))
+        return cls(
+            tuple(int(o) for o in off),
+            tuple(int(o) + int(s) for o, s in zip(off, shape, strict=True)),
+        )
 
     @property
     def ndim(self) -> int:
@@ -139,19 +142,23 @@ class BlockPlan:
         if len(idx) != len(self.grid_shape) or any(
             not 0 <= i < g for i, g in zip(idx, self.grid_shape, strict=True)
         ):
-            raise InvalidArgumentError(f"block index {list(idx)} outside grid {self.grid_shape}",
-                                       field="index")
+            raise InvalidArgumentError(
+                f"block index {list(idx)} outside grid {self.grid_shape}", field="index"
+            )
         start = tuple(i * b for i, b in zip(idx, self.block_shape, strict=True))
-        stop = tuple(min(s + b, v) for s, b, v in zip(start, self.block_shape,
-                                                      self.volume_shape, strict=True))
+        stop = tuple(
+            min(s + b, v)
+            for s, b, v in zip(start, self.block_shape, self.volume_shape, strict=True)
+        )
         core = Box(start, stop)
         return Block(idx, core, core.grow(self.halo))
 
     def block(self, n: int) -> Block:
         """The n-th block in C order."""
         if not 0 <= n < len(self):
-            raise InvalidArgumentError(f"block number {n} outside 0..{len(self) - 1}",
-                                       field="block")
+            raise InvalidArgumentError(
+                f"block number {n} outside 0..{len(self) - 1}", field="block"
+            )
         return self.block_at(np.unravel_index(n, self.grid_shape))  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Block]:
@@ -203,8 +210,9 @@ def read_padded(array: ReadableArray, box: Box) -> np.ndarray:
     volume = Box.from_shape(array.shape)
     inside = box.intersect(volume)
     if inside.empty:
-        raise InvalidArgumentError(f"box {box} does not overlap the volume {array.shape}",
-                                   field="box")
+        raise InvalidArgumentError(
+            f"box {box} does not overlap the volume {array.shape}", field="box"
+        )
     data = np.asarray(array[inside.slices()])
     pad = [
         (i0 - b0, b1 - i1)
@@ -212,8 +220,15 @@ def read_padded(array: ReadableArray, box: Box) -> np.ndarray:
     ]
     if not any(p for pair in pad for p in pair):
         return data
-    # 'reflect' needs at least two voxels along an axis; fall back to 'symmetric'
-    # (edge-repeating) for singleton axes.
-    if all(s > 1 or p == (0, 0) for s, p in zip(data.shape, pad, strict=True)):
+    # 'reflect' needs at least two voxels along an axis; a singleton axis repeats
+    # its voxel. Decided per axis, so a single slice does not change how y and x
+    # are mirrored.
+    singleton = [s == 1 and p != (0, 0) for s, p in zip(data.shape, pad, strict=True)]
+    if not any(singleton):
         return np.pad(data, pad, mode="reflect")
-    return np.pad(data, pad, mode="symmetric")
+    data = np.pad(
+        data, [p if one else (0, 0) for p, one in zip(pad, singleton, strict=True)], mode="edge"
+    )
+    return np.pad(
+        data, [(0, 0) if one else p for p, one in zip(pad, singleton, strict=True)], mode="reflect"
+    )

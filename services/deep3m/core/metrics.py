@@ -88,8 +88,9 @@ def confusion_counts(
             field="ground_truth",
         )
     if exclusion_zone < 0:
-        raise InvalidArgumentError(f"exclusion_zone must be >= 0, got {exclusion_zone}",
-                                   field="exclusion_zone")
+        raise InvalidArgumentError(
+            f"exclusion_zone must be >= 0, got {exclusion_zone}", field="exclusion_zone"
+        )
     keep = ~border_zone(gt, exclusion_zone) if exclusion_zone else np.ones(gt.shape, bool)
     tp = int(np.count_nonzero(pred & gt & keep))
     fp = int(np.count_nonzero(pred & ~gt & keep))

@@ -8,6 +8,7 @@ makes ingest atomic: a failed or interrupted write never looks complete.
 
 from __future__ import annotations
 
+import builtins
 import json
 import posixpath
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,6 +21,7 @@ import fsspec
 import numpy as np
 import zarr
 import zarr.storage
+from zarr.abc.store import Store as StoreLike
 
 from deep3m.core.errors import (
     AlreadyExistsError,
@@ -47,7 +49,7 @@ def normalize_url(url: str) -> str:
             field="store_url",
         )
     if parsed.scheme == "file":
-        local = url[len("file://"):]
+        local = url[len("file://") :]
         return "file://" + str(Path(local).expanduser().resolve())
     return url.rstrip("/")
 
@@ -96,6 +98,26 @@ def ome_multiscales(
             }
         ],
     }
+
+
+def _dirs_under(fs: Any, full: str) -> list[str]:
+    """Directory entries below ``full`` on a filesystem that has them (children first)."""
+    found: list[str] = []
+    try:
+        entries = fs.ls(full, detail=True, refresh=True)
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        name = str(entry["name"]).rstrip("/")
+        if name != full and entry.get("type") == "directory":
+            found += _dirs_under(fs, name)
+            found.append(name)
+    return found
+
+
+def _deep3m_attrs(group: zarr.Group) -> dict[str, Any]:
+    meta = group.attrs.asdict().get("deep3m", {})
+    return dict(meta) if isinstance(meta, dict) else {}
 
 
 class Store:
@@ -151,10 +173,11 @@ class Store:
         try:
             return json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise InvalidArgumentError(f"{self.key_url(key)} is not valid JSON: {exc}",
-                                       field=key) from exc
+            raise InvalidArgumentError(
+                f"{self.key_url(key)} is not valid JSON: {exc}", field=key
+            ) from exc
 
-    def list(self, prefix: str) -> list[str]:
+    def list(self, prefix: str) -> builtins.list[str]:
         """Immediate children of ``prefix`` (names, not keys); empty if absent."""
         try:
             entries = self._fs.ls(self._full(prefix), detail=False)
@@ -185,9 +208,43 @@ class Store:
             pass
         if self.scheme == "s3":
             self._fs.invalidate_cache()
+        self._prune_empty_dirs(check_key(prefix))
+
+    def _prune_empty_dirs(self, key: str) -> None:
+        """Drop directories left empty by a delete, so every backend lists alike.
+
+        Object stores have no directories, but local disks and S3 servers with a
+        real namespace (SeaweedFS) keep them and would still list them.
+        """
+        parts = key.split("/")
+        try:
+            if self.scheme == "s3":
+                # Directory entries left under the deleted prefix, deepest first.
+                for entry in _dirs_under(self._fs, self._full(key)):
+                    self._fs.rm_file(entry + "/")
+                self._fs.invalidate_cache()
+            # The deleted key may remain as a directory entry (S3), then its parents.
+            for depth in range(len(parts), 0, -1):
+                full = self._full("/".join(parts[:depth]))
+                if self._fs.exists(full) and any(
+                    str(entry).rstrip("/") != full for entry in self._fs.ls(full, detail=False)
+                ):
+                    return
+                if self.scheme == "file":
+                    if Path(full).is_dir():
+                        Path(full).rmdir()
+                elif self.scheme == "s3":
+                    self._fs.rm_file(full + "/")
+                    self._fs.invalidate_cache()
+        except OSError:  # includes FileNotFoundError: a concurrent writer got there first
+            return
+        finally:
+            if self.scheme == "s3":
+                # Listings cached while pruning must not hide later writes.
+                self._fs.invalidate_cache()
 
     # -- zarr --------------------------------------------------------------
-    def zarr_store(self, key: str = "", *, read_only: bool = False) -> zarr.abc.store.Store:
+    def zarr_store(self, key: str = "", *, read_only: bool = False) -> StoreLike:
         """A zarr store rooted at ``key`` inside this store."""
         if self.scheme == "file":
             path = Path(self._full(key))
@@ -217,8 +274,9 @@ class Store:
         path = check_key(path)
         shape_t = tuple(int(s) for s in shape)
         if len(shape_t) != 3 or any(s <= 0 for s in shape_t):
-            raise InvalidArgumentError(f"volume shape must be 3 positive sizes, got {shape_t}",
-                                       field="shape")
+            raise InvalidArgumentError(
+                f"volume shape must be 3 positive sizes, got {shape_t}", field="shape"
+            )
         if len(voxel_size_nm) != 3 or any(v <= 0 for v in voxel_size_nm):
             raise InvalidArgumentError(
                 f"voxel_size_nm must be 3 positive sizes (z, y, x), got {list(voxel_size_nm)}",
@@ -226,8 +284,9 @@ class Store:
             )
         chunks = tuple(int(c) for c in (chunk_shape or DEFAULT_CHUNK_SHAPE))
         if len(chunks) != 3 or any(c <= 0 for c in chunks):
-            raise InvalidArgumentError(f"chunk_shape must be 3 positive sizes, got {list(chunks)}",
-                                       field="chunk_shape")
+            raise InvalidArgumentError(
+                f"chunk_shape must be 3 positive sizes, got {list(chunks)}", field="chunk_shape"
+            )
         chunks = tuple(min(c, s) for c, s in zip(chunks, shape_t, strict=True))
         shards: tuple[int, ...] | None = None
         if shard_shape:
@@ -247,8 +306,9 @@ class Store:
         group = zarr.create_group(self.zarr_store(path), overwrite=True)
         group.attrs.update(
             {
-                "ome": ome_multiscales(posixpath.basename(path), voxel_size_nm,
-                                       [(FULL_RESOLUTION, voxel_size_nm)]),
+                "ome": ome_multiscales(
+                    posixpath.basename(path), voxel_size_nm, [(FULL_RESOLUTION, voxel_size_nm)]
+                ),
                 "deep3m": {"complete": False, **dict(attributes or {})},
             }
         )
@@ -267,19 +327,20 @@ class Store:
         try:
             return zarr.open_group(self.zarr_store(path, read_only=mode == "r"), mode=mode)  # type: ignore[arg-type]
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-            raise NotFoundError(f"volume {self.key_url(path)} does not exist",
-                                field="volume") from exc
+            raise NotFoundError(
+                f"volume {self.key_url(path)} does not exist", field="volume"
+            ) from exc
 
     def mark_complete(self, path: str, **extra: Any) -> None:
         group = self._open_group(path, mode="r+")
-        meta = dict(group.attrs.get("deep3m", {}))
+        meta = dict(_deep3m_attrs(group))
         meta.update(extra)
         meta["complete"] = True
         group.attrs["deep3m"] = meta
 
     def update_volume_attributes(self, path: str, **extra: Any) -> None:
         group = self._open_group(path, mode="r+")
-        meta = dict(group.attrs.get("deep3m", {}))
+        meta = dict(_deep3m_attrs(group))
         meta.update(extra)
         group.attrs["deep3m"] = meta
 
@@ -288,7 +349,7 @@ class Store:
             raise NotFoundError(f"volume {self.key_url(path)} does not exist", field="volume")
         group = self._open_group(path)
         arr = self._array_in(group, path, array)
-        attrs = dict(group.attrs)
+        attrs: dict[str, Any] = dict(group.attrs.asdict())
         scale = (1.0, 1.0, 1.0)
         try:
             datasets = attrs["ome"]["multiscales"][0]["datasets"]
@@ -313,11 +374,13 @@ class Store:
         try:
             arr = group[name]
         except KeyError as exc:
-            raise NotFoundError(f"array {name!r} not found in volume {self.key_url(path)}",
-                                field="array") from exc
+            raise NotFoundError(
+                f"array {name!r} not found in volume {self.key_url(path)}", field="array"
+            ) from exc
         if not isinstance(arr, zarr.Array):
-            raise InvalidArgumentError(f"{self.key_url(path)}/{name} is a group, not an array",
-                                       field="array")
+            raise InvalidArgumentError(
+                f"{self.key_url(path)}/{name} is a group, not an array", field="array"
+            )
         return arr
 
     def open_volume(
@@ -327,7 +390,7 @@ class Store:
         if not self.exists(f"{check_key(path)}/zarr.json"):
             raise NotFoundError(f"volume {self.key_url(path)} does not exist", field="volume")
         group = self._open_group(path, mode="r+" if mode != "r" else "r")
-        if require_complete and not group.attrs.get("deep3m", {}).get("complete", True):
+        if require_complete and not _deep3m_attrs(group).get("complete", True):
             raise FailedPreconditionError(
                 f"volume {self.key_url(path)} is incomplete (an ingest or job is still writing "
                 "it, or failed)",

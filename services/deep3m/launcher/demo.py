@@ -40,7 +40,8 @@ def _run(client: Any, job: Any, console: Console, what: str) -> Any:
     if final.state != common_pb2.JOB_STATE_SUCCEEDED:
         errors = "; ".join(f"{e.task_id}: {e.message}" for e in final.errors) or "no details"
         raise FailedPreconditionError(
-            f"{what} ended {common_pb2.JobState.Name(final.state)}: {errors}", field=job.id)
+            f"{what} ended {common_pb2.JobState.Name(final.state)}: {errors}", field=job.id
+        )
     return final
 
 
@@ -60,8 +61,9 @@ def write_overlays(image: np.ndarray, probability: np.ndarray, folder: Path) -> 
     return paths
 
 
-def run_demo(store_path: str, *, console: Console, budget_minutes: float | None = None
-             ) -> dict[str, Any]:
+def run_demo(
+    store_path: str, *, console: Console, budget_minutes: float | None = None
+) -> dict[str, Any]:
     from deep3m.client.client import Deep3mClient
     from deep3m.training.demo_data import DEMO_RECIPE, sample_paths
 
@@ -73,30 +75,41 @@ def run_demo(store_path: str, *, console: Console, budget_minutes: float | None 
     run_id = time.strftime("%Y%m%d-%H%M%S")
     model_id = f"demo-{run_id}"
     cluster = LocalCluster(LocalClusterSpec(store_url=str(root), log_dir=root / "logs"))
-    console.print("starting the embedded services (scheduler, tiling, training, inference, "
-                  "postprocess)…")
+    console.print(
+        "starting the embedded services (scheduler, tiling, training, inference, postprocess)…"
+    )
     cluster.start(free_ports=True)
     try:
         with Deep3mClient(cluster.scheduler_address, timeout_s=60) as client:
             volumes = {
-                "train-images": data.train_images, "train-labels": data.train_labels,
-                "val-images": data.val_images, "val-labels": data.val_labels,
+                "train-images": data.train_images,
+                "train-labels": data.train_labels,
+                "val-images": data.val_images,
+                "val-labels": data.val_labels,
             }
             for name, source in volumes.items():
-                job = client.ingest(str(source), _ref(f"volumes/{run_id}/{name}.zarr"),
-                                    voxel_size_nm=list(VOXEL_SIZE_NM))
+                job = client.ingest(
+                    str(source),
+                    _ref(f"volumes/{run_id}/{name}.zarr"),
+                    voxel_size_nm=list(VOXEL_SIZE_NM),
+                )
                 _run(client, job, console, f"ingest {name}")
             job = client.train(
                 images=_ref(f"volumes/{run_id}/train-images.zarr"),
                 labels=_ref(f"volumes/{run_id}/train-labels.zarr"),
                 validation_images=_ref(f"volumes/{run_id}/val-images.zarr"),
                 validation_labels=_ref(f"volumes/{run_id}/val-labels.zarr"),
-                model=model_id, **recipe.train_kwargs(),
+                model=model_id,
+                **recipe.train_kwargs(),
             )
             _run(client, job, console, f"train {model_id} ({', '.join(recipe.members)})")
             prob_path = f"volumes/{run_id}/val-probabilities.zarr"
-            job = client.predict(_ref(f"volumes/{run_id}/val-images.zarr"), model_id,
-                                 _ref(prob_path), tta_level=recipe.tta_level)
+            job = client.predict(
+                _ref(f"volumes/{run_id}/val-images.zarr"),
+                model_id,
+                _ref(prob_path),
+                tta_level=recipe.tta_level,
+            )
             _run(client, job, console, f"predict validation (TTA level {recipe.tta_level})")
     finally:
         cluster.stop()
@@ -109,16 +122,21 @@ def run_demo(store_path: str, *, console: Console, budget_minutes: float | None 
     table = Table(title="validation accuracy (voxels, threshold 0.5)")
     for col in ("precision", "recall", "F1", "Jaccard"):
         table.add_column(col, justify="right")
-    table.add_row(*(f"{v:.3f}" for v in (scores.precision, scores.recall, scores.f1,
-                                         scores.jaccard)))
+    table.add_row(
+        *(f"{v:.3f}" for v in (scores.precision, scores.recall, scores.f1, scores.jaccard))
+    )
     console.print(table)
     console.print(f"probability map: {store.key_url(prob_path)}")
     console.print(f"overlay PNGs:    {overlays[0].parent}")
     console.print(f"model:           {store.key_url(f'models/{model_id}')}")
     console.print(f"took {(time.monotonic() - started) / 60:.1f} min")
     return {
-        "precision": scores.precision, "recall": scores.recall, "f1": scores.f1,
-        "jaccard": scores.jaccard, "probabilities": store.key_url(prob_path),
-        "overlays": str(overlays[0].parent), "model": model_id,
+        "precision": scores.precision,
+        "recall": scores.recall,
+        "f1": scores.f1,
+        "jaccard": scores.jaccard,
+        "probabilities": store.key_url(prob_path),
+        "overlays": str(overlays[0].parent),
+        "model": model_id,
         "seconds": time.monotonic() - started,
     }

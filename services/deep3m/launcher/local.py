@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -53,7 +54,7 @@ class LocalCluster:
         self.store_url = normalize_url(spec.store_url)
         self.ports: dict[str, int] = {}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs: list[object] = []
+        self._logs: list[IO[bytes]] = []
 
     @property
     def scheduler_address(self) -> str:
@@ -88,14 +89,15 @@ class LocalCluster:
                 "DEEP3M_WORKER_ID": f"local-{role}",
                 "DEEP3M_LOG_FORMAT": "json",
             }
-            out: object = subprocess.DEVNULL
+            out: IO[bytes] | int = subprocess.DEVNULL
             if log_dir is not None:
-                out = open(log_dir / f"{role}.log", "ab")  # noqa: SIM115 - closed in stop()
-                self._logs.append(out)
+                handle = open(log_dir / f"{role}.log", "ab")  # noqa: SIM115 - closed in stop()
+                self._logs.append(handle)
+                out = handle
             self.processes[role] = subprocess.Popen(
                 [sys.executable, "-m", "deep3m.client.cli", "serve", role],
                 env=env,
-                stdout=out,  # type: ignore[arg-type]
+                stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -120,11 +122,15 @@ class LocalCluster:
                     )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise UnavailableError(f"the {role} server did not become ready in "
-                                           f"{timeout_s:.0f} s", field=role)
+                    raise UnavailableError(
+                        f"the {role} server did not become ready in {timeout_s:.0f} s", field=role
+                    )
                 try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""),
-                                       timeout=min(2.0, remaining), wait_for_ready=True)
+                    reply = stub.Check(
+                        health_pb2.HealthCheckRequest(service=""),
+                        timeout=min(2.0, remaining),
+                        wait_for_ready=True,
+                    )
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
@@ -139,7 +145,8 @@ class LocalCluster:
     def stop(self, grace_s: float = 20.0) -> dict[str, int | None]:
         """SIGTERM every role (workers first, scheduler last) and wait for them."""
         order: Sequence[str] = [r for r in self.processes if r != "scheduler"] + (
-            ["scheduler"] if "scheduler" in self.processes else [])
+            ["scheduler"] if "scheduler" in self.processes else []
+        )
         for role in order:
             proc = self.processes[role]
             if proc.poll() is None:
@@ -153,13 +160,17 @@ class LocalCluster:
                 proc.kill()
                 codes[role] = proc.wait()
         for handle in self._logs:
-            handle.close()  # type: ignore[attr-defined]
+            handle.close()
         self._logs.clear()
         return codes
 
     def __enter__(self) -> LocalCluster:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

@@ -110,8 +110,9 @@ class ModelCard(BaseModel):
         return max(m.frames for m in self.members)
 
     def normalize(self, raw: np.ndarray) -> np.ndarray:
-        return ((np.asarray(raw, dtype=np.float32) - self.normalization_mean)
-                / self.normalization_std).astype(np.float32, copy=False)
+        return (
+            (np.asarray(raw, dtype=np.float32) - self.normalization_mean) / self.normalization_std
+        ).astype(np.float32, copy=False)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -121,8 +122,9 @@ class ModelCard(BaseModel):
         try:
             return cls.model_validate(dict(data))
         except ValueError as exc:
-            raise InvalidArgumentError(f"invalid model card {source}: {exc}",
-                                       field="model") from exc
+            raise InvalidArgumentError(
+                f"invalid model card {source}: {exc}", field="model"
+            ) from exc
 
 
 def card_key(model_id: str) -> str:
@@ -140,8 +142,9 @@ def model_exists(store: Store, model_id: str) -> bool:
 def load_card(store: Store, model_id: str) -> ModelCard:
     key = card_key(model_id)
     if not store.exists(key):
-        raise NotFoundError(f"model {model_id!r} not found in {store.url} (no {key})",
-                            field="model")
+        raise NotFoundError(
+            f"model {model_id!r} not found in {store.url} (no {key})", field="model"
+        )
     return ModelCard.from_json(store.read_json(key), source=store.key_url(key))
 
 
@@ -149,24 +152,26 @@ def save_card(store: Store, card: ModelCard) -> None:
     store.write_json(card_key(card.id), card.to_json())
 
 
-def save_weights(store: Store, model_id: str, member: str,
-                 state_dict: Mapping[str, torch.Tensor]) -> str:
+def save_weights(
+    store: Store, model_id: str, member: str, state_dict: Mapping[str, torch.Tensor]
+) -> str:
     """Write one member's weights; returns the path relative to the model folder."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     store.write_bytes(weights_key(model_id, member), save_safetensors(tensors))
     return f"{member}/weights.safetensors"
 
 
-def save_model(store: Store, card: ModelCard,
-               weights: Mapping[str, Mapping[str, torch.Tensor]]) -> ModelCard:
+def save_model(
+    store: Store, card: ModelCard, weights: Mapping[str, Mapping[str, torch.Tensor]]
+) -> ModelCard:
     """Write every member's weights, then the card (last, so a card means complete)."""
     members = []
     for m in card.members:
         if m.name not in weights:
-            raise InvalidArgumentError(f"no weights given for member {m.name!r}",
-                                       field="members")
-        members.append(m.model_copy(update={"weights": save_weights(store, card.id, m.name,
-                                                                     weights[m.name])}))
+            raise InvalidArgumentError(f"no weights given for member {m.name!r}", field="members")
+        members.append(
+            m.model_copy(update={"weights": save_weights(store, card.id, m.name, weights[m.name])})
+        )
     final = card.model_copy(update={"members": tuple(members)})
     save_card(store, final)
     return final
@@ -175,20 +180,23 @@ def save_model(store: Store, card: ModelCard,
 def load_state_dict(store: Store, card: ModelCard, member: str) -> dict[str, torch.Tensor]:
     m = card.member(member)
     if not m.weights:
-        raise NotFoundError(f"member {member!r} of model {card.id!r} has no weights yet",
-                            field="members")
+        raise NotFoundError(
+            f"member {member!r} of model {card.id!r} has no weights yet", field="members"
+        )
     key = f"models/{card.id}/{m.weights}"
     return load_safetensors(store.read_bytes(key))
 
 
-def load_member(store: Store, card: ModelCard, member: str,
-                device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_member(
+    store: Store, card: ModelCard, member: str, device: torch.device | str = "cpu"
+) -> torch.nn.Module:
     """Build a member's network from the registry and load its weights (eval mode)."""
     from deep3m.models.registry import build_network
 
     m = card.member(member)
-    net = build_network(card.architecture, frames=m.frames, width=card.width,
-                        num_classes=card.num_classes)
+    net = build_network(
+        card.architecture, frames=m.frames, width=card.width, num_classes=card.num_classes
+    )
     state = load_state_dict(store, card, member)
     try:
         net.load_state_dict(state, strict=True)

@@ -1,8 +1,11 @@
 """One place that maps domain errors to gRPC status codes.
 
 Servicers raise ``Deep3mError`` subclasses; this interceptor turns them into a
-status with the message (and a rich ``ErrorDetail`` naming the field). Anything
-else becomes INTERNAL with a generic message; the traceback goes to the log.
+status with the message (and a rich ``ErrorDetail`` naming the field). A call
+to a downstream service that failed as UNAVAILABLE or DEADLINE_EXCEEDED becomes
+UNAVAILABLE (worth retrying). Anything else becomes INTERNAL with a generic
+message; the traceback goes to the log. A servicer that aborts the context
+itself keeps its status.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
-from deep3m.core.errors import Deep3mError
+from deep3m.core.errors import Deep3mError, UnavailableError
+from deep3m.runtime.metrics import RPC_ERRORS
 
 log = logging.getLogger("deep3m.rpc")
+
+INTERNAL_MESSAGE = "internal error; see the server log"
+_DEPENDENCY_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def _status_for(exc: Deep3mError) -> status_pb2.Status:
@@ -26,18 +33,42 @@ def _status_for(exc: Deep3mError) -> status_pb2.Status:
 
     code = getattr(code_pb2, exc.grpc_code_name, code_pb2.INTERNAL)
     detail = any_pb2.Any()
-    detail.Pack(common_pb2.ErrorDetail(code=exc.grpc_code_name, message=exc.message,
-                                       field=exc.field))
+    detail.Pack(
+        common_pb2.ErrorDetail(code=exc.grpc_code_name, message=exc.message, field=exc.field)
+    )
     return status_pb2.Status(code=code, message=exc.message, details=[detail])
 
 
-def abort_with(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+def _as_domain_error(exc: BaseException) -> Deep3mError | None:
     if isinstance(exc, Deep3mError):
-        log.info("rpc error", extra={"method": method, "code": exc.grpc_code_name,
-                                     "error": exc.message})
-        context.abort_with_status(rpc_status.to_status(_status_for(exc)))
-    log.exception("internal error in %s", method)
-    context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        return exc
+    if (
+        isinstance(exc, grpc.RpcError)
+        and isinstance(exc, grpc.Call)
+        and exc.code() in _DEPENDENCY_DOWN
+    ):
+        return UnavailableError(f"a service this call depends on failed: {exc.details()}")
+    return None
+
+
+def abort_with(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+    """Abort the RPC with the status for ``exc``; always raises."""
+    domain = _as_domain_error(exc)
+    if domain is not None:
+        RPC_ERRORS.labels(code=domain.grpc_code_name).inc()
+        log.info(
+            "rpc error",
+            extra={
+                "method": method,
+                "code": domain.grpc_code_name,
+                "error": domain.message,
+                "field": domain.field,
+            },
+        )
+        context.abort_with_status(rpc_status.to_status(_status_for(domain)))
+    RPC_ERRORS.labels(code="INTERNAL").inc()
+    log.error("internal error in %s", method, exc_info=exc, extra={"method": method})
+    context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
 
 def error_detail(err: grpc.RpcError) -> Any:
@@ -53,6 +84,13 @@ def error_detail(err: grpc.RpcError) -> Any:
             detail.Unpack(out)
             return out
     return None
+
+
+def _already_aborted(context: grpc.ServicerContext) -> bool:
+    # context.abort() raises a bare Exception after recording the status, so the
+    # recorded code is the only way to tell an abort from a failure.
+    code = context.code()  # type: ignore[attr-defined]
+    return code is not None and code != grpc.StatusCode.OK
 
 
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
@@ -71,7 +109,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
                 try:
                     return fn(request, context)
                 except Exception as exc:  # the one place errors become statuses
-                    if isinstance(exc, grpc.RpcError) or _is_abort(exc):
+                    if _already_aborted(context):
                         raise
                     abort_with(context, exc, method)
                     raise  # unreachable: abort raises
@@ -83,28 +121,25 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
                 try:
                     yield from fn(request, context)
                 except Exception as exc:
-                    if isinstance(exc, grpc.RpcError) or _is_abort(exc):
+                    if _already_aborted(context):
                         raise
                     abort_with(context, exc, method)
                     raise
 
             return call
 
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kwargs)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+            return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kwargs)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                wrap_stream(handler.stream_stream), **kwargs
             )
         return handler
-
-
-def _is_abort(exc: BaseException) -> bool:
-    # context.abort raises a bare Exception subclass private to grpc.
-    return type(exc).__module__.startswith("grpc")

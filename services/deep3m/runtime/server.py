@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from deep3m.runtime.interceptor import ErrorMappingInterceptor
-from deep3m.runtime.settings import ROLES, Settings
+from deep3m.runtime.settings import ROLES, Settings, warn_unknown_env_vars
 
 log = logging.getLogger("deep3m.server")
 
@@ -30,7 +30,9 @@ log = logging.getLogger("deep3m.server")
 class RoleApp(Protocol):
     """What a role contributes to a server: servicers and optional background work."""
 
-    service_names: Sequence[str]
+    # Read-only, so an app may declare it as a tuple class attribute.
+    @property
+    def service_names(self) -> Sequence[str]: ...
 
     def register(self, server: grpc.Server) -> None: ...
 
@@ -53,8 +55,11 @@ class RunningServer:
         return f"127.0.0.1:{self.port}"
 
     def set_serving(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         self.health.set("", status)
         for name in self.app.service_names:
             self.health.set(name, status)
@@ -64,8 +69,11 @@ class RunningServer:
             return
         self._stopped.set()
         self.set_serving(False)
+        # Refuse new RPCs at once; in-flight ones and the app's background work
+        # drain side by side within the same grace period.
+        drained = self.server.stop(grace)
         self.app.stop(grace)
-        self.server.stop(grace).wait()
+        drained.wait()
         log.info("server stopped", extra={"role": self.role})
 
     def wait(self) -> None:
@@ -76,8 +84,9 @@ def load_app(role: str, settings: Settings) -> RoleApp:
     if role not in ROLES:
         from deep3m.core.errors import InvalidArgumentError
 
-        raise InvalidArgumentError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}",
-                                   field="role")
+        raise InvalidArgumentError(
+            f"unknown role {role!r}; choose one of {', '.join(ROLES)}", field="role"
+        )
     module = importlib.import_module(f"deep3m.{role}.app")
     app: RoleApp = module.build(settings)
     return app
@@ -114,16 +123,25 @@ def create_server(
     reflection.enable_server_reflection(names, server)
     bind_host = host if host is not None else settings.host
     chosen = settings.port_for(role) if port is None else port
-    bound = server.add_insecure_port(f"{bind_host}:{chosen}")
+    try:
+        bound = server.add_insecure_port(f"{bind_host}:{chosen}")
+    except RuntimeError:  # newer grpc raises instead of returning 0
+        bound = 0
     if bound == 0:
         from deep3m.core.errors import UnavailableError
 
-        raise UnavailableError(f"cannot bind {bind_host}:{chosen} for the {role} server",
-                               field="grpc_port")
+        raise UnavailableError(
+            f"cannot bind {bind_host}:{chosen} for the {role} server", field="grpc_port"
+        )
     running = RunningServer(role, server, bound, health_servicer, app)
     running.set_serving(False)
     server.start()
-    app.start()
+    try:
+        app.start()
+    except BaseException:
+        # Do not leave a half-started server listening behind a failed app.
+        server.stop(0).wait()
+        raise
     running.set_serving(True)
     log.info("server started", extra={"role": role, "port": bound})
     return running
@@ -135,6 +153,7 @@ def serve(role: str, settings: Settings) -> None:
     from deep3m.runtime.metrics import start_metrics_server
 
     configure_logging(role, settings.log_level, settings.log_format)
+    warn_unknown_env_vars(log)
     if settings.metrics_port:
         start_metrics_server(settings.metrics_port, settings.host)
     running = create_server(role, settings)

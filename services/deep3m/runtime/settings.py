@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     autoscale_max_replicas: int = Field(default=4, ge=0)
     autoscale_tasks_per_replica: int = Field(default=8, ge=1)
     autoscale_cooldown_seconds: float = Field(default=300.0, ge=0)
+    autoscale_interval_seconds: float = Field(default=15.0, gt=0)
+    # Per-role overrides, "inference=8,training=3"; unlisted roles use the values above.
+    autoscale_max_replicas_by_role: str = ""
+    autoscale_tasks_per_replica_by_role: str = ""
 
     def __init__(self, **values: Any) -> None:
         try:

@@ -1,0 +1,158 @@
+"""Pipeline efficiency of prediction: deep3m end to end vs. the bare model and MONAI.
+
+Three ways to predict the same volume with the same network, measured side by
+side in rounds (medians reported):
+
+(a) pure model compute in one process: whole slices, no I/O, no halo;
+(b) deep3m end to end: the input in a local zarr store, a predict job submitted
+    to a scheduler process, blocks predicted by an inference worker process
+    (``deep3m serve``, as ``deep3m up`` runs them) and written to zarr; timed
+    from submit until the predict stage has written every block; default block
+    shape (the planner's) and halo (the model card's);
+(c) ``monai.inferers.sliding_window_inference`` (overlap 0.25, gaussian
+    blending) over whole slices, roi = the deep3m block's y/x shape.
+
+The volume is built from the real CDeep3M mitochondria slices in
+``../shared/data/cdeep3m-mito`` (training + validation: 30 slices of 1024²),
+mirrored in z to the requested depth. The network is a DeepEM3D 1fm member with
+random weights (throughput does not depend on the weights), at speed level 10
+(identity; the other levels multiply every method's work alike).
+
+Run: ``python -m bench pipeline`` or ``python -m bench.bench_pipeline --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.common import MEMBER, LocalPrediction, build_volume, make_model
+
+
+def pure_compute(
+    card: Any, net: nn.Module, volume: np.ndarray, batch: int
+) -> tuple[float, np.ndarray]:
+    from deep3m.inference.predictor import foreground_probability
+
+    x = torch.from_numpy(card.normalize(volume))
+    out = torch.empty(x.shape, dtype=torch.float32)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for z in range(0, x.shape[0], batch):
+            out[z : z + batch] = foreground_probability(net(x[z : z + batch, None]))
+    return time.perf_counter() - t0, out.numpy()
+
+
+def monai_sliding(
+    card: Any, net: nn.Module, volume: np.ndarray, batch: int, roi: tuple[int, int]
+) -> float:
+    from deep3m.inference.predictor import foreground_probability
+    from monai.inferers import sliding_window_inference
+
+    x = torch.from_numpy(card.normalize(volume))
+    out = torch.empty(x.shape, dtype=torch.float32)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for z in range(0, x.shape[0], batch):
+            logits = sliding_window_inference(
+                x[z : z + batch, None],
+                roi_size=roi,
+                sw_batch_size=batch,
+                predictor=net,
+                overlap=0.25,
+                mode="gaussian",
+            )
+            out[z : z + batch] = foreground_probability(logits)  # type: ignore[arg-type]
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="deep3m prediction pipeline efficiency")
+    parser.add_argument("--slices", type=int, default=40, help="z depth (default 40)")
+    parser.add_argument("--size", type=int, default=1024, help="y = x size (default 1024)")
+    parser.add_argument("--width", type=float, default=0.0625, help="DeepEM3D width")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")
+    parser.add_argument("--batch", type=int, default=4, help="slices per forward pass")
+    args = parser.parse_args(argv or [])
+
+    volume, note = build_volume(args.slices, args.size)
+    card, net = make_model(args.width)
+    voxels = volume.size
+    print(f"volume: {note}; {voxels / 1e6:.1f} M voxels")
+    print(
+        f"model: DeepEM3D {MEMBER}, width {args.width}, random weights; speed level 10; "
+        f"batch {args.batch}; torch threads {torch.get_num_threads()} per process; "
+        f"{os.cpu_count()} CPUs, shared with other work"
+    )
+    times: dict[str, list[float]] = {"pure": [], "deep3m": [], "monai": []}
+    outputs: dict[str, np.ndarray | None] = {"pure": None, "deep3m": None}
+    block: tuple[int, ...] = ()
+    with tempfile.TemporaryDirectory(prefix="deep3m-bench-") as tmp:
+        up = LocalPrediction(Path(tmp), volume, card, net, batch=args.batch)
+        try:
+
+            def run_deep3m() -> float:
+                nonlocal block
+                seconds, outputs["deep3m"], block = up.predict()
+                return seconds
+
+            def run_pure() -> float:
+                seconds, outputs["pure"] = pure_compute(card, net, volume, args.batch)
+                return seconds
+
+            def run_monai() -> float:
+                return monai_sliding(card, net, volume, args.batch, (block[1], block[2]))
+
+            runs: list[tuple[str, Callable[[], float]]] = [
+                ("deep3m", run_deep3m),
+                ("pure", run_pure),
+                ("monai", run_monai),
+            ]
+            for r in range(args.rounds):
+                for name, fn in runs:
+                    times[name].append(fn())
+                print(
+                    f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.1f} s" for n, _ in runs),
+                    flush=True,
+                )
+        finally:
+            up.close()
+    rate = {n: voxels / statistics.median(t) for n, t in times.items()}
+    print(
+        f"\ndeep3m block shape {list(block)} (planner default), halo {list(card.halo)} "
+        f"(card default); MONAI roi {list(block[1:])}"
+    )
+    labels = {
+        "pure": "(a) pure model compute (no I/O, no halo)",
+        "deep3m": "(b) deep3m end to end (scheduler + worker)",
+        "monai": "(c) MONAI sliding window (0.25, gaussian)",
+    }
+    print(f"{'method':<46}{'median s':>10}{'M voxels/s':>12}")
+    for n in ("pure", "deep3m", "monai"):
+        print(f"{labels[n]:<46}{statistics.median(times[n]):>10.2f}{rate[n] / 1e6:>12.3f}")
+    print(f"pipeline efficiency (b)/(a): {rate['deep3m'] / rate['pure']:.2f}")
+    print(f"deep3m vs MONAI     (b)/(c): {rate['deep3m'] / rate['monai']:.2f}")
+    pure, blockwise = outputs["pure"], outputs["deep3m"]
+    if pure is not None and blockwise is not None:
+        inner = (slice(None), slice(64, -64), slice(64, -64))
+        diff = np.abs(pure[inner] - blockwise[inner])
+        print(
+            f"blockwise vs whole-slice probabilities away from the volume border: max |diff| "
+            f"{diff.max():.3g}, mean {diff.mean():.3g} (DeepEM3D's GroupNorm normalises over "
+            "the whole input, so a block's prediction depends on the block's extent)"
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,188 @@
+{{/*
+The pod template of one role's Deployment: (dict "root" $ "role" "inference").
+Restricted security context, gRPC probes on the standard health service,
+writable /tmp (and /dev/shm for GPU roles) on a read-only root filesystem.
+*/}}
+{{- define "deep3m.podTemplate" -}}
+{{- $root := .root }}
+{{- $role := .role }}
+{{- $v := $root.Values }}
+{{- $cfg := index $v $role }}
+{{- $gpu := eq (include "deep3m.isGpuRole" $role) "true" }}
+{{- $autoscaler := and (eq $role "scheduler") (eq $v.autoscaling.mode "scheduler") -}}
+metadata:
+  labels:
+    {{- include "deep3m.componentLabels" . | nindent 4 }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- $annotations := deepCopy $v.podAnnotations }}
+  {{- if eq $role "scheduler" }}
+  {{- /* A single scheduler: keep node consolidation from moving it mid-job. */}}
+  {{- $_ := set $annotations "karpenter.sh/do-not-disrupt" "true" }}
+  {{- $_ := set $annotations "cluster-autoscaler.kubernetes.io/safe-to-evict" "false" }}
+  {{- end }}
+  {{- with $annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "deep3m.serviceAccountName" $root }}
+  # Only the scheduler talks to the Kubernetes API, and only when it autoscales.
+  automountServiceAccountToken: {{ $autoscaler }}
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  terminationGracePeriodSeconds: {{ add (int $v.shutdownGraceSeconds) 10 }}
+  securityContext:
+    {{- include "deep3m.podSecurityContext" $root | nindent 4 }}
+  containers:
+    - name: {{ $role }}
+      image: {{ include "deep3m.image" . | quote }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      args: ["serve", {{ $role | quote }}]
+      ports:
+        - name: grpc
+          containerPort: {{ $v.grpcPort }}
+          protocol: TCP
+        - name: metrics
+          containerPort: {{ $v.metricsPort }}
+          protocol: TCP
+      env:
+        {{- include "deep3m.env" . | nindent 8 }}
+        {{- if eq $role "scheduler" }}
+        - name: DEEP3M_LEASE_SECONDS
+          value: {{ $cfg.leaseSeconds | quote }}
+        - name: DEEP3M_MAX_ATTEMPTS
+          value: {{ $cfg.maxAttempts | quote }}
+        {{- if $autoscaler }}
+        {{- include "deep3m.autoscalerEnv" $root | nindent 8 }}
+        {{- end }}
+        {{- else }}
+        - name: DEEP3M_WORKER_CAPACITY
+          value: {{ $cfg.workerCapacity | quote }}
+        {{- end }}
+        {{- if $gpu }}
+        - name: DEEP3M_DEVICE
+          value: {{ ternary "cuda" "cpu" (gt (int $cfg.gpu.count) 0) | quote }}
+        - name: DEEP3M_BATCH_SIZE
+          value: {{ $cfg.batchSize | quote }}
+        {{- else }}
+        - name: DEEP3M_DEVICE
+          value: "cpu"
+        {{- end }}
+        {{- with $cfg.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      # gRPC health (grpc.health.v1): SERVING only once the role's workers run.
+      startupProbe:
+        grpc:
+          port: {{ $v.grpcPort }}
+        periodSeconds: 5
+        failureThreshold: {{ ternary 60 24 $gpu }}
+      readinessProbe:
+        grpc:
+          port: {{ $v.grpcPort }}
+        periodSeconds: 10
+        timeoutSeconds: 5
+        failureThreshold: 3
+      livenessProbe:
+        grpc:
+          port: {{ $v.grpcPort }}
+        periodSeconds: 20
+        timeoutSeconds: 5
+        failureThreshold: 3
+      resources:
+        {{- $resources := deepCopy $cfg.resources }}
+        {{- if and $gpu (gt (int $cfg.gpu.count) 0) }}
+        {{- $limits := default dict $resources.limits }}
+        {{- $_ := set $limits $cfg.gpu.resourceName (int $cfg.gpu.count) }}
+        {{- $_ := set $resources "limits" $limits }}
+        {{- end }}
+        {{- toYaml $resources | nindent 8 }}
+      securityContext:
+        {{- include "deep3m.containerSecurityContext" $root | nindent 8 }}
+      volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+        {{- if $gpu }}
+        - name: dshm
+          mountPath: /dev/shm
+        {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ default "1Gi" $cfg.scratchSizeLimit }}
+    {{- if $gpu }}
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $cfg.shmSizeLimit }}
+    {{- end }}
+  {{- with $cfg.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $cfg.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- $affinity := deepCopy (default dict $cfg.affinity) }}
+  {{- if and (eq $role "scheduler") $cfg.requireOnDemand (not (hasKey $affinity "nodeAffinity")) }}
+  {{- $_ := set $affinity "nodeAffinity" (include "deep3m.onDemandAffinity" $root | fromYaml) }}
+  {{- end }}
+  {{- with $affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/* Either label marks on-demand capacity: EKS managed node groups, or Karpenter. */}}
+{{- define "deep3m.onDemandAffinity" -}}
+requiredDuringSchedulingIgnoredDuringExecution:
+  nodeSelectorTerms:
+    - matchExpressions:
+        - key: eks.amazonaws.com/capacityType
+          operator: In
+          values: ["ON_DEMAND"]
+    - matchExpressions:
+        - key: karpenter.sh/capacity-type
+          operator: In
+          values: ["on-demand"]
+{{- end }}
+
+{{/* DEEP3M_AUTOSCALE_* of the scheduler in autoscaling.mode=scheduler. */}}
+{{- define "deep3m.autoscalerEnv" -}}
+{{- $root := . }}
+{{- $deployments := list }}
+{{- $maxima := list }}
+{{- $perReplica := list }}
+{{- range $role := list "inference" "training" }}
+{{- $cfg := index $root.Values $role }}
+{{- if $cfg.enabled }}
+{{- $deployments = append $deployments (printf "%s=%s" $role (include "deep3m.component" (dict "root" $root "role" $role))) }}
+{{- $maxima = append $maxima (printf "%s=%d" $role (int $cfg.autoscaling.maxReplicas)) }}
+{{- $perReplica = append $perReplica (printf "%s=%d" $role (int $cfg.autoscaling.tasksPerReplica)) }}
+{{- end }}
+{{- end -}}
+- name: DEEP3M_AUTOSCALE_ENABLED
+  value: "true"
+- name: DEEP3M_AUTOSCALE_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: DEEP3M_AUTOSCALE_DEPLOYMENTS
+  value: {{ join "," $deployments | quote }}
+- name: DEEP3M_AUTOSCALE_MAX_REPLICAS_BY_ROLE
+  value: {{ join "," $maxima | quote }}
+- name: DEEP3M_AUTOSCALE_TASKS_PER_REPLICA_BY_ROLE
+  value: {{ join "," $perReplica | quote }}
+- name: DEEP3M_AUTOSCALE_COOLDOWN_SECONDS
+  value: {{ .Values.autoscaling.cooldownSeconds | quote }}
+- name: DEEP3M_AUTOSCALE_INTERVAL_SECONDS
+  value: {{ .Values.autoscaling.pollingIntervalSeconds | quote }}
+{{- end }}

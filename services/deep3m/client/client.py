@@ -1,0 +1,344 @@
+"""The Python client of the deep3m scheduler.
+
+```python
+with Deep3mClient("127.0.0.1:50051") as client:
+    job = client.predict("volumes/stack.zarr", "mito", "volumes/stack-prob.zarr")
+    for event in client.watch(job.id):
+        print(event.stage, event.tasks_done, event.tasks_total)
+    job = client.wait(job.id, timeout_s=3600)
+```
+
+Volume arguments are paths in the scheduler's default store, or full
+``VolumeRef`` messages for other stores. Every unary call has a deadline;
+gRPC errors come back as the matching ``Deep3mError`` subclass with the
+server's message and the offending field.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from deep3m.core.errors import InvalidArgumentError, UnavailableError
+from deep3m.core.events import ProgressEvent
+from deep3m.runtime.progress_proto import (
+    TERMINAL_STATES,
+    event_from_proto,
+    state_from_proto,
+    state_to_proto,
+)
+from deep3m.runtime.rpc_errors import from_rpc_error, status_code
+from deep3m.runtime.worker import WORKER_CHANNEL_OPTIONS
+from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+Volume = str | common_pb2.VolumeRef
+
+
+def volume_ref(volume: Volume, *, name: str = "volume") -> common_pb2.VolumeRef:
+    """A path in the default store (``"volumes/x.zarr"``) or a ``VolumeRef`` as is."""
+    if isinstance(volume, common_pb2.VolumeRef):
+        return volume
+    if not isinstance(volume, str) or not volume:
+        raise InvalidArgumentError(
+            f"{name} must be a non-empty store path or a VolumeRef, got {volume!r}", field=name
+        )
+    return common_pb2.VolumeRef(path=volume)
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    name: str
+    role: str
+    tasks_total: int
+    tasks_done: int
+    tasks_leased: int
+    tasks_quarantined: int
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: str
+    message: str
+    field: str = ""
+    task_id: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as the scheduler reports it; ``proto`` is the raw message."""
+
+    id: str
+    kind: str
+    state: str
+    stages: tuple[StageInfo, ...]
+    errors: tuple[JobError, ...]
+    outputs: Mapping[str, str]
+    metrics: Mapping[str, float]
+    created_unix_s: float
+    updated_unix_s: float
+    proto: common_pb2.Job = field(repr=False, compare=False)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.Job) -> Job:
+        return cls(
+            id=msg.id,
+            kind=msg.spec.WhichOneof("kind") or "",
+            state=state_from_proto(msg.state),
+            stages=tuple(
+                StageInfo(
+                    s.name, s.role, s.tasks_total, s.tasks_done, s.tasks_leased, s.tasks_quarantined
+                )
+                for s in msg.stages
+            ),
+            errors=tuple(JobError(e.code, e.message, e.field, e.task_id) for e in msg.errors),
+            outputs=dict(msg.outputs),
+            metrics=dict(msg.metrics),
+            created_unix_s=msg.created_unix_s,
+            updated_unix_s=msg.updated_unix_s,
+            proto=msg,
+        )
+
+
+class Deep3mClient:
+    """A connection to the scheduler at ``address`` (``host:port``)."""
+
+    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
+        if not address or ":" not in address:
+            raise InvalidArgumentError(f"address {address!r} must be host:port", field="address")
+        if timeout_s <= 0:
+            raise InvalidArgumentError(f"timeout_s must be > 0, got {timeout_s}", field="timeout_s")
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=list(WORKER_CHANNEL_OPTIONS))
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _call(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return method(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, address=self.address) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Deep3mClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- jobs -----------------------------------------------------------------------------
+    def submit(self, spec: common_pb2.JobSpec, job_id: str = "") -> Job:
+        """Submit a job; resubmitting the same ``job_id`` and spec returns the existing job."""
+        reply = self._call(
+            self._stub.SubmitJob, scheduler_pb2.SubmitJobRequest(spec=spec, job_id=job_id)
+        )
+        return Job.from_proto(reply)
+
+    def predict(
+        self,
+        input: Volume,
+        model: str,
+        output: Volume,
+        *,
+        tta_level: int = 0,
+        members: Sequence[str] = (),
+        block_shape: Sequence[int] = (),
+        halo: Sequence[int] = (),
+        postprocess: bool = False,
+        threshold: float = 0.0,
+        name: str = "",
+        max_attempts: int = 0,
+        job_id: str = "",
+    ) -> Job:
+        """Segment ``input`` with ``model`` into a probability volume at ``output``."""
+        spec = common_pb2.JobSpec(
+            name=name,
+            max_attempts=max_attempts,
+            predict=common_pb2.PredictSpec(
+                input=volume_ref(input, name="input"),
+                model=model,
+                output=volume_ref(output, name="output"),
+                tta_level=tta_level,
+                members=list(members),
+                block_shape=list(block_shape),
+                halo=list(halo),
+                postprocess=postprocess,
+                threshold=threshold,
+            ),
+        )
+        return self.submit(spec, job_id)
+
+    def train(
+        self,
+        images: Volume,
+        labels: Volume,
+        model: str,
+        *,
+        validation_images: Volume | None = None,
+        validation_labels: Volume | None = None,
+        architecture: str = "",
+        width: float = 0.0,
+        members: Sequence[str] = (),
+        iterations: int = 0,
+        base_model: str = "",
+        add_iterations: int = 0,
+        batch_size: int = 0,
+        patch_shape: Sequence[int] = (),
+        validate_every: int = 0,
+        snapshot_every: int = 0,
+        intensity_augmentations: Sequence[str] = (),
+        learning_rate: float = 0.0,
+        accumulate_gradients: int = 0,
+        voxel_size_nm: Sequence[float] = (),
+        num_classes: int = 0,
+        seed: int = 0,
+        name: str = "",
+        max_attempts: int = 0,
+        job_id: str = "",
+    ) -> Job:
+        """Train model ``model`` (one task per ensemble member)."""
+        train = common_pb2.TrainSpec(
+            images=volume_ref(images, name="images"),
+            labels=volume_ref(labels, name="labels"),
+            model=model,
+            architecture=architecture,
+            width=width,
+            members=list(members),
+            iterations=iterations,
+            base_model=base_model,
+            add_iterations=add_iterations,
+            batch_size=batch_size,
+            patch_shape=list(patch_shape),
+            validate_every=validate_every,
+            snapshot_every=snapshot_every,
+            intensity_augmentations=list(intensity_augmentations),
+            learning_rate=learning_rate,
+            accumulate_gradients=accumulate_gradients,
+            voxel_size_nm=list(voxel_size_nm),
+            num_classes=num_classes,
+            seed=seed,
+        )
+        if validation_images is not None:
+            train.validation_images.CopyFrom(
+                volume_ref(validation_images, name="validation_images")
+            )
+        if validation_labels is not None:
+            train.validation_labels.CopyFrom(
+                volume_ref(validation_labels, name="validation_labels")
+            )
+        return self.submit(
+            common_pb2.JobSpec(name=name, max_attempts=max_attempts, train=train), job_id
+        )
+
+    def ingest(
+        self,
+        source: str,
+        output: Volume,
+        *,
+        voxel_size_nm: Sequence[float] = (),
+        chunk_shape: Sequence[int] = (),
+        shard_shape: Sequence[int] = (),
+        slices_per_task: int = 0,
+        name: str = "",
+        max_attempts: int = 0,
+        job_id: str = "",
+    ) -> Job:
+        """Ingest an image stack (TIFF, PNG folder, HDF5, MRC, zarr) into an OME-Zarr volume."""
+        spec = common_pb2.JobSpec(
+            name=name,
+            max_attempts=max_attempts,
+            ingest=common_pb2.IngestSpec(
+                source=source,
+                output=volume_ref(output, name="output"),
+                voxel_size_nm=list(voxel_size_nm),
+                chunk_shape=list(chunk_shape),
+                shard_shape=list(shard_shape),
+                slices_per_task=slices_per_task,
+            ),
+        )
+        return self.submit(spec, job_id)
+
+    def get(self, job_id: str) -> Job:
+        return Job.from_proto(
+            self._call(self._stub.GetJob, scheduler_pb2.GetJobRequest(job_id=job_id))
+        )
+
+    def jobs(self, states: Iterable[str] = (), limit: int = 0) -> list[Job]:
+        """Jobs, newest first; ``states`` like ``("RUNNING", "PENDING")`` filters."""
+        request = scheduler_pb2.ListJobsRequest(
+            states=[state_to_proto(s) for s in states], limit=limit
+        )
+        return [Job.from_proto(j) for j in self._call(self._stub.ListJobs, request).jobs]
+
+    def cancel(self, job_id: str) -> Job:
+        return Job.from_proto(
+            self._call(self._stub.CancelJob, scheduler_pb2.CancelJobRequest(job_id=job_id))
+        )
+
+    def watch(self, job_id: str, *, timeout_s: float | None = None) -> Iterator[ProgressEvent]:
+        """The job's progress: its current state first, then every event until it ends.
+
+        ``timeout_s`` bounds the whole stream (TimeoutError when it runs out);
+        by default it runs as long as the job.
+        """
+        call = self._stub.WatchJob(scheduler_pb2.WatchJobRequest(job_id=job_id), timeout=timeout_s)
+        try:
+            for msg in call:
+                yield event_from_proto(msg)
+        except grpc.RpcError as err:
+            if status_code(err) == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TimeoutError(
+                    f"watching job {job_id!r}: no end within {timeout_s} s"
+                ) from None
+            raise from_rpc_error(err, address=self.address) from None
+        finally:
+            call.cancel()
+
+    def wait(self, job_id: str, timeout_s: float) -> Job:
+        """Block until the job ends (across scheduler restarts); TimeoutError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        pause = threading.Event()
+        backoff = 0.1
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"job {job_id!r} did not end within {timeout_s} s")
+            try:
+                for event in self.watch(job_id, timeout_s=remaining):
+                    if event.terminal:
+                        return self.get(job_id)
+                job = self.get(job_id)
+                if job.terminal:
+                    return job
+            except UnavailableError:
+                # The scheduler is restarting: wait a little and watch again.
+                pause.wait(min(backoff, max(deadline - time.monotonic(), 0.0)))
+                backoff = min(backoff * 2, 2.0)
+
+    def queue_stats(self) -> dict[str, dict[str, int]]:
+        """``{role: {"pending": n, "leased": n}}`` for every worker role."""
+        reply = self._call(self._stub.GetQueueStats, scheduler_pb2.GetQueueStatsRequest())
+        return {r.role: {"pending": int(r.pending), "leased": int(r.leased)} for r in reply.roles}
+
+
+def wait_all(client: Deep3mClient, job_ids: Iterable[str], timeout_s: float) -> list[Job]:
+    """Wait for several jobs, sharing one deadline."""
+    deadline = time.monotonic() + timeout_s
+    return [client.wait(j, max(deadline - time.monotonic(), 1e-3)) for j in job_ids]

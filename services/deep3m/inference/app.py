@@ -1,0 +1,59 @@
+"""The inference role: ``PredictRegion`` plus a worker that runs ``predict`` tasks.
+
+Device: ``DEEP3M_DEVICE`` (auto = CUDA when present, float16 autocast there).
+A pod with several GPUs runs one task thread per GPU: the worker's capacity is
+raised to the GPU count when it is lower, and each task takes the least busy GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+
+from deep3m.inference.cache import DevicePool, ModelCache
+from deep3m.inference.predictor import inference_devices
+from deep3m.inference.region import RegionPredictor
+from deep3m.inference.service import SERVICE_NAME, InferenceServicer
+from deep3m.inference.tasks import PredictTaskHandler
+from deep3m.runtime.settings import Settings
+from deep3m.v1 import inference_pb2_grpc
+
+log = logging.getLogger("deep3m.inference")
+
+
+class InferenceApp:
+    service_names = (SERVICE_NAME,)
+
+    def __init__(self, settings: Settings) -> None:
+        self.devices = DevicePool(inference_devices(settings.device))
+        gpus = sum(1 for d in self.devices.devices if d.type == "cuda")
+        if gpus > settings.worker_capacity:
+            log.info("running one task per GPU", extra={"gpus": gpus})
+            settings = settings.model_copy(update={"worker_capacity": gpus})
+        self.settings = settings
+        self.cache = ModelCache()
+        self.regions = RegionPredictor(settings, cache=self.cache, devices=self.devices)
+        self.predict = PredictTaskHandler(settings, cache=self.cache, devices=self.devices)
+        self._worker: Any = None
+
+    def register(self, server: grpc.Server) -> None:
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.regions), server)
+
+    def start(self) -> None:
+        if not self.settings.worker_enabled:
+            return
+        from deep3m.runtime.worker import Worker
+
+        self._worker = Worker(self.settings, "inference", {"predict": self.predict})
+        self._worker.start()
+
+    def stop(self, grace: float) -> None:
+        if self._worker is not None:
+            self._worker.stop(grace)
+            self._worker = None
+
+
+def build(settings: Settings) -> InferenceApp:
+    return InferenceApp(settings)

@@ -1,0 +1,189 @@
+"""The ``predict`` stage: one task per core block of the output volume.
+
+A task reads its core plus halo from the input in one read (mirror-padded at
+the volume border), predicts, and writes exactly its core into the output,
+which the scheduler created (float32, chunks aligned with the blocks). The
+core must lie on the output's chunk (or shard) grid, so no two tasks write the
+same chunk and a retried task rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from typing import Protocol
+
+import numpy as np
+
+from deep3m.core.augmentation import IDENTITY_LEVEL
+from deep3m.core.errors import CancelledError, InvalidArgumentError
+from deep3m.core.geometry import Block, Box, read_padded
+from deep3m.core.locations import StoreRoots
+from deep3m.inference.cache import DevicePool, ModelCache
+from deep3m.inference.predictor import EnsemblePredictor, inference_devices
+from deep3m.runtime.metrics import INFERENCE_PHASE_SECONDS
+from deep3m.runtime.settings import Settings, get_settings
+from deep3m.runtime.worker import TaskResult
+from deep3m.v1 import common_pb2
+
+
+class PredictContext(Protocol):
+    """What a predict task needs from the worker's task context."""
+
+    @property
+    def lease(self) -> common_pb2.TaskLease: ...
+
+    @property
+    def cancelled(self) -> threading.Event: ...
+
+
+def box_from_proto(box: common_pb2.Box, name: str) -> Box:
+    """A 3D box from its proto, or InvalidArgumentError naming ``name``."""
+    if len(box.start) != 3 or len(box.stop) != 3:
+        raise InvalidArgumentError(
+            f"{name} must have 3 start and 3 stop values (z, y, x), got start "
+            f"{list(box.start)} stop {list(box.stop)}",
+            field=name,
+        )
+    try:
+        return Box(tuple(int(v) for v in box.start), tuple(int(v) for v in box.stop))
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{name}: {exc.message}", field=name) from exc
+
+
+def block_from_task(task: common_pb2.Task) -> Block:
+    if not task.HasField("block"):
+        raise InvalidArgumentError(f"predict task {task.id!r} has no block", field="task.block")
+    core = box_from_proto(task.block.core, "task.block.core")
+    read = box_from_proto(task.block.read, "task.block.read")
+    if core.empty:
+        raise InvalidArgumentError(
+            f"predict task {task.id!r} has an empty core {core}", field="task.block.core"
+        )
+    if not read.contains(core):
+        raise InvalidArgumentError(
+            f"read box {read} does not contain the core {core}", field="task.block.read"
+        )
+    return Block((0, 0, 0), core, read)
+
+
+def check_core_aligned(core: Box, shape: tuple[int, ...], grid: tuple[int, ...], path: str) -> None:
+    """The core must be whole cells of the output's write grid (chunks or shards)."""
+    if not Box.from_shape(shape).contains(core):
+        raise InvalidArgumentError(
+            f"block core {core} lies outside the output {path} of shape {list(shape)}",
+            field="task.block.core",
+        )
+    for a, b, g, s in zip(core.start, core.stop, grid, shape, strict=True):
+        if a % g or (b % g and b != s):
+            raise InvalidArgumentError(
+                f"block core {core} is not aligned to the write grid {list(grid)} of the output "
+                f"{path}: tasks would share chunks",
+                field="task.block.core",
+            )
+
+
+class PredictTaskHandler:
+    """``Callable[[TaskContext], TaskResult]`` for the worker's ``predict`` stage."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        cache: ModelCache | None = None,
+        devices: DevicePool | None = None,
+    ) -> None:
+        self.settings = settings
+        self.roots = StoreRoots.from_settings(settings)
+        self.cache = cache if cache is not None else ModelCache()
+        self.devices = (
+            devices if devices is not None else DevicePool(inference_devices(settings.device))
+        )
+
+    def __call__(self, ctx: PredictContext) -> TaskResult:
+        metrics = self.run(ctx.lease, cancelled=ctx.cancelled)
+        return TaskResult(metrics=metrics)
+
+    def run(
+        self, lease: common_pb2.TaskLease, *, cancelled: threading.Event | None = None
+    ) -> dict[str, float]:
+        """Predict one block and write its core; returns the task metrics."""
+        started = time.perf_counter()
+        if lease.spec.WhichOneof("kind") != "predict":
+            raise InvalidArgumentError(
+                f"task {lease.task.id!r} of stage predict carries a "
+                f"{lease.spec.WhichOneof('kind') or 'empty'} job spec",
+                field="spec",
+            )
+        spec = lease.spec.predict
+        block = block_from_task(lease.task)
+        in_store, in_key = self.roots.resolve(spec.input.store_url, spec.input.path, field="input")
+        out_store, out_key = self.roots.resolve(
+            spec.output.store_url, spec.output.path, field="output"
+        )
+        source = in_store.open_volume(in_key, spec.input.array)
+        target = out_store.open_volume(
+            out_key, spec.output.array, mode="r+", require_complete=False
+        )
+        out_url = out_store.key_url(out_key)
+        if np.dtype(target.dtype) != np.float32:
+            raise InvalidArgumentError(
+                f"output {out_url} has dtype {target.dtype}; predictions are float32",
+                field="output",
+            )
+        if tuple(target.shape) != tuple(source.shape):
+            raise InvalidArgumentError(
+                f"output {out_url} has shape {list(target.shape)} but the input "
+                f"{in_store.key_url(in_key)} has {list(source.shape)}",
+                field="output",
+            )
+        grid = tuple(target.shards or target.chunks)
+        check_core_aligned(block.core, tuple(target.shape), grid, out_url)
+        tta_level = spec.tta_level or IDENTITY_LEVEL
+
+        with self.devices.acquire() as device:
+            model = self.cache.get(self.roots.store(), spec.model, list(spec.members), device)
+            predictor = EnsemblePredictor(
+                model.card,
+                model.members,
+                tta_level=tta_level,
+                device=device,
+                batch_size=self.settings.batch_size,
+            )
+            read = predictor.read_box(block)
+            t0 = time.perf_counter()
+            raw = read_padded(source, read)
+            t1 = time.perf_counter()
+            pred = predictor.predict_core(raw, block.core, read, cancelled=cancelled)
+            t2 = time.perf_counter()
+        if cancelled is not None and cancelled.is_set():
+            raise CancelledError(f"task {lease.task.id!r} cancelled before writing its core")
+        target[block.core.slices()] = pred
+        t3 = time.perf_counter()
+        INFERENCE_PHASE_SECONDS.labels(phase="read").observe(t1 - t0)
+        INFERENCE_PHASE_SECONDS.labels(phase="predict").observe(t2 - t1)
+        INFERENCE_PHASE_SECONDS.labels(phase="write").observe(t3 - t2)
+        return {
+            "voxels": float(block.core.size),
+            "seconds": t3 - started,
+            "read_seconds": t1 - t0,
+            "predict_seconds": t2 - t1,
+            "write_seconds": t3 - t2,
+        }
+
+
+@functools.lru_cache(maxsize=4)
+def _handler_for(settings: Settings) -> PredictTaskHandler:
+    return PredictTaskHandler(settings)
+
+
+def handle_predict(ctx: PredictContext) -> TaskResult:
+    """The ``predict`` handler for a worker context (its settings, else ``DEEP3M_*``).
+
+    The inference app builds its own :class:`PredictTaskHandler` to share the
+    model cache with ``PredictRegion``; this entry point serves callers that
+    only have a context. Handlers (and their model caches) are kept per settings.
+    """
+    settings = getattr(ctx, "settings", None)
+    return _handler_for(settings if isinstance(settings, Settings) else get_settings())(ctx)

@@ -1,0 +1,78 @@
+"""Build a network by name: the one entry point training and inference share.
+
+``build_network(architecture, frames=, width=, num_classes=)`` returns a module
+whose ``forward`` maps float32 ``(B, frames, Y, X)`` to logits
+``(B, num_classes, Y, X)`` for the centre slice; Y and X must be multiples of
+``INPUT_MULTIPLE``. ``width=DEFAULT_WIDTH`` (1.0) gives the published channel
+counts; tests and laptop runs use small multipliers such as 0.125.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from deep3m.core.errors import InvalidArgumentError
+from deep3m.models.deepem3d import TOTAL_STRIDE, DeepEM3D
+from deep3m.models.resunet import ResUNet2D, ResUNet3D
+
+INPUT_MULTIPLE = TOTAL_STRIDE
+DEFAULT_WIDTH = 1.0
+MAX_FRAMES = 15
+
+_BUILDERS: dict[str, Callable[[int, float, int], nn.Module]] = {
+    "deepem3d": DeepEM3D,
+    "resunet2d": ResUNet2D,
+    "resunet3d": ResUNet3D,
+}
+ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)
+
+# CDeep3M's ensemble members and their input frames.
+MEMBER_FRAMES: dict[str, int] = {"1fm": 1, "3fm": 3, "5fm": 5}
+
+
+def check_architecture(architecture: str) -> str:
+    if architecture not in _BUILDERS:
+        raise InvalidArgumentError(
+            f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}",
+            field="architecture",
+        )
+    return architecture
+
+
+def member_frames(member: str) -> int:
+    """Frames of a member named like CDeep3M's (``1fm``, ``3fm``, ``5fm``, ``7fm``…)."""
+    if member in MEMBER_FRAMES:
+        return MEMBER_FRAMES[member]
+    if member.endswith("fm") and member[:-2].isdigit():
+        frames = int(member[:-2])
+        if frames % 2 == 1 and 1 <= frames <= MAX_FRAMES:
+            return frames
+    raise InvalidArgumentError(
+        f"unknown ensemble member {member!r}; use an odd frame count like "
+        f"{', '.join(MEMBER_FRAMES)}",
+        field="members",
+    )
+
+
+def build_network(architecture: str, *, frames: int, width: float = DEFAULT_WIDTH,
+                  num_classes: int = 2) -> nn.Module:
+    """A freshly initialised network (train mode)."""
+    builder = _BUILDERS[check_architecture(architecture)]
+    if not isinstance(frames, int) or frames < 1 or frames % 2 == 0 or frames > MAX_FRAMES:
+        raise InvalidArgumentError(
+            f"frames must be an odd number from 1 to {MAX_FRAMES} (the centre slice is "
+            f"predicted), got {frames!r}",
+            field="frames",
+        )
+    if not width > 0 or width > 8:
+        raise InvalidArgumentError(f"width must be in (0, 8], got {width!r}", field="width")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise InvalidArgumentError(f"num_classes must be at least 2, got {num_classes!r}",
+                                   field="num_classes")
+    return builder(frames, float(width), num_classes)
+
+
+def parameter_count(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

@@ -1,0 +1,200 @@
+"""Multiscale pyramids for OME-Zarr volumes.
+
+Each level halves y and x. z is halved only once the in-plane voxel size has
+caught up with it (when halving z brings the level closer to isotropic: z
+voxel size × √2 ≤ the new y size), so anisotropic EM (e.g. 40 × 6 × 6 nm)
+keeps every slice in the first levels while isotropic data shrinks in all
+three axes. Images and probabilities are averaged over each
+window (edge windows over the voxels they hold); label volumes take the most
+frequent label of each window (ties: the smallest label), so ids stay valid.
+Levels are written block by block on the level's chunk grid and recorded in
+the group's ``ome.multiscales`` datasets with scale and translation (voxel
+centres stay aligned with level 0).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+
+from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.geometry import Block, Box
+from deep3m.core.store import FULL_RESOLUTION, Store, check_key, ome_multiscales
+from deep3m.postprocess.blockwise import Progress, block_plan, map_blocks, write_grid
+
+Method = Literal["mean", "mode"]
+MAX_LEVELS = 16
+# Automatic depth: stop once the largest in-plane side fits in this many voxels.
+AUTO_STOP_SIDE = 256
+
+
+@dataclass(frozen=True)
+class Level:
+    path: str
+    shape: tuple[int, int, int]
+    factor: tuple[int, int, int]  # relative to the previous level
+    scale_nm: tuple[float, float, float]
+    translation_nm: tuple[float, float, float]
+
+
+def plan_levels(
+    shape: Sequence[int], voxel_size_nm: Sequence[float], levels: int = 0
+) -> list[Level]:
+    """Levels 1.. of a pyramid over a level-0 ``shape``; ``levels=0`` chooses the depth."""
+    if levels < 0 or levels > MAX_LEVELS:
+        raise InvalidArgumentError(
+            f"levels must lie in 0..{MAX_LEVELS} (0: automatic), got {levels}", field="levels"
+        )
+    base = np.asarray(voxel_size_nm, float)
+    cur_shape = np.asarray(shape, int)
+    scale = base.copy()
+    out: list[Level] = []
+    while len(out) < (levels or MAX_LEVELS):
+        if levels == 0 and max(cur_shape[1:]) <= AUTO_STOP_SIDE:
+            break
+        if max(cur_shape[1:]) <= 1:
+            if levels:
+                raise InvalidArgumentError(
+                    f"a {list(shape)} volume has at most {len(out)} pyramid levels, "
+                    f"{levels} were asked for",
+                    field="levels",
+                )
+            break
+        # Halve z when that leaves it at most sqrt(2) coarser than the new in-plane
+        # size, i.e. when halving brings the level closer to isotropic.
+        fz = 2 if scale[0] * np.sqrt(2) <= 2 * scale[1] and cur_shape[0] > 1 else 1
+        factor = np.array([fz, 2, 2])
+        cur_shape = -(-cur_shape // factor)
+        scale = scale * factor
+        translation = (scale - base) / 2
+        out.append(
+            Level(
+                str(len(out) + 1),
+                (int(cur_shape[0]), int(cur_shape[1]), int(cur_shape[2])),
+                (int(factor[0]), int(factor[1]), int(factor[2])),
+                (float(scale[0]), float(scale[1]), float(scale[2])),
+                (float(translation[0]), float(translation[1]), float(translation[2])),
+            )
+        )
+    return out
+
+
+def downsample(data: np.ndarray, factor: Sequence[int], method: Method) -> np.ndarray:
+    """Reduce ``data`` by ``factor`` per axis (sizes need not divide)."""
+    f = tuple(int(v) for v in factor)
+    out_shape = tuple(-(-s // k) for s, k in zip(data.shape, f, strict=True))
+    padded_shape = tuple(o * k for o, k in zip(out_shape, f, strict=True))
+    pad = [(0, p - s) for p, s in zip(padded_shape, data.shape, strict=True)]
+    windows_shape = (out_shape[0], f[0], out_shape[1], f[1], out_shape[2], f[2])
+    if method == "mean":
+        valid = np.pad(np.ones(data.shape, np.float32), pad).reshape(windows_shape)
+        total = np.pad(data.astype(np.float64), pad).reshape(windows_shape)
+        mean = total.sum(axis=(1, 3, 5)) / valid.sum(axis=(1, 3, 5))
+        if np.issubdtype(data.dtype, np.integer):
+            return np.rint(mean).astype(data.dtype)
+        return mean.astype(data.dtype)
+
+    # Mode: votes counted by pairwise comparison within each window (k <= 8
+    # entries); padding entries neither vote nor win.
+    def windows_of(a: np.ndarray) -> np.ndarray:
+        w = np.pad(a, pad).reshape(windows_shape).transpose(0, 2, 4, 1, 3, 5)
+        return w.reshape(*out_shape, -1)
+
+    windows = windows_of(data)
+    valid = windows_of(np.ones(data.shape, bool))
+    votes = ((windows[..., :, None] == windows[..., None, :]) & valid[..., None, :]).sum(axis=-1)
+    votes = np.where(valid, votes, -1)
+    best = votes.max(axis=-1, keepdims=True)
+    # Among the most frequent labels take the smallest.
+    candidates = np.where(votes == best, windows, windows.max())
+    return np.asarray(candidates.min(axis=-1)).astype(data.dtype)
+
+
+def method_for(attributes: dict[str, Any], ome: dict[str, Any]) -> Method:
+    """``mode`` for label images (by their attributes), ``mean`` for everything else."""
+    if attributes.get("kind") in ("labels", "mask") or "image-label" in ome:
+        return "mode"
+    return "mean"
+
+
+def _group_attrs(group: zarr.Group) -> dict[str, Any]:
+    raw: Any = group.attrs.asdict()
+    return dict(raw)
+
+
+def build_pyramid(
+    store: Store,
+    path: str,
+    levels: int = 0,
+    *,
+    method: Method | None = None,
+    max_workers: int = 1,
+    cancelled: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Write pyramid levels 1.. of the volume at ``path``; returns all level paths.
+
+    Existing levels other than "0" are replaced, so a rerun rewrites the same
+    bytes. The metadata is updated only after every level is written.
+    """
+    path = check_key(path)
+    info = store.volume_info(path)
+    base = store.open_volume(path, require_complete=False)
+    group = zarr.open_group(store.zarr_store(path), mode="r+")
+    attrs = _group_attrs(group)
+    ome = dict(attrs.get("ome") or {})
+    chosen = method or method_for(dict(attrs.get("deep3m") or {}), ome)
+    plan = plan_levels(info.shape, info.voxel_size_nm, levels)
+    previous: Any = base
+    for level in plan:
+        chunks = tuple(min(c, s) for c, s in zip(info.chunk_shape, level.shape, strict=True))
+        current = group.create_array(
+            level.path, shape=level.shape, chunks=chunks, dtype=base.dtype,
+            fill_value=base.fill_value, dimension_names=("z", "y", "x"), overwrite=True,
+        )  # fmt: skip
+        _write_level(previous, current, level.factor, chosen, max_workers, cancelled, progress)
+        previous = current
+    # Levels beyond the new depth (from an earlier, deeper run) would be stale.
+    # Checked by name rather than listed: listing a group reads every child.
+    for n in range(len(plan) + 1, MAX_LEVELS + 1):
+        if store.exists(f"{path}/{n}/zarr.json"):
+            store.delete(f"{path}/{n}")
+    datasets = [(FULL_RESOLUTION, info.voxel_size_nm)] + [(lv.path, lv.scale_nm) for lv in plan]
+    multiscales = ome_multiscales(path.rsplit("/", 1)[-1], info.voxel_size_nm, datasets)
+    for entry, level in zip(multiscales["multiscales"][0]["datasets"][1:], plan, strict=True):
+        entry["coordinateTransformations"].append(
+            {"type": "translation", "translation": list(level.translation_nm)}
+        )
+    if ome.get("multiscales"):
+        # Keep anything else recorded for the image (name, metadata, ...).
+        merged = dict(ome["multiscales"][0])
+        merged["datasets"] = multiscales["multiscales"][0]["datasets"]
+        merged.setdefault("axes", multiscales["multiscales"][0]["axes"])
+        ome["multiscales"] = [merged, *ome["multiscales"][1:]]
+    else:
+        ome.update(multiscales)
+    ome.setdefault("version", "0.5")
+    group.attrs["ome"] = ome
+    return [FULL_RESOLUTION, *(level.path for level in plan)]
+
+
+def _write_level(
+    source: Any, target: Any, factor: Sequence[int], method: Method, max_workers: int,
+    cancelled: threading.Event | None, progress: Progress | None,
+) -> None:  # fmt: skip
+    plan = block_plan(target.shape, write_grid(target))
+    source_box = Box.from_shape(source.shape)
+
+    def one(block: Block) -> None:
+        read = Box(
+            tuple(a * f for a, f in zip(block.core.start, factor, strict=True)),
+            tuple(b * f for b, f in zip(block.core.stop, factor, strict=True)),
+        ).intersect(source_box)
+        target[block.core.slices()] = downsample(np.asarray(source[read.slices()]), factor, method)
+
+    map_blocks(one, plan, max_workers=max_workers, cancelled=cancelled, progress=progress)

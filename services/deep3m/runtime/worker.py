@@ -1,0 +1,518 @@
+"""The pull worker every role runs: lease, heartbeat, run a handler, report.
+
+A ``Worker`` leases up to ``worker_capacity`` tasks of its role from the
+scheduler, runs each with the handler registered for the task's stage, and
+completes or fails it. A heartbeat thread renews every lease at about a third
+of its length; a renew that answers *cancelled* (or finds the lease taken
+over) sets ``ctx.cancelled``, which handlers check between steps.
+
+Failures: a handler raising a ``Deep3mError`` with ``retryable=False`` fails
+the task for good (bad input); any other exception is retryable. The scheduler
+decides when to stop retrying. Every RPC carries a deadline; an unreachable
+scheduler is retried with backoff (a restart must not lose finished work), and
+an empty queue is polled with backoff, never in a busy loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from deep3m.core.errors import Deep3mError, InvalidArgumentError
+from deep3m.runtime.channel import CHANNEL_OPTIONS
+from deep3m.runtime.rpc_errors import RETRYABLE_CODES, from_rpc_error, status_code
+from deep3m.runtime.settings import ROLES, Settings
+from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger("deep3m.worker")
+
+# Reconnect quickly after a scheduler restart (gRPC's default backoff grows to 120 s).
+WORKER_CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+MIN_RENEW_INTERVAL_S = 0.05
+MAX_UNREACHABLE_BACKOFF_S = 2.0
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What a handler returns: numbers (``voxels`` counts towards voxels/s) and outputs."""
+
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    outputs: Mapping[str, str] = field(default_factory=dict)
+
+
+class TaskContext:
+    """A running task: its lease, a cancellation flag, and a progress channel."""
+
+    def __init__(self, lease: common_pb2.TaskLease, *, worker_id: str, settings: Settings) -> None:
+        self.lease = lease
+        self.worker_id = worker_id
+        self.settings = settings
+        self.cancelled = threading.Event()
+        # The lease was taken over (expired and leased again): the result is not ours to report.
+        self.lost = False
+        self._lock = threading.Lock()
+        self._metrics: dict[str, float] = {}
+        self._message = ""
+        self._dirty = False
+
+    @property
+    def task(self) -> common_pb2.Task:
+        return self.lease.task
+
+    def report(self, metrics: Mapping[str, float], message: str = "") -> None:
+        """Progress inside a long task; sent with the next heartbeat (latest values win)."""
+        with self._lock:
+            self._metrics.update({k: float(v) for k, v in metrics.items()})
+            if message:
+                self._message = message
+            self._dirty = True
+
+    def _take_progress(self) -> common_pb2.ProgressEvent | None:
+        with self._lock:
+            if not self._dirty:
+                return None
+            event = common_pb2.ProgressEvent(
+                job_id=self.lease.task.job_id,
+                task_id=self.lease.task.id,
+                stage=self.lease.task.stage,
+                time_unix_s=time.time(),
+                message=self._message,
+            )
+            event.metrics.update(self._metrics)
+            self._metrics.clear()
+            self._message = ""
+            self._dirty = False
+            return event
+
+
+TaskHandler = Callable[[TaskContext], TaskResult]
+
+
+@dataclass
+class _Active:
+    ctx: TaskContext
+    interval_s: float
+    next_renew: float
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    complete: bool
+    result: TaskResult | None = None
+    error: common_pb2.ErrorDetail | None = None
+    retryable: bool = True
+
+
+class Worker:
+    """Pulls and runs tasks of one role; ``handlers`` are keyed by stage name."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        role: str,
+        handlers: Mapping[str, TaskHandler],
+        *,
+        worker_id: str | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        if role not in ROLES or role == "scheduler":
+            raise InvalidArgumentError(
+                f"worker role must be one of {', '.join(r for r in ROLES if r != 'scheduler')}, "
+                f"got {role!r}",
+                field="role",
+            )
+        if not handlers:
+            raise InvalidArgumentError(
+                "a worker needs at least one stage handler", field="handlers"
+            )
+        self.settings = settings
+        self.role = role
+        self.handlers = dict(handlers)
+        self.worker_id = (
+            worker_id
+            or settings.worker_id
+            or f"{role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        )
+        self._own_channel = channel is None
+        self._channel = channel or grpc.insecure_channel(
+            settings.scheduler_address, options=list(WORKER_CHANNEL_OPTIONS)
+        )
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._timeout = settings.rpc_timeout_seconds
+        self._capacity = settings.worker_capacity
+        self._lease_s = settings.lease_seconds
+        self._poll_s = settings.poll_interval_seconds
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._active: dict[str, _Active] = {}
+        self._stop = threading.Event()
+        self._hb_stop = threading.Event()
+        self._hb_wake = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+        self._hb_thread: threading.Thread | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self.completed = 0
+        self.failed = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        """Lease and run tasks in the background until ``stop``."""
+        if self._loop_thread is not None:
+            return
+        self._stop.clear()
+        self._executor = ThreadPoolExecutor(self._capacity, thread_name_prefix=f"{self.role}-task")
+        self._ensure_heartbeat()
+        self._loop_thread = threading.Thread(
+            target=self._loop, name=f"{self.role}-worker", daemon=True
+        )
+        self._loop_thread.start()
+        log.info(
+            "worker started",
+            extra={"worker_id": self.worker_id, "role": self.role, "capacity": self._capacity},
+        )
+
+    def stop(self, grace: float) -> None:
+        """Stop leasing; let running tasks finish within ``grace`` s, then fail them (retryable)."""
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+        if self._loop_thread is not None:
+            self._loop_thread.join()
+            self._loop_thread = None
+        end = time.monotonic() + max(grace, 0.0)
+        with self._changed:
+            while self._active and (remaining := end - time.monotonic()) > 0:
+                self._changed.wait(remaining)
+            leftover = list(self._active.values())
+        for active in leftover:
+            active.ctx.cancelled.set()
+            active.abandoned.set()
+            error = common_pb2.ErrorDetail(
+                code="UNAVAILABLE",
+                task_id=active.ctx.task.id,
+                message=f"worker {self.worker_id} shut down before the task finished",
+            )
+            with contextlib.suppress(grpc.RpcError):  # else the lease expires instead
+                self._stub.FailTask(
+                    scheduler_pb2.FailTaskRequest(
+                        lease_id=active.ctx.lease.lease_id,
+                        worker_id=self.worker_id,
+                        error=error,
+                        retryable=True,
+                    ),
+                    timeout=min(self._timeout, 5.0),
+                )
+        self._hb_stop.set()
+        self._hb_wake.set()
+        if self._hb_thread is not None:
+            self._hb_thread.join()
+            self._hb_thread = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        if self._own_channel:
+            self._channel.close()
+        log.info("worker stopped", extra={"worker_id": self.worker_id, "abandoned": len(leftover)})
+
+    def run_once(self) -> int:
+        """Lease what is available now (up to capacity), run it here; returns the count."""
+        self._ensure_heartbeat()
+        try:
+            leases = self._lease(self._capacity)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, address=self.settings.scheduler_address) from err
+        for lease in leases:
+            self._run(self._register(lease))
+        return len(leases)
+
+    @property
+    def active_tasks(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    # -- leasing ----------------------------------------------------------------------
+    def _lease(self, max_tasks: int) -> list[common_pb2.TaskLease]:
+        reply = self._stub.LeaseTasks(
+            scheduler_pb2.LeaseTasksRequest(
+                worker_id=self.worker_id,
+                role=self.role,
+                max_tasks=max_tasks,
+                lease_seconds=self._lease_s,
+            ),
+            timeout=self._timeout,
+        )
+        return list(reply.leases)
+
+    def _loop(self) -> None:
+        idle = unreachable = 0
+        while not self._stop.is_set():
+            with self._changed:
+                while len(self._active) >= self._capacity and not self._stop.is_set():
+                    self._changed.wait()
+                free = self._capacity - len(self._active)
+            if self._stop.is_set():
+                return
+            try:
+                leases = self._lease(free)
+            except grpc.RpcError as err:
+                unreachable += 1
+                if unreachable == 1:
+                    log.warning(
+                        "cannot lease tasks: %s",
+                        from_rpc_error(err).message,
+                        extra={"worker_id": self.worker_id},
+                    )
+                self._stop.wait(
+                    min(
+                        self._poll_s * 2 ** min(unreachable, 6),
+                        max(MAX_UNREACHABLE_BACKOFF_S, self._poll_s),
+                    )
+                )
+                continue
+            except Exception:  # never let the loop die; the next round retries
+                log.exception("lease round failed")
+                self._stop.wait(self._poll_s)
+                continue
+            unreachable = 0
+            if not leases:
+                idle += 1
+                self._stop.wait(self._poll_s * 2 ** min(idle - 1, 2))
+                continue
+            idle = 0
+            executor = self._executor
+            for lease in leases:
+                active = self._register(lease)
+                if executor is None:
+                    self._run(active)
+                else:
+                    executor.submit(self._run, active)
+
+    def _register(self, lease: common_pb2.TaskLease) -> _Active:
+        remaining = lease.deadline_unix_s - time.time()
+        length = min(self._lease_s, remaining) if remaining > 0 else self._lease_s
+        interval = max(length / 3.0, MIN_RENEW_INTERVAL_S)
+        active = _Active(
+            TaskContext(lease, worker_id=self.worker_id, settings=self.settings),
+            interval,
+            time.monotonic() + interval,
+        )
+        with self._changed:
+            self._active[lease.lease_id] = active
+        self._hb_wake.set()
+        return active
+
+    # -- running ------------------------------------------------------------------------
+    def _run(self, active: _Active) -> None:
+        try:
+            outcome = self._execute(active.ctx)
+            self._deliver(active, outcome)
+        except Exception:  # a task thread must never take the worker down
+            log.exception("task %s: reporting failed", active.ctx.task.id)
+        finally:
+            with self._changed:
+                self._active.pop(active.ctx.lease.lease_id, None)
+                self._changed.notify_all()
+
+    def _execute(self, ctx: TaskContext) -> _Outcome:
+        task = ctx.task
+        handler = self.handlers.get(task.stage)
+        if handler is None:
+            # Another replica (or version) of this role may handle it.
+            return _Outcome(
+                False,
+                error=common_pb2.ErrorDetail(
+                    code="FAILED_PRECONDITION",
+                    task_id=task.id,
+                    message=f"worker {self.worker_id} ({self.role}) has no handler for stage "
+                    f"{task.stage!r}",
+                ),
+                retryable=True,
+            )
+        started = time.perf_counter()
+        try:
+            result = handler(ctx)
+        except Deep3mError as exc:
+            if ctx.cancelled.is_set():
+                return self._cancelled(ctx)
+            log.warning(
+                "task %s failed: %s",
+                task.id,
+                exc.message,
+                extra={"task_id": task.id, "job_id": task.job_id, "retryable": exc.retryable},
+            )
+            return _Outcome(
+                False,
+                error=common_pb2.ErrorDetail(
+                    code=exc.grpc_code_name, message=exc.message, field=exc.field, task_id=task.id
+                ),
+                retryable=exc.retryable,
+            )
+        except Exception as exc:
+            if ctx.cancelled.is_set():
+                return self._cancelled(ctx)
+            log.exception(
+                "task %s raised", task.id, extra={"task_id": task.id, "job_id": task.job_id}
+            )
+            return _Outcome(
+                False,
+                error=common_pb2.ErrorDetail(
+                    code="INTERNAL", message=f"{type(exc).__name__}: {exc}", task_id=task.id
+                ),
+                retryable=True,
+            )
+        if not isinstance(result, TaskResult):
+            return _Outcome(
+                False,
+                error=common_pb2.ErrorDetail(
+                    code="INTERNAL",
+                    task_id=task.id,
+                    message=f"the {task.stage!r} handler returned {type(result).__name__}, not a "
+                    "TaskResult",
+                ),
+                retryable=False,
+            )
+        log.info(
+            "task done",
+            extra={
+                "task_id": task.id,
+                "job_id": task.job_id,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+        return _Outcome(True, result=result)
+
+    @staticmethod
+    def _cancelled(ctx: TaskContext) -> _Outcome:
+        return _Outcome(
+            False,
+            error=common_pb2.ErrorDetail(
+                code="CANCELLED", task_id=ctx.task.id, message="the task was cancelled"
+            ),
+            retryable=True,
+        )
+
+    def _deliver(self, active: _Active, outcome: _Outcome) -> None:
+        """Report the outcome; retries while the scheduler is unreachable."""
+        ctx = active.ctx
+        give_up = time.monotonic() + max(10 * self._lease_s, 60.0)
+        attempt = 0
+        while not active.abandoned.is_set():
+            try:
+                if outcome.complete and outcome.result is not None:
+                    request = scheduler_pb2.CompleteTaskRequest(
+                        lease_id=ctx.lease.lease_id, worker_id=self.worker_id
+                    )
+                    request.metrics.update({k: float(v) for k, v in outcome.result.metrics.items()})
+                    request.outputs.update({k: str(v) for k, v in outcome.result.outputs.items()})
+                    self._stub.CompleteTask(request, timeout=self._timeout)
+                    self.completed += 1
+                else:
+                    reply = self._stub.FailTask(
+                        scheduler_pb2.FailTaskRequest(
+                            lease_id=ctx.lease.lease_id,
+                            worker_id=self.worker_id,
+                            error=outcome.error,
+                            retryable=outcome.retryable,
+                        ),
+                        timeout=self._timeout,
+                    )
+                    self.failed += 1
+                    if (
+                        reply.quarantined
+                        and outcome.error is not None
+                        and outcome.error.code != "CANCELLED"
+                    ):
+                        log.warning(
+                            "task %s will not be retried",
+                            ctx.task.id,
+                            extra={"task_id": ctx.task.id},
+                        )
+                return
+            except grpc.RpcError as err:
+                code = status_code(err)
+                if code not in RETRYABLE_CODES or time.monotonic() > give_up:
+                    # Stale (taken over), cancelled or unknown: nothing more to report.
+                    log.info(
+                        "task %s: outcome not recorded: %s",
+                        ctx.task.id,
+                        from_rpc_error(err).message,
+                        extra={"task_id": ctx.task.id},
+                    )
+                    return
+                attempt += 1
+                active.abandoned.wait(min(0.1 * 2**attempt, MAX_UNREACHABLE_BACKOFF_S))
+
+    # -- heartbeats ----------------------------------------------------------------------
+    def _ensure_heartbeat(self) -> None:
+        if self._hb_thread is None:
+            self._hb_stop.clear()
+            self._hb_thread = threading.Thread(
+                target=self._heartbeat_loop, name=f"{self.role}-heartbeat", daemon=True
+            )
+            self._hb_thread.start()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._hb_stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                active = list(self._active.values())
+            for a in active:
+                if a.next_renew <= now and not a.abandoned.is_set():
+                    self._renew(a)
+            with self._lock:
+                upcoming = [a.next_renew for a in self._active.values() if not a.abandoned.is_set()]
+            wait = min(upcoming, default=time.monotonic() + 1.0) - time.monotonic()
+            self._hb_wake.wait(min(max(wait, 0.0), 1.0))
+            self._hb_wake.clear()
+
+    def _renew(self, active: _Active) -> None:
+        ctx = active.ctx
+        request = scheduler_pb2.RenewLeaseRequest(
+            lease_id=ctx.lease.lease_id, worker_id=self.worker_id
+        )
+        progress = ctx._take_progress()
+        if progress is not None:
+            request.progress.CopyFrom(progress)
+        try:
+            reply = self._stub.RenewLease(
+                request, timeout=min(self._timeout, max(active.interval_s, 1.0))
+            )
+        except grpc.RpcError as err:
+            code = status_code(err)
+            if code in RETRYABLE_CODES:
+                active.next_renew = time.monotonic() + min(active.interval_s, 0.5)
+                return
+            if code == grpc.StatusCode.CANCELLED:
+                ctx.cancelled.set()
+                active.next_renew = time.monotonic() + active.interval_s
+            else:  # stale: the task was taken over; stop working on it, stop renewing
+                ctx.lost = True
+                ctx.cancelled.set()
+                active.next_renew = math.inf
+            log.info(
+                "task %s: lease renewal refused: %s",
+                ctx.task.id,
+                from_rpc_error(err).message,
+                extra={"task_id": ctx.task.id},
+            )
+            return
+        if reply.cancelled:
+            ctx.cancelled.set()
+        active.next_renew = time.monotonic() + active.interval_s

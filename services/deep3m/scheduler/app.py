@@ -1,0 +1,61 @@
+"""The scheduler role: the Scheduler service, its lease reaper, and the autoscaler.
+
+Jobs are recovered from the store in ``build``, before the server binds its
+port, so no request ever sees a half-loaded scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from deep3m.runtime.settings import Settings
+from deep3m.scheduler.core import Scheduler
+from deep3m.scheduler.service import SchedulerServicer
+from deep3m.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger("deep3m.scheduler")
+
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+class SchedulerApp:
+    service_names: Sequence[str] = (SERVICE_NAME,)
+
+    def __init__(self, settings: Settings, scheduler: Scheduler) -> None:
+        self.settings = settings
+        self.scheduler = scheduler
+        self.autoscaler: Any = None
+
+    def register(self, server: grpc.Server) -> None:
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(
+            SchedulerServicer(self.scheduler), server
+        )
+
+    def start(self) -> None:
+        self.scheduler.start()
+        if self.settings.autoscale_enabled:
+            from deep3m.scheduler.autoscaler import Autoscaler
+
+            self.autoscaler = Autoscaler.from_settings(
+                self.settings,
+                self.scheduler.pending_by_role,
+                leased_by_role=self.scheduler.leased_by_role,
+            )
+            self.autoscaler.start()
+            log.info("autoscaler started")
+
+    def stop(self, grace: float) -> None:
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
+            self.autoscaler = None
+        self.scheduler.stop(timeout=grace)
+
+
+def build(settings: Settings) -> SchedulerApp:
+    scheduler = Scheduler(settings)
+    scheduler.recover()
+    return SchedulerApp(settings, scheduler)

@@ -1,0 +1,207 @@
+"""The scheduler's durable state, as small documents in the store.
+
+```
+jobs/<job>/job.json                  immutable: spec as submitted, resolved spec, outputs
+jobs/<job>/stages/<index>.json       immutable stage plan (a formula, not a task list)
+jobs/<job>/done/<stage>/<task>       one small record per completed task
+jobs/<job>/quarantine/<stage>/<task> the error of a task given up on
+jobs/<job>/cancelled                 cancel marker
+jobs/<job>/result.json               final state, errors, outputs, metrics
+scheduler/epochs.json                the latest scheduler instances (lease adoption)
+```
+
+Each document is written whole (rename on ``file://``, one PUT on S3), so a
+reader never sees half of one. Completion records are idempotent: a retried
+task writes the same key. A job with ``result.json`` is finished; any other
+job is rebuilt on start from these documents, so completed tasks are not
+redone and nothing is lost. Submitting writes two documents whatever the job
+size: the plan is a formula.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+
+from deep3m.core.errors import InvalidArgumentError, NotFoundError
+from deep3m.core.store import Store
+from deep3m.scheduler.planner import StagePlan, check_job_id, job_kind
+from deep3m.v1 import common_pb2
+
+FORMAT_VERSION = 1
+JOBS_PREFIX = "jobs"
+EPOCHS_KEY = "scheduler/epochs.json"
+# Leases older than the last few restarts have long expired; no need to adopt them.
+KEEP_EPOCHS = 16
+
+
+def spec_to_json(spec: common_pb2.JobSpec) -> dict[str, Any]:
+    return dict(json_format.MessageToDict(spec, preserving_proto_field_name=True))
+
+
+def spec_from_json(data: Mapping[str, Any], *, where: str) -> common_pb2.JobSpec:
+    try:
+        return json_format.ParseDict(dict(data), common_pb2.JobSpec())
+    except json_format.ParseError as exc:
+        raise InvalidArgumentError(f"invalid job spec in {where}: {exc}", field="spec") from exc
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What ``job.json`` holds; never changes after submit."""
+
+    id: str
+    kind: str
+    spec: common_pb2.JobSpec  # as submitted
+    resolved: common_pb2.JobSpec  # defaults filled in; what workers receive
+    created_unix_s: float
+    max_attempts: int
+    outputs: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "id": self.id,
+            "kind": self.kind,
+            "spec": spec_to_json(self.spec),
+            "resolved_spec": spec_to_json(self.resolved),
+            "created_unix_s": self.created_unix_s,
+            "max_attempts": self.max_attempts,
+            "outputs": dict(self.outputs),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, where: str) -> JobRecord:
+        try:
+            spec = spec_from_json(data["spec"], where=where)
+            resolved = spec_from_json(data["resolved_spec"], where=where)
+            kind = str(data["kind"])
+            if kind != job_kind(resolved):
+                raise InvalidArgumentError(
+                    f"{where}: kind {kind!r} does not match its spec", field="kind"
+                )
+            return cls(
+                str(data["id"]),
+                kind,
+                spec,
+                resolved,
+                float(data["created_unix_s"]),
+                int(data["max_attempts"]),
+                dict(data.get("outputs", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgumentError(
+                f"{where} is not a valid job record: {exc}", field="job"
+            ) from exc
+
+
+class JobStore:
+    """Reads and writes the scheduler's documents; thread-safe for distinct keys."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @staticmethod
+    def _job(job_id: str) -> str:
+        return f"{JOBS_PREFIX}/{check_job_id(job_id)}"
+
+    # -- jobs -----------------------------------------------------------------
+    def job_ids(self) -> list[str]:
+        return [
+            j
+            for j in self.store.list(JOBS_PREFIX)
+            if self.store.exists(f"{JOBS_PREFIX}/{j}/job.json")
+        ]
+
+    def has_job(self, job_id: str) -> bool:
+        return self.store.exists(f"{self._job(job_id)}/job.json")
+
+    def save_job(self, record: JobRecord) -> None:
+        self.store.write_json(f"{self._job(record.id)}/job.json", record.to_json())
+
+    def load_job(self, job_id: str) -> JobRecord:
+        key = f"{self._job(job_id)}/job.json"
+        if not self.store.exists(key):
+            raise NotFoundError(f"job {job_id!r} not found", field="job_id")
+        return JobRecord.from_json(self.store.read_json(key), where=self.store.key_url(key))
+
+    def delete_job(self, job_id: str) -> None:
+        self.store.delete(self._job(job_id))
+
+    # -- stages ---------------------------------------------------------------
+    def save_stage(self, job_id: str, plan: StagePlan) -> None:
+        self.store.write_json(f"{self._job(job_id)}/stages/{plan.index}.json", plan.to_json())
+
+    def load_stages(self, job_id: str) -> list[StagePlan]:
+        prefix = f"{self._job(job_id)}/stages"
+        names = [n for n in self.store.list(prefix) if n.endswith(".json")]
+        plans = [StagePlan.from_json(self.store.read_json(f"{prefix}/{n}")) for n in names]
+        plans.sort(key=lambda p: p.index)
+        if [p.index for p in plans] != list(range(len(plans))):
+            raise InvalidArgumentError(
+                f"stage plans of job {job_id!r} are not consecutive: {[p.index for p in plans]}",
+                field="stages",
+            )
+        return plans
+
+    # -- task records -------------------------------------------------------------
+    def mark_done(self, job_id: str, stage: str, task: int, record: Mapping[str, Any]) -> None:
+        self.store.write_bytes(
+            f"{self._job(job_id)}/done/{stage}/{task}",
+            json.dumps(dict(record), sort_keys=True).encode(),
+        )
+
+    def done_tasks(self, job_id: str, stage: str) -> np.ndarray:
+        names = self.store.list(f"{self._job(job_id)}/done/{stage}")
+        return np.fromiter((int(n) for n in names if n.isdigit()), dtype=np.int64)
+
+    def done_record(self, job_id: str, stage: str, task: int) -> dict[str, Any]:
+        return dict(json.loads(self.store.read_bytes(f"{self._job(job_id)}/done/{stage}/{task}")))
+
+    def save_quarantine(
+        self, job_id: str, stage: str, task: int, record: Mapping[str, Any]
+    ) -> None:
+        self.store.write_bytes(
+            f"{self._job(job_id)}/quarantine/{stage}/{task}",
+            json.dumps(dict(record), sort_keys=True).encode(),
+        )
+
+    def quarantined(self, job_id: str, stage: str) -> dict[int, dict[str, Any]]:
+        prefix = f"{self._job(job_id)}/quarantine/{stage}"
+        return {
+            int(n): dict(json.loads(self.store.read_bytes(f"{prefix}/{n}")))
+            for n in self.store.list(prefix)
+            if n.isdigit()
+        }
+
+    # -- scheduler instances ------------------------------------------------------
+    def register_epoch(self, epoch: str) -> list[str]:
+        """Record this instance; returns the earlier ones (newest last)."""
+        earlier: list[str] = []
+        if self.store.exists(EPOCHS_KEY):
+            data = self.store.read_json(EPOCHS_KEY)
+            earlier = [str(e) for e in data.get("epochs", [])] if isinstance(data, dict) else []
+        self.store.write_json(EPOCHS_KEY, {"epochs": [*earlier, epoch][-KEEP_EPOCHS:]})
+        return earlier
+
+    # -- ends ---------------------------------------------------------------------
+    def mark_cancelled(self, job_id: str) -> None:
+        self.store.write_json(f"{self._job(job_id)}/cancelled", {"unix_s": time.time()})
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return self.store.exists(f"{self._job(job_id)}/cancelled")
+
+    def save_result(self, job_id: str, result: Mapping[str, Any]) -> None:
+        self.store.write_json(f"{self._job(job_id)}/result.json", dict(result))
+
+    def load_result(self, job_id: str) -> dict[str, Any] | None:
+        key = f"{self._job(job_id)}/result.json"
+        if not self.store.exists(key):
+            return None
+        return dict(self.store.read_json(key))

@@ -1,0 +1,103 @@
+"""The Scheduler gRPC service: a thin shell over ``deep3m.scheduler.core``.
+
+Domain errors raised here become gRPC statuses in the shared interceptor.
+``WatchJob`` sends the job's current state first, then every event of that
+job, and ends at a terminal state or when the client goes away (the RPC's
+termination callback closes the subscription, which wakes the blocked
+iterator; nothing polls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from deep3m.runtime.progress_proto import event_to_proto, state_from_proto
+from deep3m.scheduler.core import Scheduler
+from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def SubmitJob(
+        self, request: scheduler_pb2.SubmitJobRequest, context: grpc.ServicerContext
+    ) -> common_pb2.Job:
+        return self.scheduler.submit(request.spec, request.job_id)
+
+    def GetJob(
+        self, request: scheduler_pb2.GetJobRequest, context: grpc.ServicerContext
+    ) -> common_pb2.Job:
+        return self.scheduler.get(request.job_id)
+
+    def ListJobs(
+        self, request: scheduler_pb2.ListJobsRequest, context: grpc.ServicerContext
+    ) -> scheduler_pb2.ListJobsResponse:
+        states = [state_from_proto(s) for s in request.states]
+        jobs = self.scheduler.list_jobs([s for s in states if s], request.limit)
+        return scheduler_pb2.ListJobsResponse(jobs=jobs)
+
+    def CancelJob(
+        self, request: scheduler_pb2.CancelJobRequest, context: grpc.ServicerContext
+    ) -> common_pb2.Job:
+        return self.scheduler.cancel(request.job_id)
+
+    def WatchJob(
+        self, request: scheduler_pb2.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.ProgressEvent]:
+        first, sub = self.scheduler.watch(request.job_id)
+        if sub is None:  # already ended
+            yield event_to_proto(first)
+            return
+        try:
+            # Runs when the RPC ends for any reason (client gone, deadline, shutdown).
+            if not context.add_callback(sub.close):
+                return
+            yield event_to_proto(first)
+            for event in sub:
+                yield event_to_proto(event)
+                if event.terminal:
+                    return
+        finally:
+            sub.close()
+
+    def LeaseTasks(
+        self, request: scheduler_pb2.LeaseTasksRequest, context: grpc.ServicerContext
+    ) -> scheduler_pb2.LeaseTasksResponse:
+        leases = self.scheduler.lease(
+            request.worker_id, request.role, request.max_tasks, request.lease_seconds
+        )
+        return scheduler_pb2.LeaseTasksResponse(leases=leases)
+
+    def RenewLease(
+        self, request: scheduler_pb2.RenewLeaseRequest, context: grpc.ServicerContext
+    ) -> scheduler_pb2.RenewLeaseResponse:
+        progress = request.progress if request.HasField("progress") else None
+        deadline, cancelled = self.scheduler.renew(request.lease_id, request.worker_id, progress)
+        return scheduler_pb2.RenewLeaseResponse(deadline_unix_s=deadline, cancelled=cancelled)
+
+    def CompleteTask(
+        self, request: scheduler_pb2.CompleteTaskRequest, context: grpc.ServicerContext
+    ) -> scheduler_pb2.CompleteTaskResponse:
+        self.scheduler.complete(
+            request.lease_id, request.worker_id, dict(request.metrics), dict(request.outputs)
+        )
+        return scheduler_pb2.CompleteTaskResponse()
+
+    def FailTask(
+        self, request: scheduler_pb2.FailTaskRequest, context: grpc.ServicerContext
+    ) -> scheduler_pb2.FailTaskResponse:
+        quarantined = self.scheduler.fail(
+            request.lease_id, request.worker_id, request.error, request.retryable
+        )
+        return scheduler_pb2.FailTaskResponse(quarantined=quarantined)
+
+    def GetQueueStats(
+        self, request: scheduler_pb2.GetQueueStatsRequest, context: grpc.ServicerContext
+    ) -> scheduler_pb2.QueueStats:
+        stats = scheduler_pb2.QueueStats()
+        for role, (pending, leased) in self.scheduler.queue_stats().items():
+            stats.roles.add(role=role, pending=pending, leased=leased)
+        return stats

@@ -1,0 +1,140 @@
+"""Scheduler test support: small volumes and models, and a scheduler process.
+
+``SchedulerProcess`` runs ``deep3m serve scheduler`` as a real subprocess on a
+fixed loopback port, so tests can kill it (SIGKILL) and start it again on the
+same address.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deep3m.core.errors import UnavailableError
+from deep3m.core.store import Store
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_volume(
+    store: Store,
+    path: str,
+    data: np.ndarray,
+    *,
+    chunk_shape: tuple[int, int, int] = (4, 32, 32),
+    complete: bool = True,
+) -> None:
+    """A complete OME-Zarr volume holding ``data``."""
+    arr = store.create_volume(
+        path, data.shape, data.dtype, chunk_shape=chunk_shape, voxel_size_nm=(40.0, 6.0, 6.0)
+    )
+    arr[...] = data
+    if complete:
+        store.mark_complete(path)
+
+
+def save_test_model(
+    store: Store,
+    model_id: str = "test-model",
+    members: Mapping[str, int] | None = None,
+    halo: tuple[int, int, int] = (2, 8, 8),
+) -> None:
+    """A model card (no weights): enough for the scheduler to validate a predict job."""
+    from deep3m.models.card import MemberCard, ModelCard, save_card
+
+    frames = dict(members or {"1fm": 1})
+    card = ModelCard(
+        id=model_id,
+        halo=halo,
+        members=tuple(MemberCard(name=n, frames=f) for n, f in frames.items()),
+    )
+    save_card(store, card)
+
+
+@dataclass
+class SchedulerProcess:
+    """``deep3m serve scheduler`` on 127.0.0.1:``port`` with a ``file://`` store."""
+
+    store_url: str
+    port: int
+    log_path: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        env = {
+            **os.environ,
+            "DEEP3M_STORE_URL": self.store_url,
+            "DEEP3M_GRPC_PORT": str(self.port),
+            "DEEP3M_HOST": "127.0.0.1",
+            "DEEP3M_METRICS_PORT": "0",
+            "DEEP3M_LOG_FORMAT": "json",
+            **self.env,
+        }
+        deep3m = Path(sys.executable).with_name("deep3m")
+        command = [str(deep3m)] if deep3m.exists() else [sys.executable, "-m", "deep3m.client.cli"]
+        log = self.log_path.open("ab")
+        try:
+            self.process = subprocess.Popen(
+                [*command, "serve", "scheduler"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        self.wait_serving(timeout_s)
+
+    def wait_serving(self, timeout_s: float) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                # Watch streams status changes; wait_for_ready waits for the port: no polling.
+                for reply in stub.Watch(
+                    health_pb2.HealthCheckRequest(service=""),
+                    timeout=timeout_s,
+                    wait_for_ready=True,
+                ):
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as exc:
+                self.kill()
+                raise UnavailableError(f"the scheduler did not start; see {self.log_path}") from exc
+        raise UnavailableError(f"the scheduler stopped serving; see {self.log_path}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as when a node dies."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def terminate(self, timeout_s: float = 30.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode

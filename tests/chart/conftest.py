@@ -1,0 +1,195 @@
+"""Rendering the Helm chart with the real Helm engine (``helm-python-sdk``), offline.
+
+``render(values)`` (session fixture) → ``Rendered``: the manifests the chart
+produces for ``values`` as dicts (NOTES.txt and empty documents left out),
+cached per values. ``SCENARIOS`` are the value sets every check runs over:
+the defaults and realistic overrides (GPU types, KEDA on/off, external S3, IRSA).
+A test taking a ``scenario`` argument runs once per scenario and gets its
+``Rendered``. ``schemas_dir``: ``<repo>/../shared/schemas`` (third-party CRD
+schemas); skips when absent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm_python = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO_ROOT / "helm" / "deep3m"
+SCHEMAS_DIR = REPO_ROOT / ".." / "shared" / "schemas"
+RELEASE = "lab"
+NAMESPACE = "deep3m"
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    # Laptop-free GPU cluster on EKS: IRSA role, private registry, L4 GPUs (g6),
+    # KEDA reading the scheduler's metrics directly.
+    "eks-irsa-g6": {
+        "image": {
+            "registry": "111122223333.dkr.ecr.us-east-1.amazonaws.com",
+            "cpu": {"repository": "deep3m", "tag": "0.1.0"},
+            "cuda": {"repository": "deep3m-cuda", "tag": "0.1.0"},
+        },
+        "store": {"url": "s3://lab-em-data/deep3m", "region": "us-east-1"},
+        "serviceAccount": {"irsaRoleArn": "arn:aws:iam::111122223333:role/deep3m-store"},
+        "inference": {
+            "nodeSelector": {"node.kubernetes.io/instance-type": "g6.xlarge"},
+            "autoscaling": {"maxReplicas": 8, "tasksPerReplica": 16},
+        },
+        "training": {"nodeSelector": {"karpenter.k8s.aws/instance-family": "g6"}},
+    },
+    # Two A10G GPUs per training pod (g5.12xlarge) on a dedicated tainted pool,
+    # KEDA through Prometheus, with a ServiceMonitor.
+    "multi-gpu-prometheus": {
+        "training": {
+            "gpu": {"count": 2, "resourceName": "nvidia.com/gpu"},
+            "resources": {"requests": {"cpu": "8", "memory": "48Gi"}, "limits": {"memory": "56Gi"}},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                {
+                    "key": "lab.example.org/dedicated",
+                    "operator": "Equal",
+                    "value": "em",
+                    "effect": "NoSchedule",
+                },
+            ],
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {
+                                        "key": "node.kubernetes.io/instance-type",
+                                        "operator": "In",
+                                        "values": ["g5.12xlarge"],
+                                    }
+                                ]
+                            }
+                        ]
+                    }
+                }
+            },
+        },
+        "autoscaling": {
+            "keda": {
+                "source": "prometheus",
+                "prometheus": {
+                    "serverAddress": "http://prometheus-operated.monitoring.svc:9090",
+                    "extraSelector": 'job="lab-deep3m-scheduler"',
+                },
+            }
+        },
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}}},
+    },
+    # No KEDA: the scheduler scales the GPU Deployments through the Kubernetes API.
+    "scheduler-autoscaler": {"autoscaling": {"mode": "scheduler", "cooldownSeconds": 120}},
+    # No KEDA, no autoscaling: fixed replicas; external S3 (MinIO) with static keys.
+    "fixed-minio": {
+        "autoscaling": {"mode": "fixed"},
+        "inference": {"replicas": 2},
+        "training": {"replicas": 1},
+        "store": {
+            "url": "s3://em-lab/deep3m",
+            "region": "us-east-1",
+            "endpointUrl": "http://minio.storage.svc:9000",
+            "credentials": {"accessKeyId": "deep3m", "secretAccessKey": "not-a-real-secret"},
+        },
+    },
+    # External S3 with an existing Secret, EKS Pod Identity (no annotation), no
+    # NetworkPolicy, CPU-only inference (gpu.count 0) and training disabled.
+    "existing-secret-cpu-inference": {
+        "store": {
+            "url": "s3://em-lab/deep3m",
+            "endpointUrl": "https://s3.lab.example.org",
+            "credentials": {
+                "existingSecret": "em-s3",
+                "accessKeyIdKey": "AWS_ACCESS_KEY_ID",
+                "secretAccessKeyKey": "AWS_SECRET_ACCESS_KEY",
+            },
+        },
+        "inference": {"gpu": {"count": 0, "resourceName": "nvidia.com/gpu"}, "tolerations": []},
+        "training": {"enabled": False},
+        "networkPolicy": {"enabled": False},
+        "scheduler": {"requireOnDemand": False, "pdb": {"enabled": False}},
+    },
+}
+
+
+@dataclass(frozen=True)
+class Rendered:
+    values: dict[str, Any]
+    merged: dict[str, Any]  # chart defaults coalesced with ``values``, as an install sees them
+    files: dict[str, str]
+    manifests: tuple[dict[str, Any], ...]
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [m for m in self.manifests if m["kind"] == kind]
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        found = [m for m in self.of_kind(kind) if m["metadata"]["name"] == name]
+        if len(found) != 1:
+            raise LookupError(f"{len(found)} {kind} named {name}")
+        return found[0]
+
+    def pod_specs(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(owner name, pod spec) of every Deployment and bare Pod."""
+        for m in self.manifests:
+            if m["kind"] == "Deployment":
+                yield m["metadata"]["name"], m["spec"]["template"]["spec"]
+            elif m["kind"] == "Pod":
+                yield m["metadata"]["name"], m["spec"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "scenario" in metafunc.fixturenames:
+        metafunc.parametrize("scenario", sorted(SCENARIOS), indirect=True)
+
+
+@pytest.fixture
+def scenario(
+    request: pytest.FixtureRequest, render: Callable[[dict[str, Any]], Rendered]
+) -> Rendered:
+    return render(SCENARIOS[request.param])
+
+
+@pytest.fixture(scope="session")
+def chart() -> Iterator[Any]:
+    with helm_python.Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="session")
+def render(chart: Any) -> Callable[[dict[str, Any]], Rendered]:
+    cache: dict[str, Rendered] = {}
+
+    def _render(values: dict[str, Any]) -> Rendered:
+        key = json.dumps(values, sort_keys=True)
+        if key not in cache:
+            files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+            manifests = tuple(
+                doc
+                for path, text in sorted(files.items())
+                if path.endswith((".yaml", ".yml"))
+                for doc in yaml.safe_load_all(text)
+                if doc
+            )
+            cache[key] = Rendered(values, chart.merge_values(values), files, manifests)
+        return cache[key]
+
+    return _render
+
+
+@pytest.fixture(scope="session")
+def schemas_dir() -> Path:
+    if not SCHEMAS_DIR.is_dir():
+        pytest.skip(f"third-party schemas not found at {SCHEMAS_DIR.resolve()}")
+    return SCHEMAS_DIR

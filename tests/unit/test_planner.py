@@ -1,0 +1,321 @@
+"""Submit-time validation, defaults and stage plans (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from deep3m.core.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from deep3m.core.geometry import plan_blocks
+from deep3m.core.locations import StoreRoots
+from deep3m.core.store import Store
+from deep3m.runtime.settings import Settings
+from deep3m.scheduler.planner import (
+    Planner,
+    StagePlan,
+    check_job_id,
+    chunk_for_block,
+    job_kind,
+)
+from deep3m.testing.scheduler import save_test_model, write_volume
+from deep3m.v1 import common_pb2
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+SHAPE = (10, 100, 120)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(f"file://{tmp_path}/store")
+    write_volume(s, "volumes/in.zarr", np.zeros(SHAPE, np.uint8))
+    save_test_model(s, "m1", {"1fm": 1, "5fm": 5}, halo=(2, 8, 8))
+    return s
+
+
+@pytest.fixture
+def planner(store: Store) -> Planner:
+    return Planner(StoreRoots.from_settings(Settings(store_url=store.url)))
+
+
+def predict(**fields: object) -> common_pb2.JobSpec:
+    spec = common_pb2.PredictSpec(
+        input=common_pb2.VolumeRef(path="volumes/in.zarr"),
+        model="m1",
+        output=common_pb2.VolumeRef(path="volumes/out.zarr"),
+    )
+    for name, value in fields.items():
+        field = getattr(spec, name)
+        if isinstance(value, list | tuple):
+            field.extend(value)
+        elif isinstance(value, common_pb2.VolumeRef):
+            field.CopyFrom(value)
+        else:
+            setattr(spec, name, value)
+    return common_pb2.JobSpec(predict=spec)
+
+
+def test_predict_defaults_are_resolved_without_writing(planner: Planner, store: Store) -> None:
+    prepared = planner.validate(predict())
+    r = prepared.resolved.predict
+    assert list(r.block_shape) == [8, 100, 120]  # default (8, 512, 512) clipped to the volume
+    assert list(r.halo) == [2, 8, 8]  # from the model card
+    assert list(r.members) == ["1fm", "5fm"]
+    assert r.tta_level == 10
+    assert prepared.outputs == {"probabilities": store.key_url("volumes/out.zarr")}
+    (vol,) = prepared.volumes
+    assert vol.shape == SHAPE and vol.dtype == "float32" and vol.voxel_size_nm == (40, 6, 6)
+    assert not store.exists("volumes/out.zarr")
+
+
+def test_predict_plan_matches_the_block_grid(planner: Planner, store: Store) -> None:
+    prepared = planner.validate(predict(block_shape=[4, 64, 64], halo=[2, 4, 4]))
+    planner.create_outputs(prepared, "job-1")
+    info = store.volume_info("volumes/out.zarr")
+    assert info.chunk_shape == (4, 64, 64) and not info.complete
+    assert info.attributes["job"] == "job-1"
+    plan = planner.plan_stage("predict", prepared.resolved, 0)
+    assert plan is not None and plan.layout == "blocks"
+    expected = plan_blocks(SHAPE, (4, 64, 64), (2, 4, 4), grid=(4, 64, 64))
+    assert plan.n_tasks == len(expected) == 3 * 2 * 2
+    for n in range(plan.n_tasks):
+        task = plan.task(n)
+        assert task.block == expected.block(n)
+        assert task.id == f"predict/{expected.block(n).id}"
+    last = plan.task(11)
+    assert last.id == "predict/b2-1-1"
+    assert last.block is not None and last.block.core.stop == SHAPE
+    finalize = planner.plan_stage("predict", prepared.resolved, 1)
+    assert finalize is not None and (finalize.role, finalize.n_tasks) == ("postprocess", 1)
+    assert planner.plan_stage("predict", prepared.resolved, 2) is None
+    planner.stage_finished("predict", prepared.resolved, plan, "job-1")
+    assert store.volume_info("volumes/out.zarr").complete
+
+
+def test_an_identical_existing_output_is_accepted(planner: Planner, store: Store) -> None:
+    first = planner.validate(predict(block_shape=[4, 64, 64]))
+    planner.create_outputs(first, "job-1")
+    again = planner.validate(predict())
+    assert again.volumes == ()  # resume: nothing to create
+    # Default (8, 512, 512) on the existing 64-voxel grid, no bigger than the volume needs.
+    assert list(again.resolved.predict.block_shape) == [8, 128, 128]
+    with pytest.raises(InvalidArgumentError, match="not a multiple") as err:
+        planner.validate(predict(block_shape=[4, 48, 64]))
+    assert err.value.field == "block_shape"
+
+
+def test_an_output_holding_a_different_array_is_refused(planner: Planner, store: Store) -> None:
+    write_volume(store, "volumes/other.zarr", np.zeros((10, 100, 120), np.uint8))
+    with pytest.raises(AlreadyExistsError, match=r"volumes/other\.zarr.*dtype uint8") as err:
+        planner.validate(predict(output=common_pb2.VolumeRef(path="volumes/other.zarr")))
+    assert err.value.field == "output"
+    store.write_json("volumes/notes/readme.json", {"x": 1})
+    with pytest.raises(AlreadyExistsError, match="not a volume"):
+        planner.validate(predict(output=common_pb2.VolumeRef(path="volumes/notes")))
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "field", "match"),
+    [
+        ({"model": "nope"}, NotFoundError, "model", "model 'nope' not found"),
+        ({"model": "../x"}, InvalidArgumentError, "model", "model id"),
+        (
+            {"input": common_pb2.VolumeRef(path="volumes/missing.zarr")},
+            NotFoundError,
+            "input",
+            "missing.zarr",
+        ),
+        ({"input": common_pb2.VolumeRef(path="")}, InvalidArgumentError, "input.path", "empty"),
+        (
+            {"output": common_pb2.VolumeRef(path="../escape.zarr")},
+            InvalidArgumentError,
+            "output.path",
+            "leaves the store root",
+        ),
+        (
+            {"output": common_pb2.VolumeRef(path="volumes/in.zarr")},
+            InvalidArgumentError,
+            "output",
+            "is the input",
+        ),
+        (
+            {"output": common_pb2.VolumeRef(path="volumes/out.zarr", array="1")},
+            InvalidArgumentError,
+            "output.array",
+            "full-resolution",
+        ),
+        (
+            {"input": common_pb2.VolumeRef(store_url="file:///elsewhere", path="v.zarr")},
+            InvalidArgumentError,
+            "input.store_url",
+            "outside the configured store roots",
+        ),
+        ({"halo": [1, 8, 8]}, InvalidArgumentError, "halo", "5-frame members need 2"),
+        ({"halo": [2, -1, 8]}, InvalidArgumentError, "halo", ">= 0"),
+        ({"halo": [2, 8]}, InvalidArgumentError, "halo", "3 values"),
+        ({"members": ["7fm"]}, InvalidArgumentError, "members", "no member '7fm'"),
+        ({"members": ["1fm", "1fm"]}, InvalidArgumentError, "members", "repeat"),
+        ({"tta_level": 3}, InvalidArgumentError, "tta_level", "one of"),
+        ({"block_shape": [0, 64, 64]}, InvalidArgumentError, "block_shape", ">= 1"),
+        ({"postprocess": True, "threshold": 1.5}, InvalidArgumentError, "threshold", "(0, 1)"),
+    ],
+)
+def test_predict_validation_names_the_field(
+    planner: Planner,
+    store: Store,
+    fields: dict[str, object],
+    error: type[Exception],
+    field: str,
+    match: str,
+) -> None:
+    with pytest.raises(error, match=match) as err:
+        planner.validate(predict(**fields))
+    assert getattr(err.value, "field", None) == field
+    assert not store.exists("volumes/out.zarr")
+
+
+def test_halo_is_checked_against_the_chosen_members(planner: Planner) -> None:
+    # Only the 1-frame member: no z context needed.
+    prepared = planner.validate(predict(members=["1fm"], halo=[0, 8, 8]))
+    assert list(prepared.resolved.predict.halo) == [0, 8, 8]
+
+
+def test_incomplete_input_is_refused(planner: Planner, store: Store) -> None:
+    write_volume(store, "volumes/partial.zarr", np.zeros((4, 32, 32), np.uint8), complete=False)
+    with pytest.raises(FailedPreconditionError, match="incomplete") as err:
+        planner.validate(predict(input=common_pb2.VolumeRef(path="volumes/partial.zarr")))
+    assert err.value.field == "input"
+
+
+def test_blocks_too_large_for_a_worker_are_refused(store: Store) -> None:
+    small = Planner(
+        StoreRoots.from_settings(Settings(store_url=store.url)), max_region_voxels=10_000
+    )
+    with pytest.raises(InvalidArgumentError, match="more than the limit") as err:
+        small.validate(predict())
+    assert err.value.field == "block_shape"
+
+
+def test_ingest_from_a_zarr_source(planner: Planner, store: Store, tmp_path: Path) -> None:
+    source = str(tmp_path / "store" / "volumes" / "in.zarr")
+    spec = common_pb2.JobSpec(
+        ingest=common_pb2.IngestSpec(
+            source=source,
+            output=common_pb2.VolumeRef(path="volumes/ing.zarr"),
+            chunk_shape=[4, 64, 64],
+        )
+    )
+    prepared = planner.validate(spec)
+    assert prepared.resolved.ingest.slices_per_task == 4
+    assert list(prepared.resolved.ingest.voxel_size_nm) == [40.0, 6.0, 6.0]
+    planner.create_outputs(prepared, "ing")
+    plan = planner.plan_stage("ingest", prepared.resolved, 0)
+    assert plan is not None and (plan.role, plan.layout, plan.n_tasks) == ("tiling", "zranges", 3)
+    last = plan.task(2)
+    assert last.id == "ingest/b2-0-0" and dict(last.params) == {"z_start": "8", "z_stop": "10"}
+    assert last.block is not None and last.block.core.stop == SHAPE
+    bad = common_pb2.JobSpec()
+    bad.CopyFrom(spec)
+    bad.ingest.output.path = "volumes/ing2.zarr"
+    bad.ingest.slices_per_task = 6
+    with pytest.raises(InvalidArgumentError, match="multiple of the output's z grid") as err:
+        planner.validate(bad)
+    assert err.value.field == "slices_per_task"
+    bad.ingest.slices_per_task = 0
+    bad.ingest.source = str(tmp_path / "nothing-here")
+    with pytest.raises(NotFoundError, match="nothing-here"):
+        planner.validate(bad)
+    assert not store.exists("volumes/ing2.zarr")
+
+
+@pytest.mark.skipif(not (DATA / "isbi2012").is_dir(), reason="needs ../shared/data/isbi2012")
+def test_ingest_plans_the_real_isbi_stack(planner: Planner) -> None:
+    spec = common_pb2.JobSpec(
+        ingest=common_pb2.IngestSpec(
+            source=str(DATA / "isbi2012" / "train" / "images"),
+            output=common_pb2.VolumeRef(path="volumes/isbi.zarr"),
+            voxel_size_nm=[50, 4, 4],
+        )
+    )
+    prepared = planner.validate(spec)
+    (vol,) = prepared.volumes
+    assert vol.shape == (30, 512, 512) and vol.dtype == "uint8"
+    assert vol.chunk_shape == (8, 256, 256)
+    planner.create_outputs(prepared, "isbi")
+    plan = planner.plan_stage("ingest", prepared.resolved, 0)
+    assert plan is not None and plan.n_tasks == 4  # 30 slices in z-ranges of 8
+
+
+def train(**fields: object) -> common_pb2.JobSpec:
+    spec = common_pb2.TrainSpec(
+        images=common_pb2.VolumeRef(path="volumes/in.zarr"),
+        labels=common_pb2.VolumeRef(path="volumes/labels.zarr"),
+        model="new-model",
+    )
+    for name, value in fields.items():
+        if isinstance(value, list):
+            getattr(spec, name).extend(value)
+        else:
+            setattr(spec, name, value)
+    return common_pb2.JobSpec(train=spec)
+
+
+def test_train_validation_and_member_tasks(planner: Planner, store: Store) -> None:
+    write_volume(store, "volumes/labels.zarr", np.zeros(SHAPE, np.uint8))
+    prepared = planner.validate(train())
+    assert list(prepared.resolved.train.members) == ["1fm", "3fm", "5fm"]
+    assert prepared.resolved.train.architecture == "deepem3d"
+    plan = planner.plan_stage("train", prepared.resolved, 0)
+    assert plan is not None and plan.role == "training"
+    assert [plan.task(n).id for n in range(plan.n_tasks)] == ["train/1fm", "train/3fm", "train/5fm"]
+    assert dict(plan.task(1).params) == {"member": "3fm"}
+    cases: list[tuple[dict[str, object], type[Exception], str]] = [
+        ({"model": "m1"}, AlreadyExistsError, "model"),
+        ({"members": ["2fm"]}, InvalidArgumentError, "members"),
+        ({"architecture": "vgg"}, InvalidArgumentError, "architecture"),
+        ({"base_model": "ghost"}, NotFoundError, "base_model"),
+        ({"iterations": -1}, InvalidArgumentError, "iterations"),
+    ]
+    for fields, error, field in cases:
+        with pytest.raises(error) as err:
+            planner.validate(train(**fields))
+        assert getattr(err.value, "field", None) == field, fields
+    write_volume(store, "volumes/small-labels.zarr", np.zeros((4, 32, 32), np.uint8))
+    spec = train()
+    spec.train.labels.path = "volumes/small-labels.zarr"
+    with pytest.raises(InvalidArgumentError, match="differs") as err:
+        planner.validate(spec)
+    assert err.value.field == "labels"
+
+
+def test_stage_plans_round_trip_and_check_numbers() -> None:
+    plan = StagePlan(
+        0,
+        "predict",
+        "inference",
+        "blocks",
+        {"volume_shape": [10, 100, 120], "block_shape": [4, 64, 64], "halo": [2, 4, 4]},
+    )
+    again = StagePlan.from_json(plan.to_json())
+    assert again == plan and again.n_tasks == 12
+    with pytest.raises(InvalidArgumentError, match="outside"):
+        plan.task(12)
+    with pytest.raises(InvalidArgumentError, match="layout"):
+        StagePlan(0, "x", "tiling", "spiral")
+
+
+def test_ids_kinds_and_chunks() -> None:
+    assert check_job_id("predict-2026_01.a") == "predict-2026_01.a"
+    for bad in ("", "-x", "a/b", "x" * 65, "a:b"):
+        with pytest.raises(InvalidArgumentError):
+            check_job_id(bad)
+    with pytest.raises(InvalidArgumentError, match="names no kind") as err:
+        job_kind(common_pb2.JobSpec())
+    assert err.value.field == "spec"
+    assert chunk_for_block((8, 512, 512)) == (8, 256, 256)
+    assert chunk_for_block((10, 300, 256)) == (10, 300, 256)

@@ -1,0 +1,116 @@
+"""Multiscale pyramids: level shapes, values and OME-Zarr metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.store import Store
+from deep3m.postprocess.pyramid import build_pyramid, downsample, plan_levels
+
+
+def test_anisotropic_em_keeps_z_until_in_plane_catches_up() -> None:
+    levels = plan_levels((20, 1024, 1024), (40.0, 6.0, 6.0), levels=4)
+    assert [lv.shape for lv in levels] == [
+        (20, 512, 512), (20, 256, 256), (20, 128, 128), (10, 64, 64),
+    ]  # fmt: skip
+    assert [lv.scale_nm for lv in levels] == [
+        (40.0, 12.0, 12.0), (40.0, 24.0, 24.0), (40.0, 48.0, 48.0), (80.0, 96.0, 96.0),
+    ]  # fmt: skip
+    assert levels[0].translation_nm == (0.0, 3.0, 3.0)
+
+
+def test_isotropic_data_shrinks_in_every_axis() -> None:
+    levels = plan_levels((64, 64, 64), (8.0, 8.0, 8.0), levels=2)
+    assert [lv.shape for lv in levels] == [(32, 32, 32), (16, 16, 16)]
+    assert levels[1].factor == (2, 2, 2)
+
+
+def test_automatic_depth_stops_at_one_chunk_in_plane() -> None:
+    assert [lv.shape[1] for lv in plan_levels((4, 1000, 600), (1, 1, 1))] == [500, 250]
+    assert plan_levels((4, 200, 200), (1, 1, 1)) == []
+
+
+@pytest.mark.parametrize("levels", [-1, 17])
+def test_level_count_is_checked(levels: int) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        plan_levels((4, 64, 64), (1, 1, 1), levels)
+    assert caught.value.field == "levels"
+
+
+def test_too_many_levels_for_a_small_volume() -> None:
+    with pytest.raises(InvalidArgumentError, match="at most 3"):
+        plan_levels((1, 8, 8), (1, 1, 1), levels=5)
+
+
+def test_mean_over_windows_with_ragged_edges() -> None:
+    data = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+    out = downsample(data, (1, 2, 2), "mean")
+    assert out.shape == (2, 2, 3) and out.dtype == np.float32
+    assert out[0, 0, 0] == np.mean([0, 1, 5, 6])
+    assert out[0, 1, 2] == data[0, 2, 4]  # a corner window holds one voxel
+    assert out[1, 0, 2] == np.mean(data[1, 0:2, 4])
+
+
+def test_integer_images_are_rounded_means() -> None:
+    data = np.array([[[0, 1], [1, 1]]], np.uint8)
+    assert downsample(data, (1, 2, 2), "mean")[0, 0, 0] == 1
+
+
+def test_label_mode_keeps_ids_and_prefers_the_majority() -> None:
+    data = np.array([[[7, 7, 3, 9], [7, 2, 9, 3]]], np.uint32)
+    out = downsample(data, (1, 2, 2), "mode")
+    assert out.tolist() == [[[7, 3]]]  # 7 wins 3:1; 3 and 9 tie 2:2, the smaller wins
+
+
+def make_volume(store: Store, path: str, data: np.ndarray, chunks: tuple[int, int, int],
+                voxel: tuple[float, float, float], **attrs: object) -> None:  # fmt: skip
+    arr = store.create_volume(
+        path, data.shape, data.dtype, voxel_size_nm=voxel, chunk_shape=chunks, attributes=attrs
+    )
+    arr[:] = data
+    store.mark_complete(path)
+
+
+def test_build_pyramid_writes_levels_and_metadata(tmp_path: Path) -> None:
+    store = Store(f"file://{tmp_path}")
+    data = np.random.default_rng(0).random((6, 70, 90)).astype(np.float32)
+    make_volume(store, "volumes/p.zarr", data, (3, 32, 32), (40.0, 6.0, 6.0))
+    arrays = build_pyramid(store, "volumes/p.zarr", levels=2)
+    assert arrays == ["0", "1", "2"]
+    group = zarr.open_group(store.zarr_store("volumes/p.zarr"), mode="r")
+    level1, level2 = group["1"], group["2"]
+    assert isinstance(level1, zarr.Array) and isinstance(level2, zarr.Array)
+    assert level1.shape == (6, 35, 45) and level2.shape == (6, 18, 23)
+    assert level1.chunks == (3, 32, 32) and level1.dtype == np.float32
+    np.testing.assert_allclose(level1[:], downsample(data, (1, 2, 2), "mean"), rtol=1e-6)
+    datasets = group.attrs["ome"]["multiscales"][0]["datasets"]
+    assert [d["path"] for d in datasets] == ["0", "1", "2"]
+    assert datasets[2]["coordinateTransformations"] == [
+        {"type": "scale", "scale": [40.0, 24.0, 24.0]},
+        {"type": "translation", "translation": [0.0, 9.0, 9.0]},
+    ]
+    assert store.volume_info("volumes/p.zarr", "2").voxel_size_nm == (40.0, 24.0, 24.0)
+
+
+def test_labels_pyramid_uses_mode_and_reruns_are_identical(tmp_path: Path) -> None:
+    store = Store(f"file://{tmp_path}")
+    labels = np.random.default_rng(1).integers(0, 4, (4, 32, 32)).astype(np.uint32) * 1000
+    make_volume(store, "volumes/l.zarr", labels, (4, 16, 16), (8.0, 8.0, 8.0), kind="labels")
+    build_pyramid(store, "volumes/l.zarr", levels=2)
+    level1 = store.open_volume("volumes/l.zarr", "1")[:]
+    assert level1.shape == (2, 16, 16)
+    assert set(np.unique(level1)) <= {0, 1000, 2000, 3000}  # no averaged ids
+    np.testing.assert_array_equal(level1, downsample(labels, (2, 2, 2), "mode"))
+    before = {k: store.read_bytes(k) for k in store.walk_files("volumes/l.zarr")}
+    build_pyramid(store, "volumes/l.zarr", levels=2)
+    after = {k: store.read_bytes(k) for k in store.walk_files("volumes/l.zarr")}
+    assert before == after
+    # A shallower rebuild drops the deeper level and its metadata.
+    assert build_pyramid(store, "volumes/l.zarr", levels=1) == ["0", "1"]
+    group = zarr.open_group(store.zarr_store("volumes/l.zarr"), mode="r")
+    assert sorted(group.array_keys()) == ["0", "1"]
+    assert len(group.attrs["ome"]["multiscales"][0]["datasets"]) == 2
