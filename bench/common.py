@@ -143,7 +143,7 @@ class LocalPrediction:
         stage = [s for s in final.stages if s.name == "predict"]
         if not stage or stage[0].tasks_done != stage[0].tasks_total or final.errors:
             raise RuntimeError(f"predict job {job.id} did not finish its blocks: {final}")
-        block = tuple(int(b) for b in final.proto.spec.predict.block_shape)
+        block = tuple(int(b) for b in final.spec.predict.block_shape)
         out = None
         if keep:
             out = np.asarray(self.store.open_volume(output, require_complete=False)[...])

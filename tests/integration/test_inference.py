@@ -630,7 +630,7 @@ def test_predict_job_through_the_scheduler(store: Store, synthetic: np.ndarray) 
         scheduler.stop(grace=1.0)
     stage = next(s for s in final.stages if s.name == "predict")
     assert stage.tasks_total == 2 * 2 * 3 and stage.tasks_done == stage.tasks_total
-    spec = final.proto.spec.predict
+    spec = final.spec.predict
     out = np.asarray(store.open_volume("volumes/out.zarr", require_complete=False)[...])
     nets = {}
     for m in card.members:

@@ -124,7 +124,7 @@ def test_sigkill_mid_job_resumes_without_redoing_or_losing_blocks(
         with Deep3mClient(proc.address, timeout_s=10.0) as client:
             # An undisturbed run of the same job, for comparison.
             client.submit(predict_spec("volumes/reference.zarr"), job_id="reference")
-            assert client.wait("reference", WAIT_S).state == "SUCCEEDED"
+            assert client.wait("reference", WAIT_S).state == common_pb2.JOB_STATE_SUCCEEDED
 
             client.submit(predict_spec("volumes/out.zarr"), job_id="disturbed")
             assert handler.in_flight.wait(WAIT_S)
@@ -141,7 +141,7 @@ def test_sigkill_mid_job_resumes_without_redoing_or_losing_blocks(
             w.stop(grace=5.0)
         proc.terminate()
 
-    assert job.state == "SUCCEEDED", job.errors
+    assert job.state == common_pb2.JOB_STATE_SUCCEEDED, job.errors
     assert job.outputs["finalized"] == "yes"
     assert [(s.tasks_done, s.tasks_total) for s in job.stages] == [(N_BLOCKS, N_BLOCKS), (1, 1)]
     calls = {task: n for (j, task), n in handler.calls.items() if j == "disturbed"}
@@ -273,6 +273,21 @@ def test_quarantine_and_cancel_survive_a_restart(
     assert job.state == common_pb2.JOB_STATE_FAILED
     assert "predict/b0-0-0" in second.watch("failing")[0].error
     assert fresh(settings, clock).get("failing").state == common_pb2.JOB_STATE_FAILED
+
+
+def test_a_finished_job_whose_result_was_not_written_finishes_on_restart(
+    first: Scheduler, settings: Settings, clock: Clock
+) -> None:
+    first.submit(predict_spec("volumes/out.zarr"), job_id="j")
+    for lease in first.lease("w", "inference", N_BLOCKS):
+        finish(first, lease)
+    (fin,) = first.lease("cpu", "postprocess", 1)
+    first.complete(fin.lease_id, "cpu", {"objects": 3.0}, {"labels": "volumes/out.zarr/labels"})
+    first.store.delete("jobs/j/result.json")  # as if killed before writing it
+    job = fresh(settings, clock).get("j")
+    assert job.state == common_pb2.JOB_STATE_SUCCEEDED
+    assert job.outputs["labels"] == "volumes/out.zarr/labels"
+    assert job.metrics["objects"] == 3.0
 
 
 def test_a_job_stopped_before_its_first_stage_was_written_is_planned_on_restart(

@@ -208,7 +208,8 @@ def test_predict_job_runs_to_completion_and_streams_progress(env: Env) -> None:
     assert [e.state for e in events].count("RUNNING") >= 1
 
     job = env.client.get(job_id)
-    assert job.state == "SUCCEEDED" and job.kind == "predict"
+    assert job.state == common_pb2.JOB_STATE_SUCCEEDED
+    assert job.spec.WhichOneof("kind") == "predict"
     assert [(s.name, s.role, s.tasks_done, s.tasks_total) for s in job.stages] == [
         ("predict", "inference", N_BLOCKS, N_BLOCKS),
         ("finalize", "postprocess", 1, 1),
@@ -244,11 +245,11 @@ def test_cancel_reaches_a_running_handler(env: Env) -> None:
     env.worker("inference", {"predict": wait_for_cancel})
     assert started.wait(WAIT_S)
     job = env.client.cancel(job_id)
-    assert job.state == "CANCELLED"
+    assert job.state == common_pb2.JOB_STATE_CANCELLED
     assert observed.wait(WAIT_S), "the running handler never saw the cancellation"
     assert env.client.queue_stats()["inference"]["pending"] == 0
     assert env.store.exists(f"jobs/{job_id}/cancelled")
-    assert env.client.cancel(job_id).state == "CANCELLED"  # idempotent
+    assert env.client.cancel(job_id).state == common_pb2.JOB_STATE_CANCELLED  # idempotent
     events = list(env.client.watch(job_id, timeout_s=5))
     assert [e.state for e in events] == ["CANCELLED"]
 
@@ -267,7 +268,7 @@ def test_failing_blocks_are_quarantined_and_the_job_fails_naming_them(env: Env) 
     env.worker("inference", {"predict": handler}, worker_capacity=2)
     job = env.client.wait(job_id, WAIT_S)
 
-    assert job.state == "FAILED"
+    assert job.state == common_pb2.JOB_STATE_FAILED
     errors = {e.task_id: e for e in job.errors}
     assert set(errors) == {"predict/b0-1-0", "predict/b1-0-1"}
     assert "RuntimeError: boom in b0-1-0" in errors["predict/b0-1-0"].message
@@ -302,7 +303,7 @@ def test_progress_reported_by_a_handler_reaches_watchers(env: Env) -> None:
     watcher = Watcher(env.client, job_id, on_event)
     env.worker("inference", {"predict": long_task}, worker_capacity=1)
     env.worker("postprocess", {"finalize": finalize})
-    assert env.client.wait(job_id, WAIT_S).state == "SUCCEEDED"
+    assert env.client.wait(job_id, WAIT_S).state == common_pb2.JOB_STATE_SUCCEEDED
     reports = [e for e in watcher.join() if e.metrics.get("loss") == 0.25]
     assert reports and reports[0].message == "iteration 5" and reports[0].task_id
 
@@ -437,3 +438,22 @@ def test_run_once_leases_what_is_there(env: Env) -> None:
     assert sum(handler.calls.values()) == 5
     stage = env.client.get(job_id).stages[0]
     assert (stage.tasks_done, stage.tasks_leased) == (5, 0)
+
+
+def test_stopping_a_worker_hands_unfinished_tasks_back(env: Env) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def stuck(ctx: TaskContext) -> TaskResult:
+        started.set()
+        release.wait(WAIT_S)
+        return TaskResult()
+
+    job_id = submit(env)
+    worker = env.worker("inference", {"predict": stuck}, worker_capacity=1)
+    assert started.wait(WAIT_S)
+    worker.stop(grace=0.2)
+    release.set()
+    stage = env.client.get(job_id).stages[0]
+    assert (stage.tasks_leased, stage.tasks_done) == (0, 0)
+    assert env.client.queue_stats()["inference"]["pending"] == N_BLOCKS
+    assert env.scheduler.queue.attempts(job_id, "predict", 0) == 1  # failed as retryable

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from deep3m.core.errors import CancelledError, FailedPreconditionError, InvalidArgumentError
+from deep3m.core.errors import (
+    CancelledError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from deep3m.core.geometry import Block, Box, plan_blocks
-from deep3m.inference.cache import DevicePool
+from deep3m.core.store import Store
+from deep3m.inference.app import one_task_per_gpu
+from deep3m.inference.cache import DevicePool, ModelCache
 from deep3m.inference.predictor import (
     EnsemblePredictor,
     foreground_probability,
@@ -18,7 +26,8 @@ from deep3m.inference.predictor import (
     select_device,
     whole_volume_block,
 )
-from deep3m.models.card import MemberCard, ModelCard
+from deep3m.models.card import MemberCard, ModelCard, load_state_dict, save_model
+from deep3m.runtime.settings import Settings
 from deep3m.testing.nets import FramePicker, LocalNet, PointwiseNet
 from torch import nn
 
@@ -278,3 +287,47 @@ def test_device_pool_hands_out_the_least_busy_device() -> None:
             assert third.index == 0
             assert pool.busy() == (2, 1)
     assert pool.busy() == (0, 0)
+
+
+def test_one_task_per_gpu() -> None:
+    settings = Settings(worker_capacity=1, metrics_port=0)
+    gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert one_task_per_gpu(settings, gpus).worker_capacity == 2
+    assert one_task_per_gpu(settings, [torch.device("cpu")]).worker_capacity == 1
+    more = Settings(worker_capacity=3, metrics_port=0)
+    assert one_task_per_gpu(more, gpus).worker_capacity == 3
+
+
+def test_model_cache_reuses_reloads_and_evicts(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    card = make_card(("1fm", "3fm"))
+    save_model(store, card, {m: PointwiseNet(FRAMES[m]).state_dict() for m in ("1fm", "3fm")})
+    calls: list[str] = []
+
+    def loader(store: Store, card: ModelCard, member: str, device: torch.device) -> nn.Module:
+        calls.append(member)
+        net = PointwiseNet(card.member(member).frames)
+        net.load_state_dict(load_state_dict(store, card, member))
+        return net.to(device)
+
+    cache = ModelCache(loader, capacity=2)
+    cpu = torch.device("cpu")
+    first = cache.get(store, "test-model", [], cpu)
+    assert tuple(first.members) == ("1fm", "3fm") and calls == ["1fm", "3fm"]
+    assert cache.get(store, "test-model", ["1fm", "3fm"], cpu) is first
+    only3 = cache.get(store, "test-model", ["3fm", "3fm"], cpu)
+    assert tuple(only3.members) == ("3fm",) and cache.loads == 2
+    # Saved again under the same id with other settings: reloaded, not served stale.
+    save_model(
+        store,
+        card.model_copy(update={"normalization_mean": 7.0}),
+        {m: PointwiseNet(FRAMES[m]).state_dict() for m in ("1fm", "3fm")},
+    )
+    again = cache.get(store, "test-model", [], cpu)
+    assert again is not first and again.card.normalization_mean == 7.0 and cache.loads == 3
+    assert len(cache) == 2  # capacity 2: the least recently used entry was dropped
+    with pytest.raises(InvalidArgumentError, match="no member '5fm'"):
+        cache.get(store, "test-model", ["5fm"], cpu)
+    with pytest.raises(NotFoundError, match="model 'absent' not found") as exc:
+        cache.get(store, "absent", [], cpu)
+    assert exc.value.field == "model"

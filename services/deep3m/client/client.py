@@ -9,7 +9,10 @@ with Deep3mClient("127.0.0.1:50051") as client:
 ```
 
 Volume arguments are paths in the scheduler's default store, or full
-``VolumeRef`` messages for other stores. Every unary call has a deadline;
+``VolumeRef`` messages for other stores. Jobs come back as ``common_pb2.Job``
+messages (``state_from_proto(job.state)`` names the state, ``is_terminal``
+tells whether it ended); progress as ``deep3m.core.events.ProgressEvent``.
+Every unary call has a deadline;
 gRPC errors come back as the matching ``Deep3mError`` subclass with the
 server's message and the offending field.
 """
@@ -18,8 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -51,62 +53,9 @@ def volume_ref(volume: Volume, *, name: str = "volume") -> common_pb2.VolumeRef:
     return common_pb2.VolumeRef(path=volume)
 
 
-@dataclass(frozen=True)
-class StageInfo:
-    name: str
-    role: str
-    tasks_total: int
-    tasks_done: int
-    tasks_leased: int
-    tasks_quarantined: int
-
-
-@dataclass(frozen=True)
-class JobError:
-    code: str
-    message: str
-    field: str = ""
-    task_id: str = ""
-
-
-@dataclass(frozen=True)
-class Job:
-    """A job as the scheduler reports it; ``proto`` is the raw message."""
-
-    id: str
-    kind: str
-    state: str
-    stages: tuple[StageInfo, ...]
-    errors: tuple[JobError, ...]
-    outputs: Mapping[str, str]
-    metrics: Mapping[str, float]
-    created_unix_s: float
-    updated_unix_s: float
-    proto: common_pb2.Job = field(repr=False, compare=False)
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-    @classmethod
-    def from_proto(cls, msg: common_pb2.Job) -> Job:
-        return cls(
-            id=msg.id,
-            kind=msg.spec.WhichOneof("kind") or "",
-            state=state_from_proto(msg.state),
-            stages=tuple(
-                StageInfo(
-                    s.name, s.role, s.tasks_total, s.tasks_done, s.tasks_leased, s.tasks_quarantined
-                )
-                for s in msg.stages
-            ),
-            errors=tuple(JobError(e.code, e.message, e.field, e.task_id) for e in msg.errors),
-            outputs=dict(msg.outputs),
-            metrics=dict(msg.metrics),
-            created_unix_s=msg.created_unix_s,
-            updated_unix_s=msg.updated_unix_s,
-            proto=msg,
-        )
+def is_terminal(job: common_pb2.Job) -> bool:
+    """Whether the job has ended (succeeded, failed or was cancelled)."""
+    return state_from_proto(job.state) in TERMINAL_STATES
 
 
 class Deep3mClient:
@@ -144,12 +93,11 @@ class Deep3mClient:
         self.close()
 
     # -- jobs -----------------------------------------------------------------------------
-    def submit(self, spec: common_pb2.JobSpec, job_id: str = "") -> Job:
+    def submit(self, spec: common_pb2.JobSpec, job_id: str = "") -> common_pb2.Job:
         """Submit a job; resubmitting the same ``job_id`` and spec returns the existing job."""
-        reply = self._call(
+        return self._call(
             self._stub.SubmitJob, scheduler_pb2.SubmitJobRequest(spec=spec, job_id=job_id)
         )
-        return Job.from_proto(reply)
 
     def predict(
         self,
@@ -166,7 +114,7 @@ class Deep3mClient:
         name: str = "",
         max_attempts: int = 0,
         job_id: str = "",
-    ) -> Job:
+    ) -> common_pb2.Job:
         """Segment ``input`` with ``model`` into a probability volume at ``output``."""
         spec = common_pb2.JobSpec(
             name=name,
@@ -212,7 +160,7 @@ class Deep3mClient:
         name: str = "",
         max_attempts: int = 0,
         job_id: str = "",
-    ) -> Job:
+    ) -> common_pb2.Job:
         """Train model ``model`` (one task per ensemble member)."""
         train = common_pb2.TrainSpec(
             images=volume_ref(images, name="images"),
@@ -259,7 +207,7 @@ class Deep3mClient:
         name: str = "",
         max_attempts: int = 0,
         job_id: str = "",
-    ) -> Job:
+    ) -> common_pb2.Job:
         """Ingest an image stack (TIFF, PNG folder, HDF5, MRC, zarr) into an OME-Zarr volume."""
         spec = common_pb2.JobSpec(
             name=name,
@@ -275,22 +223,18 @@ class Deep3mClient:
         )
         return self.submit(spec, job_id)
 
-    def get(self, job_id: str) -> Job:
-        return Job.from_proto(
-            self._call(self._stub.GetJob, scheduler_pb2.GetJobRequest(job_id=job_id))
-        )
+    def get(self, job_id: str) -> common_pb2.Job:
+        return self._call(self._stub.GetJob, scheduler_pb2.GetJobRequest(job_id=job_id))
 
-    def jobs(self, states: Iterable[str] = (), limit: int = 0) -> list[Job]:
+    def jobs(self, states: Iterable[str] = (), limit: int = 0) -> list[common_pb2.Job]:
         """Jobs, newest first; ``states`` like ``("RUNNING", "PENDING")`` filters."""
         request = scheduler_pb2.ListJobsRequest(
             states=[state_to_proto(s) for s in states], limit=limit
         )
-        return [Job.from_proto(j) for j in self._call(self._stub.ListJobs, request).jobs]
+        return list(self._call(self._stub.ListJobs, request).jobs)
 
-    def cancel(self, job_id: str) -> Job:
-        return Job.from_proto(
-            self._call(self._stub.CancelJob, scheduler_pb2.CancelJobRequest(job_id=job_id))
-        )
+    def cancel(self, job_id: str) -> common_pb2.Job:
+        return self._call(self._stub.CancelJob, scheduler_pb2.CancelJobRequest(job_id=job_id))
 
     def watch(self, job_id: str, *, timeout_s: float | None = None) -> Iterator[ProgressEvent]:
         """The job's progress: its current state first, then every event until it ends.
@@ -311,7 +255,7 @@ class Deep3mClient:
         finally:
             call.cancel()
 
-    def wait(self, job_id: str, timeout_s: float) -> Job:
+    def wait(self, job_id: str, timeout_s: float) -> common_pb2.Job:
         """Block until the job ends (across scheduler restarts); TimeoutError after timeout_s."""
         deadline = time.monotonic() + timeout_s
         pause = threading.Event()
@@ -325,7 +269,7 @@ class Deep3mClient:
                     if event.terminal:
                         return self.get(job_id)
                 job = self.get(job_id)
-                if job.terminal:
+                if is_terminal(job):
                     return job
             except UnavailableError:
                 # The scheduler is restarting: wait a little and watch again.
@@ -338,7 +282,9 @@ class Deep3mClient:
         return {r.role: {"pending": int(r.pending), "leased": int(r.leased)} for r in reply.roles}
 
 
-def wait_all(client: Deep3mClient, job_ids: Iterable[str], timeout_s: float) -> list[Job]:
+def wait_all(
+    client: Deep3mClient, job_ids: Iterable[str], timeout_s: float
+) -> list[common_pb2.Job]:
     """Wait for several jobs, sharing one deadline."""
     deadline = time.monotonic() + timeout_s
     return [client.wait(j, max(deadline - time.monotonic(), 1e-3)) for j in job_ids]

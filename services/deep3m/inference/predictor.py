@@ -180,7 +180,7 @@ class EnsemblePredictor:
         need = self.z_context
         if z_margin is None:
             before, after = need, need
-        elif isinstance(z_margin, int):
+        elif isinstance(z_margin, int | np.integer):
             before, after = z_margin, z_margin
         else:
             before, after = (int(v) for v in z_margin)
@@ -198,6 +198,9 @@ class EnsemblePredictor:
                 f"({before}, {after})",
                 field="raw",
             )
+        # Slices beyond the widest window are never seen by a network: drop them early.
+        raw = raw[before - need : z - after + need]
+        before = after = need
         stack = _pad_to_multiple(self.card.normalize(raw), self.card.input_multiple)
         with torch.inference_mode():
             data = torch.from_numpy(np.ascontiguousarray(stack)).to(self.device)

@@ -21,9 +21,9 @@ models (channel counts at width 1.0):
   summed into the logits (softmax gives the probabilities).
 
 Residual branches are scaled by 0.1 before the sum, as in the Caffe models.
-Differences from the Caffe original, on purpose: GroupNorm instead of BatchNorm
-(see ``deep3m.models.layers``), and no normalisation or ReLU on the final
-2-channel maps, so logits can be negative.
+One difference from the Caffe original, on purpose: no normalisation or ReLU on
+the final per-scale class maps, so logits can be negative. Normalisation is
+BatchNorm, as published (see ``deep3m.models.layers`` for why).
 """
 
 from __future__ import annotations

@@ -1,43 +1,36 @@
 """Small building blocks shared by the networks: convolutions with norm and ReLU.
 
-Normalisation is GroupNorm, not the BatchNorm of the published Caffe models:
-training here runs with 2–8 patches per step (on a laptop CPU, or per GPU under
-DDP), where batch statistics are noisy and differ between training and
-inference; GroupNorm normalises each sample on its own, so a network behaves
-the same on a training patch, a prediction tile and any batch size, and DDP
-needs no synchronised statistics.
+Normalisation is BatchNorm, as in the published Caffe models, and deliberately
+not GroupNorm/InstanceNorm: those normalise over each input's spatial extent, so
+a prediction would depend on the tile size and content — blocks predicted
+separately would not match at their seams, and whole validation slices would be
+normalised differently from training patches. Measured on the CDeep3M
+mitochondria data: a GroupNorm DeepEM3D trained on 128² patches scored F1 0.86
+on 320² crops but 0.01 on the full 1024² slices. BatchNorm in eval mode
+applies fixed running statistics, so predictions are tile-independent. Small
+batches are fine here: each patch contributes tens of thousands of pixels to
+the statistics. Under DDP the buffers are broadcast from rank 0.
 """
 
 from __future__ import annotations
 
-import math
-
 from torch import nn
-
-MAX_GROUPS = 8
-
 
 def scaled(channels: int, width: float, *, minimum: int = 4) -> int:
     """``channels`` scaled by the width multiplier (at least ``minimum``)."""
     return max(minimum, int(round(channels * width)))
 
 
-def groups_for(channels: int) -> int:
-    """Largest group count ≤ MAX_GROUPS that divides ``channels``."""
-    return math.gcd(channels, MAX_GROUPS) or 1
+def norm2d(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels)
 
 
-def norm2d(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups_for(channels), channels)
-
-
-def norm3d(channels: int) -> nn.GroupNorm:
-    # GroupNorm normalises over every axis after the channels, so it serves 3D too.
-    return nn.GroupNorm(groups_for(channels), channels)
+def norm3d(channels: int) -> nn.BatchNorm3d:
+    return nn.BatchNorm3d(channels)
 
 
 class ConvNormAct(nn.Sequential):
-    """Conv2d → GroupNorm → ReLU (the activation optional)."""
+    """Conv2d → BatchNorm → ReLU (the activation optional)."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int] = 3, *,
                  stride: int = 1, act: bool = True) -> None:
@@ -53,7 +46,7 @@ class ConvNormAct(nn.Sequential):
 
 
 class ConvNormAct3d(nn.Sequential):
-    """Conv3d → GroupNorm → ReLU with explicit (z, y, x) kernel, stride and padding."""
+    """Conv3d → BatchNorm → ReLU with explicit (z, y, x) kernel, stride and padding."""
 
     def __init__(self, c_in: int, c_out: int, kernel: tuple[int, int, int], *,
                  stride: tuple[int, int, int] = (1, 1, 1),

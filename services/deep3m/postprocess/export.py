@@ -156,9 +156,8 @@ def _gray(page: np.ndarray) -> np.ndarray:
 
 
 def overlay_page(
-    image: np.ndarray, overlay: np.ndarray, kind: Kind, *, alpha: float = 0.5,
-    threshold: float = 0.5,
-) -> np.ndarray:  # fmt: skip
+    image: np.ndarray, overlay: np.ndarray, kind: Kind, *, alpha: float = 0.5
+) -> np.ndarray:
     """An RGB page: the image in gray, probabilities in red (opacity grows with the
     probability), labels in per-object colours."""
     gray = _gray(image).astype(np.float64)

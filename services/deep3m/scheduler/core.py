@@ -145,6 +145,7 @@ class Scheduler:
                         "cannot resume job %s: %s", job_id, exc.message, extra={"job_id": job_id}
                     )
             self._update_gauges()
+            self._update_job_gauge()
         if resumed:
             log.info("resumed %d job(s)", resumed, extra={"jobs": resumed})
         return resumed
@@ -189,6 +190,13 @@ class Scheduler:
             quarantined={t: str(r.get("message", "")) for t, r in quarantined.items()},
             hold_until=hold_until,
         )
+        if current.n_tasks == 1 and done.size:
+            # A finished single-task stage (finalize) carries job-level results.
+            rec = self.jobs_store.done_record(job_id, current.name, 0)
+            job.outputs.update({str(k): str(v) for k, v in rec.get("outputs", {}).items()})
+            job.metrics.update(
+                {str(k): float(v) for k, v in rec.get("metrics", {}).items() if k != "voxels"}
+            )
         if len(plans) > 1 or done.size or quarantined:
             job.state = "RUNNING"
         self._emit(
@@ -313,6 +321,7 @@ class Scheduler:
             self._emit(job, message="submitted")
             self._add_stage(job, first, now)
             self._update_gauges()
+            self._update_job_gauge()
             log.info(
                 "job submitted", extra={"job_id": job_id, "kind": kind, "tasks": first.n_tasks}
             )
@@ -467,6 +476,7 @@ class Scheduler:
                 m.VOXELS_PROCESSED.labels(role=lease.role).inc(voxels)
             if job.terminal:
                 return
+            job.updated = now
             job.session_tasks += 1
             job.session_voxels += voxels
             if voxels:
