@@ -144,13 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pipeline efficiency (b)/(a): {rate['deep3m'] / rate['pure']:.2f}")
     print(f"deep3m vs MONAI     (b)/(c): {rate['deep3m'] / rate['monai']:.2f}")
     pure, blockwise = outputs["pure"], outputs["deep3m"]
+    if blockwise is not None and (unwritten := int((blockwise == 0).sum())):
+        print(f"WARNING: {unwritten} output voxels still hold the fill value 0 (unwritten?)")
     if pure is not None and blockwise is not None:
         inner = (slice(None), slice(64, -64), slice(64, -64))
         diff = np.abs(pure[inner] - blockwise[inner])
         print(
             f"blockwise vs whole-slice probabilities away from the volume border: max |diff| "
-            f"{diff.max():.3g}, mean {diff.mean():.3g} (DeepEM3D's GroupNorm normalises over "
-            "the whole input, so a block's prediction depends on the block's extent)"
+            f"{diff.max():.3g}, mean {diff.mean():.3g} (nonzero where the network's receptive "
+            "field reaches past the halo)"
         )
 
 

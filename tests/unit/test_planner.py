@@ -63,7 +63,7 @@ def predict(**fields: object) -> common_pb2.JobSpec:
 def test_predict_defaults_are_resolved_without_writing(planner: Planner, store: Store) -> None:
     prepared = planner.validate(predict())
     r = prepared.resolved.predict
-    assert list(r.block_shape) == [8, 100, 120]  # default (8, 512, 512) clipped to the volume
+    assert list(r.block_shape) == [8, 100, 120]  # default (8, 1024, 1024) clipped to the volume
     assert list(r.halo) == [2, 8, 8]  # from the model card
     assert list(r.members) == ["1fm", "5fm"]
     assert r.tta_level == 10
@@ -102,7 +102,7 @@ def test_an_identical_existing_output_is_accepted(planner: Planner, store: Store
     planner.create_outputs(first, "job-1")
     again = planner.validate(predict())
     assert again.volumes == ()  # resume: nothing to create
-    # Default (8, 512, 512) on the existing 64-voxel grid, no bigger than the volume needs.
+    # Default (8, 1024, 1024) on the existing 64-voxel grid, no bigger than the volume needs.
     assert list(again.resolved.predict.block_shape) == [8, 128, 128]
     with pytest.raises(InvalidArgumentError, match="not a multiple") as err:
         planner.validate(predict(block_shape=[4, 48, 64]))

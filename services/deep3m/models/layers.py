@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from torch import nn
 
+
 def scaled(channels: int, width: float, *, minimum: int = 4) -> int:
     """``channels`` scaled by the width multiplier (at least ``minimum``)."""
-    return max(minimum, int(round(channels * width)))
+    return max(minimum, round(channels * width))
 
 
 def norm2d(channels: int) -> nn.BatchNorm2d:

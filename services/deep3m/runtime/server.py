@@ -154,6 +154,10 @@ def serve(role: str, settings: Settings) -> None:
 
     configure_logging(role, settings.log_level, settings.log_format)
     warn_unknown_env_vars(log)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     if settings.metrics_port:
         start_metrics_server(settings.metrics_port, settings.host)
     running = create_server(role, settings)

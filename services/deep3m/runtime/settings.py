@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     # Compute
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=4, ge=1)
+    # CPU threads for torch in this process; 0 keeps torch's default (all cores).
+    # Set it when several workers share one machine, as under `deep3m up`.
+    torch_threads: int = Field(default=0, ge=0)
     max_region_voxels: int = Field(default=64 * 1024 * 1024, ge=1)
 
     # Autoscaling without KEDA: the scheduler scales worker Deployments itself.

@@ -67,7 +67,7 @@ def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], doc: Mapping[str, 
             state.setdefault(int(index), {})[name] = value
     for index, values in doc.get("scalars", {}).items():
         state.setdefault(int(index), {}).update(values)
-    return {"state": state, "param_groups": doc["param_groups"]}
+    return {"state": dict(sorted(state.items())), "param_groups": doc["param_groups"]}
 
 
 def save_checkpoint(store: Store, model_id: str, member: str, ckpt: Checkpoint) -> str:

@@ -135,7 +135,7 @@ class DemoRecipe:
         if budget_minutes <= 0:
             raise InvalidArgumentError(f"budget must be positive minutes, got {budget_minutes}",
                                        field="minutes")
-        iterations = max(10, int(round(self.iterations * budget_minutes / self.minutes)))
+        iterations = max(10, round(self.iterations * budget_minutes / self.minutes))
         every = max(1, iterations // 4)
         return replace(self, iterations=iterations, validate_every=every,
                        snapshot_every=max(1, iterations // 2), minutes=budget_minutes)

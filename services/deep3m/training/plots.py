@@ -36,7 +36,8 @@ def validation_plot(history: Sequence[Mapping[str, float]], title: str) -> bytes
     left.set_xlabel("iteration")
     left.set_ylabel("loss")
     left.set_title("loss")
-    left.legend(loc="upper right")
+    if left.lines:
+        left.legend(loc="upper right")
     for key in ACCURACY_KEYS:
         xs, ys = _series(history, key)
         if xs:
@@ -44,7 +45,8 @@ def validation_plot(history: Sequence[Mapping[str, float]], title: str) -> bytes
     right.set_xlabel("iteration")
     right.set_ylim(0, 1)
     right.set_title("validation")
-    right.legend(loc="lower right")
+    if right.lines:
+        right.legend(loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()

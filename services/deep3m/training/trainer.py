@@ -264,7 +264,7 @@ def _restore_rng(state: Mapping[str, torch.Tensor]) -> None:
         torch.set_rng_state(state["torch"].to(torch.uint8))
 
 
-def _completed(store: Store, config: TrainConfig, member: str) -> dict[str, Any] | None:
+def completed_member(store: Store, config: TrainConfig, member: str) -> dict[str, Any] | None:
     key = metrics_key(config.model_id, member)
     if not store.exists(key):
         return None
@@ -275,7 +275,7 @@ def _completed(store: Store, config: TrainConfig, member: str) -> dict[str, Any]
     return None
 
 
-def _result_from_store(store: Store, config: TrainConfig, member: str, doc: Mapping[str, Any]
+def result_from_store(store: Store, config: TrainConfig, member: str, doc: Mapping[str, Any]
                        ) -> MemberResult:
     from safetensors.torch import load as load_safetensors
 
@@ -292,8 +292,10 @@ def _result_from_store(store: Store, config: TrainConfig, member: str, doc: Mapp
 
 @contextlib.contextmanager
 def _maybe_no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
-    if skip and hasattr(model, "no_sync"):
-        with model.no_sync():
+    no_sync: Callable[[], contextlib.AbstractContextManager[None]] | None = getattr(
+        model, "no_sync", None)
+    if skip and no_sync is not None:
+        with no_sync():
             yield
     else:
         yield
@@ -326,11 +328,11 @@ def train_member(
     dev = pick_device(device)
     rank, world = _rank_world()
     if resume and world == 1:
-        done = _completed(store, config, member)
-        if done is not None:
+        finished = completed_member(store, config, member)
+        if finished is not None:
             log.info("member already trained", extra={"model": config.model_id,
                                                       "member": member})
-            return _result_from_store(store, config, member, done)
+            return result_from_store(store, config, member, finished)
     checked = check_training_inputs(config, store, roots=roots)
     data = load_training_set(config, store, checked, roots=roots)
     net = initial_network(config, member, store, checked).to(dev)
@@ -387,6 +389,8 @@ def train_member(
             history=tuple(run.history), meta=run.meta(),
         ))
         ckpt.prune_checkpoints(store, config.model_id, member, config.checkpoints_kept)
+        run.publish(iteration, {"snapshot_iteration": float(iteration)},
+                    f"{member}: snapshot at iteration {iteration}")
 
     from deep3m.runtime.metrics import TRAINING_ITERATIONS
 

@@ -1,0 +1,232 @@
+"""The training role's task handlers: ``train`` (one per member) and ``finalize``.
+
+``train`` trains one member (task param ``member``) of the job's TrainSpec,
+resuming from the member's newest snapshot when the task is a retry (a worker
+that died mid-training is replaced and continues, not restarts); progress goes
+to the scheduler through ``ctx.report``; ``ctx.cancelled`` stops it after a
+snapshot. With several visible GPUs the member trains data-parallel over all of
+them. ``finalize`` assembles ``models/<id>/model.json`` from the members'
+weights and metrics, scoring the ensemble on the validation slices; it rewrites
+the same card when retried.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
+from deep3m.core.events import ProgressEvent
+from deep3m.core.locations import StoreRoots
+from deep3m.core.store import Store
+from deep3m.models.card import MemberCard, ModelCard, card_key, load_card, save_card
+from deep3m.models.registry import INPUT_MULTIPLE, build_network
+from deep3m.runtime.settings import Settings, get_settings
+from deep3m.training.config import TrainConfig
+from deep3m.training.data import LabelledVolume, Normalization, read_volume, to_classes
+from deep3m.training.distributed import train_member_distributed, visible_gpus
+from deep3m.training.evaluate import evaluate_ensemble
+from deep3m.training.trainer import (
+    MemberResult,
+    completed_member,
+    metrics_key,
+    pick_device,
+    plot_key,
+    train_member,
+)
+from deep3m.training.validate import resolve_source
+from deep3m.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from deep3m.runtime.worker import TaskResult
+
+# Context (y, x) a block of prediction should read around its core.
+HALO_YX = 64
+
+
+class TrainContext(Protocol):
+    """What the handlers use of the worker's task context."""
+
+    @property
+    def lease(self) -> common_pb2.TaskLease: ...
+
+    @property
+    def cancelled(self) -> threading.Event: ...
+
+    def report(self, metrics: Mapping[str, float], message: str = "") -> None: ...
+
+
+def _task_result(metrics: Mapping[str, float], outputs: Mapping[str, str]) -> TaskResult:
+    from deep3m.runtime.worker import TaskResult
+
+    return TaskResult(metrics=dict(metrics), outputs=dict(outputs))
+
+
+def _config(lease: common_pb2.TaskLease) -> TrainConfig:
+    if lease.spec.WhichOneof("kind") != "train":
+        raise InvalidArgumentError(f"task {lease.task.id!r} is not part of a training job",
+                                   field="spec.train")
+    return TrainConfig.from_spec(lease.spec.train)
+
+
+class TrainingTasks:
+    """Handlers bound to one role's settings (stores, device)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.roots = StoreRoots.from_settings(settings)
+
+    def model_store(self) -> Store:
+        """Models are written to the default store."""
+        return self.roots.store("")
+
+    def train(self, ctx: TrainContext) -> TaskResult:
+        lease = ctx.lease
+        config = _config(lease)
+        member = lease.task.params.get("member", "")
+        if not member:
+            raise InvalidArgumentError(f"train task {lease.task.id!r} names no member",
+                                       field="task.params.member")
+        store = self.model_store()
+        last_report = [0.0]
+
+        def observer(event: ProgressEvent) -> None:
+            # Validation results always go out; loss-only updates at most once a second.
+            now = time.monotonic()
+            if "f1" in event.metrics or now - last_report[0] >= 1.0:
+                last_report[0] = now
+                ctx.report(dict(event.metrics), event.message)
+
+        device = pick_device(None if self.settings.device == "auto" else self.settings.device)
+        gpus = visible_gpus() if device.type == "cuda" else 0
+        if gpus > 1:
+            from deep3m.training.validate import check_training_inputs
+
+            check_training_inputs(config, store, roots=self.roots)
+            result: MemberResult = train_member_distributed(
+                config, member, store, gpus, device_type="cuda", observer=observer,
+                cancelled=ctx.cancelled, job_id=lease.task.job_id)
+        else:
+            result = train_member(config, member, store, observer=observer,
+                                  cancelled=ctx.cancelled, device=device, roots=self.roots,
+                                  job_id=lease.task.job_id)
+        metrics = {"iterations": float(result.iterations), "seconds": result.seconds,
+                   "resumed_from": float(result.resumed_from)}
+        metrics.update({k: float(v) for k, v in result.metrics.items()
+                        if k in ("loss", "val_loss", "precision", "recall", "f1", "jaccard")})
+        return _task_result(metrics, {
+            "weights": f"models/{config.model_id}/{result.weights}",
+            "metrics": metrics_key(config.model_id, member),
+            "plot": plot_key(config.model_id, member),
+        })
+
+    def finalize(self, ctx: TrainContext) -> TaskResult:
+        config = _config(ctx.lease)
+        store = self.model_store()
+        card = assemble_card(config, store, roots=self.roots,
+                             device=pick_device(None if self.settings.device == "auto"
+                                                else self.settings.device))
+        return _task_result(card.metrics, {"model": card_key(card.id)})
+
+
+def _validation_volume(config: TrainConfig, store: Store, norm: Normalization,
+                       roots: StoreRoots | None) -> LabelledVolume:
+    img_src = config.validation_images or config.images
+    lbl_src = config.validation_labels or config.labels
+    s, key = resolve_source(img_src, store, roots, field="validation_images")
+    images = norm.apply(read_volume(s, key, img_src.array, what="validation_images"))
+    s, key = resolve_source(lbl_src, store, roots, field="validation_labels")
+    labels = to_classes(read_volume(s, key, lbl_src.array, what="validation_labels"),
+                        config.num_classes, where=lbl_src.describe())
+    return LabelledVolume(images, labels, img_src.describe())
+
+
+def assemble_card(config: TrainConfig, store: Store, *, roots: StoreRoots | None = None,
+                  device: torch.device | None = None, score: bool = True) -> ModelCard:
+    """Write ``models/<id>/model.json`` for a job whose members have all finished."""
+    docs: dict[str, dict[str, Any]] = {}
+    for member in config.members:
+        doc = completed_member(store, config, member)
+        if doc is None:
+            raise FailedPreconditionError(
+                f"member {member!r} of model {config.model_id!r} has not finished training "
+                f"(no complete {metrics_key(config.model_id, member)})",
+                field="members",
+            )
+        docs[member] = doc
+    first = docs[config.members[0]]
+    norm = Normalization(float(first["normalization"]["mean"]),
+                         float(first["normalization"]["std"]))
+    base_iterations = 0
+    if config.base_model:
+        base_iterations = load_card(store, config.base_model).iterations
+    members = tuple(
+        MemberCard(name=m, frames=config.frames(m), weights=str(docs[m]["weights"]),
+                   iterations=base_iterations + int(docs[m]["iterations"]),
+                   metrics={k: float(v) for k, v in docs[m].get("final", {}).items()})
+        for m in config.members
+    )
+    metrics: dict[str, float] = {}
+    if score:
+        dev = device or torch.device("cpu")
+        nets = []
+        for m in members:
+            net = build_network(config.architecture, frames=m.frames, width=config.width,
+                                num_classes=config.num_classes)
+            from safetensors.torch import load as load_safetensors
+
+            state = load_safetensors(store.read_bytes(f"models/{config.model_id}/{m.weights}"))
+            net.load_state_dict(state, strict=True)
+            nets.append((net.to(dev).eval(), m.frames))
+        volume = _validation_volume(config, store, norm, roots)
+        metrics = {f"ensemble_{k}": v
+                   for k, v in evaluate_ensemble(nets, volume, dev).items()}
+    voxel = first.get("voxel_size_nm") or [1.0, 1.0, 1.0]
+    max_frames = max(m.frames for m in members)
+    card = ModelCard(
+        id=config.model_id,
+        architecture=config.architecture,  # type: ignore[arg-type]
+        width=config.width,
+        num_classes=config.num_classes,
+        members=members,
+        normalization_mean=norm.mean,
+        normalization_std=norm.std,
+        voxel_size_nm=(float(voxel[0]), float(voxel[1]), float(voxel[2])),
+        halo=(max_frames // 2, HALO_YX, HALO_YX),
+        input_multiple=INPUT_MULTIPLE,
+        iterations=base_iterations + config.total_iterations,
+        base_model=config.base_model,
+        training={
+            "images": config.images.describe(), "labels": config.labels.describe(),
+            "validation_images": config.validation_images.describe()
+            if config.validation_images else "",
+            "validation_labels": config.validation_labels.describe()
+            if config.validation_labels else "",
+            "validation_source": str(first.get("validation_source", "")),
+            "optimizer": config.optimizer, "learning_rate": config.base_learning_rate,
+            "lr_policy": f"poly (power {config.lr_power})", "momentum": config.momentum,
+            "weight_decay": config.weight_decay, "batch_size": config.batch_size,
+            "patch_shape": list(config.patch_shape),
+            "accumulate_gradients": config.accumulate_gradients,
+            "intensity_augmentations": list(config.intensity_augmentations),
+            "class_weights": first.get("class_weights", []),
+            "iterations": config.total_iterations, "seed": config.seed,
+        },
+        metrics=metrics,
+    )
+    save_card(store, card)
+    return card
+
+
+def handle_train(ctx: TrainContext) -> TaskResult:
+    """Stage ``train`` with the process's settings (``DEEP3M_*``)."""
+    return TrainingTasks(get_settings()).train(ctx)
+
+
+def handle_finalize(ctx: TrainContext) -> TaskResult:
+    """Stage ``finalize`` with the process's settings (``DEEP3M_*``)."""
+    return TrainingTasks(get_settings()).finalize(ctx)

@@ -1,0 +1,113 @@
+"""The networks: shapes, width scaling, published size, registry errors, card round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.store import Store
+from deep3m.models.card import MemberCard, ModelCard, load_member, save_model
+from deep3m.models.deepem3d import PUBLISHED_WIDTHS, DeepEM3D
+from deep3m.models.registry import (
+    ARCHITECTURES,
+    DEFAULT_WIDTH,
+    INPUT_MULTIPLE,
+    build_network,
+    parameter_count,
+)
+
+TINY = 0.0625
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("frames", [1, 3, 5])
+def test_output_is_logits_for_the_centre_slice(architecture: str, frames: int) -> None:
+    torch.manual_seed(0)
+    net = build_network(architecture, frames=frames, width=TINY).eval()
+    x = torch.randn(2, frames, 32, 48)  # non-square, multiples of 16
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == (2, 2, 32, 48)
+    assert y.dtype == torch.float32
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_num_classes_sets_the_output_channels(architecture: str) -> None:
+    net = build_network(architecture, frames=3, width=TINY, num_classes=4).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 16, 16)).shape == (1, 4, 16, 16)
+
+
+def test_deepem3d_uses_its_frames() -> None:
+    """Changing a neighbouring slice changes a 3-frame prediction (z is really read)."""
+    torch.manual_seed(1)
+    net = build_network("deepem3d", frames=3, width=TINY).eval()
+    x = torch.randn(1, 3, 32, 32)
+    x2 = x.clone()
+    x2[:, 0] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(net(x), net(x2))
+
+
+def test_width_scales_every_channel() -> None:
+    half = DeepEM3D(frames=1, width=0.5)
+    assert half.feature_channels == tuple(round(c * 0.5) for c in (192, *PUBLISHED_WIDTHS[3:]))
+    sizes = [parameter_count(build_network("deepem3d", frames=1, width=w))
+             for w in (0.0625, 0.125, 0.25)]
+    assert sizes[0] < sizes[1] < sizes[2]
+    assert sizes[2] > 2 * sizes[1]  # encoder weights grow with width², the heads linearly
+
+
+def test_published_width_has_tens_of_millions_of_parameters() -> None:
+    assert DEFAULT_WIDTH == 1.0
+    net = DeepEM3D(frames=1)
+    assert net.feature_channels == (192, 384, 1154, 2048)
+    assert 1e7 < parameter_count(net) < 1e8
+    assert 1e6 < parameter_count(build_network("resunet2d", frames=1)) < 1e8
+
+
+def test_unknown_architecture_is_named() -> None:
+    with pytest.raises(InvalidArgumentError) as err:
+        build_network("vgg", frames=1)
+    assert err.value.field == "architecture"
+    assert "vgg" in err.value.message
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"frames": 2}, "frames"), ({"frames": 0}, "frames"), ({"frames": 1, "width": 0.0}, "width"),
+    ({"frames": 1, "num_classes": 1}, "num_classes"),
+])
+def test_bad_network_parameters(kwargs: dict[str, float], field: str) -> None:
+    with pytest.raises(InvalidArgumentError) as err:
+        build_network("deepem3d", **kwargs)  # type: ignore[arg-type]
+    assert err.value.field == field
+
+
+def test_input_not_a_multiple_of_16_is_refused() -> None:
+    assert INPUT_MULTIPLE == 16
+    net = build_network("deepem3d", frames=1, width=TINY)
+    with pytest.raises(InvalidArgumentError, match="multiples of 16"):
+        net(torch.randn(1, 1, 40, 32))
+    with pytest.raises(InvalidArgumentError, match="3 frames"):
+        build_network("resunet2d", frames=3, width=TINY)(torch.randn(1, 1, 32, 32))
+
+
+def test_card_round_trip_loads_the_same_network(tmp_path: object) -> None:
+    store = Store(f"file://{tmp_path}")
+    torch.manual_seed(2)
+    nets = {m: build_network("deepem3d", frames=f, width=TINY).eval()
+            for m, f in (("1fm", 1), ("3fm", 3))}
+    card = ModelCard(id="net", width=TINY,
+                     members=(MemberCard(name="1fm", frames=1), MemberCard(name="3fm", frames=3)))
+    save_model(store, card, {m: n.state_dict() for m, n in nets.items()})
+    from deep3m.models.card import load_card
+
+    loaded = load_card(store, "net")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for m, net in nets.items():
+            again = load_member(store, loaded, m)
+            xm = x[:, 1:2] if m == "1fm" else x
+            assert torch.equal(again(xm), net(xm))
