@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from deep3m.client.client import Deep3mClient
 from deep3m.core.store import Store
 from deep3m.launcher.local import LocalCluster, LocalClusterSpec
