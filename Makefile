@@ -21,7 +21,7 @@ protos: $(STAMP)
 	$(BIN)/python -m deep3m.protos_build
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not s3"

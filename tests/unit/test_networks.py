@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.store import Store
 from deep3m.models.card import MemberCard, ModelCard, load_member, save_model
@@ -54,8 +53,9 @@ def test_deepem3d_uses_its_frames() -> None:
 def test_width_scales_every_channel() -> None:
     half = DeepEM3D(frames=1, width=0.5)
     assert half.feature_channels == tuple(round(c * 0.5) for c in (192, *PUBLISHED_WIDTHS[3:]))
-    sizes = [parameter_count(build_network("deepem3d", frames=1, width=w))
-             for w in (0.0625, 0.125, 0.25)]
+    sizes = [
+        parameter_count(build_network("deepem3d", frames=1, width=w)) for w in (0.0625, 0.125, 0.25)
+    ]
     assert sizes[0] < sizes[1] < sizes[2]
     assert sizes[2] > 2 * sizes[1]  # encoder weights grow with width², the heads linearly
 
@@ -75,10 +75,15 @@ def test_unknown_architecture_is_named() -> None:
     assert "vgg" in err.value.message
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"frames": 2}, "frames"), ({"frames": 0}, "frames"), ({"frames": 1, "width": 0.0}, "width"),
-    ({"frames": 1, "num_classes": 1}, "num_classes"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"frames": 2}, "frames"),
+        ({"frames": 0}, "frames"),
+        ({"frames": 1, "width": 0.0}, "width"),
+        ({"frames": 1, "num_classes": 1}, "num_classes"),
+    ],
+)
 def test_bad_network_parameters(kwargs: dict[str, float], field: str) -> None:
     with pytest.raises(InvalidArgumentError) as err:
         build_network("deepem3d", **kwargs)  # type: ignore[arg-type]
@@ -97,10 +102,15 @@ def test_input_not_a_multiple_of_16_is_refused() -> None:
 def test_card_round_trip_loads_the_same_network(tmp_path: object) -> None:
     store = Store(f"file://{tmp_path}")
     torch.manual_seed(2)
-    nets = {m: build_network("deepem3d", frames=f, width=TINY).eval()
-            for m, f in (("1fm", 1), ("3fm", 3))}
-    card = ModelCard(id="net", width=TINY,
-                     members=(MemberCard(name="1fm", frames=1), MemberCard(name="3fm", frames=3)))
+    nets = {
+        m: build_network("deepem3d", frames=f, width=TINY).eval()
+        for m, f in (("1fm", 1), ("3fm", 3))
+    }
+    card = ModelCard(
+        id="net",
+        width=TINY,
+        members=(MemberCard(name="1fm", frames=1), MemberCard(name="3fm", frames=3)),
+    )
     save_model(store, card, {m: n.state_dict() for m, n in nets.items()})
     from deep3m.models.card import load_card
 

@@ -83,8 +83,11 @@ def _losses(history: tuple[object, ...] | list[object]) -> list[float]:
 
 
 def test_spec_defaults_follow_cdeep3m_solver() -> None:
-    spec = common_pb2.TrainSpec(model="m", images=common_pb2.VolumeRef(path="volumes/i.zarr"),
-                                labels=common_pb2.VolumeRef(path="volumes/l.zarr"))
+    spec = common_pb2.TrainSpec(
+        model="m",
+        images=common_pb2.VolumeRef(path="volumes/i.zarr"),
+        labels=common_pb2.VolumeRef(path="volumes/l.zarr"),
+    )
     config = TrainConfig.from_spec(spec)
     assert config.optimizer == "sgd"
     assert config.base_learning_rate == pytest.approx(1e-2)
@@ -95,22 +98,28 @@ def test_spec_defaults_follow_cdeep3m_solver() -> None:
     assert config.validation_images is None
     # Poly policy: full rate at 0, (1 - 1/2)^0.8 of it half way, zero at the end.
     assert config.learning_rate_at(0) == pytest.approx(1e-2)
-    assert config.learning_rate_at(config.iterations // 2) == pytest.approx(1e-2 * 0.5 ** 0.8)
+    assert config.learning_rate_at(config.iterations // 2) == pytest.approx(1e-2 * 0.5**0.8)
     assert config.learning_rate_at(config.iterations) == 0.0
 
 
-@pytest.mark.parametrize(("update", "field"), [
-    ({"patch_shape": [100, 96]}, "patch_shape"),
-    ({"patch_shape": [96, 96, 96]}, "patch_shape"),
-    ({"members": ["1fm", "4fm"]}, "members"),
-    ({"architecture": "vgg"}, "architecture"),
-    ({"intensity_augmentations": ["sharpen"]}, "intensity_augmentations"),
-    ({"model": "bad/id"}, "model"),
-    ({"validation_images": {"path": "volumes/v.zarr"}}, "validation_labels.path"),
-])
+@pytest.mark.parametrize(
+    ("update", "field"),
+    [
+        ({"patch_shape": [100, 96]}, "patch_shape"),
+        ({"patch_shape": [96, 96, 96]}, "patch_shape"),
+        ({"members": ["1fm", "4fm"]}, "members"),
+        ({"architecture": "vgg"}, "architecture"),
+        ({"intensity_augmentations": ["sharpen"]}, "intensity_augmentations"),
+        ({"model": "bad/id"}, "model"),
+        ({"validation_images": {"path": "volumes/v.zarr"}}, "validation_labels.path"),
+    ],
+)
 def test_bad_spec_names_the_field(update: dict[str, object], field: str) -> None:
-    base: dict[str, object] = {"model": "m", "images": {"path": "volumes/i.zarr"},
-                               "labels": {"path": "volumes/l.zarr"}}
+    base: dict[str, object] = {
+        "model": "m",
+        "images": {"path": "volumes/i.zarr"},
+        "labels": {"path": "volumes/l.zarr"},
+    }
     base.update(update)
     with pytest.raises(InvalidArgumentError) as err:
         TrainConfig.from_spec(common_pb2.TrainSpec(**base))  # type: ignore[arg-type]
@@ -130,7 +139,8 @@ def test_samples_keep_the_centre_slice_under_all_16_variations() -> None:
     depth = 6
     # Every slice holds its own index: the centre frame must equal the label's slice.
     images = np.repeat(np.arange(depth, dtype=np.float32)[:, None, None], 32 * 32).reshape(
-        depth, 32, 32)
+        depth, 32, 32
+    )
     volume = LabelledVolume(images, np.asarray(images, dtype=np.int64), "index")
     seen_z_reversed = False
     for it in range(40):
@@ -144,10 +154,22 @@ def test_samples_keep_the_centre_slice_under_all_16_variations() -> None:
 def test_same_iteration_draws_the_same_samples_and_ranks_differ() -> None:
     images, labels = synthetic_stack(6, 48)
     volume = LabelledVolume(images.astype(np.float32), labels.astype(np.int64), "syn")
-    a = sample_batch(volume, iteration_rng(3, 0, 11), batch=3, frames=3, patch=(32, 32),
-                     intensity=("contrast", "blur", "noise", "elastic"))
-    b = sample_batch(volume, iteration_rng(3, 0, 11), batch=3, frames=3, patch=(32, 32),
-                     intensity=("contrast", "blur", "noise", "elastic"))
+    a = sample_batch(
+        volume,
+        iteration_rng(3, 0, 11),
+        batch=3,
+        frames=3,
+        patch=(32, 32),
+        intensity=("contrast", "blur", "noise", "elastic"),
+    )
+    b = sample_batch(
+        volume,
+        iteration_rng(3, 0, 11),
+        batch=3,
+        frames=3,
+        patch=(32, 32),
+        intensity=("contrast", "blur", "noise", "elastic"),
+    )
     c = sample_batch(volume, iteration_rng(3, 1, 11), batch=3, frames=3, patch=(32, 32))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert not np.array_equal(a[0], c[0])
@@ -185,7 +207,8 @@ def test_each_member_learns(store: Store, paths: dict[str, str], member: str) ->
     validated = [e for e in events if "f1" in e.metrics]
     assert [int(e.metrics["iteration"]) for e in validated] == [10, 20, 30]
     assert {"loss", "val_loss", "precision", "recall", "f1", "jaccard"} <= set(
-        validated[-1].metrics)
+        validated[-1].metrics
+    )
     assert validated[-1].metrics["f1"] > 0.5
     doc = store.read_json(metrics_key("tiny", member))
     assert doc["complete"] and doc["weights"] == f"{member}/weights.safetensors"
@@ -224,9 +247,18 @@ def test_snapshot_round_trip_is_exact(store: Store, paths: dict[str, str]) -> No
     opt = make_optimizer(config, net)
     net(torch.randn(2, 1, 32, 32)).sum().backward()
     opt.step()
-    ckpt.save_checkpoint(store, "tiny", "1fm", ckpt.Checkpoint(
-        iteration=3, model=net.state_dict(), optimizer=opt.state_dict(),
-        rng={"torch": torch.get_rng_state()}, history=({"iteration": 3.0, "loss": 0.5},)))
+    ckpt.save_checkpoint(
+        store,
+        "tiny",
+        "1fm",
+        ckpt.Checkpoint(
+            iteration=3,
+            model=net.state_dict(),
+            optimizer=opt.state_dict(),
+            rng={"torch": torch.get_rng_state()},
+            history=({"iteration": 3.0, "loss": 0.5},),
+        ),
+    )
     assert ckpt.latest_checkpoint(store, "tiny", "1fm") == 3
     snap = ckpt.load_checkpoint(store, "tiny", "1fm", 3)
     assert all(torch.equal(snap.model[k], v) for k, v in net.state_dict().items())
@@ -242,17 +274,40 @@ def test_snapshot_round_trip_is_exact(store: Store, paths: dict[str, str]) -> No
 
 
 def test_killed_worker_resumes_from_its_newest_snapshot(
-        store: Store, paths: dict[str, str], tmp_path: Path) -> None:
+    store: Store, paths: dict[str, str], tmp_path: Path
+) -> None:
     """SIGKILL a training process after its first snapshot; the retry continues from the
     newest snapshot and ends where an undisturbed run ends."""
-    config = tiny_config(paths, model_id="killed", members=("1fm",), iterations=40,
-                         snapshot_every=4, validate_every=40, width=0.125, patch_shape=(48, 48))
+    config = tiny_config(
+        paths,
+        model_id="killed",
+        members=("1fm",),
+        iterations=40,
+        snapshot_every=4,
+        validate_every=40,
+        width=0.125,
+        patch_shape=(48, 48),
+    )
     config_file = tmp_path / "config.json"
     config_file.write_text(config.to_json())
     with subprocess.Popen(
-        [sys.executable, "-m", "deep3m.training", "train-member", "--config", str(config_file),
-         "--member", "1fm", "--store", store.url, "--threads", "1"],
-        stdout=subprocess.PIPE, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "deep3m.training",
+            "train-member",
+            "--config",
+            str(config_file),
+            "--member",
+            "1fm",
+            "--store",
+            store.url,
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     ) as proc:
         assert proc.stdout is not None
@@ -267,8 +322,11 @@ def test_killed_worker_resumes_from_its_newest_snapshot(
     assert proc.returncode == -signal.SIGKILL
     newest = ckpt.latest_checkpoint(store, "killed", "1fm")
     assert newest is not None and 4 <= newest < 40
-    assert not store.read_json(metrics_key("killed", "1fm")).get("complete", False) \
-        if store.exists(metrics_key("killed", "1fm")) else True
+    assert (
+        not store.read_json(metrics_key("killed", "1fm")).get("complete", False)
+        if store.exists(metrics_key("killed", "1fm"))
+        else True
+    )
 
     events: list[ProgressEvent] = []
     resumed = train_member(config, "1fm", store, observer=events.append)
@@ -277,8 +335,7 @@ def test_killed_worker_resumes_from_its_newest_snapshot(
     assert first_new.metrics["iteration"] == newest + 1  # not from zero
     assert [int(h["iteration"]) for h in resumed.history] == list(range(1, 41))
 
-    reference = train_member(config.model_copy(update={"model_id": "undisturbed"}), "1fm",
-                             store)
+    reference = train_member(config.model_copy(update={"model_id": "undisturbed"}), "1fm", store)
     # Same samples per iteration (seeded by iteration) and exact snapshots: the same weights.
     for key, value in reference.state_dict.items():
         assert torch.allclose(resumed.state_dict[key].float(), value.float(), atol=1e-5), key
@@ -286,14 +343,21 @@ def test_killed_worker_resumes_from_its_newest_snapshot(
 
 
 def test_fine_tuning_starts_from_the_base_weights(store: Store, paths: dict[str, str]) -> None:
-    base_config = tiny_config(paths, model_id="base", members=("1fm",), iterations=6,
-                              validate_every=6)
+    base_config = tiny_config(
+        paths, model_id="base", members=("1fm",), iterations=6, validate_every=6
+    )
     train_member(base_config, "1fm", store)
     base_card = assemble_card(base_config, store, score=False)
     assert load_card(store, "base").members[0].weights
 
-    config = tiny_config(paths, model_id="tuned", members=("1fm",), base_model="base",
-                         add_iterations=3, validate_every=3)
+    config = tiny_config(
+        paths,
+        model_id="tuned",
+        members=("1fm",),
+        base_model="base",
+        add_iterations=3,
+        validate_every=3,
+    )
     assert config.total_iterations == 3
     base_net = load_member(store, base_card, "1fm").train()
     start = initial_network(config, "1fm", store)
@@ -304,11 +368,19 @@ def test_fine_tuning_starts_from_the_base_weights(store: Store, paths: dict[str,
     labels = to_classes(np.asarray(store.open_volume(paths["labels"])[...]), 2, where="")
     norm = Normalization(base_card.normalization_mean, base_card.normalization_std)
     volume = LabelledVolume(norm.apply(images), labels, "train")
-    x, y = sample_batch(volume, iteration_rng(config.seed, 0, 0), batch=config.batch_size,
-                        frames=1, patch=config.patch_shape)
+    x, y = sample_batch(
+        volume,
+        iteration_rng(config.seed, 0, 0),
+        batch=config.batch_size,
+        frames=1,
+        patch=config.patch_shape,
+    )
     with torch.no_grad():
-        expected = member_loss(base_net(torch.from_numpy(x)), torch.from_numpy(y),
-                               torch.from_numpy(class_weights(labels, 2, True))).item()
+        expected = member_loss(
+            base_net(torch.from_numpy(x)),
+            torch.from_numpy(y),
+            torch.from_numpy(class_weights(labels, 2, True)),
+        ).item()
     result = train_member(config, "1fm", store)
     assert result.history[0]["loss"] == pytest.approx(expected, rel=1e-5)
     tuned = assemble_card(config, store, score=False)
@@ -318,15 +390,20 @@ def test_fine_tuning_starts_from_the_base_weights(store: Store, paths: dict[str,
 
 @pytest.mark.slow
 def test_ddp_on_two_gloo_processes_averages_gradients(
-        store: Store, paths: dict[str, str], tmp_path: Path) -> None:
-    config = tiny_config(paths, model_id="ddp", members=("1fm",), iterations=1,
-                         optimizer="sgd", validate_every=1)
+    store: Store, paths: dict[str, str], tmp_path: Path
+) -> None:
+    config = tiny_config(
+        paths, model_id="ddp", members=("1fm",), iterations=1, optimizer="sgd", validate_every=1
+    )
     dump = tmp_path / "ranks"
     dump.mkdir()
-    result = train_member_distributed(config, "1fm", store, 2, device_type="cpu",
-                                      dump_rank_weights=dump, threads_per_rank=1)
-    rank0, rank1 = load_file(str(dump / "rank0.safetensors")), load_file(
-        str(dump / "rank1.safetensors"))
+    result = train_member_distributed(
+        config, "1fm", store, 2, device_type="cpu", dump_rank_weights=dump, threads_per_rank=1
+    )
+    rank0, rank1 = (
+        load_file(str(dump / "rank0.safetensors")),
+        load_file(str(dump / "rank1.safetensors")),
+    )
     # What a single process does with the average of the two ranks' gradients.
     net = initial_network(config, "1fm", store)
     params = dict(net.named_parameters())
@@ -339,8 +416,13 @@ def test_ddp_on_two_gloo_processes_averages_gradients(
     grads = []
     for rank in (0, 1):
         net.zero_grad()
-        x, y = sample_batch(volume, iteration_rng(config.seed, rank, 0),
-                            batch=config.batch_size, frames=1, patch=config.patch_shape)
+        x, y = sample_batch(
+            volume,
+            iteration_rng(config.seed, rank, 0),
+            batch=config.batch_size,
+            frames=1,
+            patch=config.patch_shape,
+        )
         member_loss(net(torch.from_numpy(x)), torch.from_numpy(y), weights).backward()
         grads.append({k: p.grad.clone() for k, p in params.items()})  # type: ignore[union-attr]
     for k, p in params.items():
@@ -389,8 +471,14 @@ def test_patch_larger_than_the_images(store: Store, paths: dict[str, str]) -> No
 
 
 def test_base_model_of_another_architecture(store: Store, paths: dict[str, str]) -> None:
-    other = tiny_config(paths, model_id="unet", architecture="resunet2d", members=("1fm",),
-                        iterations=2, validate_every=2)
+    other = tiny_config(
+        paths,
+        model_id="unet",
+        architecture="resunet2d",
+        members=("1fm",),
+        iterations=2,
+        validate_every=2,
+    )
     train_member(other, "1fm", store)
     assemble_card(other, store, score=False)
     config = tiny_config(paths, model_id="ft2", base_model="unet", members=("1fm",))

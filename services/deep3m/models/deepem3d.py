@@ -65,8 +65,9 @@ class _Stem(nn.Module):
 class _StemBlock(nn.Module):
     def __init__(self, c_in: int, w: float) -> None:
         super().__init__()
-        self.a = nn.Sequential(ConvNormAct(c_in, scaled(64, w), 1),
-                               ConvNormAct(scaled(64, w), scaled(96, w), 3))
+        self.a = nn.Sequential(
+            ConvNormAct(c_in, scaled(64, w), 1), ConvNormAct(scaled(64, w), scaled(96, w), 3)
+        )
         self.b = nn.Sequential(
             ConvNormAct(c_in, scaled(64, w), 1),
             ConvNormAct(scaled(64, w), scaled(64, w), (7, 1)),
@@ -98,8 +99,9 @@ class _InceptionResidual(nn.Module):
     def __init__(self, channels: int, branches: list[nn.Module], branch_out: int) -> None:
         super().__init__()
         self.branches = nn.ModuleList(branches)
-        self.project = nn.Sequential(nn.Conv2d(branch_out, channels, 1, bias=False),
-                                     norm2d(channels))
+        self.project = nn.Sequential(
+            nn.Conv2d(branch_out, channels, 1, bias=False), norm2d(channels)
+        )
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +114,11 @@ def _block_a(c: int, w: float) -> _InceptionResidual:
     branches: list[nn.Module] = [
         ConvNormAct(c, s(32, w), 1),
         nn.Sequential(ConvNormAct(c, s(32, w), 1), ConvNormAct(s(32, w), s(32, w), 3)),
-        nn.Sequential(ConvNormAct(c, s(32, w), 1), ConvNormAct(s(32, w), s(48, w), 3),
-                      ConvNormAct(s(48, w), s(64, w), 3)),
+        nn.Sequential(
+            ConvNormAct(c, s(32, w), 1),
+            ConvNormAct(s(32, w), s(48, w), 3),
+            ConvNormAct(s(48, w), s(64, w), 3),
+        ),
     ]
     return _InceptionResidual(c, branches, s(32, w) + s(32, w) + s(64, w))
 
@@ -122,8 +127,11 @@ def _block_b(c: int, w: float) -> _InceptionResidual:
     s = scaled
     branches: list[nn.Module] = [
         ConvNormAct(c, s(192, w), 1),
-        nn.Sequential(ConvNormAct(c, s(128, w), 1), ConvNormAct(s(128, w), s(160, w), (1, 7)),
-                      ConvNormAct(s(160, w), s(192, w), (7, 1))),
+        nn.Sequential(
+            ConvNormAct(c, s(128, w), 1),
+            ConvNormAct(s(128, w), s(160, w), (1, 7)),
+            ConvNormAct(s(160, w), s(192, w), (7, 1)),
+        ),
     ]
     return _InceptionResidual(c, branches, 2 * s(192, w))
 
@@ -132,8 +140,11 @@ def _block_c(c: int, w: float) -> _InceptionResidual:
     s = scaled
     branches: list[nn.Module] = [
         ConvNormAct(c, s(192, w), 1),
-        nn.Sequential(ConvNormAct(c, s(192, w), 1), ConvNormAct(s(192, w), s(224, w), (1, 3)),
-                      ConvNormAct(s(224, w), s(256, w), (3, 1))),
+        nn.Sequential(
+            ConvNormAct(c, s(192, w), 1),
+            ConvNormAct(s(192, w), s(224, w), (1, 3)),
+            ConvNormAct(s(224, w), s(256, w), (3, 1)),
+        ),
     ]
     return _InceptionResidual(c, branches, s(192, w) + s(256, w))
 
@@ -153,21 +164,39 @@ class _Reduction(nn.Module):
 
 def _reduction_a(c: int, w: float) -> _Reduction:
     s = scaled
-    return _Reduction(c, [
-        ConvNormAct(c, s(384, w), 3, stride=2),
-        nn.Sequential(ConvNormAct(c, s(256, w), 1), ConvNormAct(s(256, w), s(256, w), 3),
-                      ConvNormAct(s(256, w), s(384, w), 3, stride=2)),
-    ], 2 * s(384, w))
+    return _Reduction(
+        c,
+        [
+            ConvNormAct(c, s(384, w), 3, stride=2),
+            nn.Sequential(
+                ConvNormAct(c, s(256, w), 1),
+                ConvNormAct(s(256, w), s(256, w), 3),
+                ConvNormAct(s(256, w), s(384, w), 3, stride=2),
+            ),
+        ],
+        2 * s(384, w),
+    )
 
 
 def _reduction_b(c: int, w: float) -> _Reduction:
     s = scaled
-    return _Reduction(c, [
-        nn.Sequential(ConvNormAct(c, s(256, w), 1), ConvNormAct(s(256, w), s(384, w), 3, stride=2)),
-        nn.Sequential(ConvNormAct(c, s(256, w), 1), ConvNormAct(s(256, w), s(288, w), 3, stride=2)),
-        nn.Sequential(ConvNormAct(c, s(256, w), 1), ConvNormAct(s(256, w), s(288, w), 3),
-                      ConvNormAct(s(288, w), s(320, w), 3, stride=2)),
-    ], s(384, w) + s(288, w) + s(320, w))
+    return _Reduction(
+        c,
+        [
+            nn.Sequential(
+                ConvNormAct(c, s(256, w), 1), ConvNormAct(s(256, w), s(384, w), 3, stride=2)
+            ),
+            nn.Sequential(
+                ConvNormAct(c, s(256, w), 1), ConvNormAct(s(256, w), s(288, w), 3, stride=2)
+            ),
+            nn.Sequential(
+                ConvNormAct(c, s(256, w), 1),
+                ConvNormAct(s(256, w), s(288, w), 3),
+                ConvNormAct(s(288, w), s(320, w), 3, stride=2),
+            ),
+        ],
+        s(384, w) + s(288, w) + s(320, w),
+    )
 
 
 def _up(c_in: int, classes: int, factor: int, dilation: int = 1) -> nn.ConvTranspose2d:
@@ -175,8 +204,9 @@ def _up(c_in: int, classes: int, factor: int, dilation: int = 1) -> nn.ConvTrans
     kernel = 2 * factor
     # out = (n-1)·f − 2p + d·(k−1) + 1 = n·f  ⇔  2p = d·(k−1) + 1 − f (always even here).
     padding = (dilation * (kernel - 1) + 1 - factor) // 2
-    return nn.ConvTranspose2d(c_in, classes, kernel, stride=factor, padding=padding,
-                              dilation=dilation)
+    return nn.ConvTranspose2d(
+        c_in, classes, kernel, stride=factor, padding=padding, dilation=dilation
+    )
 
 
 class _ScaleHead(nn.Module):
@@ -184,8 +214,9 @@ class _ScaleHead(nn.Module):
 
     def __init__(self, c_in: int, classes: int, factor: int, dilations: tuple[int, ...]) -> None:
         super().__init__()
-        self.ups = nn.ModuleList([_up(c_in, classes, factor)]
-                                 + [_up(c_in, classes, factor, d) for d in dilations])
+        self.ups = nn.ModuleList(
+            [_up(c_in, classes, factor)] + [_up(c_in, classes, factor, d) for d in dilations]
+        )
         self.act = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(classes, classes, 3, padding=1)
 
@@ -213,17 +244,21 @@ class DeepEM3D(nn.Module):
         red = _StemReduction(c_half, w)
         self.to_quarter = nn.Sequential(red, ConvNormAct(red.out_channels, c4, 1), _block_a(c4, w))
         red_a = _reduction_a(c4, w)
-        self.to_eighth = nn.Sequential(red_a, ConvNormAct(red_a.out_channels, c8, 1),
-                                       _block_b(c8, w))
+        self.to_eighth = nn.Sequential(
+            red_a, ConvNormAct(red_a.out_channels, c8, 1), _block_b(c8, w)
+        )
         red_b = _reduction_b(c8, w)
-        self.to_sixteenth = nn.Sequential(red_b, ConvNormAct(red_b.out_channels, c16, 1),
-                                          _block_c(c16, w))
-        self.heads = nn.ModuleList([
-            _ScaleHead(c_half, num_classes, 2, DILATIONS),
-            _ScaleHead(c4, num_classes, 4, DILATIONS),
-            _ScaleHead(c8, num_classes, 8, DILATIONS),
-            _ScaleHead(c16, num_classes, 16, ()),
-        ])
+        self.to_sixteenth = nn.Sequential(
+            red_b, ConvNormAct(red_b.out_channels, c16, 1), _block_c(c16, w)
+        )
+        self.heads = nn.ModuleList(
+            [
+                _ScaleHead(c_half, num_classes, 2, DILATIONS),
+                _ScaleHead(c4, num_classes, 4, DILATIONS),
+                _ScaleHead(c8, num_classes, 8, DILATIONS),
+                _ScaleHead(c16, num_classes, 16, ()),
+            ]
+        )
         self.feature_channels = (c_half, c4, c8, c16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,14 @@
 """Small building blocks shared by the networks: convolutions with norm and ReLU.
 
 Normalisation is BatchNorm, as in the published Caffe models, and deliberately
-not GroupNorm/InstanceNorm: those normalise over each input's spatial extent, so
-a prediction would depend on the tile size and content — blocks predicted
-separately would not match at their seams, and whole validation slices would be
-normalised differently from training patches. Measured on the CDeep3M
-mitochondria data: a GroupNorm DeepEM3D trained on 128² patches scored F1 0.86
-on 320² crops but 0.01 on the full 1024² slices. BatchNorm in eval mode
-applies fixed running statistics, so predictions are tile-independent. Small
-batches are fine here: each patch contributes tens of thousands of pixels to
-the statistics. Under DDP the buffers are broadcast from rank 0.
+not GroupNorm/InstanceNorm, although those are the usual choice for small
+batches: they normalise over each input's spatial extent, so a prediction would
+depend on the tile's size and content — blocks predicted separately would not
+agree at their seams, and whole validation slices would be normalised unlike
+the training patches. BatchNorm in eval mode applies fixed running statistics,
+so a voxel's prediction depends only on its receptive field, whatever the tile.
+Small batches are fine here: each 128² patch contributes thousands of pixels to
+every channel's statistics. Under DDP the buffers are broadcast from rank 0.
 """
 
 from __future__ import annotations
@@ -33,8 +32,15 @@ def norm3d(channels: int) -> nn.BatchNorm3d:
 class ConvNormAct(nn.Sequential):
     """Conv2d → BatchNorm → ReLU (the activation optional)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int] = 3, *,
-                 stride: int = 1, act: bool = True) -> None:
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: int | tuple[int, int] = 3,
+        *,
+        stride: int = 1,
+        act: bool = True,
+    ) -> None:
         k = (kernel, kernel) if isinstance(kernel, int) else kernel
         pad = (k[0] // 2, k[1] // 2)
         layers: list[nn.Module] = [
@@ -49,9 +55,16 @@ class ConvNormAct(nn.Sequential):
 class ConvNormAct3d(nn.Sequential):
     """Conv3d → BatchNorm → ReLU with explicit (z, y, x) kernel, stride and padding."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: tuple[int, int, int], *,
-                 stride: tuple[int, int, int] = (1, 1, 1),
-                 padding: tuple[int, int, int] = (1, 1, 1), act: bool = True) -> None:
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: tuple[int, int, int],
+        *,
+        stride: tuple[int, int, int] = (1, 1, 1),
+        padding: tuple[int, int, int] = (1, 1, 1),
+        act: bool = True,
+    ) -> None:
         layers: list[nn.Module] = [
             nn.Conv3d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
             norm3d(c_out),

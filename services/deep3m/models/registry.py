@@ -56,8 +56,9 @@ def member_frames(member: str) -> int:
     )
 
 
-def build_network(architecture: str, *, frames: int, width: float = DEFAULT_WIDTH,
-                  num_classes: int = 2) -> nn.Module:
+def build_network(
+    architecture: str, *, frames: int, width: float = DEFAULT_WIDTH, num_classes: int = 2
+) -> nn.Module:
     """A freshly initialised network (train mode)."""
     builder = _BUILDERS[check_architecture(architecture)]
     if not isinstance(frames, int) or frames < 1 or frames % 2 == 0 or frames > MAX_FRAMES:
@@ -69,8 +70,9 @@ def build_network(architecture: str, *, frames: int, width: float = DEFAULT_WIDT
     if not width > 0 or width > 8:
         raise InvalidArgumentError(f"width must be in (0, 8], got {width!r}", field="width")
     if not isinstance(num_classes, int) or num_classes < 2:
-        raise InvalidArgumentError(f"num_classes must be at least 2, got {num_classes!r}",
-                                   field="num_classes")
+        raise InvalidArgumentError(
+            f"num_classes must be at least 2, got {num_classes!r}", field="num_classes"
+        )
     return builder(frames, float(width), num_classes)
 
 

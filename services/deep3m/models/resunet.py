@@ -23,13 +23,17 @@ class _Res2d(nn.Module):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), norm2d(c_out),
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            norm2d(c_out),
             nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), norm2d(c_out),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            norm2d(c_out),
         )
-        self.skip: nn.Module = (nn.Identity() if c_in == c_out else
-                                nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False),
-                                              norm2d(c_out)))
+        self.skip: nn.Module = (
+            nn.Identity()
+            if c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), norm2d(c_out))
+        )
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,13 +44,17 @@ class _Res3d(nn.Module):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv3d(c_in, c_out, 3, padding=1, bias=False), norm3d(c_out),
+            nn.Conv3d(c_in, c_out, 3, padding=1, bias=False),
+            norm3d(c_out),
             nn.ReLU(inplace=True),
-            nn.Conv3d(c_out, c_out, 3, padding=1, bias=False), norm3d(c_out),
+            nn.Conv3d(c_out, c_out, 3, padding=1, bias=False),
+            norm3d(c_out),
         )
-        self.skip: nn.Module = (nn.Identity() if c_in == c_out else
-                                nn.Sequential(nn.Conv3d(c_in, c_out, 1, bias=False),
-                                              norm3d(c_out)))
+        self.skip: nn.Module = (
+            nn.Identity()
+            if c_in == c_out
+            else nn.Sequential(nn.Conv3d(c_in, c_out, 1, bias=False), norm3d(c_out))
+        )
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,12 +70,17 @@ class ResUNet2D(nn.Module):
         ch = [scaled(c, width) for c in PUBLISHED_WIDTHS]
         self.inc = _Res2d(frames, ch[0])
         self.down = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(ch[i], ch[i], 3, stride=2, padding=1, bias=False),
-                          norm2d(ch[i]), nn.ReLU(inplace=True), _Res2d(ch[i], ch[i + 1]))
+            nn.Sequential(
+                nn.Conv2d(ch[i], ch[i], 3, stride=2, padding=1, bias=False),
+                norm2d(ch[i]),
+                nn.ReLU(inplace=True),
+                _Res2d(ch[i], ch[i + 1]),
+            )
             for i in range(4)
         )
-        self.up = nn.ModuleList(nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2)
-                                for i in reversed(range(4)))
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in reversed(range(4))
+        )
         self.dec = nn.ModuleList(_Res2d(2 * ch[i], ch[i]) for i in reversed(range(4)))
         self.head = nn.Conv2d(ch[0], num_classes, 1)
 
@@ -91,9 +104,12 @@ class ResUNet3D(nn.Module):
         ch = [scaled(c, width) for c in PUBLISHED_WIDTHS]
         self.inc = _Res3d(1, ch[0])
         self.down = nn.ModuleList(
-            nn.Sequential(nn.Conv3d(ch[i], ch[i], (1, 3, 3), stride=(1, 2, 2),
-                                    padding=(0, 1, 1), bias=False),
-                          norm3d(ch[i]), nn.ReLU(inplace=True), _Res3d(ch[i], ch[i + 1]))
+            nn.Sequential(
+                nn.Conv3d(ch[i], ch[i], (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False),
+                norm3d(ch[i]),
+                nn.ReLU(inplace=True),
+                _Res3d(ch[i], ch[i + 1]),
+            )
             for i in range(4)
         )
         self.up = nn.ModuleList(

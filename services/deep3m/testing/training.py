@@ -18,8 +18,9 @@ from deep3m.training.config import TrainConfig, VolumeSource
 from deep3m.training.demo_data import write_volume
 
 
-def synthetic_stack(depth: int = 8, size: int = 64, *, seed: int = 0
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_stack(
+    depth: int = 8, size: int = 64, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8, labels uint8 in {0, 1}) of shape (depth, size, size)."""
     rng = np.random.default_rng(seed)
     field = ndimage.gaussian_filter(rng.random((depth, size, size)), sigma=(1.0, 4.0, 4.0))
@@ -28,8 +29,15 @@ def synthetic_stack(depth: int = 8, size: int = 64, *, seed: int = 0
     return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
-def stage_synthetic(store: Store, prefix: str = "volumes/syn", *, depth: int = 8,
-                    size: int = 64, seed: int = 0, validation: bool = True) -> dict[str, str]:
+def stage_synthetic(
+    store: Store,
+    prefix: str = "volumes/syn",
+    *,
+    depth: int = 8,
+    size: int = 64,
+    seed: int = 0,
+    validation: bool = True,
+) -> dict[str, str]:
     """Write training (and validation) stacks; returns {name: volume path}."""
     paths = {}
     images, labels = synthetic_stack(depth, size, seed=seed)

@@ -41,14 +41,26 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = TrainConfig.from_json(args.config.read_text())
-        result = train_member(config, args.member, Store(args.store), observer=observer,
-                              resume=not args.no_resume, device=args.device)
+        result = train_member(
+            config,
+            args.member,
+            Store(args.store),
+            observer=observer,
+            resume=not args.no_resume,
+            device=args.device,
+        )
     except Deep3mError as exc:
-        print(json.dumps({"error": exc.message, "field": exc.field,
-                          "code": exc.grpc_code_name}), flush=True)
+        print(
+            json.dumps({"error": exc.message, "field": exc.field, "code": exc.grpc_code_name}),
+            flush=True,
+        )
         return 1
-    print(json.dumps({"done": True, "iterations": result.iterations,
-                      "metrics": dict(result.metrics)}), flush=True)
+    print(
+        json.dumps(
+            {"done": True, "iterations": result.iterations, "metrics": dict(result.metrics)}
+        ),
+        flush=True,
+    )
     return 0
 
 

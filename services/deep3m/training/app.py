@@ -31,8 +31,9 @@ class TrainingApp:
             return
         from deep3m.runtime.worker import Worker
 
-        self._worker = Worker(self.settings, "training",
-                              {"train": self.tasks.train, "finalize": self.tasks.finalize})
+        self._worker = Worker(
+            self.settings, "training", {"train": self.tasks.train, "finalize": self.tasks.finalize}
+        )
         self._worker.start()
 
     def stop(self, grace: float) -> None:

@@ -44,8 +44,7 @@ class Checkpoint:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor],
-                                                          dict[str, Any]]:
+def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer state_dict into tensors and JSON-able scalars."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -58,8 +57,9 @@ def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], doc: Mapping[str, Any]
-                         ) -> dict[str, Any]:
+def _unflatten_optimizer(
+    tensors: Mapping[str, torch.Tensor], doc: Mapping[str, Any]
+) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -79,13 +79,16 @@ def save_checkpoint(store: Store, model_id: str, member: str, ckpt: Checkpoint) 
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     stem = _stem(model_id, member, ckpt.iteration)
     store.write_bytes(f"{stem}.safetensors", save_safetensors(tensors))
-    store.write_json(f"{stem}.json", {
-        "iteration": ckpt.iteration,
-        "optimizer": opt_doc,
-        "scaler": ckpt.scaler,
-        "history": [dict(h) for h in ckpt.history],
-        "meta": dict(ckpt.meta),
-    })
+    store.write_json(
+        f"{stem}.json",
+        {
+            "iteration": ckpt.iteration,
+            "optimizer": opt_doc,
+            "scaler": ckpt.scaler,
+            "history": [dict(h) for h in ckpt.history],
+            "meta": dict(ckpt.meta),
+        },
+    )
     return f"{stem}.json"
 
 
@@ -112,16 +115,17 @@ def load_checkpoint(store: Store, model_id: str, member: str, iteration: int) ->
         tensors = load_safetensors(store.read_bytes(f"{stem}.safetensors"))
         return Checkpoint(
             iteration=int(doc["iteration"]),
-            model={k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+            model={k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")},
             optimizer=_unflatten_optimizer(tensors, doc["optimizer"]),
             scaler=doc.get("scaler"),
-            rng={k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")},
+            rng={k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")},
             history=tuple(doc.get("history", ())),
             meta=doc.get("meta", {}),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidArgumentError(f"checkpoint {store.key_url(stem)} is unreadable: {exc}",
-                                   field="checkpoint") from exc
+        raise InvalidArgumentError(
+            f"checkpoint {store.key_url(stem)} is unreadable: {exc}", field="checkpoint"
+        ) from exc
 
 
 def prune_checkpoints(store: Store, model_id: str, member: str, keep: int) -> None:

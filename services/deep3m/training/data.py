@@ -38,8 +38,9 @@ class Normalization:
     std: float
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
-        return ((np.asarray(raw, dtype=np.float32) - np.float32(self.mean))
-                / np.float32(self.std)).astype(np.float32, copy=False)
+        return (
+            (np.asarray(raw, dtype=np.float32) - np.float32(self.mean)) / np.float32(self.std)
+        ).astype(np.float32, copy=False)
 
 
 def compute_normalization(raw: np.ndarray) -> Normalization:
@@ -137,8 +138,9 @@ def _noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return x + rng.normal(0.0, rng.uniform(0.02, 0.15), size=x.shape).astype(np.float32)
 
 
-def _elastic(x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
-             spacing: int = 32, alpha_px: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+def _elastic(
+    x: np.ndarray, y: np.ndarray, rng: np.random.Generator, spacing: int = 32, alpha_px: float = 4.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Smooth random displacement (a coarse grid, cubic-upsampled) of image and labels."""
     if rng.random() < 0.5:
         return x, y
@@ -150,15 +152,22 @@ def _elastic(x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
         fields.append(ndimage.zoom(coarse, (h / grid[0], w / grid[1]), order=3)[:h, :w])
     yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     coords = [yy + fields[0], xx + fields[1]]
-    warped = np.stack([ndimage.map_coordinates(f, coords, order=1, mode="reflect")
-                       for f in x]).astype(np.float32)
+    warped = np.stack(
+        [ndimage.map_coordinates(f, coords, order=1, mode="reflect") for f in x]
+    ).astype(np.float32)
     labels = ndimage.map_coordinates(y, coords, order=0, mode="reflect")
     return warped, labels.astype(y.dtype)
 
 
-def sample_patch(volume: LabelledVolume, rng: np.random.Generator, *, frames: int,
-                 patch: tuple[int, int], augment: bool = True,
-                 intensity: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+def sample_patch(
+    volume: LabelledVolume,
+    rng: np.random.Generator,
+    *,
+    frames: int,
+    patch: tuple[int, int],
+    augment: bool = True,
+    intensity: Sequence[str] = (),
+) -> tuple[np.ndarray, np.ndarray]:
     """One (frames, py, px) image patch and its (py, px) centre-slice labels."""
     depth, height, width = volume.shape
     py, px = patch
@@ -166,8 +175,8 @@ def sample_patch(volume: LabelledVolume, rng: np.random.Generator, *, frames: in
     y0 = int(rng.integers(height - py + 1))
     x0 = int(rng.integers(width - px + 1))
     idx = frame_indices(z, frames, depth)
-    x = volume.images[idx, y0:y0 + py, x0:x0 + px]
-    y = volume.labels[z, y0:y0 + py, x0:x0 + px]
+    x = volume.images[idx, y0 : y0 + py, x0 : x0 + px]
+    y = volume.labels[z, y0 : y0 + py, x0 : x0 + px]
     if augment:
         choices = range(1, 17) if py == px else _SHAPE_KEEPING
         v = int(rng.choice(choices))
@@ -188,12 +197,21 @@ def sample_patch(volume: LabelledVolume, rng: np.random.Generator, *, frames: in
     return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
 
 
-def sample_batch(volume: LabelledVolume, rng: np.random.Generator, *, batch: int, frames: int,
-                 patch: tuple[int, int], augment: bool = True,
-                 intensity: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+def sample_batch(
+    volume: LabelledVolume,
+    rng: np.random.Generator,
+    *,
+    batch: int,
+    frames: int,
+    patch: tuple[int, int],
+    augment: bool = True,
+    intensity: Sequence[str] = (),
+) -> tuple[np.ndarray, np.ndarray]:
     """``batch`` patches: images (B, frames, py, px) float32, labels (B, py, px) int64."""
-    pairs = [sample_patch(volume, rng, frames=frames, patch=patch, augment=augment,
-                          intensity=intensity) for _ in range(batch)]
+    pairs = [
+        sample_patch(volume, rng, frames=frames, patch=patch, augment=augment, intensity=intensity)
+        for _ in range(batch)
+    ]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 

@@ -45,9 +45,22 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _rank_main(rank: int, world: int, port: int, device_type: str, config_json: str,
-               member: str, store_url: str, storage_options_json: str, job_id: str,
-               events: Any, cancel: Any, errors: Any, dump_dir: str, threads: int) -> None:
+def _rank_main(
+    rank: int,
+    world: int,
+    port: int,
+    device_type: str,
+    config_json: str,
+    member: str,
+    store_url: str,
+    storage_options_json: str,
+    job_id: str,
+    events: Any,
+    cancel: Any,
+    errors: Any,
+    dump_dir: str,
+    threads: int,
+) -> None:
     """One rank: join the group, train, leave the group cleanly."""
     from safetensors.torch import save_file
 
@@ -58,8 +71,12 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, config_json: 
     device = torch.device(f"cuda:{rank}" if device_type == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(default_backend(device_type), init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world)
+    dist.init_process_group(
+        default_backend(device_type),
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+    )
     cancelled = threading.Event()
 
     def watch_cancel() -> None:
@@ -72,18 +89,33 @@ def _rank_main(rank: int, world: int, port: int, device_type: str, config_json: 
         store = Store(store_url, json.loads(storage_options_json) or None)
 
         def observer(event: ProgressEvent) -> None:
-            events.put({"message": event.message, "metrics": dict(event.metrics),
-                        "eta_seconds": event.eta_seconds})
+            events.put(
+                {
+                    "message": event.message,
+                    "metrics": dict(event.metrics),
+                    "eta_seconds": event.eta_seconds,
+                }
+            )
 
-        result = train_member(config, member, store, observer=observer, cancelled=cancelled,
-                              device=device, job_id=job_id)
+        result = train_member(
+            config,
+            member,
+            store,
+            observer=observer,
+            cancelled=cancelled,
+            device=device,
+            job_id=job_id,
+        )
         if dump_dir:
-            save_file({k: v.contiguous() for k, v in result.state_dict.items()},
-                      str(Path(dump_dir) / f"rank{rank}.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in result.state_dict.items()},
+                str(Path(dump_dir) / f"rank{rank}.safetensors"),
+            )
         dist.barrier()  # leave together, or a rank may abort at exit
     except Deep3mError as exc:
-        errors.put({"rank": rank, "type": type(exc).__name__, "message": exc.message,
-                    "field": exc.field})
+        errors.put(
+            {"rank": rank, "type": type(exc).__name__, "message": exc.message, "field": exc.field}
+        )
     except Exception as exc:
         errors.put({"rank": rank, "type": type(exc).__name__, "message": str(exc), "field": ""})
     finally:
@@ -128,15 +160,28 @@ def train_member_distributed(
     errors: Any = ctx.Queue()
     cancel = ctx.Event()
     port = _free_port()
-    args = (world_size, port, device_type, config.to_json(), member, store.url,
-            json.dumps(store.storage_options), job_id, events, cancel, errors,
-            str(dump_rank_weights or ""), threads_per_rank)
-    procs = [ctx.Process(target=_rank_main, args=(rank, *args), daemon=False)
-             for rank in range(world_size)]
+    args = (
+        world_size,
+        port,
+        device_type,
+        config.to_json(),
+        member,
+        store.url,
+        json.dumps(store.storage_options),
+        job_id,
+        events,
+        cancel,
+        errors,
+        str(dump_rank_weights or ""),
+        threads_per_rank,
+    )
+    procs = [
+        ctx.Process(target=_rank_main, args=(rank, *args), daemon=False)
+        for rank in range(world_size)
+    ]
     for p in procs:
         p.start()
-    log.info("distributed training started", extra={"world_size": world_size,
-                                                    "member": member})
+    log.info("distributed training started", extra={"world_size": world_size, "member": member})
     try:
         while any(p.is_alive() for p in procs):
             if cancelled is not None and cancelled.is_set():
@@ -146,10 +191,17 @@ def train_member_distributed(
             except queue.Empty:
                 continue
             if observer is not None:
-                observer(ProgressEvent(job_id=job_id or config.model_id, state="RUNNING",
-                                       stage="train", task_id=member, message=item["message"],
-                                       metrics=item["metrics"],
-                                       eta_seconds=item["eta_seconds"]))
+                observer(
+                    ProgressEvent(
+                        job_id=job_id or config.model_id,
+                        state="RUNNING",
+                        stage="train",
+                        task_id=member,
+                        message=item["message"],
+                        metrics=item["metrics"],
+                        eta_seconds=item["eta_seconds"],
+                    )
+                )
     finally:
         for p in procs:
             p.join()
@@ -159,9 +211,16 @@ def train_member_distributed(
         except queue.Empty:
             break
         if observer is not None:
-            observer(ProgressEvent(job_id=job_id or config.model_id, state="RUNNING",
-                                   stage="train", task_id=member, message=item["message"],
-                                   metrics=item["metrics"]))
+            observer(
+                ProgressEvent(
+                    job_id=job_id or config.model_id,
+                    state="RUNNING",
+                    stage="train",
+                    task_id=member,
+                    message=item["message"],
+                    metrics=item["metrics"],
+                )
+            )
     failures = []
     while True:
         try:
@@ -172,12 +231,12 @@ def train_member_distributed(
         _raise(sorted(failures, key=lambda e: e["rank"])[0])
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:
-        raise UnavailableError(f"a training process exited with code {bad[0]}",
-                               field="training")
+        raise UnavailableError(f"a training process exited with code {bad[0]}", field="training")
     if cancelled is not None and cancelled.is_set():
         raise CancelledError(f"training of {config.model_id}/{member} cancelled", field="job")
     done = completed_member(store, config, member)
     if done is None:
-        raise UnavailableError(f"distributed training of {member} ended without weights",
-                               field="training")
+        raise UnavailableError(
+            f"distributed training of {member} ended without weights", field="training"
+        )
     return result_from_store(store, config, member, done)

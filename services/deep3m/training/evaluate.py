@@ -22,8 +22,9 @@ from deep3m.models.registry import INPUT_MULTIPLE
 from deep3m.training.data import LabelledVolume, pad_to_multiple, slice_stack
 
 
-def predict_slices(net: nn.Module, images: np.ndarray, frames: int, device: torch.device,
-                   zs: Sequence[int]) -> np.ndarray:
+def predict_slices(
+    net: nn.Module, images: np.ndarray, frames: int, device: torch.device, zs: Sequence[int]
+) -> np.ndarray:
     """Class probabilities (len(zs), classes, Y, X) float32 for slices ``zs``."""
     stacks = np.stack([slice_stack(images, z, frames) for z in zs])
     padded, (h, w) = pad_to_multiple(stacks, INPUT_MULTIPLE)
@@ -33,8 +34,9 @@ def predict_slices(net: nn.Module, images: np.ndarray, frames: int, device: torc
     return probs.cpu().numpy()  # type: ignore[no-any-return]
 
 
-def _ensemble_batches(members: Sequence[tuple[nn.Module, int]], images: np.ndarray,
-                      device: torch.device, batch: int) -> Iterator[tuple[range, np.ndarray]]:
+def _ensemble_batches(
+    members: Sequence[tuple[nn.Module, int]], images: np.ndarray, device: torch.device, batch: int
+) -> Iterator[tuple[range, np.ndarray]]:
     depth = images.shape[0]
     for start in range(0, depth, batch):
         zs = range(start, min(start + batch, depth))
@@ -46,8 +48,13 @@ def _ensemble_batches(members: Sequence[tuple[nn.Module, int]], images: np.ndarr
         yield zs, total / len(members)
 
 
-def evaluate_ensemble(members: Sequence[tuple[nn.Module, int]], volume: LabelledVolume,
-                      device: torch.device, *, batch: int = 2) -> dict[str, float]:
+def evaluate_ensemble(
+    members: Sequence[tuple[nn.Module, int]],
+    volume: LabelledVolume,
+    device: torch.device,
+    *,
+    batch: int = 2,
+) -> dict[str, float]:
     """Validation metrics of (network, frames) members averaged; networks left as found."""
     if not members:
         return {}
@@ -59,10 +66,11 @@ def evaluate_ensemble(members: Sequence[tuple[nn.Module, int]], volume: Labelled
     counts = ConfusionCounts()
     try:
         for zs, probs in _ensemble_batches(members, volume.images, device, batch):
-            labels = volume.labels[zs.start:zs.stop]
+            labels = volume.labels[zs.start : zs.stop]
             p = torch.from_numpy(probs).clamp_min(1e-7)
-            loss_sum += float(F.nll_loss(torch.log(p), torch.from_numpy(labels),
-                                         reduction="sum").item())
+            loss_sum += float(
+                F.nll_loss(torch.log(p), torch.from_numpy(labels), reduction="sum").item()
+            )
             predicted = probs.argmax(axis=1)
             correct += int((predicted == labels).sum())
             counts = counts + confusion_counts(predicted > 0, labels > 0)
@@ -71,11 +79,16 @@ def evaluate_ensemble(members: Sequence[tuple[nn.Module, int]], volume: Labelled
             net.train(mode)
     n = int(volume.labels.size)
     return {
-        "val_loss": loss_sum / n, "accuracy": correct / n, "precision": counts.precision,
-        "recall": counts.recall, "f1": counts.f1, "jaccard": counts.jaccard,
+        "val_loss": loss_sum / n,
+        "accuracy": correct / n,
+        "precision": counts.precision,
+        "recall": counts.recall,
+        "f1": counts.f1,
+        "jaccard": counts.jaccard,
     }
 
 
-def evaluate(net: nn.Module, volume: LabelledVolume, frames: int, device: torch.device,
-             *, batch: int = 2) -> dict[str, float]:
+def evaluate(
+    net: nn.Module, volume: LabelledVolume, frames: int, device: torch.device, *, batch: int = 2
+) -> dict[str, float]:
     return evaluate_ensemble([(net, frames)], volume, device, batch=batch)

@@ -35,8 +35,11 @@ def card_to_proto(card: ModelCard) -> training_pb2.ModelCard:
     import json
 
     return training_pb2.ModelCard(
-        id=card.id, architecture=card.architecture, width=card.width,
-        members=list(card.member_names), card_json=json.dumps(card.to_json(), sort_keys=True),
+        id=card.id,
+        architecture=card.architecture,
+        width=card.width,
+        members=list(card.member_names),
+        card_json=json.dumps(card.to_json(), sort_keys=True),
     )
 
 
@@ -45,14 +48,16 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
         self.settings = settings
         self.roots = StoreRoots.from_settings(settings)
 
-    def TrainMember(self, request: training_pb2.TrainMemberRequest,
-                    context: grpc.ServicerContext) -> Iterator[common_pb2.ProgressEvent]:
+    def TrainMember(
+        self, request: training_pb2.TrainMemberRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.ProgressEvent]:
         config = TrainConfig.from_spec(request.spec)
         member = request.member
         if member not in config.members:
             raise InvalidArgumentError(
                 f"member {member!r} is not one of the spec's members {list(config.members)}",
-                field="member")
+                field="member",
+            )
         store = self.roots.store("")
         check_training_inputs(config, store, roots=self.roots)
         events: queue.Queue[ProgressEvent | BaseException | MemberResult] = queue.Queue()
@@ -62,13 +67,21 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
 
         def run() -> None:
             try:
-                events.put(train_member(config, member, store, observer=events.put,
-                                        cancelled=cancelled, device=device, roots=self.roots))
+                events.put(
+                    train_member(
+                        config,
+                        member,
+                        store,
+                        observer=events.put,
+                        cancelled=cancelled,
+                        device=device,
+                        roots=self.roots,
+                    )
+                )
             except BaseException as exc:  # handed to the RPC thread, which raises it
                 events.put(exc)
 
-        worker = threading.Thread(target=run, name=f"train-{config.model_id}-{member}",
-                                  daemon=True)
+        worker = threading.Thread(target=run, name=f"train-{config.model_id}-{member}", daemon=True)
         worker.start()
         try:
             while True:
@@ -76,10 +89,16 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
                 if isinstance(item, ProgressEvent):
                     yield event_to_proto(item)
                 elif isinstance(item, MemberResult):
-                    yield event_to_proto(ProgressEvent(
-                        job_id=config.model_id, state="SUCCEEDED", stage="train",
-                        task_id=member, message=f"{member} trained: {item.iterations} iterations",
-                        metrics={"iteration": float(item.iterations), **item.metrics}))
+                    yield event_to_proto(
+                        ProgressEvent(
+                            job_id=config.model_id,
+                            state="SUCCEEDED",
+                            stage="train",
+                            task_id=member,
+                            message=f"{member} trained: {item.iterations} iterations",
+                            metrics={"iteration": float(item.iterations), **item.metrics},
+                        )
+                    )
                     return
                 else:
                     if isinstance(item, Deep3mError | Exception):
@@ -88,13 +107,15 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
         finally:
             cancelled.set()
 
-    def GetModel(self, request: training_pb2.GetModelRequest,
-                 context: grpc.ServicerContext) -> training_pb2.ModelCard:
+    def GetModel(
+        self, request: training_pb2.GetModelRequest, context: grpc.ServicerContext
+    ) -> training_pb2.ModelCard:
         store = self.roots.store(request.store_url)
         return card_to_proto(load_card(store, request.model))
 
-    def ListModels(self, request: training_pb2.ListModelsRequest,
-                   context: grpc.ServicerContext) -> training_pb2.ListModelsResponse:
+    def ListModels(
+        self, request: training_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> training_pb2.ListModelsResponse:
         store = self.roots.store(request.store_url)
         cards = []
         for name in store.list("models"):
@@ -102,6 +123,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
                 if store.exists(card_key(name)):
                     cards.append(card_to_proto(load_card(store, name)))
             except Deep3mError as exc:  # one broken card must not hide the others
-                log.warning("skipping unreadable model card",
-                            extra={"model": name, "error": exc.message})
+                log.warning(
+                    "skipping unreadable model card", extra={"model": name, "error": exc.message}
+                )
         return training_pb2.ListModelsResponse(models=cards)

@@ -68,8 +68,9 @@ def _task_result(metrics: Mapping[str, float], outputs: Mapping[str, str]) -> Ta
 
 def _config(lease: common_pb2.TaskLease) -> TrainConfig:
     if lease.spec.WhichOneof("kind") != "train":
-        raise InvalidArgumentError(f"task {lease.task.id!r} is not part of a training job",
-                                   field="spec.train")
+        raise InvalidArgumentError(
+            f"task {lease.task.id!r} is not part of a training job", field="spec.train"
+        )
     return TrainConfig.from_spec(lease.spec.train)
 
 
@@ -89,8 +90,9 @@ class TrainingTasks:
         config = _config(lease)
         member = lease.task.params.get("member", "")
         if not member:
-            raise InvalidArgumentError(f"train task {lease.task.id!r} names no member",
-                                       field="task.params.member")
+            raise InvalidArgumentError(
+                f"train task {lease.task.id!r} names no member", field="task.params.member"
+            )
         store = self.model_store()
         last_report = [0.0]
 
@@ -108,45 +110,83 @@ class TrainingTasks:
 
             check_training_inputs(config, store, roots=self.roots)
             result: MemberResult = train_member_distributed(
-                config, member, store, gpus, device_type="cuda", observer=observer,
-                cancelled=ctx.cancelled, job_id=lease.task.job_id)
+                config,
+                member,
+                store,
+                gpus,
+                device_type="cuda",
+                observer=observer,
+                cancelled=ctx.cancelled,
+                job_id=lease.task.job_id,
+            )
         else:
-            result = train_member(config, member, store, observer=observer,
-                                  cancelled=ctx.cancelled, device=device, roots=self.roots,
-                                  job_id=lease.task.job_id)
-        metrics = {"iterations": float(result.iterations), "seconds": result.seconds,
-                   "resumed_from": float(result.resumed_from)}
-        metrics.update({k: float(v) for k, v in result.metrics.items()
-                        if k in ("loss", "val_loss", "precision", "recall", "f1", "jaccard")})
-        return _task_result(metrics, {
-            "weights": f"models/{config.model_id}/{result.weights}",
-            "metrics": metrics_key(config.model_id, member),
-            "plot": plot_key(config.model_id, member),
-        })
+            result = train_member(
+                config,
+                member,
+                store,
+                observer=observer,
+                cancelled=ctx.cancelled,
+                device=device,
+                roots=self.roots,
+                job_id=lease.task.job_id,
+            )
+        metrics = {
+            "iterations": float(result.iterations),
+            "seconds": result.seconds,
+            "resumed_from": float(result.resumed_from),
+        }
+        metrics.update(
+            {
+                k: float(v)
+                for k, v in result.metrics.items()
+                if k in ("loss", "val_loss", "precision", "recall", "f1", "jaccard")
+            }
+        )
+        return _task_result(
+            metrics,
+            {
+                "weights": f"models/{config.model_id}/{result.weights}",
+                "metrics": metrics_key(config.model_id, member),
+                "plot": plot_key(config.model_id, member),
+            },
+        )
 
     def finalize(self, ctx: TrainContext) -> TaskResult:
         config = _config(ctx.lease)
         store = self.model_store()
-        card = assemble_card(config, store, roots=self.roots,
-                             device=pick_device(None if self.settings.device == "auto"
-                                                else self.settings.device))
+        card = assemble_card(
+            config,
+            store,
+            roots=self.roots,
+            device=pick_device(None if self.settings.device == "auto" else self.settings.device),
+        )
         return _task_result(card.metrics, {"model": card_key(card.id)})
 
 
-def _validation_volume(config: TrainConfig, store: Store, norm: Normalization,
-                       roots: StoreRoots | None) -> LabelledVolume:
+def _validation_volume(
+    config: TrainConfig, store: Store, norm: Normalization, roots: StoreRoots | None
+) -> LabelledVolume:
     img_src = config.validation_images or config.images
     lbl_src = config.validation_labels or config.labels
     s, key = resolve_source(img_src, store, roots, field="validation_images")
     images = norm.apply(read_volume(s, key, img_src.array, what="validation_images"))
     s, key = resolve_source(lbl_src, store, roots, field="validation_labels")
-    labels = to_classes(read_volume(s, key, lbl_src.array, what="validation_labels"),
-                        config.num_classes, where=lbl_src.describe())
+    labels = to_classes(
+        read_volume(s, key, lbl_src.array, what="validation_labels"),
+        config.num_classes,
+        where=lbl_src.describe(),
+    )
     return LabelledVolume(images, labels, img_src.describe())
 
 
-def assemble_card(config: TrainConfig, store: Store, *, roots: StoreRoots | None = None,
-                  device: torch.device | None = None, score: bool = True) -> ModelCard:
+def assemble_card(
+    config: TrainConfig,
+    store: Store,
+    *,
+    roots: StoreRoots | None = None,
+    device: torch.device | None = None,
+    score: bool = True,
+) -> ModelCard:
     """Write ``models/<id>/model.json`` for a job whose members have all finished."""
     docs: dict[str, dict[str, Any]] = {}
     for member in config.members:
@@ -159,15 +199,20 @@ def assemble_card(config: TrainConfig, store: Store, *, roots: StoreRoots | None
             )
         docs[member] = doc
     first = docs[config.members[0]]
-    norm = Normalization(float(first["normalization"]["mean"]),
-                         float(first["normalization"]["std"]))
+    norm = Normalization(
+        float(first["normalization"]["mean"]), float(first["normalization"]["std"])
+    )
     base_iterations = 0
     if config.base_model:
         base_iterations = load_card(store, config.base_model).iterations
     members = tuple(
-        MemberCard(name=m, frames=config.frames(m), weights=str(docs[m]["weights"]),
-                   iterations=base_iterations + int(docs[m]["iterations"]),
-                   metrics={k: float(v) for k, v in docs[m].get("final", {}).items()})
+        MemberCard(
+            name=m,
+            frames=config.frames(m),
+            weights=str(docs[m]["weights"]),
+            iterations=base_iterations + int(docs[m]["iterations"]),
+            metrics={k: float(v) for k, v in docs[m].get("final", {}).items()},
+        )
         for m in config.members
     )
     metrics: dict[str, float] = {}
@@ -175,16 +220,19 @@ def assemble_card(config: TrainConfig, store: Store, *, roots: StoreRoots | None
         dev = device or torch.device("cpu")
         nets = []
         for m in members:
-            net = build_network(config.architecture, frames=m.frames, width=config.width,
-                                num_classes=config.num_classes)
+            net = build_network(
+                config.architecture,
+                frames=m.frames,
+                width=config.width,
+                num_classes=config.num_classes,
+            )
             from safetensors.torch import load as load_safetensors
 
             state = load_safetensors(store.read_bytes(f"models/{config.model_id}/{m.weights}"))
             net.load_state_dict(state, strict=True)
             nets.append((net.to(dev).eval(), m.frames))
         volume = _validation_volume(config, store, norm, roots)
-        metrics = {f"ensemble_{k}": v
-                   for k, v in evaluate_ensemble(nets, volume, dev).items()}
+        metrics = {f"ensemble_{k}": v for k, v in evaluate_ensemble(nets, volume, dev).items()}
     voxel = first.get("voxel_size_nm") or [1.0, 1.0, 1.0]
     max_frames = max(m.frames for m in members)
     card = ModelCard(
@@ -201,20 +249,27 @@ def assemble_card(config: TrainConfig, store: Store, *, roots: StoreRoots | None
         iterations=base_iterations + config.total_iterations,
         base_model=config.base_model,
         training={
-            "images": config.images.describe(), "labels": config.labels.describe(),
+            "images": config.images.describe(),
+            "labels": config.labels.describe(),
             "validation_images": config.validation_images.describe()
-            if config.validation_images else "",
+            if config.validation_images
+            else "",
             "validation_labels": config.validation_labels.describe()
-            if config.validation_labels else "",
+            if config.validation_labels
+            else "",
             "validation_source": str(first.get("validation_source", "")),
-            "optimizer": config.optimizer, "learning_rate": config.base_learning_rate,
-            "lr_policy": f"poly (power {config.lr_power})", "momentum": config.momentum,
-            "weight_decay": config.weight_decay, "batch_size": config.batch_size,
+            "optimizer": config.optimizer,
+            "learning_rate": config.base_learning_rate,
+            "lr_policy": f"poly (power {config.lr_power})",
+            "momentum": config.momentum,
+            "weight_decay": config.weight_decay,
+            "batch_size": config.batch_size,
             "patch_shape": list(config.patch_shape),
             "accumulate_gradients": config.accumulate_gradients,
             "intensity_augmentations": list(config.intensity_augmentations),
             "class_weights": first.get("class_weights", []),
-            "iterations": config.total_iterations, "seed": config.seed,
+            "iterations": config.total_iterations,
+            "seed": config.seed,
         },
         metrics=metrics,
     )

@@ -103,61 +103,77 @@ def pick_device(device: torch.device | str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_training_set(config: TrainConfig, store: Store, checked: CheckedInputs, *,
-                      roots: StoreRoots | None = None) -> TrainingSet:
+def load_training_set(
+    config: TrainConfig, store: Store, checked: CheckedInputs, *, roots: StoreRoots | None = None
+) -> TrainingSet:
     s, key = resolve_source(config.images, store, roots, field="images")
     raw_images = read_volume(s, key, config.images.array, what="images")
     s, key = resolve_source(config.labels, store, roots, field="labels")
-    labels = to_classes(read_volume(s, key, config.labels.array, what="labels"),
-                        config.num_classes, where=config.labels.describe())
+    labels = to_classes(
+        read_volume(s, key, config.labels.array, what="labels"),
+        config.num_classes,
+        where=config.labels.describe(),
+    )
     if checked.base_card is not None:
         # Fine-tuning keeps the base model's input scaling: its weights expect it.
-        norm = Normalization(checked.base_card.normalization_mean,
-                             checked.base_card.normalization_std)
+        norm = Normalization(
+            checked.base_card.normalization_mean, checked.base_card.normalization_std
+        )
     else:
         norm = compute_normalization(raw_images)
     train = LabelledVolume(norm.apply(raw_images), labels, config.images.describe())
     del raw_images
     if config.validation_images is not None and config.validation_labels is not None:
-        s, key = resolve_source(config.validation_images, store, roots,
-                                field="validation_images")
+        s, key = resolve_source(config.validation_images, store, roots, field="validation_images")
         val_raw = read_volume(s, key, config.validation_images.array, what="validation_images")
-        s, key = resolve_source(config.validation_labels, store, roots,
-                                field="validation_labels")
+        s, key = resolve_source(config.validation_labels, store, roots, field="validation_labels")
         val_labels = to_classes(
             read_volume(s, key, config.validation_labels.array, what="validation_labels"),
-            config.num_classes, where=config.validation_labels.describe())
-        validation = LabelledVolume(norm.apply(val_raw), val_labels,
-                                    config.validation_images.describe())
+            config.num_classes,
+            where=config.validation_labels.describe(),
+        )
+        validation = LabelledVolume(
+            norm.apply(val_raw), val_labels, config.validation_images.describe()
+        )
         source = "validation"
     else:
         validation, source = train, "training"
     voxel = config.voxel_size_nm or tuple(float(v) for v in checked.images.voxel_size_nm)
-    return TrainingSet(train, validation, source, norm,
-                       class_weights(labels, config.num_classes, config.class_balance),
-                       (float(voxel[0]), float(voxel[1]), float(voxel[2])))
+    return TrainingSet(
+        train,
+        validation,
+        source,
+        norm,
+        class_weights(labels, config.num_classes, config.class_balance),
+        (float(voxel[0]), float(voxel[1]), float(voxel[2])),
+    )
 
 
 def make_optimizer(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     lr = config.learning_rate_at(0)
     if config.optimizer == "adam":
         return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(net.parameters(), lr=lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        net.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
 
 
-def member_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
-                ) -> torch.Tensor:
+def member_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Class-weighted softmax cross-entropy (Caffe's SoftmaxWithLoss, balanced)."""
     return F.cross_entropy(logits.float(), labels, weight=weights)
 
 
-def initial_network(config: TrainConfig, member: str, store: Store,
-                    checked: CheckedInputs | None = None) -> nn.Module:
+def initial_network(
+    config: TrainConfig, member: str, store: Store, checked: CheckedInputs | None = None
+) -> nn.Module:
     """A seeded fresh network, or the base model's member when fine-tuning."""
     torch.manual_seed(config.seed)
-    net = build_network(config.architecture, frames=config.frames(member), width=config.width,
-                        num_classes=config.num_classes)
+    net = build_network(
+        config.architecture,
+        frames=config.frames(member),
+        width=config.width,
+        num_classes=config.num_classes,
+    )
     if config.base_model:
         card = checked.base_card if checked is not None and checked.base_card else None
         if card is None:
@@ -189,8 +205,16 @@ def _agree_int(value: int, device: torch.device, op: Any = None) -> int:
 class _Run:
     """State of one member's training run (keeps ``train_member`` readable)."""
 
-    def __init__(self, config: TrainConfig, member: str, store: Store, device: torch.device,
-                 data: TrainingSet, observer: Observer | None, job_id: str) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        member: str,
+        store: Store,
+        device: torch.device,
+        data: TrainingSet,
+        observer: Observer | None,
+        job_id: str,
+    ) -> None:
         self.config = config
         self.member = member
         self.frames = config.frames(member)
@@ -205,52 +229,73 @@ class _Run:
         self.use_amp = device.type == "cuda" and config.mixed_precision
         self.weights = torch.tensor(data.class_weights, device=device)
 
-    def publish(self, iteration: int, metrics: Mapping[str, float], message: str,
-                eta_s: float = 0.0) -> None:
+    def publish(
+        self, iteration: int, metrics: Mapping[str, float], message: str, eta_s: float = 0.0
+    ) -> None:
         if self.observer is None or self.rank != 0:
             return
-        self.observer(ProgressEvent(
-            job_id=self.job_id, state="RUNNING", stage="train", task_id=self.member,
-            message=message, eta_seconds=eta_s,
-            metrics={"iteration": float(iteration),
-                     "iterations": float(self.config.total_iterations), **metrics},
-        ))
+        self.observer(
+            ProgressEvent(
+                job_id=self.job_id,
+                state="RUNNING",
+                stage="train",
+                task_id=self.member,
+                message=message,
+                eta_seconds=eta_s,
+                metrics={
+                    "iteration": float(iteration),
+                    "iterations": float(self.config.total_iterations),
+                    **metrics,
+                },
+            )
+        )
 
     def meta(self) -> dict[str, Any]:
         return {
             "fingerprint": self.config.fingerprint(self.member),
-            "normalization": {"mean": self.data.normalization.mean,
-                              "std": self.data.normalization.std},
+            "normalization": {
+                "mean": self.data.normalization.mean,
+                "std": self.data.normalization.std,
+            },
         }
 
-    def write_metrics(self, iteration: int, complete: bool, weights: str = "",
-                      resumed_from: int = 0) -> None:
+    def write_metrics(
+        self, iteration: int, complete: bool, weights: str = "", resumed_from: int = 0
+    ) -> None:
         if self.rank != 0:
             return
         final = self.final_metrics()
-        self.store.write_json(metrics_key(self.config.model_id, self.member), {
-            "member": self.member,
-            "frames": self.frames,
-            "iteration": iteration,
-            "iterations": self.config.total_iterations,
-            "complete": complete,
-            "weights": weights,
-            "final": final,
-            "history": self.history,
-            "normalization": {"mean": self.data.normalization.mean,
-                              "std": self.data.normalization.std},
-            "class_weights": [float(w) for w in self.data.class_weights],
-            "validation_source": self.data.validation_source,
-            "voxel_size_nm": list(self.data.voxel_size_nm),
-            "fingerprint": self.config.fingerprint(self.member),
-            "resumed_from": resumed_from,
-            "world_size": self.world,
-            "device": self.device.type,
-        })
-        title = (f"{self.config.model_id} {self.member} ({self.config.architecture}, "
-                 f"width {self.config.width})")
-        self.store.write_bytes(plot_key(self.config.model_id, self.member),
-                               validation_plot(self.history, title))
+        self.store.write_json(
+            metrics_key(self.config.model_id, self.member),
+            {
+                "member": self.member,
+                "frames": self.frames,
+                "iteration": iteration,
+                "iterations": self.config.total_iterations,
+                "complete": complete,
+                "weights": weights,
+                "final": final,
+                "history": self.history,
+                "normalization": {
+                    "mean": self.data.normalization.mean,
+                    "std": self.data.normalization.std,
+                },
+                "class_weights": [float(w) for w in self.data.class_weights],
+                "validation_source": self.data.validation_source,
+                "voxel_size_nm": list(self.data.voxel_size_nm),
+                "fingerprint": self.config.fingerprint(self.member),
+                "resumed_from": resumed_from,
+                "world_size": self.world,
+                "device": self.device.type,
+            },
+        )
+        title = (
+            f"{self.config.model_id} {self.member} ({self.config.architecture}, "
+            f"width {self.config.width})"
+        )
+        self.store.write_bytes(
+            plot_key(self.config.model_id, self.member), validation_plot(self.history, title)
+        )
 
     def final_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -269,31 +314,41 @@ def completed_member(store: Store, config: TrainConfig, member: str) -> dict[str
     if not store.exists(key):
         return None
     doc = store.read_json(key)
-    if doc.get("complete") and doc.get("fingerprint") == config.fingerprint(member) \
-            and doc.get("weights") and store.exists(f"models/{config.model_id}/{doc['weights']}"):
+    if (
+        doc.get("complete")
+        and doc.get("fingerprint") == config.fingerprint(member)
+        and doc.get("weights")
+        and store.exists(f"models/{config.model_id}/{doc['weights']}")
+    ):
         return dict(doc)
     return None
 
 
-def result_from_store(store: Store, config: TrainConfig, member: str, doc: Mapping[str, Any]
-                       ) -> MemberResult:
+def result_from_store(
+    store: Store, config: TrainConfig, member: str, doc: Mapping[str, Any]
+) -> MemberResult:
     from safetensors.torch import load as load_safetensors
 
     state = load_safetensors(store.read_bytes(f"models/{config.model_id}/{doc['weights']}"))
     norm = doc.get("normalization", {})
     return MemberResult(
-        member=member, frames=config.frames(member), iterations=int(doc["iterations"]),
-        weights=str(doc["weights"]), metrics=dict(doc.get("final", {})),
+        member=member,
+        frames=config.frames(member),
+        iterations=int(doc["iterations"]),
+        weights=str(doc["weights"]),
+        metrics=dict(doc.get("final", {})),
         history=tuple(doc.get("history", ())),
         normalization=Normalization(float(norm.get("mean", 0.0)), float(norm.get("std", 1.0))),
-        resumed_from=int(doc.get("resumed_from", 0)), state_dict=state,
+        resumed_from=int(doc.get("resumed_from", 0)),
+        state_dict=state,
     )
 
 
 @contextlib.contextmanager
 def _maybe_no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
     no_sync: Callable[[], contextlib.AbstractContextManager[None]] | None = getattr(
-        model, "no_sync", None)
+        model, "no_sync", None
+    )
     if skip and no_sync is not None:
         with no_sync():
             yield
@@ -323,22 +378,22 @@ def train_member(
     if member not in config.members:
         from deep3m.core.errors import InvalidArgumentError
 
-        raise InvalidArgumentError(f"member {member!r} is not one of this job's members "
-                                   f"{list(config.members)}", field="member")
+        raise InvalidArgumentError(
+            f"member {member!r} is not one of this job's members {list(config.members)}",
+            field="member",
+        )
     dev = pick_device(device)
     rank, world = _rank_world()
     if resume and world == 1:
         finished = completed_member(store, config, member)
         if finished is not None:
-            log.info("member already trained", extra={"model": config.model_id,
-                                                      "member": member})
+            log.info("member already trained", extra={"model": config.model_id, "member": member})
             return result_from_store(store, config, member, finished)
     checked = check_training_inputs(config, store, roots=roots)
     data = load_training_set(config, store, checked, roots=roots)
     net = initial_network(config, member, store, checked).to(dev)
     optimizer = make_optimizer(config, net)
-    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and config.mixed_precision \
-        else None
+    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and config.mixed_precision else None
     run = _Run(config, member, store, dev, data, observer, job_id)
 
     start = 0
@@ -360,8 +415,10 @@ def train_member(
                 scaler.load_state_dict(snap.scaler)
             _restore_rng(snap.rng)
             run.history = [dict(h) for h in snap.history]
-            log.info("resuming from snapshot", extra={"model": config.model_id,
-                                                      "member": member, "iteration": start})
+            log.info(
+                "resuming from snapshot",
+                extra={"model": config.model_id, "member": member, "iteration": start},
+            )
         else:
             start = 0
     elif rank == 0:
@@ -372,25 +429,37 @@ def train_member(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(
-            net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     model.train()
     total = config.total_iterations
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if run.use_amp
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.float16) if run.use_amp else contextlib.nullcontext()
+    )
 
     def snapshot(iteration: int) -> None:
         if rank != 0:
             return
         rng = {"torch": torch.get_rng_state()}
-        ckpt.save_checkpoint(store, config.model_id, member, ckpt.Checkpoint(
-            iteration=iteration, model=net.state_dict(), optimizer=optimizer.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else None, rng=rng,
-            history=tuple(run.history), meta=run.meta(),
-        ))
+        ckpt.save_checkpoint(
+            store,
+            config.model_id,
+            member,
+            ckpt.Checkpoint(
+                iteration=iteration,
+                model=net.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else None,
+                rng=rng,
+                history=tuple(run.history),
+                meta=run.meta(),
+            ),
+        )
         ckpt.prune_checkpoints(store, config.model_id, member, config.checkpoints_kept)
-        run.publish(iteration, {"snapshot_iteration": float(iteration)},
-                    f"{member}: snapshot at iteration {iteration}")
+        run.publish(
+            iteration,
+            {"snapshot_iteration": float(iteration)},
+            f"{member}: snapshot at iteration {iteration}",
+        )
 
     from deep3m.runtime.metrics import TRAINING_ITERATIONS
 
@@ -403,8 +472,11 @@ def train_member(
         if _agree_int(int(stop), dev, op=dist.ReduceOp.MAX if world > 1 else None):
             snapshot(it)
             run.write_metrics(it, complete=False, resumed_from=resumed_from)
-            raise CancelledError(f"training of {config.model_id}/{member} cancelled at "
-                                 f"iteration {it}; it resumes from there", field="job")
+            raise CancelledError(
+                f"training of {config.model_id}/{member} cancelled at "
+                f"iteration {it}; it resumes from there",
+                field="job",
+            )
         lr = config.learning_rate_at(it)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -412,9 +484,14 @@ def train_member(
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for micro in range(config.accumulate_gradients):
-            x, y = sample_batch(data.train, rng, batch=config.batch_size, frames=run.frames,
-                                patch=config.patch_shape,
-                                intensity=config.intensity_augmentations)
+            x, y = sample_batch(
+                data.train,
+                rng,
+                batch=config.batch_size,
+                frames=run.frames,
+                patch=config.patch_shape,
+                intensity=config.intensity_augmentations,
+            )
             xt = torch.from_numpy(x).to(dev, non_blocking=True)
             yt = torch.from_numpy(y).to(dev, non_blocking=True)
             last = micro == config.accumulate_gradients - 1
@@ -440,7 +517,9 @@ def train_member(
         if done % config.log_every == 0 or validate_now:
             seconds = max(time.monotonic() - interval_started, 1e-9)
             entry: dict[str, float] = {
-                "iteration": float(done), "loss": interval_loss / interval_n, "lr": lr,
+                "iteration": float(done),
+                "loss": interval_loss / interval_n,
+                "lr": lr,
                 "samples_per_second": interval_n * samples_per_iteration / seconds,
             }
             eta = seconds / interval_n * (total - done)
@@ -465,8 +544,14 @@ def train_member(
         run.write_metrics(total, complete=True, weights=weights, resumed_from=resumed_from)
     seconds = time.monotonic() - run.started
     return MemberResult(
-        member=member, frames=run.frames, iterations=total, weights=weights,
-        metrics=run.final_metrics(), history=tuple(run.history),
-        normalization=data.normalization, resumed_from=resumed_from, seconds=seconds,
+        member=member,
+        frames=run.frames,
+        iterations=total,
+        weights=weights,
+        metrics=run.final_metrics(),
+        history=tuple(run.history),
+        normalization=data.normalization,
+        resumed_from=resumed_from,
+        seconds=seconds,
         state_dict=state,
     )

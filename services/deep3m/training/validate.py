@@ -24,8 +24,9 @@ from deep3m.training.config import TrainConfig, VolumeSource
 _SLAB = 8
 
 
-def resolve_source(src: VolumeSource, store: Store, roots: StoreRoots | None, *, field: str
-                   ) -> tuple[Store, str]:
+def resolve_source(
+    src: VolumeSource, store: Store, roots: StoreRoots | None, *, field: str
+) -> tuple[Store, str]:
     """The store and key of a referenced volume (checked against ``roots`` when given)."""
     if roots is not None:
         return roots.resolve(src.store_url, src.path, field=field)
@@ -55,16 +56,19 @@ def _info(src: VolumeSource, store: Store, roots: StoreRoots | None, field: str)
 
         raise FailedPreconditionError(
             f"{field} volume {s.key_url(key)} is incomplete (its ingest is still running or "
-            "failed)", field=field)
-    if not (np.issubdtype(np.dtype(info.dtype), np.number)
-            or np.dtype(info.dtype) == np.bool_):
-        raise InvalidArgumentError(f"{field} volume {s.key_url(key)} has non-numeric dtype "
-                                   f"{info.dtype}", field=field)
+            "failed)",
+            field=field,
+        )
+    if not (np.issubdtype(np.dtype(info.dtype), np.number) or np.dtype(info.dtype) == np.bool_):
+        raise InvalidArgumentError(
+            f"{field} volume {s.key_url(key)} has non-numeric dtype {info.dtype}", field=field
+        )
     return info
 
 
-def _same_shape(images: VolumeInfo, labels: VolumeInfo, img: VolumeSource, lbl: VolumeSource,
-                field: str) -> None:
+def _same_shape(
+    images: VolumeInfo, labels: VolumeInfo, img: VolumeSource, lbl: VolumeSource, field: str
+) -> None:
     if images.shape != labels.shape:
         raise InvalidArgumentError(
             f"images {img.describe()} have shape {list(images.shape)} (z, y, x) but labels "
@@ -85,14 +89,21 @@ def _enough_slices(info: VolumeInfo, src: VolumeSource, config: TrainConfig, fie
             )
 
 
-def _check_labels(src: VolumeSource, store: Store, roots: StoreRoots | None, field: str,
-                  num_classes: int, *, need_foreground: bool) -> None:
+def _check_labels(
+    src: VolumeSource,
+    store: Store,
+    roots: StoreRoots | None,
+    field: str,
+    num_classes: int,
+    *,
+    need_foreground: bool,
+) -> None:
     s, key = resolve_source(src, store, roots, field=field)
     arr = s.open_volume(key, src.array)
     found = False
     low, high = 0, 0
     for z in range(0, arr.shape[0], _SLAB):
-        slab = np.asarray(arr[z:z + _SLAB])
+        slab = np.asarray(arr[z : z + _SLAB])
         if slab.size == 0:
             continue
         found = found or bool(np.any(slab != 0))
@@ -115,8 +126,7 @@ def _check_base(config: TrainConfig, store: Store) -> ModelCard:
     base = load_card(store, config.base_model)
     mismatches = []
     if base.architecture != config.architecture:
-        mismatches.append(f"architecture {base.architecture!r} (this job: "
-                          f"{config.architecture!r})")
+        mismatches.append(f"architecture {base.architecture!r} (this job: {config.architecture!r})")
     if abs(base.width - config.width) > 1e-9:
         mismatches.append(f"width {base.width} (this job: {config.width})")
     if base.num_classes != config.num_classes:
@@ -124,7 +134,8 @@ def _check_base(config: TrainConfig, store: Store) -> ModelCard:
     if mismatches:
         raise InvalidArgumentError(
             f"base model {config.base_model!r} cannot be fine-tuned into this job: it has "
-            + "; ".join(mismatches) + ". Fine-tuning needs the same network.",
+            + "; ".join(mismatches)
+            + ". Fine-tuning needs the same network.",
             field="base_model",
         )
     for member in config.members:
@@ -142,8 +153,9 @@ def _check_base(config: TrainConfig, store: Store) -> ModelCard:
     return base
 
 
-def check_training_inputs(config: TrainConfig, store: Store, *,
-                          roots: StoreRoots | None = None) -> CheckedInputs:
+def check_training_inputs(
+    config: TrainConfig, store: Store, *, roots: StoreRoots | None = None
+) -> CheckedInputs:
     """Validate everything a training job reads; raises before any training starts."""
     images = _info(config.images, store, roots, "images")
     labels = _info(config.labels, store, roots, "labels")
@@ -160,14 +172,24 @@ def check_training_inputs(config: TrainConfig, store: Store, *,
     if config.validation_images is not None and config.validation_labels is not None:
         val_images = _info(config.validation_images, store, roots, "validation_images")
         val_labels = _info(config.validation_labels, store, roots, "validation_labels")
-        _same_shape(val_images, val_labels, config.validation_images, config.validation_labels,
-                    "validation_labels")
+        _same_shape(
+            val_images,
+            val_labels,
+            config.validation_images,
+            config.validation_labels,
+            "validation_labels",
+        )
         _enough_slices(val_images, config.validation_images, config, "validation_images")
     base = _check_base(config, store) if config.base_model else None
     # Reading labels is the one costly check: after everything cheap has passed.
-    _check_labels(config.labels, store, roots, "labels", config.num_classes,
-                  need_foreground=True)
+    _check_labels(config.labels, store, roots, "labels", config.num_classes, need_foreground=True)
     if config.validation_labels is not None:
-        _check_labels(config.validation_labels, store, roots, "validation_labels",
-                      config.num_classes, need_foreground=False)
+        _check_labels(
+            config.validation_labels,
+            store,
+            roots,
+            "validation_labels",
+            config.num_classes,
+            need_foreground=False,
+        )
     return CheckedInputs(images, labels, val_images, val_labels, base)
