@@ -77,9 +77,16 @@ class LocalCluster:
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
         # The scheduler first: workers start pulling from it as soon as they are up.
+        # Training and inference may compute at once on one machine; torch's
+        # spinning thread pools slow down badly when oversubscribed, so each
+        # process gets half the cores unless told otherwise.
+        torch_threads = os.environ.get("DEEP3M_TORCH_THREADS") or str(
+            max(1, (os.cpu_count() or 2) // 2)
+        )
         for role in self.spec.roles:
             env = {
                 **os.environ,
+                "DEEP3M_TORCH_THREADS": torch_threads,
                 **self.spec.extra_env,
                 "DEEP3M_STORE_URL": self.store_url,
                 "DEEP3M_GRPC_PORT": str(self.ports[role]),
