@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 protos: $(STAMP)
 	$(BIN)/python -m deep3m.protos_build
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: $(STAMP)

@@ -28,8 +28,9 @@ from deep3m.v1 import common_pb2
 
 pytestmark = pytest.mark.slow
 
-SAMPLE = (Path(__file__).resolve().parents[2] / "services" / "deep3m" / "data" / "sample"
-          / "cdeep3m-mito")
+SAMPLE = (
+    Path(__file__).resolve().parents[2] / "services" / "deep3m" / "data" / "sample" / "cdeep3m-mito"
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         store_url=str(root / "store"),
         log_dir=root / "logs",
         # Short leases so a killed worker's block is re-queued quickly.
-        extra_env={"DEEP3M_LEASE_SECONDS": "4", "DEEP3M_RETRY_BACKOFF_SECONDS": "0.2",
-                   "DEEP3M_POLL_INTERVAL_SECONDS": "0.2"},
+        extra_env={
+            "DEEP3M_LEASE_SECONDS": "4",
+            "DEEP3M_RETRY_BACKOFF_SECONDS": "0.2",
+            "DEEP3M_POLL_INTERVAL_SECONDS": "0.2",
+        },
     )
     with LocalCluster(spec) as running:
         running.start(free_ports=True, timeout_s=180)
@@ -67,26 +71,33 @@ def test_ingest_train_predict(cluster: LocalCluster, client: Deep3mClient) -> No
     if not images.is_dir():
         pytest.skip(f"packaged sample missing at {images}")
     for name, source in (("img", images), ("lbl", labels)):
-        job = client.ingest(str(source), f"volumes/e2e/{name}.zarr",
-                            voxel_size_nm=[40.0, 5.9, 5.9])
+        job = client.ingest(str(source), f"volumes/e2e/{name}.zarr", voxel_size_nm=[40.0, 5.9, 5.9])
         _succeeded(client, job, 120)
     store = Store(cluster.store_url)
     raw = np.asarray(store.open_volume("volumes/e2e/img.zarr")[:])
     assert raw.dtype == np.uint8 and raw.ndim == 3
 
     job = client.train(
-        "volumes/e2e/img.zarr", "volumes/e2e/lbl.zarr", "e2e-model",
-        validation_images="volumes/e2e/img.zarr", validation_labels="volumes/e2e/lbl.zarr",
-        architecture="deepem3d", width=0.0625, members=["1fm", "3fm"], iterations=6,
-        batch_size=2, patch_shape=[64, 64], validate_every=3, snapshot_every=3,
+        "volumes/e2e/img.zarr",
+        "volumes/e2e/lbl.zarr",
+        "e2e-model",
+        validation_images="volumes/e2e/img.zarr",
+        validation_labels="volumes/e2e/lbl.zarr",
+        architecture="deepem3d",
+        width=0.0625,
+        members=["1fm", "3fm"],
+        iterations=6,
+        batch_size=2,
+        patch_shape=[64, 64],
+        validate_every=3,
+        snapshot_every=3,
     )
     _succeeded(client, job, 300)
     card = load_card(store, "e2e-model")
     assert card.member_names == ("1fm", "3fm")
     assert all(m.weights for m in card.members)
 
-    job = client.predict("volumes/e2e/img.zarr", "e2e-model", "volumes/e2e/prob.zarr",
-                         tta_level=4)
+    job = client.predict("volumes/e2e/img.zarr", "e2e-model", "volumes/e2e/prob.zarr", tta_level=4)
     _succeeded(client, job, 300)
     prob = np.asarray(store.open_volume("volumes/e2e/prob.zarr")[:])
     assert prob.shape == raw.shape
@@ -97,25 +108,29 @@ def test_ingest_train_predict(cluster: LocalCluster, client: Deep3mClient) -> No
 
 def _random_model(store: Store, model_id: str) -> None:
     net = build_network("deepem3d", frames=3, width=0.0625)
-    card = ModelCard(id=model_id, width=0.0625, halo=(1, 32, 32),
-                     members=(MemberCard(name="3fm", frames=3),))
+    card = ModelCard(
+        id=model_id, width=0.0625, halo=(1, 32, 32), members=(MemberCard(name="3fm", frames=3),)
+    )
     save_model(store, card, {"3fm": net.state_dict()})
 
 
-def test_inference_worker_killed_mid_job(cluster: LocalCluster, client: Deep3mClient,
-                                         tmp_path: Path) -> None:
+def test_inference_worker_killed_mid_job(
+    cluster: LocalCluster, client: Deep3mClient, tmp_path: Path
+) -> None:
     store = Store(cluster.store_url)
     rng = np.random.default_rng(0)
     data = rng.integers(0, 255, size=(8, 256, 256), dtype=np.uint8)
     write_volume(store, "volumes/kill/in.zarr", data, chunk_shape=(2, 64, 64))
     _random_model(store, "kill-model")
 
-    reference = client.predict("volumes/kill/in.zarr", "kill-model", "volumes/kill/ref.zarr",
-                               block_shape=[2, 64, 64])
+    reference = client.predict(
+        "volumes/kill/in.zarr", "kill-model", "volumes/kill/ref.zarr", block_shape=[2, 64, 64]
+    )
     _succeeded(client, reference, 300)
 
-    job = client.predict("volumes/kill/in.zarr", "kill-model", "volumes/kill/out.zarr",
-                         block_shape=[2, 64, 64])
+    job = client.predict(
+        "volumes/kill/in.zarr", "kill-model", "volumes/kill/out.zarr", block_shape=[2, 64, 64]
+    )
     # Kill the inference worker once some blocks are done and others remain.
     for event in client.watch(job.id, timeout_s=300):
         if event.stage == "predict" and 0 < event.tasks_done < event.tasks_total:
@@ -123,15 +138,23 @@ def test_inference_worker_killed_mid_job(cluster: LocalCluster, client: Deep3mCl
     victim = cluster.processes["inference"]
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=30) == -signal.SIGKILL
-    env = {**os.environ, "DEEP3M_STORE_URL": cluster.store_url,
-           "DEEP3M_GRPC_PORT": "0", "DEEP3M_METRICS_PORT": "0", "DEEP3M_HOST": "127.0.0.1",
-           "DEEP3M_SCHEDULER_ADDRESS": cluster.scheduler_address,
-           "DEEP3M_WORKER_ID": "replacement-inference", "DEEP3M_LEASE_SECONDS": "4",
-           "DEEP3M_POLL_INTERVAL_SECONDS": "0.2"}
+    env = {
+        **os.environ,
+        "DEEP3M_STORE_URL": cluster.store_url,
+        "DEEP3M_GRPC_PORT": "0",
+        "DEEP3M_METRICS_PORT": "0",
+        "DEEP3M_HOST": "127.0.0.1",
+        "DEEP3M_SCHEDULER_ADDRESS": cluster.scheduler_address,
+        "DEEP3M_WORKER_ID": "replacement-inference",
+        "DEEP3M_LEASE_SECONDS": "4",
+        "DEEP3M_POLL_INTERVAL_SECONDS": "0.2",
+    }
     with open(tmp_path / "replacement.log", "wb") as log:
         replacement = subprocess.Popen(
             [sys.executable, "-m", "deep3m.client.cli", "serve", "inference"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             final = _succeeded(client, job, 300)

@@ -7,6 +7,7 @@ Prometheus counters: producers call ``EventBus.publish``; each consumer holds a
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -56,10 +57,8 @@ class Subscription:
         except queue.Full:
             # A slow consumer loses intermediate progress, never the final state.
             if event.terminal:
-                try:
+                with contextlib.suppress(queue.Empty):
                     self._queue.get_nowait()
-                except queue.Empty:
-                    pass
                 self._queue.put_nowait(event)
 
     def get(self, timeout: float | None = None) -> ProgressEvent | None:
@@ -75,10 +74,8 @@ class Subscription:
         if not self._closed.is_set():
             self._closed.set()
             self._bus._unsubscribe(self)
-            try:
+            with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(None)
-            except queue.Full:
-                pass
 
     @property
     def closed(self) -> bool:

@@ -83,10 +83,20 @@ class LocalCluster:
         torch_threads = os.environ.get("DEEP3M_TORCH_THREADS") or str(
             max(1, (os.cpu_count() or 2) // 2)
         )
+        # ...and compute roles take as many tasks at once as those threads fill
+        # the cores, so one member or block does not leave cores idle.
+        compute_capacity = os.environ.get("DEEP3M_WORKER_CAPACITY") or str(
+            max(1, (os.cpu_count() or 2) // int(torch_threads))
+        )
         for role in self.spec.roles:
             env = {
                 **os.environ,
                 "DEEP3M_TORCH_THREADS": torch_threads,
+                **(
+                    {"DEEP3M_WORKER_CAPACITY": compute_capacity}
+                    if role in ("training", "inference")
+                    else {}
+                ),
                 **self.spec.extra_env,
                 "DEEP3M_STORE_URL": self.store_url,
                 "DEEP3M_GRPC_PORT": str(self.ports[role]),
