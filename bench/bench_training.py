@@ -162,45 +162,45 @@ def _row(cells: Sequence[str], widths: Sequence[int]) -> str:
     return "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
 
 
-def throughput_table(train: LabelledVolume, weights: torch.Tensor) -> None:
+def throughput_table(train: LabelledVolume, weights: torch.Tensor, rounds: int = 3) -> None:
+    """Each configuration is measured once per round, rounds interleaved, and the median
+    of its rounds reported: on a shared machine a burst of load then hits every
+    configuration alike instead of one."""
     print(
         f"\nTraining throughput, samples/s (patch {PATCH[0]}², batch {BATCH}, "
-        f"{torch.get_num_threads()} CPU threads; median of 8 iterations)"
+        f"{torch.get_num_threads()} CPU threads; median over {rounds} interleaved rounds "
+        "of the median of 8 iterations)"
     )
-    baseline = samples_per_second(monai_unet, 1, train, weights)
-    widths = (8, 7, 11, 12, 10)
-    print(_row(("member", "width", "params", "samples/s", "vs MONAI"), widths))
-    print(
-        _row(
-            (
-                "MONAI UNet",
-                "-",
-                f"{parameter_count(monai_unet()) / 1e6:.2f}M",
-                f"{baseline:.1f}",
-                "1.00",
-            ),
-            widths,
-        )
-    )
+    configs: list[tuple[str, str, int, Callable[[], nn.Module]]] = [
+        ("MONAI UNet", "-", 1, monai_unet)
+    ]
     for width in WIDTHS:
         for member, frames in MEMBERS.items():
 
             def make(f: int = frames, w: float = width) -> nn.Module:
                 return build_network("deepem3d", frames=f, width=w)
 
-            sps = samples_per_second(make, frames, train, weights)
-            print(
-                _row(
-                    (
-                        member,
-                        f"{width:g}",
-                        f"{parameter_count(make()) / 1e6:.2f}M",
-                        f"{sps:.1f}",
-                        f"{sps / baseline:.2f}",
-                    ),
-                    widths,
-                )
+            configs.append((member, f"{width:g}", frames, make))
+    measured: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+    for _ in range(rounds):
+        for i, (_, _, frames, make) in enumerate(configs):
+            measured[i].append(samples_per_second(make, frames, train, weights))
+    rates = [statistics.median(measured[i]) for i in range(len(configs))]
+    widths = (10, 7, 8, 10, 9)
+    print(_row(("member", "width", "params", "samples/s", "vs MONAI"), widths))
+    for (member, width_s, _, make), rate in zip(configs, rates, strict=True):
+        print(
+            _row(
+                (
+                    member,
+                    width_s,
+                    f"{parameter_count(make()) / 1e6:.2f}M",
+                    f"{rate:.1f}",
+                    f"{rate / rates[0]:.2f}",
+                ),
+                widths,
             )
+        )
 
 
 def accuracy_table(

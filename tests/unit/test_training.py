@@ -273,6 +273,7 @@ def test_snapshot_round_trip_is_exact(store: Store, paths: dict[str, str]) -> No
     assert ckpt.latest_checkpoint(store, "tiny", "1fm") == 3
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_its_newest_snapshot(
     store: Store, paths: dict[str, str], tmp_path: Path
 ) -> None:
@@ -493,3 +494,34 @@ def test_missing_and_incomplete_volumes(store: Store, paths: dict[str, str]) -> 
     arr[...] = 1
     err = _bad(store, tiny_config(paths, images=VolumeSource(path="volumes/half.zarr")))
     assert isinstance(err, FailedPreconditionError) and "incomplete" in str(err)
+
+
+# -- demo data -----------------------------------------------------------------------------
+
+
+def test_packaged_demo_sample_and_recipe() -> None:
+    from deep3m.training.demo_data import DEMO_RECIPE, PACKAGE_SAMPLE, load_stack, sample_paths
+
+    data = sample_paths(prefer_full=False)
+    assert not data.full and data.train_images.is_relative_to(PACKAGE_SAMPLE)
+    images, labels = load_stack(data.train_images), load_stack(data.train_labels)
+    assert images.shape == labels.shape == (20, 320, 320)
+    assert load_stack(data.val_images).shape == (10, 320, 320)
+    assert set(np.unique(labels)) == {0, 1}  # raw palette indices, not colours
+    assert (PACKAGE_SAMPLE / "LICENSE.txt").read_text().startswith("Different license")
+    size = sum(f.stat().st_size for f in PACKAGE_SAMPLE.rglob("*") if f.is_file())
+    assert size < 5 * 1024 * 1024
+    # The recipe's keywords are TrainSpec fields, and it validates as a configuration.
+    kwargs = dict(DEMO_RECIPE.train_kwargs())
+    spec = common_pb2.TrainSpec(
+        model="demo",
+        images=common_pb2.VolumeRef(path="i"),
+        labels=common_pb2.VolumeRef(path="l"),
+        **kwargs,
+    )
+    config = TrainConfig.from_spec(spec)
+    assert config.members == DEMO_RECIPE.members and config.iterations == DEMO_RECIPE.iterations
+    half = DEMO_RECIPE.scaled(DEMO_RECIPE.minutes / 2)
+    assert half.iterations == DEMO_RECIPE.iterations // 2
+    with pytest.raises(InvalidArgumentError):
+        DEMO_RECIPE.scaled(0)
