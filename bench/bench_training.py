@@ -264,9 +264,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="CPU budget per model for the accuracy table",
     )
     parser.add_argument("--width", type=float, default=DEMO_RECIPE.width)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("DEEP3M_BENCH_THREADS", "1")),
+        help="torch CPU threads (default 1: on a shared machine, intra-op threads stall "
+        "at every barrier when another process holds a core, which distorts comparisons)",
+    )
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
     args = parser.parse_args(list(argv) if argv is not None else [])
+    torch.set_num_threads(args.threads)
     train, val, w, description = _volumes()
     weights = torch.from_numpy(w)
     print(f"data: {description}")
