@@ -19,12 +19,12 @@ from deep3m.client.client import Deep3mClient
 from deep3m.core.errors import FailedPreconditionError
 from deep3m.core.geometry import Box
 from deep3m.core.store import Store
+from deep3m.launcher.local import free_port
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.worker import TaskContext, TaskResult, Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.testing.scheduler import (
     SchedulerProcess,
-    free_port,
     save_test_model,
     write_volume,
 )

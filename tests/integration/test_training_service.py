@@ -16,12 +16,12 @@ import pytest
 import torch
 from deep3m.client.client import Deep3mClient
 from deep3m.core.store import Store
+from deep3m.launcher.local import free_port
 from deep3m.models.card import load_card, load_member
 from deep3m.runtime.interceptor import error_detail
 from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.worker import TaskContext, TaskResult
-from deep3m.testing.scheduler import free_port
 from deep3m.testing.training import stage_synthetic
 from deep3m.training.demo_data import write_volume
 from deep3m.training.tasks import TrainingTasks

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -22,12 +21,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deep3m.core.errors import UnavailableError
 from deep3m.core.store import Store
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_volume(
