@@ -1,0 +1,86 @@
+"""The shared bounded map and backoff policy."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from deep3m.core.executor import bounded_map
+from deep3m.core.retry import Backoff
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_bounded_map_returns_every_result_once(workers: int) -> None:
+    got = dict(bounded_map(lambda x: x * x, range(50), workers))
+    assert got == {i: i * i for i in range(50)}
+
+
+def test_bounded_map_keeps_at_most_in_flight_alive() -> None:
+    alive = 0
+    peak = 0
+    lock = threading.Lock()
+    gate = threading.Semaphore(0)
+
+    def work(x: int) -> int:
+        nonlocal alive, peak
+        with lock:
+            alive += 1
+            peak = max(peak, alive)
+        gate.acquire(timeout=5)
+        with lock:
+            alive -= 1
+        return x
+
+    def feeder():  # release one item each time the consumer asks for more
+        for i in range(20):
+            gate.release()
+            yield i
+
+    results = list(bounded_map(work, feeder(), 4, in_flight=4))
+    assert sorted(i for i, _ in results) == list(range(20))
+    assert peak <= 4
+
+
+def test_bounded_map_propagates_the_first_error_and_stops_submitting() -> None:
+    started: list[int] = []
+
+    def work(x: int) -> int:
+        started.append(x)
+        if x == 3:
+            raise ValueError("block 3 is bad")
+        return x
+
+    with pytest.raises(ValueError, match="block 3"):
+        list(bounded_map(work, range(1000), 2, in_flight=4))
+    assert len(started) < 1000
+
+
+def test_bounded_map_stop_ends_early_without_error() -> None:
+    stop = threading.Event()
+
+    def work(x: int) -> int:
+        if x == 5:
+            stop.set()
+        return x
+
+    got = list(bounded_map(work, range(1000), 1, stop=stop))
+    assert len(got) == 6
+
+
+def test_backoff_grows_to_its_cap_and_resets() -> None:
+    b = Backoff(initial_s=0.1, max_s=0.5, factor=2.0)
+    assert [round(b.next_delay(), 3) for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    b.reset()
+    assert b.next_delay() == pytest.approx(0.1)
+
+
+def test_backoff_jitter_stays_within_its_band() -> None:
+    b = Backoff(initial_s=1.0, max_s=1.0, jitter=0.25)
+    delays = [b.next_delay() for _ in range(200)]
+    assert all(0.75 <= d <= 1.25 for d in delays)
+    assert max(delays) - min(delays) > 0.1
+
+
+def test_backoff_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="initial_s"):
+        Backoff(initial_s=0.0)
