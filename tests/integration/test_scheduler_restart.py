@@ -23,6 +23,7 @@ from deep3m.launcher.local import free_port
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.worker import TaskContext, TaskResult, Worker
 from deep3m.scheduler.core import Scheduler
+from deep3m.scheduler.jobs import Grant, JobError
 from deep3m.testing.scheduler import (
     SchedulerProcess,
     save_test_model,
@@ -192,7 +193,7 @@ def fresh(settings: Settings, clock: Clock) -> Scheduler:
     return s
 
 
-def finish(s: Scheduler, lease: common_pb2.TaskLease, worker: str = "w") -> None:
+def finish(s: Scheduler, lease: Grant, worker: str = "w") -> None:
     s.complete(lease.lease_id, worker, {"voxels": 1.0})
 
 
@@ -211,7 +212,7 @@ def test_restart_keeps_done_tasks_and_adopts_running_ones(
     # "Killed": the first instance is simply abandoned with two leases out.
     second = fresh(settings, clock)
     job = second.get("j")
-    assert job.state == common_pb2.JOB_STATE_RUNNING
+    assert job.state == "RUNNING"
     assert (job.stages[0].tasks_done, job.stages[0].tasks_total) == (2, N_BLOCKS)
     # Pending tasks are held back briefly so the old holders can report first.
     assert second.lease("other", "inference", N_BLOCKS) == []
@@ -235,11 +236,11 @@ def test_restart_keeps_done_tasks_and_adopts_running_ones(
     job = third.get("j")
     assert [s.tasks_total for s in job.stages] == [N_BLOCKS, 1]
     third.complete(fin.lease_id, "cpu", {}, {"labels": "volumes/out.zarr/labels"})
-    assert third.get("j").state == common_pb2.JOB_STATE_SUCCEEDED
+    assert third.get("j").state == "SUCCEEDED"
     assert store_volume_complete(third, "volumes/out.zarr")
     fourth = fresh(settings, clock)
     done = fourth.get("j")
-    assert done.state == common_pb2.JOB_STATE_SUCCEEDED
+    assert done.state == "SUCCEEDED"
     assert done.outputs["labels"] == "volumes/out.zarr/labels"
     assert [(s.tasks_done, s.tasks_total) for s in done.stages] == [(N_BLOCKS, N_BLOCKS), (1, 1)]
 
@@ -254,25 +255,25 @@ def test_quarantine_and_cancel_survive_a_restart(
     first.submit(predict_spec("volumes/a.zarr"), job_id="failing")
     first.submit(predict_spec("volumes/b.zarr"), job_id="cancelled")
     (lease,) = first.lease("w", "inference", 1)
-    assert lease.task.job_id == "failing"
-    error = common_pb2.ErrorDetail(code="INVALID_ARGUMENT", message="corrupt block")
+    assert lease.job_id == "failing"
+    error = JobError("INVALID_ARGUMENT", "corrupt block")
     assert first.fail(lease.lease_id, "w", error, retryable=False)
     first.cancel("cancelled")
     second = fresh(settings, clock)
-    assert second.get("cancelled").state == common_pb2.JOB_STATE_CANCELLED
+    assert second.get("cancelled").state == "CANCELLED"
     failing = second.get("failing")
-    assert failing.state == common_pb2.JOB_STATE_RUNNING
+    assert failing.state == "RUNNING"
     assert [(e.task_id, e.message) for e in failing.errors] == [("predict/b0-0-0", "corrupt block")]
     clock.now += settings.lease_seconds
     rest = second.lease("w", "inference", N_BLOCKS)
-    assert {lease.task.job_id for lease in rest} == {"failing"}
+    assert {lease.job_id for lease in rest} == {"failing"}
     assert len(rest) == N_BLOCKS - 1  # the quarantined block is not retried
     for lease in rest:
         finish(second, lease)
     job = second.get("failing")
-    assert job.state == common_pb2.JOB_STATE_FAILED
+    assert job.state == "FAILED"
     assert "predict/b0-0-0" in second.watch("failing")[0].error
-    assert fresh(settings, clock).get("failing").state == common_pb2.JOB_STATE_FAILED
+    assert fresh(settings, clock).get("failing").state == "FAILED"
 
 
 def test_a_finished_job_whose_result_was_not_written_finishes_on_restart(
@@ -285,7 +286,7 @@ def test_a_finished_job_whose_result_was_not_written_finishes_on_restart(
     first.complete(fin.lease_id, "cpu", {"objects": 3.0}, {"labels": "volumes/out.zarr/labels"})
     first.store.delete("jobs/j/result.json")  # as if killed before writing it
     job = fresh(settings, clock).get("j")
-    assert job.state == common_pb2.JOB_STATE_SUCCEEDED
+    assert job.state == "SUCCEEDED"
     assert job.outputs["labels"] == "volumes/out.zarr/labels"
     assert job.metrics["objects"] == 3.0
 

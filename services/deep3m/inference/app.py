@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import grpc
 import torch
@@ -19,6 +18,7 @@ from deep3m.inference.predictor import inference_devices
 from deep3m.inference.region import RegionPredictor
 from deep3m.inference.service import SERVICE_NAME, InferenceServicer
 from deep3m.inference.tasks import PredictTaskHandler
+from deep3m.runtime.server import WorkerRoleApp
 from deep3m.runtime.settings import Settings
 from deep3m.v1 import inference_pb2_grpc
 
@@ -34,7 +34,7 @@ def one_task_per_gpu(settings: Settings, devices: Sequence[torch.device]) -> Set
     return settings.model_copy(update={"worker_capacity": gpus})
 
 
-class InferenceApp:
+class InferenceApp(WorkerRoleApp):
     service_names = (SERVICE_NAME,)
 
     def __init__(self, settings: Settings) -> None:
@@ -43,27 +43,13 @@ class InferenceApp:
             # Block shapes repeat (only edge blocks differ): let cuDNN pick kernels once per shape.
             torch.backends.cudnn.benchmark = True
         settings = one_task_per_gpu(settings, self.devices.devices)
-        self.settings = settings
         self.cache = ModelCache()
         self.regions = RegionPredictor(settings, cache=self.cache, devices=self.devices)
         self.predict = PredictTaskHandler(settings, cache=self.cache, devices=self.devices)
-        self._worker: Any = None
+        super().__init__(settings, {"predict": self.predict})
 
     def register(self, server: grpc.Server) -> None:
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.regions), server)
-
-    def start(self) -> None:
-        if not self.settings.worker_enabled:
-            return
-        from deep3m.runtime.worker import Worker
-
-        self._worker = Worker(self.settings, "inference", {"predict": self.predict})
-        self._worker.start()
-
-    def stop(self, grace: float) -> None:
-        if self._worker is not None:
-            self._worker.stop(grace)
-            self._worker = None
 
 
 def build(settings: Settings) -> InferenceApp:

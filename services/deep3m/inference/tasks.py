@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 
@@ -24,18 +24,8 @@ from deep3m.inference.cache import DevicePool, ModelCache
 from deep3m.inference.predictor import EnsemblePredictor, inference_devices
 from deep3m.runtime.metrics import INFERENCE_PHASE_SECONDS
 from deep3m.runtime.settings import Settings, get_settings
-from deep3m.runtime.worker import TaskResult
+from deep3m.runtime.task import TaskContext, TaskResult
 from deep3m.v1 import common_pb2
-
-
-class PredictContext(Protocol):
-    """What a predict task needs from the worker's task context."""
-
-    @property
-    def lease(self) -> common_pb2.TaskLease: ...
-
-    @property
-    def cancelled(self) -> threading.Event: ...
 
 
 def box_from_proto(box: common_pb2.Box, name: str) -> Box:
@@ -101,7 +91,7 @@ class PredictTaskHandler:
             devices if devices is not None else DevicePool(inference_devices(settings.device))
         )
 
-    def __call__(self, ctx: PredictContext) -> TaskResult:
+    def __call__(self, ctx: TaskContext) -> TaskResult:
         metrics = self.run(ctx.lease, cancelled=ctx.cancelled)
         return TaskResult(metrics=metrics)
 
@@ -118,28 +108,19 @@ class PredictTaskHandler:
             )
         spec = lease.spec.predict
         block = block_from_task(lease.task)
-        in_store, in_key = self.roots.resolve(spec.input.store_url, spec.input.path, field="input")
-        out_store, out_key = self.roots.resolve(
-            spec.output.store_url, spec.output.path, field="output"
-        )
-        source = in_store.open_volume(in_key, spec.input.array)
-        target = out_store.open_volume(
-            out_key, spec.output.array, mode="r+", require_complete=False
-        )
-        out_url = out_store.key_url(out_key)
-        if np.dtype(target.dtype) != np.float32:
-            raise InvalidArgumentError(
-                f"output {out_url} has dtype {target.dtype}; predictions are float32",
-                field="output",
-            )
-        if tuple(target.shape) != tuple(source.shape):
-            raise InvalidArgumentError(
-                f"output {out_url} has shape {list(target.shape)} but the input "
-                f"{in_store.key_url(in_key)} has {list(source.shape)}",
-                field="output",
-            )
-        grid = tuple(target.shards or target.chunks)
-        check_core_aligned(block.core, tuple(target.shape), grid, out_url)
+        if "input" in lease.volumes and "output" in lease.volumes:
+            # Resolved and checked by the scheduler at submission (dtype, shape, grid).
+            source_ref, target_ref = lease.volumes["input"], lease.volumes["output"]
+            in_store = self.roots.store(source_ref.store_url, field="input.store_url")
+            out_store = self.roots.store(target_ref.store_url, field="output.store_url")
+            source = in_store.open_volume(source_ref.path, source_ref.array)
+            target = out_store.open_volume(target_ref.path, mode="r+", require_complete=False)
+            shape, grid = tuple(target_ref.shape), tuple(target_ref.grid)
+            out_url = out_store.key_url(target_ref.path)
+        else:  # a lease made without a scheduler: check what it names here
+            source, target, out_url = self._open_checked(spec)
+            shape, grid = tuple(target.shape), tuple(target.shards or target.chunks)
+        check_core_aligned(block.core, shape, grid, out_url)
         tta_level = spec.tta_level or IDENTITY_LEVEL
 
         with self.devices.acquire() as device:
@@ -172,13 +153,37 @@ class PredictTaskHandler:
             "write_seconds": t3 - t2,
         }
 
+    def _open_checked(self, spec: common_pb2.PredictSpec) -> tuple[Any, Any, str]:
+        """Input and output arrays of a spec whose volumes nobody has checked yet."""
+        in_store, in_key = self.roots.resolve(spec.input.store_url, spec.input.path, field="input")
+        out_store, out_key = self.roots.resolve(
+            spec.output.store_url, spec.output.path, field="output"
+        )
+        source = in_store.open_volume(in_key, spec.input.array)
+        target = out_store.open_volume(
+            out_key, spec.output.array, mode="r+", require_complete=False
+        )
+        out_url = out_store.key_url(out_key)
+        if np.dtype(target.dtype) != np.float32:
+            raise InvalidArgumentError(
+                f"output {out_url} has dtype {target.dtype}; predictions are float32",
+                field="output",
+            )
+        if tuple(target.shape) != tuple(source.shape):
+            raise InvalidArgumentError(
+                f"output {out_url} has shape {list(target.shape)} but the input "
+                f"{in_store.key_url(in_key)} has {list(source.shape)}",
+                field="output",
+            )
+        return source, target, out_url
+
 
 @functools.lru_cache(maxsize=4)
 def _handler_for(settings: Settings) -> PredictTaskHandler:
     return PredictTaskHandler(settings)
 
 
-def handle_predict(ctx: PredictContext) -> TaskResult:
+def handle_predict(ctx: TaskContext) -> TaskResult:
     """The ``predict`` handler for a worker context (its settings, else ``DEEP3M_*``).
 
     The inference app builds its own :class:`PredictTaskHandler` to share the

@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol
 
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.locations import StoreRoots
@@ -20,25 +19,11 @@ from deep3m.postprocess.foreground import check_threshold
 from deep3m.postprocess.labels import DEFAULT_LABEL_NAME, LabelSpec, label_volume
 from deep3m.postprocess.pyramid import build_pyramid
 from deep3m.runtime.settings import Settings, get_settings
+from deep3m.runtime.task import TaskContext, TaskResult
 from deep3m.v1 import common_pb2
-
-if TYPE_CHECKING:
-    from deep3m.runtime.worker import TaskResult
 
 # Progress reports during a long finalize, at most this often.
 REPORT_EVERY_S = 2.0
-
-
-class FinalizeContext(Protocol):
-    """What the finalize task needs from the worker's task context."""
-
-    @property
-    def lease(self) -> common_pb2.TaskLease: ...
-
-    @property
-    def cancelled(self) -> threading.Event: ...
-
-    def report(self, metrics: Mapping[str, float], message: str = "") -> None: ...
 
 
 Report = Callable[[Mapping[str, float], str], None]
@@ -110,12 +95,8 @@ def finalize_predict(
     return outputs, metrics
 
 
-def handle_finalize_predict(
-    ctx: FinalizeContext, *, settings: Settings | None = None
-) -> TaskResult:
+def handle_finalize_predict(ctx: TaskContext, *, settings: Settings | None = None) -> TaskResult:
     """Worker handler for the postprocess role's ``finalize`` tasks."""
-    from deep3m.runtime.worker import TaskResult
-
     chosen = settings or getattr(ctx, "settings", None) or get_settings()
     roots = StoreRoots.from_settings(chosen)
     outputs, metrics = finalize_predict(

@@ -4,6 +4,10 @@
 loopback); ``serve`` runs one role until SIGTERM/SIGINT, then drains: health
 turns NOT_SERVING, background workers stop taking tasks, in-flight RPCs get
 ``shutdown_grace_seconds`` to finish.
+
+A role that pulls tasks declares its handlers (``task_handlers``, by stage
+name, see :class:`WorkerRoleApp`); the server starts the role's worker after
+the app and stops it on shutdown, when ``worker_enabled`` is set.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import importlib
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +27,8 @@ from grpc_reflection.v1alpha import reflection
 
 from deep3m.runtime.interceptor import ErrorMappingInterceptor
 from deep3m.runtime.settings import ROLES, Settings, warn_unknown_env_vars
+from deep3m.runtime.task import TaskHandler
+from deep3m.runtime.worker import Worker
 
 log = logging.getLogger("deep3m.server")
 
@@ -41,6 +47,50 @@ class RoleApp(Protocol):
     def stop(self, grace: float) -> None: ...
 
 
+@runtime_checkable
+class TaskRole(Protocol):
+    """A role app that runs tasks: its settings and its handlers by stage name."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def task_handlers(self) -> Mapping[str, TaskHandler]: ...
+
+
+class WorkerRoleApp:
+    """Base of the roles that pull tasks: they register servicers and declare handlers.
+
+    The server starts and stops the worker; ``start``/``stop`` are for anything else.
+    """
+
+    service_names: Sequence[str] = ()
+
+    def __init__(self, settings: Settings, task_handlers: Mapping[str, TaskHandler]) -> None:
+        self.settings = settings
+        self.task_handlers = dict(task_handlers)
+
+    def register(self, server: grpc.Server) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Nothing to start besides the worker."""
+
+    def stop(self, grace: float) -> None:
+        """Nothing to stop besides the worker."""
+
+
+def start_worker(role: str, app: RoleApp) -> Worker | None:
+    """The role's task worker, started; None when it runs no tasks or workers are off."""
+    if not isinstance(app, TaskRole) or not app.task_handlers:
+        return None
+    if not app.settings.worker_enabled:
+        return None
+    worker = Worker(app.settings, role, app.task_handlers)
+    worker.start()
+    return worker
+
+
 @dataclass
 class RunningServer:
     role: str
@@ -48,6 +98,7 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     app: RoleApp
+    worker: Worker | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -72,6 +123,9 @@ class RunningServer:
         # Refuse new RPCs at once; in-flight ones and the app's background work
         # drain side by side within the same grace period.
         drained = self.server.stop(grace)
+        if self.worker is not None:
+            self.worker.stop(grace)
+            self.worker = None
         self.app.stop(grace)
         drained.wait()
         log.info("server stopped", extra={"role": self.role})
@@ -138,6 +192,7 @@ def create_server(
     server.start()
     try:
         app.start()
+        running.worker = start_worker(role, app)
     except BaseException:
         # Do not leave a half-started server listening behind a failed app.
         server.stop(0).wait()

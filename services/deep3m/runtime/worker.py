@@ -6,9 +6,11 @@ completes or fails it. A heartbeat thread renews every lease at about a third
 of its length; a renew that answers *cancelled* (or finds the lease taken
 over) sets ``ctx.cancelled``, which handlers check between steps.
 
-Failures: a handler raising a ``Deep3mError`` with ``retryable=False`` fails
-the task for good (bad input); any other exception is retryable. The scheduler
-decides when to stop retrying. Every RPC carries a deadline; an unreachable
+The scheduler is reached through a ``SchedulerClient``: gRPC by default, or a
+scheduler in the same process (``deep3m.scheduler.inprocess``). Failures: a
+handler raising a ``Deep3mError`` with ``retryable=False`` fails the task for
+good (bad input); any other exception is retryable. The scheduler decides
+when to stop retrying. Every call carries a deadline; an unreachable
 scheduler is retried with backoff (a restart must not lose finished work), and
 an empty queue is polled with backoff, never in a busy loop.
 """
@@ -23,85 +25,30 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 
-from deep3m.core.errors import Deep3mError, InvalidArgumentError
-from deep3m.runtime.channel import CHANNEL_OPTIONS
-from deep3m.runtime.rpc_errors import RETRYABLE_CODES, from_rpc_error, status_code
+from deep3m.core.errors import CancelledError, Deep3mError, InvalidArgumentError
+from deep3m.core.retry import Backoff
+from deep3m.runtime.scheduler_client import (
+    WORKER_CHANNEL_OPTIONS,
+    GrpcSchedulerClient,
+    SchedulerClient,
+)
 from deep3m.runtime.settings import ROLES, Settings
-from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from deep3m.runtime.task import TaskContext, TaskHandler, TaskResult
+from deep3m.v1 import common_pb2
+
+# The task contract lives in deep3m.runtime.task; named here too for the callers of the worker.
+__all__ = ["WORKER_CHANNEL_OPTIONS", "TaskContext", "TaskHandler", "TaskResult", "Worker"]
 
 log = logging.getLogger("deep3m.worker")
 
-# Reconnect quickly after a scheduler restart (gRPC's default backoff grows to 120 s).
-WORKER_CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
-    *CHANNEL_OPTIONS,
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
 MIN_RENEW_INTERVAL_S = 0.05
 MAX_UNREACHABLE_BACKOFF_S = 2.0
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    """What a handler returns: numbers (``voxels`` counts towards voxels/s) and outputs."""
-
-    metrics: Mapping[str, float] = field(default_factory=dict)
-    outputs: Mapping[str, str] = field(default_factory=dict)
-
-
-class TaskContext:
-    """A running task: its lease, a cancellation flag, and a progress channel."""
-
-    def __init__(self, lease: common_pb2.TaskLease, *, worker_id: str, settings: Settings) -> None:
-        self.lease = lease
-        self.worker_id = worker_id
-        self.settings = settings
-        self.cancelled = threading.Event()
-        # The lease was taken over (expired and leased again): the result is not ours to report.
-        self.lost = False
-        self._lock = threading.Lock()
-        self._metrics: dict[str, float] = {}
-        self._message = ""
-        self._dirty = False
-
-    @property
-    def task(self) -> common_pb2.Task:
-        return self.lease.task
-
-    def report(self, metrics: Mapping[str, float], message: str = "") -> None:
-        """Progress inside a long task; sent with the next heartbeat (latest values win)."""
-        with self._lock:
-            self._metrics.update({k: float(v) for k, v in metrics.items()})
-            if message:
-                self._message = message
-            self._dirty = True
-
-    def _take_progress(self) -> common_pb2.ProgressEvent | None:
-        with self._lock:
-            if not self._dirty:
-                return None
-            event = common_pb2.ProgressEvent(
-                job_id=self.lease.task.job_id,
-                task_id=self.lease.task.id,
-                stage=self.lease.task.stage,
-                time_unix_s=time.time(),
-                message=self._message,
-            )
-            event.metrics.update(self._metrics)
-            self._metrics.clear()
-            self._message = ""
-            self._dirty = False
-            return event
-
-
-TaskHandler = Callable[[TaskContext], TaskResult]
 
 
 @dataclass
@@ -131,6 +78,7 @@ class Worker:
         *,
         worker_id: str | None = None,
         channel: grpc.Channel | None = None,
+        client: SchedulerClient | None = None,
     ) -> None:
         if role not in ROLES or role == "scheduler":
             raise InvalidArgumentError(
@@ -150,11 +98,9 @@ class Worker:
             or settings.worker_id
             or f"{role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         )
-        self._own_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(
-            settings.scheduler_address, options=list(WORKER_CHANNEL_OPTIONS)
+        self._client: SchedulerClient = client or GrpcSchedulerClient(
+            settings.scheduler_address, channel=channel
         )
-        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._timeout = settings.rpc_timeout_seconds
         self._capacity = settings.worker_capacity
         self._lease_s = settings.lease_seconds
@@ -209,14 +155,12 @@ class Worker:
                 task_id=active.ctx.task.id,
                 message=f"worker {self.worker_id} shut down before the task finished",
             )
-            with contextlib.suppress(grpc.RpcError):  # else the lease expires instead
-                self._stub.FailTask(
-                    scheduler_pb2.FailTaskRequest(
-                        lease_id=active.ctx.lease.lease_id,
-                        worker_id=self.worker_id,
-                        error=error,
-                        retryable=True,
-                    ),
+            with contextlib.suppress(Deep3mError):  # else the lease expires instead
+                self._client.fail(
+                    active.ctx.lease.lease_id,
+                    self.worker_id,
+                    error,
+                    True,
                     timeout=min(self._timeout, 5.0),
                 )
         self._hb_stop.set()
@@ -227,41 +171,30 @@ class Worker:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
-        if self._own_channel:
-            self._channel.close()
+        self._client.close()
         log.info("worker stopped", extra={"worker_id": self.worker_id, "abandoned": len(leftover)})
 
     def run_once(self) -> int:
         """Lease what is available now (up to capacity), run it here; returns the count."""
         self._ensure_heartbeat()
-        try:
-            leases = self._lease(self._capacity)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, address=self.settings.scheduler_address) from err
+        leases = self._lease(self._capacity)
         for lease in leases:
             self._run(self._register(lease))
         return len(leases)
 
-    @property
-    def active_tasks(self) -> int:
-        with self._lock:
-            return len(self._active)
-
     # -- leasing ----------------------------------------------------------------------
     def _lease(self, max_tasks: int) -> list[common_pb2.TaskLease]:
-        reply = self._stub.LeaseTasks(
-            scheduler_pb2.LeaseTasksRequest(
-                worker_id=self.worker_id,
-                role=self.role,
-                max_tasks=max_tasks,
-                lease_seconds=self._lease_s,
-            ),
-            timeout=self._timeout,
+        return self._client.lease(
+            self.worker_id, self.role, max_tasks, self._lease_s, timeout=self._timeout
         )
-        return list(reply.leases)
 
     def _loop(self) -> None:
-        idle = unreachable = 0
+        # An empty queue is polled at poll_interval × 1, 2, 4; an unreachable scheduler
+        # is retried from twice that up to a couple of seconds.
+        idle = Backoff(self._poll_s, 4 * self._poll_s)
+        unreachable = Backoff(
+            2 * self._poll_s, max(MAX_UNREACHABLE_BACKOFF_S, 2 * self._poll_s), jitter=0.1
+        )
         while not self._stop.is_set():
             with self._changed:
                 while len(self._active) >= self._capacity and not self._stop.is_set():
@@ -271,31 +204,22 @@ class Worker:
                 return
             try:
                 leases = self._lease(free)
-            except grpc.RpcError as err:
-                unreachable += 1
-                if unreachable == 1:
+            except Deep3mError as exc:
+                if unreachable.attempt == 0:
                     log.warning(
-                        "cannot lease tasks: %s",
-                        from_rpc_error(err).message,
-                        extra={"worker_id": self.worker_id},
+                        "cannot lease tasks: %s", exc.message, extra={"worker_id": self.worker_id}
                     )
-                self._stop.wait(
-                    min(
-                        self._poll_s * 2 ** min(unreachable, 6),
-                        max(MAX_UNREACHABLE_BACKOFF_S, self._poll_s),
-                    )
-                )
+                self._stop.wait(unreachable.next_delay())
                 continue
             except Exception:  # never let the loop die; the next round retries
                 log.exception("lease round failed")
                 self._stop.wait(self._poll_s)
                 continue
-            unreachable = 0
+            unreachable.reset()
             if not leases:
-                idle += 1
-                self._stop.wait(self._poll_s * 2 ** min(idle - 1, 2))
+                self._stop.wait(idle.next_delay())
                 continue
-            idle = 0
+            idle.reset()
             executor = self._executor
             for lease in leases:
                 active = self._register(lease)
@@ -408,56 +332,43 @@ class Worker:
             retryable=True,
         )
 
+    def _report(self, ctx: TaskContext, outcome: _Outcome) -> None:
+        lease_id = ctx.lease.lease_id
+        if outcome.complete and outcome.result is not None:
+            result = outcome.result
+            self._client.complete(
+                lease_id, self.worker_id, result.metrics, result.outputs, timeout=self._timeout
+            )
+            self.completed += 1
+            return
+        error = outcome.error or common_pb2.ErrorDetail(code="INTERNAL", task_id=ctx.task.id)
+        quarantined = self._client.fail(
+            lease_id, self.worker_id, error, outcome.retryable, timeout=self._timeout
+        )
+        self.failed += 1
+        if quarantined and error.code != "CANCELLED":
+            log.warning("task %s will not be retried", ctx.task.id, extra={"task_id": ctx.task.id})
+
     def _deliver(self, active: _Active, outcome: _Outcome) -> None:
         """Report the outcome; retries while the scheduler is unreachable."""
         ctx = active.ctx
         give_up = time.monotonic() + max(10 * self._lease_s, 60.0)
-        attempt = 0
+        backoff = Backoff(0.2, MAX_UNREACHABLE_BACKOFF_S)
         while not active.abandoned.is_set():
             try:
-                if outcome.complete and outcome.result is not None:
-                    request = scheduler_pb2.CompleteTaskRequest(
-                        lease_id=ctx.lease.lease_id, worker_id=self.worker_id
-                    )
-                    request.metrics.update({k: float(v) for k, v in outcome.result.metrics.items()})
-                    request.outputs.update({k: str(v) for k, v in outcome.result.outputs.items()})
-                    self._stub.CompleteTask(request, timeout=self._timeout)
-                    self.completed += 1
-                else:
-                    reply = self._stub.FailTask(
-                        scheduler_pb2.FailTaskRequest(
-                            lease_id=ctx.lease.lease_id,
-                            worker_id=self.worker_id,
-                            error=outcome.error,
-                            retryable=outcome.retryable,
-                        ),
-                        timeout=self._timeout,
-                    )
-                    self.failed += 1
-                    if (
-                        reply.quarantined
-                        and outcome.error is not None
-                        and outcome.error.code != "CANCELLED"
-                    ):
-                        log.warning(
-                            "task %s will not be retried",
-                            ctx.task.id,
-                            extra={"task_id": ctx.task.id},
-                        )
+                self._report(ctx, outcome)
                 return
-            except grpc.RpcError as err:
-                code = status_code(err)
-                if code not in RETRYABLE_CODES or time.monotonic() > give_up:
+            except Deep3mError as exc:
+                if not exc.retryable or time.monotonic() > give_up:
                     # Stale (taken over), cancelled or unknown: nothing more to report.
                     log.info(
                         "task %s: outcome not recorded: %s",
                         ctx.task.id,
-                        from_rpc_error(err).message,
+                        exc.message,
                         extra={"task_id": ctx.task.id},
                     )
                     return
-                attempt += 1
-                active.abandoned.wait(min(0.1 * 2**attempt, MAX_UNREACHABLE_BACKOFF_S))
+                active.abandoned.wait(backoff.next_delay())
 
     # -- heartbeats ----------------------------------------------------------------------
     def _ensure_heartbeat(self) -> None:
@@ -484,22 +395,18 @@ class Worker:
 
     def _renew(self, active: _Active) -> None:
         ctx = active.ctx
-        request = scheduler_pb2.RenewLeaseRequest(
-            lease_id=ctx.lease.lease_id, worker_id=self.worker_id
-        )
-        progress = ctx._take_progress()
-        if progress is not None:
-            request.progress.CopyFrom(progress)
         try:
-            reply = self._stub.RenewLease(
-                request, timeout=min(self._timeout, max(active.interval_s, 1.0))
+            _, cancelled = self._client.renew(
+                ctx.lease.lease_id,
+                self.worker_id,
+                ctx.take_progress(),
+                timeout=min(self._timeout, max(active.interval_s, 1.0)),
             )
-        except grpc.RpcError as err:
-            code = status_code(err)
-            if code in RETRYABLE_CODES:
+        except Deep3mError as exc:
+            if exc.retryable:
                 active.next_renew = time.monotonic() + min(active.interval_s, 0.5)
                 return
-            if code == grpc.StatusCode.CANCELLED:
+            if isinstance(exc, CancelledError):
                 ctx.cancelled.set()
                 active.next_renew = time.monotonic() + active.interval_s
             else:  # stale: the task was taken over; stop working on it, stop renewing
@@ -509,10 +416,10 @@ class Worker:
             log.info(
                 "task %s: lease renewal refused: %s",
                 ctx.task.id,
-                from_rpc_error(err).message,
+                exc.message,
                 extra={"task_id": ctx.task.id},
             )
             return
-        if reply.cancelled:
+        if cancelled:
             ctx.cancelled.set()
         active.next_renew = time.monotonic() + active.interval_s

@@ -1,13 +1,14 @@
-"""The transport-neutral scheduler: jobs, stages, leases, durability, progress.
+"""The transport-neutral scheduler: the job and task state machine.
 
-``Scheduler`` owns the task queue (``queue``), the planner, the persisted
-state (``persistence``), one ``EventBus`` of progress events and the
-Prometheus metrics. The gRPC servicer is a thin shell over it.
+``Scheduler`` owns the task queue (``queue``), the job kinds (``kinds``),
+the persisted state (``persistence``), one ``EventBus`` of progress events and
+the Prometheus metrics. It speaks plain values (``JobView``, ``Grant``,
+``JobError``); the gRPC servicer and the in-process worker client convert.
 
 Job states: PENDING (submitted, nothing leased yet) → RUNNING → SUCCEEDED,
 FAILED (a task was quarantined: the error lists the task ids and messages) or
 CANCELLED. A completion is acknowledged only once its record is in the store;
-a restarted scheduler resumes every unfinished job from there.
+a restarted scheduler resumes every unfinished job from there (``recovery``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
-
-from google.protobuf import json_format
+from typing import TYPE_CHECKING, Any
 
 from deep3m.core.errors import (
     AlreadyExistsError,
@@ -34,19 +32,24 @@ from deep3m.core.events import EventBus, ProgressEvent, Subscription
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.runtime import metrics as m
-from deep3m.runtime.progress_proto import JOB_STATES, TERMINAL_STATES, state_to_proto
+from deep3m.runtime.progress_proto import JOB_STATES
 from deep3m.runtime.settings import ROLES, Settings
+from deep3m.scheduler import kinds
+from deep3m.scheduler.jobs import Grant, Job, JobError, JobView
+from deep3m.scheduler.kinds.refs import create_outputs, remove_outputs
 from deep3m.scheduler.persistence import JobRecord, JobStore, spec_to_json
-from deep3m.scheduler.planner import JOB_KINDS, Planner, StagePlan, check_job_id, job_kind
 from deep3m.scheduler.queue import Lease, StageCounts, TaskQueue
-from deep3m.v1 import common_pb2
+from deep3m.scheduler.recovery import recover_job
+from deep3m.scheduler.stages import StagePlan
+
+if TYPE_CHECKING:
+    from deep3m.v1 import common_pb2
 
 log = logging.getLogger("deep3m.scheduler")
 
 WORKER_ROLES = tuple(r for r in ROLES if r != "scheduler")
 # A job whose tasks keep failing is given up early rather than after every block.
 QUARANTINE_LIMIT = 16
-MAX_JOB_ERRORS = 100
 MIN_LEASE_S = 0.2
 MAX_LEASE_S = 3600.0
 MAX_TASKS_PER_LEASE = 256
@@ -57,39 +60,11 @@ _QUEUE_GAUGES = {
 }
 
 
-@dataclass
-class _Job:
-    record: JobRecord
-    state: str
-    updated: float
-    stages: list[StagePlan] = field(default_factory=list)
-    counts: dict[str, StageCounts] = field(default_factory=dict)
-    errors: list[common_pb2.ErrorDetail] = field(default_factory=list)
-    outputs: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    # Rate and ETA of the current stage, over this scheduler's lifetime.
-    stage_started: float = 0.0
-    session_tasks: int = 0
-    session_voxels: float = 0.0
-    final_message: str = ""
-
-    @property
-    def id(self) -> str:
-        return self.record.id
-
-    @property
-    def current(self) -> StagePlan | None:
-        return self.stages[-1] if self.stages else None
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-
-def _error(
-    code: str, message: str, *, task_id: str = "", field_name: str = ""
-) -> common_pb2.ErrorDetail:
-    return common_pb2.ErrorDetail(code=code, message=message, task_id=task_id, field=field_name)
+def _describe(exc: Exception) -> tuple[str, str]:
+    """(gRPC code name, message) of any exception."""
+    if isinstance(exc, Deep3mError):
+        return exc.grpc_code_name, exc.message
+    return "INTERNAL", repr(exc)
 
 
 class Scheduler:
@@ -100,7 +75,7 @@ class Scheduler:
         settings: Settings,
         *,
         store: Store | None = None,
-        planner: Planner | None = None,
+        context: kinds.KindContext | None = None,
         bus: EventBus | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -108,7 +83,7 @@ class Scheduler:
         roots = StoreRoots.from_settings(settings)
         self.store = store or roots.store()
         self.jobs_store = JobStore(self.store)
-        self.planner = planner or Planner(
+        self.context = context or kinds.KindContext(
             roots,
             max_region_voxels=settings.max_region_voxels,
             restrict_local_inputs=settings.restrict_local_inputs,
@@ -119,7 +94,7 @@ class Scheduler:
         self.bus = bus or EventBus()
         self.clock = clock
         self._lock = threading.RLock()
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, Job] = {}
         self._reserved: set[str] = set()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -139,94 +114,28 @@ class Scheduler:
                 if job_id in self._jobs:
                     continue
                 try:
-                    resumed += self._recover_job(job_id, now, hold_until)
+                    got = recover_job(self.jobs_store, self.queue, job_id, now, hold_until)
                 except Deep3mError as exc:
                     log.error(
                         "cannot resume job %s: %s", job_id, exc.message, extra={"job_id": job_id}
                     )
+                    continue
+                job = got.job
+                self._jobs[job_id] = job
+                if got.action == "cancelled":
+                    self._finish(job, "CANCELLED", "cancelled")
+                elif got.action == "plan_first":
+                    self._start_next_stage(job, 0, now)
+                    resumed += 1
+                elif got.action == "resume":
+                    self._emit(job, message=got.message)
+                    self._check_stage(job, now)
+                    resumed += 1
             self._update_gauges()
             self._update_job_gauge()
         if resumed:
             log.info("resumed %d job(s)", resumed, extra={"jobs": resumed})
         return resumed
-
-    def _recover_job(self, job_id: str, now: float, hold_until: float) -> int:
-        record = self.jobs_store.load_job(job_id)
-        result = self.jobs_store.load_result(job_id)
-        if result is not None:
-            self._jobs[job_id] = self._job_from_result(record, result)
-            return 0
-        job = _Job(record, "PENDING", now, outputs=dict(record.outputs))
-        self._jobs[job_id] = job
-        if self.jobs_store.is_cancelled(job_id):
-            self._finish(job, "CANCELLED", "cancelled")
-            return 0
-        plans = self.jobs_store.load_stages(job_id)
-        if not plans:  # stopped between writing the job and its first stage
-            self._start_next_stage(job, 0, now)
-            return 1
-        job.stages = plans
-        for plan in plans[:-1]:
-            job.counts[plan.name] = StageCounts(plan.n_tasks, 0, 0, plan.n_tasks, 0)
-        current = plans[-1]
-        done = self.jobs_store.done_tasks(job_id, current.name)
-        quarantined = self.jobs_store.quarantined(job_id, current.name)
-        for task, rec in sorted(quarantined.items()):
-            self._add_error(
-                job,
-                _error(
-                    str(rec.get("code", "")),
-                    str(rec.get("message", "")),
-                    task_id=current.task(task).id,
-                ),
-            )
-        job.counts[current.name] = self.queue.add_stage(
-            job_id,
-            current.name,
-            current.role,
-            current.n_tasks,
-            max_attempts=record.max_attempts,
-            done=done,
-            quarantined={t: str(r.get("message", "")) for t, r in quarantined.items()},
-            hold_until=hold_until,
-        )
-        if current.n_tasks == 1 and done.size:
-            # A finished single-task stage (finalize) carries job-level results.
-            rec = self.jobs_store.done_record(job_id, current.name, 0)
-            job.outputs.update({str(k): str(v) for k, v in rec.get("outputs", {}).items()})
-            job.metrics.update(
-                {str(k): float(v) for k, v in rec.get("metrics", {}).items() if k != "voxels"}
-            )
-        if len(plans) > 1 or done.size or quarantined:
-            job.state = "RUNNING"
-        self._emit(
-            job,
-            message=f"resumed: {done.size} of {current.n_tasks} task(s) of stage "
-            f"{current.name!r} already done",
-        )
-        self._check_stage(job, now)
-        return 1
-
-    def _job_from_result(self, record: JobRecord, result: Mapping[str, Any]) -> _Job:
-        job = _Job(
-            record,
-            str(result.get("state", "FAILED")),
-            float(result.get("finished_unix_s", record.created_unix_s)),
-            outputs={str(k): str(v) for k, v in result.get("outputs", {}).items()},
-            metrics={str(k): float(v) for k, v in result.get("metrics", {}).items()},
-        )
-        job.final_message = str(result.get("message", ""))
-        for e in result.get("errors", []):
-            job.errors.append(json_format.ParseDict(e, common_pb2.ErrorDetail()))
-        for name, c in result.get("stages", {}).items():
-            job.counts[str(name)] = StageCounts(
-                int(c["total"]),
-                int(c["pending"]),
-                int(c["leased"]),
-                int(c["done"]),
-                int(c["quarantined"]),
-            )
-        return job
 
     def start(self) -> None:
         """Start the background reaper that re-queues expired leases."""
@@ -258,16 +167,16 @@ class Scheduler:
             self._stop.wait(wait)
 
     # -- jobs -----------------------------------------------------------------------
-    def submit(self, spec: common_pb2.JobSpec, job_id: str = "") -> common_pb2.Job:
+    def submit(self, spec: common_pb2.JobSpec, job_id: str = "") -> JobView:
         """Validate, create outputs, persist and queue a job; same id and spec: a no-op."""
-        kind = job_kind(spec)
+        kind = kinds.job_kind(spec)
         if job_id:
-            check_job_id(job_id)
+            kinds.check_job_id(job_id)
         with self._lock:
             if job_id and job_id in self._jobs:
                 existing = self._jobs[job_id]
                 if spec_to_json(existing.record.spec) == spec_to_json(spec):
-                    return self._job_proto(existing)
+                    return self._view(existing)
                 raise AlreadyExistsError(
                     f"job {job_id!r} already exists with a different spec", field="job_id"
                 )
@@ -280,64 +189,69 @@ class Scheduler:
                 )
             self._reserved.add(job_id)
         try:
-            return self._submit(spec, kind, job_id)
+            return self._submit(spec, job_id)
         finally:
             with self._lock:
                 self._reserved.discard(job_id)
 
-    def _submit(self, spec: common_pb2.JobSpec, kind: str, job_id: str) -> common_pb2.Job:
+    def _submit(self, spec: common_pb2.JobSpec, job_id: str) -> JobView:
         if self.jobs_store.has_job(job_id):
             raise AlreadyExistsError(
                 f"job {job_id!r} already exists in the store (unreadable "
                 "or from another scheduler)",
                 field="job_id",
             )
-        prepared = self.planner.validate(spec)
+        prepared = kinds.validate(spec, self.context)
+        kind = kinds.get_kind(prepared.kind)
         now = self.clock()
         record = JobRecord(
             job_id,
-            kind,
+            prepared.kind,
             spec,
-            prepared.resolved,
+            prepared.resolved.spec,
             now,
             spec.max_attempts or self.settings.max_attempts,
             dict(prepared.outputs),
+            dict(prepared.resolved.volumes),
         )
-        created = self.planner.create_outputs(prepared, job_id)
+        created = create_outputs(prepared.volumes, job_id)
         try:
-            first = self.planner.plan_stage(kind, prepared.resolved, 0)
+            first = kind.plan(0, prepared.resolved)
             if first is None:
-                raise InvalidArgumentError(f"job kind {kind!r} has no stages", field="spec")
+                raise InvalidArgumentError(f"job kind {kind.name!r} has no stages", field="spec")
             self.jobs_store.save_job(record)
             self.jobs_store.save_stage(job_id, first)
         except BaseException:
             # Nothing half-written stays behind.
             self.jobs_store.delete_job(job_id)
-            self.planner.remove_outputs(created)
+            remove_outputs(created)
             raise
         with self._lock:
-            job = _Job(record, "PENDING", now, outputs=dict(record.outputs))
+            job = Job(record, "PENDING", now, outputs=dict(record.outputs))
             self._jobs[job_id] = job
             self._emit(job, message="submitted")
+            for note in prepared.notes:
+                self._emit(job, message=note)
             self._add_stage(job, first, now)
             self._update_gauges()
             self._update_job_gauge()
             log.info(
-                "job submitted", extra={"job_id": job_id, "kind": kind, "tasks": first.n_tasks}
+                "job submitted",
+                extra={"job_id": job_id, "kind": kind.name, "tasks": first.n_tasks},
             )
-            return self._job_proto(job)
+            return self._view(job)
 
-    def _get(self, job_id: str) -> _Job:
-        job = self._jobs.get(check_job_id(job_id))
+    def _get(self, job_id: str) -> Job:
+        job = self._jobs.get(kinds.check_job_id(job_id))
         if job is None:
             raise NotFoundError(f"job {job_id!r} not found", field="job_id")
         return job
 
-    def get(self, job_id: str) -> common_pb2.Job:
+    def get(self, job_id: str) -> JobView:
         with self._lock:
-            return self._job_proto(self._get(job_id))
+            return self._view(self._get(job_id))
 
-    def list_jobs(self, states: Sequence[str] = (), limit: int = 0) -> list[common_pb2.Job]:
+    def list_jobs(self, states: Sequence[str] = (), limit: int = 0) -> list[JobView]:
         """Jobs, newest first, optionally only those in ``states``."""
         wanted = {s.upper() for s in states}
         unknown = wanted - set(JOB_STATES)
@@ -351,9 +265,9 @@ class Scheduler:
                 key=lambda j: (j.record.created_unix_s, j.id),
                 reverse=True,
             )
-            return [self._job_proto(j) for j in (jobs[:limit] if limit else jobs)]
+            return [self._view(j) for j in (jobs[:limit] if limit else jobs)]
 
-    def cancel(self, job_id: str) -> common_pb2.Job:
+    def cancel(self, job_id: str) -> JobView:
         """Cancel a job: pending tasks dropped, running ones told at their next heartbeat."""
         with self._lock:
             job = self._get(job_id)
@@ -361,19 +275,19 @@ class Scheduler:
                 self.jobs_store.mark_cancelled(job_id)
                 running = len(self.queue.cancel_job(job_id))
                 self._finish(job, "CANCELLED", f"cancelled; {running} running task(s) told to stop")
-            return self._job_proto(job)
+            return self._view(job)
 
     def watch(self, job_id: str) -> tuple[ProgressEvent, Subscription | None]:
         """The job's current state and, unless it has ended, a subscription to what follows."""
         with self._lock:
             job = self._get(job_id)
             if job.terminal:
-                return self._event(
-                    job,
+                return job.event(
+                    self.clock(),
                     message=job.final_message,
                     error=job.final_message if job.state == "FAILED" else "",
                 ), None
-            first = self._event(job, message="current state")
+            first = job.event(self.clock(), message="current state")
             sub = self.bus.subscribe(job_id)
             self._subscriptions.add(sub)
             return first, sub
@@ -386,7 +300,7 @@ class Scheduler:
 
     def lease(
         self, worker_id: str, role: str, max_tasks: int, lease_seconds: float = 0.0
-    ) -> list[common_pb2.TaskLease]:
+    ) -> list[Grant]:
         if not worker_id:
             raise InvalidArgumentError("worker_id is empty", field="worker_id")
         if role not in WORKER_ROLES:
@@ -410,28 +324,30 @@ class Scheduler:
                 if not job.stage_started:
                     job.stage_started = now
                 self._refresh_counts(job, lease.stage)
-                out.append(self._lease_proto(job, lease))
+                out.append(self._grant(job, lease))
             if leases:
                 self._update_gauges(role)
             return out
 
     def renew(
-        self, lease_id: str, worker_id: str, progress: common_pb2.ProgressEvent | None = None
+        self,
+        lease_id: str,
+        worker_id: str,
+        *,
+        message: str = "",
+        metrics: Mapping[str, float] | None = None,
     ) -> tuple[float, bool]:
-        """Extend a lease; returns (new deadline, cancelled)."""
+        """Extend a lease, passing on the task's progress; returns (new deadline, cancelled)."""
         now = self.clock()
         with self._lock:
             lease = self.queue.renew(lease_id, worker_id, now)
             job = self._jobs.get(lease.job_id)
-            if (
-                job is not None
-                and not lease.cancelled
-                and progress is not None
-                and (progress.metrics or progress.message)
-            ):
-                task_id = self._task_id(job, lease)
+            if job is not None and not lease.cancelled and (metrics or message):
                 self._emit(
-                    job, message=progress.message, task_id=task_id, metrics=dict(progress.metrics)
+                    job,
+                    message=message,
+                    task_id=job.task_id(lease.stage, lease.task),
+                    metrics=dict(metrics or {}),
                 )
             return lease.deadline, lease.cancelled
 
@@ -449,7 +365,7 @@ class Scheduler:
         with self._lock:
             lease = self.queue.complete(lease_id, worker_id, now)
             job = self._jobs[lease.job_id]
-            task_id = self._task_id(job, lease)
+            task_id = job.task_id(lease.stage, lease.task)
         record = {
             "task_id": task_id,
             "worker_id": worker_id,
@@ -476,15 +392,7 @@ class Scheduler:
                 m.VOXELS_PROCESSED.labels(role=lease.role).inc(voxels)
             if job.terminal:
                 return
-            job.updated = now
-            job.session_tasks += 1
-            job.session_voxels += voxels
-            if voxels:
-                job.metrics["voxels"] = job.metrics.get("voxels", 0.0) + voxels
-            if job.current is not None and job.current.n_tasks == 1:
-                # Single-task stages (finalize) report job-level results.
-                job.metrics.update({k: float(v) for k, v in metrics.items() if k != "voxels"})
-            job.outputs.update(outputs)
+            job.record_completion(now, voxels, metrics, outputs)
             self._refresh_counts(job, lease.stage)
             self._emit(job, task_id=task_id, metrics={"voxels": voxels} if voxels else None)
             stage = job.current
@@ -492,9 +400,7 @@ class Scheduler:
             # A finished stage may have started the next one, of another role.
             self._update_gauges(lease.role if job.current is stage else None)
 
-    def fail(
-        self, lease_id: str, worker_id: str, error: common_pb2.ErrorDetail, retryable: bool
-    ) -> bool:
+    def fail(self, lease_id: str, worker_id: str, error: JobError, retryable: bool) -> bool:
         """Record a failed attempt; returns True when the task will not be retried."""
         now = self.clock()
         with self._lock:
@@ -504,7 +410,7 @@ class Scheduler:
                 return True
             lease = outcome.lease
             job = self._jobs[lease.job_id]
-            task_id = self._task_id(job, lease)
+            task_id = job.task_id(lease.stage, lease.task)
             if outcome.quarantined:
                 self._quarantine(
                     job,
@@ -541,7 +447,7 @@ class Scheduler:
                 job = self._jobs.get(e.lease.job_id)
                 if job is None or job.terminal:
                     continue
-                task_id = self._task_id(job, e.lease)
+                task_id = job.task_id(e.lease.stage, e.lease.task)
                 message = (
                     f"lease expired: worker {e.lease.worker_id!r} stopped renewing "
                     f"(attempt {e.lease.attempt})"
@@ -571,36 +477,49 @@ class Scheduler:
         return {role: c[1] for role, c in self.queue_stats().items()}
 
     # -- internals (caller holds the lock) ---------------------------------------------
-    def _task_id(self, job: _Job, lease: Lease) -> str:
-        for plan in reversed(job.stages):
-            if plan.name == lease.stage:
-                return plan.task(lease.task).id
-        return f"{lease.stage}/{lease.task}"
+    def _view(self, job: Job) -> JobView:
+        return job.view(kinds.get_kind(job.record.kind).stages)
 
-    def _add_stage(self, job: _Job, plan: StagePlan, now: float) -> None:
-        job.stages.append(plan)
-        job.counts[plan.name] = self.queue.add_stage(
-            job.id, plan.name, plan.role, plan.n_tasks, max_attempts=job.record.max_attempts
+    def _grant(self, job: Job, lease: Lease) -> Grant:
+        plan = job.current
+        if plan is None or plan.name != lease.stage:
+            raise NotFoundError(
+                f"job {job.id!r} has no current stage {lease.stage!r}", field="stage"
+            )
+        return Grant(
+            lease.lease_id,
+            lease.deadline,
+            job.id,
+            lease.stage,
+            lease.role,
+            lease.attempt,
+            plan.task(lease.task),
+            job.record.resolved,
+            job.record.volumes,
         )
-        job.stage_started = 0.0
-        job.session_tasks = 0
-        job.session_voxels = 0.0
+
+    def _add_stage(self, job: Job, plan: StagePlan, now: float) -> None:
+        job.start_stage(
+            plan,
+            self.queue.add_stage(
+                job.id, plan.name, plan.role, plan.n_tasks, max_attempts=job.record.max_attempts
+            ),
+        )
         self._emit(
             job,
             message=f"stage {plan.name!r} planned: {plan.n_tasks} task(s) for the {plan.role} role",
         )
         self._check_stage(job, now)
 
-    def _start_next_stage(self, job: _Job, index: int, now: float) -> None:
+    def _start_next_stage(self, job: Job, index: int, now: float) -> None:
         try:
-            plan = self.planner.plan_stage(job.record.kind, job.record.resolved, index)
+            plan = kinds.get_kind(job.record.kind).plan(index, job.record.resolution)
             if plan is not None:
                 self.jobs_store.save_stage(job.id, plan)
         except Exception as exc:
-            message = exc.message if isinstance(exc, Deep3mError) else repr(exc)
-            code = exc.grpc_code_name if isinstance(exc, Deep3mError) else "INTERNAL"
+            code, message = _describe(exc)
             log.exception("cannot plan stage %d of job %s", index, job.id)
-            self._add_error(job, _error(code, f"planning stage {index} failed: {message}"))
+            job.add_error(JobError(code, f"planning stage {index} failed: {message}"))
             self._finish(job, "FAILED", f"planning stage {index} failed: {message}")
             return
         if plan is None:
@@ -608,7 +527,7 @@ class Scheduler:
             return
         self._add_stage(job, plan, now)
 
-    def _check_stage(self, job: _Job, now: float) -> None:
+    def _check_stage(self, job: Job, now: float) -> None:
         """Advance, fail or finish the job once its current stage has settled."""
         plan = job.current
         if plan is None or job.terminal:
@@ -630,18 +549,20 @@ class Scheduler:
         if counts.done < counts.total:
             return
         try:
-            self.planner.stage_finished(job.record.kind, job.record.resolved, plan, job.id)
+            kinds.get_kind(job.record.kind).on_stage_finished(
+                plan, job.record.resolution, self.context, job.id
+            )
         except Exception as exc:
-            message = exc.message if isinstance(exc, Deep3mError) else repr(exc)
+            _, message = _describe(exc)
             log.exception("finishing stage %s of job %s failed", plan.name, job.id)
-            self._add_error(job, _error("INTERNAL", f"finishing stage {plan.name!r}: {message}"))
+            job.add_error(JobError("INTERNAL", f"finishing stage {plan.name!r}: {message}"))
             self._finish(job, "FAILED", f"finishing stage {plan.name!r} failed: {message}")
             return
         self._start_next_stage(job, plan.index + 1, now)
 
     def _quarantine(
         self,
-        job: _Job,
+        job: Job,
         lease: Lease,
         task_id: str,
         code: str,
@@ -663,7 +584,7 @@ class Scheduler:
             self.jobs_store.save_quarantine(job.id, lease.stage, lease.task, record)
         except Exception:  # the job still fails now; only a restart would retry the task
             log.exception("cannot persist the quarantine of %s", task_id)
-        self._add_error(job, _error(code, message, task_id=task_id))
+        job.add_error(JobError(code, message, task_id=task_id))
         self._refresh_counts(job, lease.stage)
         self._emit(
             job,
@@ -676,22 +597,18 @@ class Scheduler:
         )
         self._check_stage(job, now)
 
-    def _add_error(self, job: _Job, error: common_pb2.ErrorDetail) -> None:
-        if len(job.errors) < MAX_JOB_ERRORS:
-            job.errors.append(error)
-
-    def _refresh_counts(self, job: _Job, stage: str) -> StageCounts:
+    def _refresh_counts(self, job: Job, stage: str) -> StageCounts:
         if self.queue.has_stage(job.id, stage):
             job.counts[stage] = self.queue.counts(job.id, stage)
         return job.counts[stage]
 
-    def _set_state(self, job: _Job, state: str, now: float, message: str = "") -> None:
+    def _set_state(self, job: Job, state: str, now: float, message: str = "") -> None:
         job.state = state
         job.updated = now
         self._emit(job, message=message or state.lower())
         self._update_job_gauge()
 
-    def _finish(self, job: _Job, state: str, message: str) -> None:
+    def _finish(self, job: Job, state: str, message: str) -> None:
         now = self.clock()
         plan = job.current
         if plan is not None:
@@ -701,28 +618,8 @@ class Scheduler:
         job.state = state
         job.updated = now
         job.final_message = message
-        result = {
-            "state": state,
-            "message": message,
-            "finished_unix_s": now,
-            "errors": [
-                json_format.MessageToDict(e, preserving_proto_field_name=True) for e in job.errors
-            ],
-            "outputs": job.outputs,
-            "metrics": job.metrics,
-            "stages": {
-                name: {
-                    "total": c.total,
-                    "pending": c.pending,
-                    "leased": c.leased,
-                    "done": c.done,
-                    "quarantined": c.quarantined,
-                }
-                for name, c in job.counts.items()
-            },
-        }
         try:
-            self.jobs_store.save_result(job.id, result)
+            self.jobs_store.save_result(job.id, job.result_document(now))
         except Exception:  # still finished here; a restart would resume it
             log.exception("cannot persist the result of job %s", job.id)
         error = message if state == "FAILED" else ""
@@ -730,42 +627,9 @@ class Scheduler:
         self._update_job_gauge()
         log.info("job finished", extra={"job_id": job.id, "state": state, "detail": message})
 
-    def _event(
-        self,
-        job: _Job,
-        *,
-        message: str = "",
-        error: str = "",
-        task_id: str = "",
-        metrics: Mapping[str, float] | None = None,
-    ) -> ProgressEvent:
-        plan = job.current
-        counts = job.counts.get(plan.name) if plan is not None else None
-        now = self.clock()
-        rate = eta = 0.0
-        if counts is not None and job.stage_started and job.session_tasks and not job.terminal:
-            elapsed = max(now - job.stage_started, 1e-6)
-            rate = job.session_voxels / elapsed
-            remaining = counts.total - counts.done - counts.quarantined
-            eta = remaining * elapsed / job.session_tasks
-        return ProgressEvent(
-            job_id=job.id,
-            state=job.state,
-            stage=plan.name if plan is not None else "",
-            tasks_done=counts.done if counts else 0,
-            tasks_total=counts.total if counts else 0,
-            voxels_per_second=rate,
-            eta_seconds=eta,
-            message=message,
-            metrics=dict(metrics or {}),
-            error=error,
-            task_id=task_id,
-            time_unix_s=now,
-        )
-
-    def _emit(self, job: _Job, **kwargs: Any) -> None:
+    def _emit(self, job: Job, **kwargs: Any) -> None:
         # Published under the lock, so every subscriber sees events in order.
-        self.bus.publish(self._event(job, **kwargs))
+        self.bus.publish(job.event(self.clock(), **kwargs))
 
     def _update_gauges(self, role: str | None = None) -> None:
         """Refresh the queue gauges (of one role, on the hot paths)."""
@@ -783,48 +647,3 @@ class Scheduler:
             by_state[job.state] += 1
         for state, n in by_state.items():
             m.JOBS.labels(state=state).set(n)
-
-    # -- protos ----------------------------------------------------------------------
-    def _job_proto(self, job: _Job) -> common_pb2.Job:
-        out = common_pb2.Job(
-            id=job.id,
-            spec=job.record.resolved,
-            state=state_to_proto(job.state),
-            created_unix_s=job.record.created_unix_s,
-            updated_unix_s=job.updated,
-            errors=job.errors,
-        )
-        out.outputs.update(job.outputs)
-        out.metrics.update(job.metrics)
-        for sdef in JOB_KINDS[job.record.kind]:
-            c = job.counts.get(sdef.name)
-            status = out.stages.add(name=sdef.name, role=sdef.role)
-            if c is not None:
-                status.tasks_total = c.total
-                status.tasks_done = c.done
-                status.tasks_leased = c.leased
-                status.tasks_quarantined = c.quarantined
-        return out
-
-    def _lease_proto(self, job: _Job, lease: Lease) -> common_pb2.TaskLease:
-        plan = job.current
-        if plan is None or plan.name != lease.stage:
-            raise NotFoundError(
-                f"job {job.id!r} has no current stage {lease.stage!r}", field="stage"
-            )
-        spec = plan.task(lease.task)
-        task = common_pb2.Task(
-            id=spec.id, job_id=job.id, stage=lease.stage, role=lease.role, attempt=lease.attempt
-        )
-        task.params.update(spec.params)
-        if spec.block is not None:
-            task.block.core.start.extend(spec.block.core.start)
-            task.block.core.stop.extend(spec.block.core.stop)
-            task.block.read.start.extend(spec.block.read.start)
-            task.block.read.stop.extend(spec.block.read.stop)
-        return common_pb2.TaskLease(
-            task=task,
-            spec=job.record.resolved,
-            lease_id=lease.lease_id,
-            deadline_unix_s=lease.deadline,
-        )

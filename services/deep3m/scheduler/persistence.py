@@ -1,7 +1,8 @@
 """The scheduler's durable state, as small documents in the store.
 
 ```
-jobs/<job>/job.json                  immutable: spec as submitted, resolved spec, outputs
+jobs/<job>/job.json                  immutable: spec as submitted, resolved spec and
+                                     volumes, outputs
 jobs/<job>/stages/<index>.json       immutable stage plan (a formula, not a task list)
 jobs/<job>/done/<stage>/<task>       one small record per completed task
 jobs/<job>/quarantine/<stage>/<task> the error of a task given up on
@@ -31,7 +32,8 @@ from google.protobuf import json_format
 
 from deep3m.core.errors import InvalidArgumentError, NotFoundError
 from deep3m.core.store import Store
-from deep3m.scheduler.planner import StagePlan, check_job_id, job_kind
+from deep3m.scheduler.kinds.base import Resolved, VolumeFacts, check_job_id, job_kind
+from deep3m.scheduler.stages import StagePlan
 from deep3m.v1 import common_pb2
 
 FORMAT_VERSION = 1
@@ -63,6 +65,12 @@ class JobRecord:
     created_unix_s: float
     max_attempts: int
     outputs: Mapping[str, str] = field(default_factory=dict)
+    # The volumes as checked at submit (shape, dtype, grid, voxel size).
+    volumes: Mapping[str, VolumeFacts] = field(default_factory=dict)
+
+    @property
+    def resolution(self) -> Resolved:
+        return Resolved(self.resolved, self.volumes)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +82,7 @@ class JobRecord:
             "created_unix_s": self.created_unix_s,
             "max_attempts": self.max_attempts,
             "outputs": dict(self.outputs),
+            "volumes": {name: v.to_json() for name, v in self.volumes.items()},
         }
 
     @classmethod
@@ -94,6 +103,10 @@ class JobRecord:
                 float(data["created_unix_s"]),
                 int(data["max_attempts"]),
                 dict(data.get("outputs", {})),
+                {
+                    str(name): VolumeFacts.from_json(v)
+                    for name, v in data.get("volumes", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgumentError(

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import grpc
 
 from deep3m.runtime.progress_proto import event_to_proto, state_from_proto
+from deep3m.scheduler.convert import error_from_proto, grant_to_proto, job_to_proto
 from deep3m.scheduler.core import Scheduler
 from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -25,24 +26,24 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def SubmitJob(
         self, request: scheduler_pb2.SubmitJobRequest, context: grpc.ServicerContext
     ) -> common_pb2.Job:
-        return self.scheduler.submit(request.spec, request.job_id)
+        return job_to_proto(self.scheduler.submit(request.spec, request.job_id))
 
     def GetJob(
         self, request: scheduler_pb2.GetJobRequest, context: grpc.ServicerContext
     ) -> common_pb2.Job:
-        return self.scheduler.get(request.job_id)
+        return job_to_proto(self.scheduler.get(request.job_id))
 
     def ListJobs(
         self, request: scheduler_pb2.ListJobsRequest, context: grpc.ServicerContext
     ) -> scheduler_pb2.ListJobsResponse:
         states = [state_from_proto(s) for s in request.states]
         jobs = self.scheduler.list_jobs([s for s in states if s], request.limit)
-        return scheduler_pb2.ListJobsResponse(jobs=jobs)
+        return scheduler_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs])
 
     def CancelJob(
         self, request: scheduler_pb2.CancelJobRequest, context: grpc.ServicerContext
     ) -> common_pb2.Job:
-        return self.scheduler.cancel(request.job_id)
+        return job_to_proto(self.scheduler.cancel(request.job_id))
 
     def WatchJob(
         self, request: scheduler_pb2.WatchJobRequest, context: grpc.ServicerContext
@@ -69,13 +70,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         leases = self.scheduler.lease(
             request.worker_id, request.role, request.max_tasks, request.lease_seconds
         )
-        return scheduler_pb2.LeaseTasksResponse(leases=leases)
+        return scheduler_pb2.LeaseTasksResponse(leases=[grant_to_proto(g) for g in leases])
 
     def RenewLease(
         self, request: scheduler_pb2.RenewLeaseRequest, context: grpc.ServicerContext
     ) -> scheduler_pb2.RenewLeaseResponse:
-        progress = request.progress if request.HasField("progress") else None
-        deadline, cancelled = self.scheduler.renew(request.lease_id, request.worker_id, progress)
+        progress = request.progress
+        deadline, cancelled = self.scheduler.renew(
+            request.lease_id,
+            request.worker_id,
+            message=progress.message,
+            metrics=dict(progress.metrics),
+        )
         return scheduler_pb2.RenewLeaseResponse(deadline_unix_s=deadline, cancelled=cancelled)
 
     def CompleteTask(
@@ -90,7 +96,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.FailTaskRequest, context: grpc.ServicerContext
     ) -> scheduler_pb2.FailTaskResponse:
         quarantined = self.scheduler.fail(
-            request.lease_id, request.worker_id, request.error, request.retryable
+            request.lease_id, request.worker_id, error_from_proto(request.error), request.retryable
         )
         return scheduler_pb2.FailTaskResponse(quarantined=quarantined)
 

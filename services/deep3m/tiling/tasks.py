@@ -11,29 +11,17 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.ingest import finalize_ingest, ingest_range
+from deep3m.core.store import Store
 from deep3m.runtime.metrics import INGEST_BYTES
-from deep3m.runtime.settings import Settings, get_settings
+from deep3m.runtime.settings import Settings
+from deep3m.runtime.task import TaskContext, TaskResult
 from deep3m.tiling.operations import TilingOperations
 from deep3m.v1 import common_pb2
-
-if TYPE_CHECKING:
-    from deep3m.runtime.worker import TaskResult
-
-
-class IngestContext(Protocol):
-    """What an ingest task needs from the worker's task context."""
-
-    @property
-    def lease(self) -> common_pb2.TaskLease: ...
-
-    @property
-    def cancelled(self) -> threading.Event: ...
 
 
 def _ingest_spec(lease: common_pb2.TaskLease) -> common_pb2.IngestSpec:
@@ -65,6 +53,21 @@ class IngestTaskHandlers:
         self.settings = settings
         self.ops = TilingOperations(settings)
 
+    def _output(self, lease: common_pb2.TaskLease) -> tuple[Store, str, str]:
+        """The output volume's store, key and dtype (as resolved at submission when known)."""
+        if "output" in lease.volumes:
+            out = lease.volumes["output"]
+            return (
+                self.ops.roots.store(out.store_url, field="spec.output.store_url"),
+                out.path,
+                out.dtype,
+            )
+        spec = _ingest_spec(lease)
+        store, key = self.ops.roots.resolve(
+            spec.output.store_url, spec.output.path, field="spec.output"
+        )
+        return store, key, ""
+
     def run_ingest_range(
         self, lease: common_pb2.TaskLease, *, cancelled: threading.Event | None = None
     ) -> dict[str, float]:
@@ -74,9 +77,7 @@ class IngestTaskHandlers:
         z_start = _int_param(lease.task, "z_start")
         z_stop = _int_param(lease.task, "z_stop")
         source = self.ops.check_source(spec.source)
-        store, key = self.ops.roots.resolve(
-            spec.output.store_url, spec.output.path, field="spec.output"
-        )
+        store, key, dtype = self._output(lease)
         written = ingest_range(
             source,
             store,
@@ -87,10 +88,10 @@ class IngestTaskHandlers:
             storage_options=self.settings.storage_options(),
         )
         INGEST_BYTES.inc(written)
-        info = store.volume_info(key)
+        itemsize = np.dtype(dtype or store.volume_info(key).dtype).itemsize
         return {
             # "voxels" is what the scheduler sums into the job's voxels/s.
-            "voxels": float(written // np.dtype(info.dtype).itemsize),
+            "voxels": float(written // itemsize),
             "bytes": float(written),
             "slices": float(z_stop - z_start),
             "seconds": time.perf_counter() - started,
@@ -99,43 +100,12 @@ class IngestTaskHandlers:
     def run_finalize(self, lease: common_pb2.TaskLease) -> dict[str, str]:
         """Mark the volume complete; returns the job outputs."""
         spec = _ingest_spec(lease)
-        store, key = self.ops.roots.resolve(
-            spec.output.store_url, spec.output.path, field="spec.output"
-        )
+        store, key, _ = self._output(lease)
         finalize_ingest(store, key, source=spec.source)
         return {"volume": store.key_url(key)}
 
-    def ingest_range(self, ctx: IngestContext) -> TaskResult:
-        from deep3m.runtime.worker import TaskResult
-
+    def ingest_range(self, ctx: TaskContext) -> TaskResult:
         return TaskResult(metrics=self.run_ingest_range(ctx.lease, cancelled=ctx.cancelled))
 
-    def finalize(self, ctx: IngestContext) -> TaskResult:
-        from deep3m.runtime.worker import TaskResult
-
+    def finalize(self, ctx: TaskContext) -> TaskResult:
         return TaskResult(metrics={}, outputs=self.run_finalize(ctx.lease))
-
-
-_default_lock = threading.Lock()
-_default: IngestTaskHandlers | None = None
-
-
-def _handlers(ctx: Any) -> IngestTaskHandlers:
-    global _default
-    with _default_lock:
-        if _default is None:
-            settings = getattr(ctx, "settings", None)
-            _default = IngestTaskHandlers(
-                settings if isinstance(settings, Settings) else get_settings()
-            )
-        return _default
-
-
-def handle_ingest_range(ctx: IngestContext) -> TaskResult:
-    """``ingest`` stage handler with this process's settings (``DEEP3M_*``)."""
-    return _handlers(ctx).ingest_range(ctx)
-
-
-def handle_finalize_ingest(ctx: IngestContext) -> TaskResult:
-    """``finalize`` stage handler with this process's settings (``DEEP3M_*``)."""
-    return _handlers(ctx).finalize(ctx)

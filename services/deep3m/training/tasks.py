@@ -12,10 +12,9 @@ the same card when retried.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import torch
 
@@ -25,7 +24,8 @@ from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.models.card import MemberCard, ModelCard, card_key, load_card, save_card
 from deep3m.models.registry import INPUT_MULTIPLE, build_network
-from deep3m.runtime.settings import Settings, get_settings
+from deep3m.runtime.settings import Settings
+from deep3m.runtime.task import TaskContext, TaskResult
 from deep3m.training.config import TrainConfig
 from deep3m.training.data import LabelledVolume, Normalization, read_volume, to_classes
 from deep3m.training.distributed import train_member_distributed, visible_gpus
@@ -41,28 +41,11 @@ from deep3m.training.trainer import (
 from deep3m.training.validate import resolve_source
 from deep3m.v1 import common_pb2
 
-if TYPE_CHECKING:
-    from deep3m.runtime.worker import TaskResult
-
 # Context (y, x) a block of prediction should read around its core.
 HALO_YX = 64
 
 
-class TrainContext(Protocol):
-    """What the handlers use of the worker's task context."""
-
-    @property
-    def lease(self) -> common_pb2.TaskLease: ...
-
-    @property
-    def cancelled(self) -> threading.Event: ...
-
-    def report(self, metrics: Mapping[str, float], message: str = "") -> None: ...
-
-
 def _task_result(metrics: Mapping[str, float], outputs: Mapping[str, str]) -> TaskResult:
-    from deep3m.runtime.worker import TaskResult
-
     return TaskResult(metrics=dict(metrics), outputs=dict(outputs))
 
 
@@ -85,7 +68,7 @@ class TrainingTasks:
         """Models are written to the default store."""
         return self.roots.store("")
 
-    def train(self, ctx: TrainContext) -> TaskResult:
+    def train(self, ctx: TaskContext) -> TaskResult:
         lease = ctx.lease
         config = _config(lease)
         member = lease.task.params.get("member", "")
@@ -151,7 +134,7 @@ class TrainingTasks:
             },
         )
 
-    def finalize(self, ctx: TrainContext) -> TaskResult:
+    def finalize(self, ctx: TaskContext) -> TaskResult:
         config = _config(ctx.lease)
         store = self.model_store()
         card = assemble_card(
@@ -275,13 +258,3 @@ def assemble_card(
     )
     save_card(store, card)
     return card
-
-
-def handle_train(ctx: TrainContext) -> TaskResult:
-    """Stage ``train`` with the process's settings (``DEEP3M_*``)."""
-    return TrainingTasks(get_settings()).train(ctx)
-
-
-def handle_finalize(ctx: TrainContext) -> TaskResult:
-    """Stage ``finalize`` with the process's settings (``DEEP3M_*``)."""
-    return TrainingTasks(get_settings()).finalize(ctx)

@@ -270,14 +270,41 @@ class Task(_message.Message):
     params: _containers.ScalarMap[str, str]
     def __init__(self, id: _Optional[str] = ..., job_id: _Optional[str] = ..., stage: _Optional[str] = ..., role: _Optional[str] = ..., attempt: _Optional[int] = ..., block: _Optional[_Union[Block, _Mapping]] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class ResolvedVolume(_message.Message):
+    __slots__ = ("store_url", "path", "array", "shape", "dtype", "grid", "voxel_size_nm")
+    STORE_URL_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ARRAY_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    VOXEL_SIZE_NM_FIELD_NUMBER: _ClassVar[int]
+    store_url: str
+    path: str
+    array: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    grid: _containers.RepeatedScalarFieldContainer[int]
+    voxel_size_nm: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, store_url: _Optional[str] = ..., path: _Optional[str] = ..., array: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., grid: _Optional[_Iterable[int]] = ..., voxel_size_nm: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class TaskLease(_message.Message):
-    __slots__ = ("task", "spec", "lease_id", "deadline_unix_s")
+    __slots__ = ("task", "spec", "lease_id", "deadline_unix_s", "volumes")
+    class VolumesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ResolvedVolume
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ResolvedVolume, _Mapping]] = ...) -> None: ...
     TASK_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
     task: Task
     spec: JobSpec
     lease_id: str
     deadline_unix_s: float
-    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., lease_id: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
+    volumes: _containers.MessageMap[str, ResolvedVolume]
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., lease_id: _Optional[str] = ..., deadline_unix_s: _Optional[float] = ..., volumes: _Optional[_Mapping[str, ResolvedVolume]] = ...) -> None: ...

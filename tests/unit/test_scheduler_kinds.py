@@ -1,4 +1,4 @@
-"""Submit-time validation, defaults and stage plans (no network)."""
+"""Job kinds: submit-time validation, defaults, resolved volumes and stage plans (no network)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,11 @@ from deep3m.core.geometry import plan_blocks
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.runtime.settings import Settings
-from deep3m.scheduler.planner import (
-    Planner,
-    StagePlan,
-    check_job_id,
-    chunk_for_block,
-    job_kind,
-)
+from deep3m.scheduler import kinds
+from deep3m.scheduler.kinds import KINDS, KindContext, check_job_id, job_kind
+from deep3m.scheduler.kinds.predict import chunk_for_block
+from deep3m.scheduler.kinds.refs import create_outputs
+from deep3m.scheduler.stages import StagePlan
 from deep3m.testing.scheduler import save_test_model, write_volume
 from deep3m.v1 import common_pb2
 
@@ -39,8 +37,8 @@ def store(tmp_path: Path) -> Store:
 
 
 @pytest.fixture
-def planner(store: Store) -> Planner:
-    return Planner(StoreRoots.from_settings(Settings(store_url=store.url)))
+def ctx(store: Store) -> KindContext:
+    return KindContext(StoreRoots.from_settings(Settings(store_url=store.url)))
 
 
 def predict(**fields: object) -> common_pb2.JobSpec:
@@ -60,9 +58,9 @@ def predict(**fields: object) -> common_pb2.JobSpec:
     return common_pb2.JobSpec(predict=spec)
 
 
-def test_predict_defaults_are_resolved_without_writing(planner: Planner, store: Store) -> None:
-    prepared = planner.validate(predict())
-    r = prepared.resolved.predict
+def test_predict_defaults_are_resolved_without_writing(ctx: KindContext, store: Store) -> None:
+    prepared = kinds.validate(predict(), ctx)
+    r = prepared.resolved.spec.predict
     assert list(r.block_shape) == [8, 100, 120]  # default (8, 1024, 1024) clipped to the volume
     assert list(r.halo) == [2, 8, 8]  # from the model card
     assert list(r.members) == ["1fm", "5fm"]
@@ -73,13 +71,13 @@ def test_predict_defaults_are_resolved_without_writing(planner: Planner, store: 
     assert not store.exists("volumes/out.zarr")
 
 
-def test_predict_plan_matches_the_block_grid(planner: Planner, store: Store) -> None:
-    prepared = planner.validate(predict(block_shape=[4, 64, 64], halo=[2, 4, 4]))
-    planner.create_outputs(prepared, "job-1")
+def test_predict_plan_matches_the_block_grid(ctx: KindContext, store: Store) -> None:
+    prepared = kinds.validate(predict(block_shape=[4, 64, 64], halo=[2, 4, 4]), ctx)
+    create_outputs(prepared.volumes, "job-1")
     info = store.volume_info("volumes/out.zarr")
     assert info.chunk_shape == (4, 64, 64) and not info.complete
     assert info.attributes["job"] == "job-1"
-    plan = planner.plan_stage("predict", prepared.resolved, 0)
+    plan = KINDS["predict"].plan(0, prepared.resolved)
     assert plan is not None and plan.layout == "blocks"
     expected = plan_blocks(SHAPE, (4, 64, 64), (2, 4, 4), grid=(4, 64, 64))
     assert plan.n_tasks == len(expected) == 3 * 2 * 2
@@ -90,33 +88,33 @@ def test_predict_plan_matches_the_block_grid(planner: Planner, store: Store) -> 
     last = plan.task(11)
     assert last.id == "predict/b2-1-1"
     assert last.block is not None and last.block.core.stop == SHAPE
-    finalize = planner.plan_stage("predict", prepared.resolved, 1)
+    finalize = KINDS["predict"].plan(1, prepared.resolved)
     assert finalize is not None and (finalize.role, finalize.n_tasks) == ("postprocess", 1)
-    assert planner.plan_stage("predict", prepared.resolved, 2) is None
-    planner.stage_finished("predict", prepared.resolved, plan, "job-1")
+    assert KINDS["predict"].plan(2, prepared.resolved) is None
+    KINDS["predict"].on_stage_finished(plan, prepared.resolved, ctx, "job-1")
     assert store.volume_info("volumes/out.zarr").complete
 
 
-def test_an_identical_existing_output_is_accepted(planner: Planner, store: Store) -> None:
-    first = planner.validate(predict(block_shape=[4, 64, 64]))
-    planner.create_outputs(first, "job-1")
-    again = planner.validate(predict())
+def test_an_identical_existing_output_is_accepted(ctx: KindContext, store: Store) -> None:
+    first = kinds.validate(predict(block_shape=[4, 64, 64]), ctx)
+    create_outputs(first.volumes, "job-1")
+    again = kinds.validate(predict(), ctx)
     assert again.volumes == ()  # resume: nothing to create
     # Default (8, 1024, 1024) on the existing 64-voxel grid, no bigger than the volume needs.
-    assert list(again.resolved.predict.block_shape) == [8, 128, 128]
+    assert list(again.resolved.spec.predict.block_shape) == [8, 128, 128]
     with pytest.raises(InvalidArgumentError, match="not a multiple") as err:
-        planner.validate(predict(block_shape=[4, 48, 64]))
+        kinds.validate(predict(block_shape=[4, 48, 64]), ctx)
     assert err.value.field == "block_shape"
 
 
-def test_an_output_holding_a_different_array_is_refused(planner: Planner, store: Store) -> None:
+def test_an_output_holding_a_different_array_is_refused(ctx: KindContext, store: Store) -> None:
     write_volume(store, "volumes/other.zarr", np.zeros((10, 100, 120), np.uint8))
     with pytest.raises(AlreadyExistsError, match=r"volumes/other\.zarr.*dtype uint8") as err:
-        planner.validate(predict(output=common_pb2.VolumeRef(path="volumes/other.zarr")))
+        kinds.validate(predict(output=common_pb2.VolumeRef(path="volumes/other.zarr")), ctx)
     assert err.value.field == "output"
     store.write_json("volumes/notes/readme.json", {"x": 1})
     with pytest.raises(AlreadyExistsError, match="not a volume"):
-        planner.validate(predict(output=common_pb2.VolumeRef(path="volumes/notes")))
+        kinds.validate(predict(output=common_pb2.VolumeRef(path="volumes/notes")), ctx)
 
 
 @pytest.mark.parametrize(
@@ -166,7 +164,7 @@ def test_an_output_holding_a_different_array_is_refused(planner: Planner, store:
     ],
 )
 def test_predict_validation_names_the_field(
-    planner: Planner,
+    ctx: KindContext,
     store: Store,
     fields: dict[str, object],
     error: type[Exception],
@@ -174,34 +172,34 @@ def test_predict_validation_names_the_field(
     match: str,
 ) -> None:
     with pytest.raises(error, match=match) as err:
-        planner.validate(predict(**fields))
+        kinds.validate(predict(**fields), ctx)
     assert getattr(err.value, "field", None) == field
     assert not store.exists("volumes/out.zarr")
 
 
-def test_halo_is_checked_against_the_chosen_members(planner: Planner) -> None:
+def test_halo_is_checked_against_the_chosen_members(ctx: KindContext) -> None:
     # Only the 1-frame member: no z context needed.
-    prepared = planner.validate(predict(members=["1fm"], halo=[0, 8, 8]))
-    assert list(prepared.resolved.predict.halo) == [0, 8, 8]
+    prepared = kinds.validate(predict(members=["1fm"], halo=[0, 8, 8]), ctx)
+    assert list(prepared.resolved.spec.predict.halo) == [0, 8, 8]
 
 
-def test_incomplete_input_is_refused(planner: Planner, store: Store) -> None:
+def test_incomplete_input_is_refused(ctx: KindContext, store: Store) -> None:
     write_volume(store, "volumes/partial.zarr", np.zeros((4, 32, 32), np.uint8), complete=False)
     with pytest.raises(FailedPreconditionError, match="incomplete") as err:
-        planner.validate(predict(input=common_pb2.VolumeRef(path="volumes/partial.zarr")))
+        kinds.validate(predict(input=common_pb2.VolumeRef(path="volumes/partial.zarr")), ctx)
     assert err.value.field == "input"
 
 
 def test_blocks_too_large_for_a_worker_are_refused(store: Store) -> None:
-    small = Planner(
+    small = KindContext(
         StoreRoots.from_settings(Settings(store_url=store.url)), max_region_voxels=10_000
     )
     with pytest.raises(InvalidArgumentError, match="more than the limit") as err:
-        small.validate(predict())
+        kinds.validate(predict(), small)
     assert err.value.field == "block_shape"
 
 
-def test_ingest_from_a_zarr_source(planner: Planner, store: Store, tmp_path: Path) -> None:
+def test_ingest_from_a_zarr_source(ctx: KindContext, store: Store, tmp_path: Path) -> None:
     source = str(tmp_path / "store" / "volumes" / "in.zarr")
     spec = common_pb2.JobSpec(
         ingest=common_pb2.IngestSpec(
@@ -210,11 +208,11 @@ def test_ingest_from_a_zarr_source(planner: Planner, store: Store, tmp_path: Pat
             chunk_shape=[4, 64, 64],
         )
     )
-    prepared = planner.validate(spec)
-    assert prepared.resolved.ingest.slices_per_task == 4
-    assert list(prepared.resolved.ingest.voxel_size_nm) == [40.0, 6.0, 6.0]
-    planner.create_outputs(prepared, "ing")
-    plan = planner.plan_stage("ingest", prepared.resolved, 0)
+    prepared = kinds.validate(spec, ctx)
+    assert prepared.resolved.spec.ingest.slices_per_task == 4
+    assert list(prepared.resolved.spec.ingest.voxel_size_nm) == [40.0, 6.0, 6.0]
+    create_outputs(prepared.volumes, "ing")
+    plan = KINDS["ingest"].plan(0, prepared.resolved)
     assert plan is not None and (plan.role, plan.layout, plan.n_tasks) == ("tiling", "zranges", 3)
     last = plan.task(2)
     assert last.id == "ingest/b2-0-0" and dict(last.params) == {"z_start": "8", "z_stop": "10"}
@@ -224,17 +222,17 @@ def test_ingest_from_a_zarr_source(planner: Planner, store: Store, tmp_path: Pat
     bad.ingest.output.path = "volumes/ing2.zarr"
     bad.ingest.slices_per_task = 6
     with pytest.raises(InvalidArgumentError, match="multiple of the output's z grid") as err:
-        planner.validate(bad)
+        kinds.validate(bad, ctx)
     assert err.value.field == "slices_per_task"
     bad.ingest.slices_per_task = 0
     bad.ingest.source = str(tmp_path / "nothing-here")
     with pytest.raises(NotFoundError, match="nothing-here"):
-        planner.validate(bad)
+        kinds.validate(bad, ctx)
     assert not store.exists("volumes/ing2.zarr")
 
 
 @pytest.mark.skipif(not (DATA / "isbi2012").is_dir(), reason="needs ../shared/data/isbi2012")
-def test_ingest_plans_the_real_isbi_stack(planner: Planner) -> None:
+def test_ingest_plans_the_real_isbi_stack(ctx: KindContext) -> None:
     spec = common_pb2.JobSpec(
         ingest=common_pb2.IngestSpec(
             source=str(DATA / "isbi2012" / "train" / "images"),
@@ -242,12 +240,12 @@ def test_ingest_plans_the_real_isbi_stack(planner: Planner) -> None:
             voxel_size_nm=[50, 4, 4],
         )
     )
-    prepared = planner.validate(spec)
+    prepared = kinds.validate(spec, ctx)
     (vol,) = prepared.volumes
     assert vol.shape == (30, 512, 512) and vol.dtype == "uint8"
     assert vol.chunk_shape == (8, 256, 256)
-    planner.create_outputs(prepared, "isbi")
-    plan = planner.plan_stage("ingest", prepared.resolved, 0)
+    create_outputs(prepared.volumes, "isbi")
+    plan = KINDS["ingest"].plan(0, prepared.resolved)
     assert plan is not None and plan.n_tasks == 4  # 30 slices in z-ranges of 8
 
 
@@ -265,12 +263,12 @@ def train(**fields: object) -> common_pb2.JobSpec:
     return common_pb2.JobSpec(train=spec)
 
 
-def test_train_validation_and_member_tasks(planner: Planner, store: Store) -> None:
+def test_train_validation_and_member_tasks(ctx: KindContext, store: Store) -> None:
     write_volume(store, "volumes/labels.zarr", np.zeros(SHAPE, np.uint8))
-    prepared = planner.validate(train())
-    assert list(prepared.resolved.train.members) == ["1fm", "3fm", "5fm"]
-    assert prepared.resolved.train.architecture == "deepem3d"
-    plan = planner.plan_stage("train", prepared.resolved, 0)
+    prepared = kinds.validate(train(), ctx)
+    assert list(prepared.resolved.spec.train.members) == ["1fm", "3fm", "5fm"]
+    assert prepared.resolved.spec.train.architecture == "deepem3d"
+    plan = KINDS["train"].plan(0, prepared.resolved)
     assert plan is not None and plan.role == "training"
     assert [plan.task(n).id for n in range(plan.n_tasks)] == ["train/1fm", "train/3fm", "train/5fm"]
     assert dict(plan.task(1).params) == {"member": "3fm"}
@@ -283,13 +281,13 @@ def test_train_validation_and_member_tasks(planner: Planner, store: Store) -> No
     ]
     for fields, error, field in cases:
         with pytest.raises(error) as err:
-            planner.validate(train(**fields))
+            kinds.validate(train(**fields), ctx)
         assert getattr(err.value, "field", None) == field, fields
     write_volume(store, "volumes/small-labels.zarr", np.zeros((4, 32, 32), np.uint8))
     spec = train()
     spec.train.labels.path = "volumes/small-labels.zarr"
     with pytest.raises(InvalidArgumentError, match="differs") as err:
-        planner.validate(spec)
+        kinds.validate(spec, ctx)
     assert err.value.field == "labels"
 
 

@@ -1,0 +1,207 @@
+"""Training jobs: ``train`` (training, one task per ensemble member), ``finalize`` (training).
+
+Everything a worker would only discover after minutes of set-up is refused
+here, at submission, naming the field: members the stack cannot feed (a 5fm
+member needs 5 slices), numbers that are not finite or absurdly large, a base
+model that does not exist. A patch larger than the image is clipped to it,
+with a note in the job's events.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from deep3m.scheduler.kinds.base import (
+    JobKind,
+    KindContext,
+    PreparedJob,
+    Resolved,
+    VolumeFacts,
+    replace_repeated,
+)
+from deep3m.scheduler.kinds.refs import facts, input_volume
+from deep3m.scheduler.stages import StageDef, StagePlan
+from deep3m.v1 import common_pb2
+
+# Kept here rather than imported from deep3m.models.registry, which pulls in torch:
+# the scheduler image has none. A unit test keeps them equal.
+ARCHITECTURES = ("deepem3d", "resunet2d", "resunet3d")
+PATCH_MULTIPLE = 16  # the networks' total stride (registry.INPUT_MULTIPLE)
+DEFAULT_MEMBERS: Mapping[str, tuple[str, ...]] = {
+    "deepem3d": ("1fm", "3fm", "5fm"),
+    "resunet2d": ("1fm",),
+    "resunet3d": ("1fm",),
+}
+_MEMBER_NAME = re.compile(r"^([1-9][0-9]?)fm$")
+MAX_COUNT = 10**9  # iterations and intervals: more would run for years
+# Upper bounds of the training configuration (deep3m.training.config.TrainConfig).
+LIMITS: Mapping[str, float] = {
+    "width": 8.0,
+    "batch_size": 1024,
+    "accumulate_gradients": 1024,
+    "num_classes": 255,
+    "learning_rate": 10.0,
+    "iterations": MAX_COUNT,
+    "add_iterations": MAX_COUNT,
+    "validate_every": MAX_COUNT,
+    "snapshot_every": MAX_COUNT,
+}
+
+
+def member_frames(member: str) -> int:
+    match = _MEMBER_NAME.match(member)
+    if not match or int(match[1]) % 2 == 0:
+        raise InvalidArgumentError(
+            f"member {member!r} must name an odd frame count, like '1fm', '3fm' or '5fm'",
+            field="members",
+        )
+    return int(match[1])
+
+
+def check_numbers(t: common_pb2.TrainSpec) -> None:
+    """Every number finite, non-negative and below its limit (0 means the default)."""
+    for name, limit in LIMITS.items():
+        value = getattr(t, name)
+        if not math.isfinite(value) or value < 0 or value > limit:
+            raise InvalidArgumentError(
+                f"{name} must be a number in 0..{limit:g} (0 chooses the default), got {value}",
+                field=name,
+            )
+    if t.num_classes == 1:
+        raise InvalidArgumentError(
+            f"num_classes must be >= 2, got {t.num_classes}", field="num_classes"
+        )
+    if t.voxel_size_nm and (
+        len(t.voxel_size_nm) != 3 or not all(math.isfinite(v) and v > 0 for v in t.voxel_size_nm)
+    ):
+        raise InvalidArgumentError(
+            f"voxel_size_nm must be 3 positive sizes (z, y, x), got {list(t.voxel_size_nm)}",
+            field="voxel_size_nm",
+        )
+    if t.patch_shape and (
+        len(t.patch_shape) != 2 or any(s <= 0 or s % PATCH_MULTIPLE for s in t.patch_shape)
+    ):
+        raise InvalidArgumentError(
+            f"patch_shape must be 2 positive multiples of {PATCH_MULTIPLE} (y, x), got "
+            f"{list(t.patch_shape)}",
+            field="patch_shape",
+        )
+
+
+def check_members_fit(
+    members: tuple[str, ...], volume: VolumeFacts, name: str, ref: common_pb2.VolumeRef
+) -> None:
+    """Each member reads ``frames`` consecutive slices: the stack must have that many."""
+    depth = volume.shape[0]
+    too_wide = [m for m in members if member_frames(m) > depth]
+    if not too_wide:
+        return
+    fitting = [m for m in members if member_frames(m) <= depth] or ["1fm"]
+    raise InvalidArgumentError(
+        f"{name} {ref.path} has {depth} slice(s), too few for member(s) "
+        f"{', '.join(too_wide)} (an Nfm member needs N consecutive slices); "
+        f"train fewer members, e.g. --members {','.join(fitting)}",
+        field="members",
+    )
+
+
+def clip_patch(patch: tuple[int, ...], images: VolumeFacts) -> tuple[tuple[int, ...], str]:
+    """The patch clipped to the images (whole multiples of the stride), and a note if clipped."""
+    if not patch:
+        return patch, ""
+    fit = tuple(
+        min(p, (s // PATCH_MULTIPLE) * PATCH_MULTIPLE)
+        for p, s in zip(patch, images.shape[1:], strict=True)
+    )
+    if min(fit) < PATCH_MULTIPLE:
+        raise InvalidArgumentError(
+            f"the images (y, x size {list(images.shape[1:])}) are smaller than the smallest "
+            f"patch the networks take ({PATCH_MULTIPLE} × {PATCH_MULTIPLE})",
+            field="images",
+        )
+    if fit == patch:
+        return patch, ""
+    return fit, (
+        f"patch_shape {list(patch)} is larger than the images (y, x size "
+        f"{list(images.shape[1:])}): patches are clipped to the image, {list(fit)}"
+    )
+
+
+class TrainKind(JobKind):
+    name = "train"
+    stages = (StageDef("train", "training"), StageDef("finalize", "training"))
+
+    def validate(self, spec: common_pb2.JobSpec, ctx: KindContext) -> PreparedJob:
+        from deep3m.models.card import check_model_id, model_exists
+
+        t = spec.train
+        check_model_id(t.model)
+        store = ctx.roots.store()
+        if model_exists(store, t.model):
+            raise AlreadyExistsError(
+                f"model {t.model!r} already exists in {store.url}; choose another model id",
+                field="model",
+            )
+        if t.base_model:
+            check_model_id(t.base_model)
+            if not model_exists(store, t.base_model):
+                raise NotFoundError(
+                    f"base_model {t.base_model!r} not found in {store.url}", field="base_model"
+                )
+        architecture = t.architecture or "deepem3d"
+        if architecture not in ARCHITECTURES:
+            raise InvalidArgumentError(
+                f"architecture must be one of {', '.join(ARCHITECTURES)}, got {t.architecture!r}",
+                field="architecture",
+            )
+        members = tuple(t.members) or DEFAULT_MEMBERS[architecture]
+        for m in members:
+            member_frames(m)
+        if len(set(members)) != len(members):
+            raise InvalidArgumentError(f"members {list(members)} repeat a name", field="members")
+        check_numbers(t)
+        volumes: dict[str, VolumeFacts] = {}
+        for name in ("images", "labels", "validation_images", "validation_labels"):
+            ref = getattr(t, name)
+            if name.startswith("validation") and not ref.path:
+                continue
+            vol_store, key, info = input_volume(ctx.roots, ref, name)
+            volumes[name] = facts(vol_store, key, ref.array, info)
+        has_vi, has_vl = "validation_images" in volumes, "validation_labels" in volumes
+        if has_vi != has_vl:
+            raise InvalidArgumentError(
+                "give both validation_images and validation_labels, or neither",
+                field="validation_labels" if has_vi else "validation_images",
+            )
+        for images, labels in (("images", "labels"), ("validation_images", "validation_labels")):
+            if images not in volumes:
+                continue
+            img, lbl = volumes[images].shape, volumes[labels].shape
+            if img != lbl:
+                raise InvalidArgumentError(
+                    f"{labels} shape {list(lbl)} differs from {images} shape {list(img)}",
+                    field=labels,
+                )
+            check_members_fit(members, volumes[images], images, getattr(t, images))
+        patch, note = clip_patch(tuple(int(s) for s in t.patch_shape), volumes["images"])
+        resolved = self.resolved_spec(spec)
+        resolved.train.architecture = architecture
+        replace_repeated(resolved.train.members, members)
+        replace_repeated(resolved.train.patch_shape, patch)
+        return PreparedJob(
+            self.name,
+            Resolved(resolved, volumes),
+            {"model": f"models/{t.model}"},
+            notes=(note,) if note else (),
+        )
+
+    def plan(self, index: int, resolved: Resolved) -> StagePlan | None:
+        if index != 0:
+            return super().plan(index, resolved)
+        sdef = self.stages[0]
+        return StagePlan(
+            index, sdef.name, sdef.role, "members", {"members": list(resolved.spec.train.members)}
+        )
