@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from deep3m.client.client import Deep3mClient
 from deep3m.core.errors import FailedPreconditionError
-from deep3m.core.geometry import Box
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port
 from deep3m.runtime.settings import Settings
@@ -26,9 +25,11 @@ from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.jobs import Grant, JobError
 from deep3m.testing.scheduler import (
     SchedulerProcess,
+    double_block,
     save_test_model,
     write_volume,
 )
+from deep3m.testing.scheduler import predict_spec as predict_job
 from deep3m.v1 import common_pb2
 
 SHAPE = (8, 64, 64)
@@ -59,13 +60,7 @@ class GatedDoubler:
             self.in_flight.set()
             if not self.gate.wait(WAIT_S):
                 raise TimeoutError("gate never opened")
-        core = ctx.lease.task.block.core
-        box = Box(tuple(core.start), tuple(core.stop))
-        spec = ctx.lease.spec.predict
-        source = self.store.open_volume(spec.input.path)
-        target = self.store.open_volume(spec.output.path, mode="r+", require_complete=False)
-        target[box.slices()] = np.asarray(source[box.slices()], np.float32) * 2
-        return TaskResult(metrics={"voxels": float(box.size)})
+        return TaskResult(metrics={"voxels": double_block(self.store, ctx.lease)})
 
 
 def finalize(ctx: TaskContext) -> TaskResult:
@@ -82,15 +77,7 @@ def store(tmp_path: Path) -> Store:
 
 
 def predict_spec(output: str) -> common_pb2.JobSpec:
-    return common_pb2.JobSpec(
-        predict=common_pb2.PredictSpec(
-            input=common_pb2.VolumeRef(path="volumes/in.zarr"),
-            model="m1",
-            output=common_pb2.VolumeRef(path=output),
-            block_shape=BLOCK,
-            halo=[0, 4, 4],
-        )
-    )
+    return predict_job(output, block_shape=BLOCK)
 
 
 @pytest.mark.slow

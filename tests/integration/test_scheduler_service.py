@@ -25,7 +25,6 @@ from deep3m.core.errors import (
     NotFoundError,
 )
 from deep3m.core.events import ProgressEvent
-from deep3m.core.geometry import Box
 from deep3m.core.store import Store
 from deep3m.runtime.rpc_errors import from_rpc_error
 from deep3m.runtime.server import RunningServer, create_server
@@ -33,7 +32,7 @@ from deep3m.runtime.settings import Settings
 from deep3m.runtime.worker import TaskContext, TaskHandler, TaskResult, Worker
 from deep3m.scheduler.app import SchedulerApp
 from deep3m.scheduler.core import Scheduler
-from deep3m.testing.scheduler import save_test_model, write_volume
+from deep3m.testing.scheduler import double_block, save_test_model, write_volume
 from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from prometheus_client import REGISTRY
 
@@ -41,11 +40,6 @@ SHAPE = (6, 64, 64)
 BLOCK = [2, 32, 32]  # 3 x 2 x 2 = 12 blocks
 N_BLOCKS = 12
 WAIT_S = 60.0
-
-
-def core_of(ctx: TaskContext) -> Box:
-    core = ctx.lease.task.block.core
-    return Box(tuple(core.start), tuple(core.stop))
 
 
 class DoubleBlocks:
@@ -62,12 +56,7 @@ class DoubleBlocks:
             self.calls[ctx.task.id] += 1
         if self.before is not None:
             self.before(ctx)
-        spec = ctx.lease.spec.predict
-        core = core_of(ctx)
-        source = self.store.open_volume(spec.input.path)
-        target = self.store.open_volume(spec.output.path, mode="r+", require_complete=False)
-        target[core.slices()] = np.asarray(source[core.slices()], np.float32) * 2
-        return TaskResult(metrics={"voxels": float(core.size)})
+        return TaskResult(metrics={"voxels": double_block(self.store, ctx.lease)})
 
 
 def finalize(ctx: TaskContext) -> TaskResult:
@@ -348,6 +337,30 @@ def test_bad_requests_get_clear_status_codes(env: Env) -> None:
         stub.LeaseTasks(scheduler_pb2.LeaseTasksRequest(worker_id="w", role="gpu"), timeout=5)
     assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown worker role 'gpu'" in (rpc.value.details() or "")
+
+
+def test_submit_job_refuses_a_training_job_the_stack_cannot_feed(env: Env) -> None:
+    write_volume(env.store, "volumes/s4.zarr", np.zeros((4, 64, 64), np.uint8))
+    write_volume(env.store, "volumes/s4-labels.zarr", np.ones((4, 64, 64), np.uint8))
+    spec = common_pb2.JobSpec(
+        train=common_pb2.TrainSpec(
+            images=common_pb2.VolumeRef(path="volumes/s4.zarr"),
+            labels=common_pb2.VolumeRef(path="volumes/s4-labels.zarr"),
+            model="new",
+        )
+    )
+    stub = scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(env.server.address))
+    with pytest.raises(grpc.RpcError) as rpc:
+        stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec=spec), timeout=10)
+    assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = from_rpc_error(rpc.value)
+    assert error.field == "members" and "--members 1fm,3fm" in error.message
+    spec.train.learning_rate = float("nan")
+    spec.train.members.extend(["1fm", "3fm"])
+    with pytest.raises(InvalidArgumentError) as err:
+        env.client.submit(spec)
+    assert err.value.field == "learning_rate"
+    assert env.store.list("jobs") == []
 
 
 class FakeClock:

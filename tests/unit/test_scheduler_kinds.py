@@ -17,7 +17,7 @@ from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.runtime.settings import Settings
 from deep3m.scheduler import kinds
-from deep3m.scheduler.kinds import KINDS, KindContext, check_job_id, job_kind
+from deep3m.scheduler.kinds import KINDS, KindContext, VolumeFacts, check_job_id, job_kind
 from deep3m.scheduler.kinds.predict import chunk_for_block
 from deep3m.scheduler.kinds.refs import create_outputs
 from deep3m.scheduler.stages import StagePlan
@@ -317,3 +317,126 @@ def test_ids_kinds_and_chunks() -> None:
     assert err.value.field == "spec"
     assert chunk_for_block((8, 512, 512)) == (8, 256, 256)
     assert chunk_for_block((10, 300, 256)) == (10, 300, 256)
+
+
+# -- resolved volumes ----------------------------------------------------------------
+def test_volumes_are_resolved_once_and_carried_to_the_lease(ctx: KindContext, store: Store) -> None:
+    from deep3m.scheduler.convert import grant_to_proto
+    from deep3m.scheduler.jobs import Grant
+
+    prepared = kinds.validate(predict(block_shape=[4, 64, 64], halo=[2, 4, 4]), ctx)
+    volumes = prepared.resolved.volumes
+    assert volumes["input"] == VolumeFacts(
+        store.url, "volumes/in.zarr", "", SHAPE, "uint8", (4, 32, 32), (40.0, 6.0, 6.0)
+    )
+    assert volumes["output"].grid == (4, 64, 64) and volumes["output"].dtype == "float32"
+    # Planning needs nothing but the resolved job: no store is read.
+    plan = KINDS["predict"].plan(0, kinds.Resolved(prepared.resolved.spec, volumes))
+    assert plan is not None and plan.n_tasks == 12
+    lease = grant_to_proto(
+        Grant(
+            "l", 1.0, "j", "predict", "inference", 1, plan.task(0), prepared.resolved.spec, volumes
+        )
+    )
+    out = lease.volumes["output"]
+    assert (list(out.shape), out.dtype, list(out.grid)) == ([10, 100, 120], "float32", [4, 64, 64])
+    assert lease.volumes["input"].path == "volumes/in.zarr"
+    assert VolumeFacts.from_json(volumes["input"].to_json()) == volumes["input"]
+
+
+def test_a_job_record_without_resolved_volumes_names_what_is_missing() -> None:
+    with pytest.raises(InvalidArgumentError, match="resubmit") as err:
+        kinds.Resolved(common_pb2.JobSpec()).volume("output")
+    assert err.value.field == "output"
+
+
+# -- training jobs: what the stack and the numbers allow -----------------------------
+@pytest.fixture
+def stack4(store: Store) -> Store:
+    """A 4-slice, 40 × 40 labelled stack."""
+    write_volume(store, "volumes/s4.zarr", np.zeros((4, 40, 40), np.uint8))
+    write_volume(store, "volumes/s4-labels.zarr", np.ones((4, 40, 40), np.uint8))
+    return store
+
+
+def small_train(**fields: object) -> common_pb2.JobSpec:
+    spec = train(**fields)
+    spec.train.images.path = "volumes/s4.zarr"
+    spec.train.labels.path = "volumes/s4-labels.zarr"
+    return spec
+
+
+def test_members_the_stack_cannot_feed_are_refused_with_a_suggestion(
+    ctx: KindContext, stack4: Store
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"4 slice.*5fm.*--members 1fm,3fm") as err:
+        kinds.validate(small_train(), ctx)
+    assert err.value.field == "members"
+    prepared = kinds.validate(small_train(members=["1fm", "3fm"]), ctx)
+    assert list(prepared.resolved.spec.train.members) == ["1fm", "3fm"]
+    # The validation stack must feed every member too.
+    write_volume(stack4, "volumes/v2.zarr", np.zeros((2, 40, 40), np.uint8))
+    spec = small_train(members=["1fm", "3fm"])
+    spec.train.validation_images.path = "volumes/v2.zarr"
+    spec.train.validation_labels.path = "volumes/v2.zarr"
+    with pytest.raises(InvalidArgumentError, match=r"validation_images.*--members 1fm") as err:
+        kinds.validate(spec, ctx)
+    assert err.value.field == "members"
+
+
+def test_a_patch_larger_than_the_image_is_clipped_with_a_note(
+    ctx: KindContext, stack4: Store
+) -> None:
+    prepared = kinds.validate(small_train(members=["1fm"], patch_shape=[320, 32]), ctx)
+    assert list(prepared.resolved.spec.train.patch_shape) == [32, 32]  # 40 → 32 (stride 16)
+    (note,) = prepared.notes
+    assert "clipped to the image" in note and "[32, 32]" in note
+    fits = kinds.validate(small_train(members=["1fm"], patch_shape=[32, 32]), ctx)
+    assert fits.notes == ()
+    assert list(fits.resolved.spec.train.patch_shape) == [32, 32]
+    unset = kinds.validate(small_train(members=["1fm"]), ctx)
+    assert list(unset.resolved.spec.train.patch_shape) == []  # the trainer's default applies
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"learning_rate": float("inf")}, "learning_rate"),
+        ({"learning_rate": -0.1}, "learning_rate"),
+        ({"learning_rate": 1e6}, "learning_rate"),
+        ({"width": float("nan")}, "width"),
+        ({"width": 100.0}, "width"),
+        ({"iterations": 2 * 10**9}, "iterations"),
+        ({"iterations": -1}, "iterations"),
+        ({"add_iterations": 10**12}, "add_iterations"),
+        ({"batch_size": 100_000}, "batch_size"),
+        ({"accumulate_gradients": -2}, "accumulate_gradients"),
+        ({"validate_every": 10**10}, "validate_every"),
+        ({"snapshot_every": -5}, "snapshot_every"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"num_classes": 1000}, "num_classes"),
+        ({"voxel_size_nm": [40.0, float("nan"), 6.0]}, "voxel_size_nm"),
+        ({"voxel_size_nm": [40.0, 6.0]}, "voxel_size_nm"),
+        ({"patch_shape": [100, 96]}, "patch_shape"),
+        ({"patch_shape": [0, 96]}, "patch_shape"),
+    ],
+)
+def test_absurd_training_numbers_are_refused_naming_the_field(
+    ctx: KindContext, store: Store, fields: dict[str, object], field: str
+) -> None:
+    write_volume(store, "volumes/labels.zarr", np.zeros(SHAPE, np.uint8))
+    with pytest.raises(InvalidArgumentError) as err:
+        kinds.validate(train(**fields), ctx)
+    assert err.value.field == field
+    assert field in err.value.message
+
+
+def test_the_scheduler_copies_of_network_facts_match_the_models() -> None:
+    from deep3m.models import registry
+    from deep3m.scheduler.kinds import train as train_kind
+
+    assert train_kind.PATCH_MULTIPLE == registry.INPUT_MULTIPLE
+    assert set(train_kind.ARCHITECTURES) == set(registry.ARCHITECTURES)
+    for name in ("1fm", "3fm", "5fm", "7fm"):
+        assert train_kind.member_frames(name) == registry.member_frames(name)

@@ -1,4 +1,4 @@
-"""Scheduler test support: small volumes and models, and a scheduler process.
+"""Scheduler test support: small volumes, models and jobs, and a scheduler process.
 
 ``SchedulerProcess`` runs ``deep3m serve scheduler`` as a real subprocess on a
 fixed loopback port, so tests can kill it (SIGKILL) and start it again on the
@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deep3m.core.errors import UnavailableError
+from deep3m.core.geometry import Box
 from deep3m.core.store import Store
+from deep3m.v1 import common_pb2
 
 
 def write_volume(
@@ -56,6 +58,42 @@ def save_test_model(
         members=tuple(MemberCard(name=n, frames=f) for n, f in frames.items()),
     )
     save_card(store, card)
+
+
+def predict_spec(
+    output: str,
+    *,
+    block_shape: Sequence[int],
+    model: str = "m1",
+    input_path: str = "volumes/in.zarr",
+    halo: Sequence[int] = (0, 4, 4),
+    max_attempts: int = 0,
+) -> common_pb2.JobSpec:
+    """A predict job over ``input_path`` into ``output`` (all in the default store)."""
+    return common_pb2.JobSpec(
+        predict=common_pb2.PredictSpec(
+            input=common_pb2.VolumeRef(path=input_path),
+            model=model,
+            output=common_pb2.VolumeRef(path=output),
+            block_shape=list(block_shape),
+            halo=list(halo),
+        ),
+        max_attempts=max_attempts,
+    )
+
+
+def double_block(store: Store, lease: common_pb2.TaskLease) -> float:
+    """What the scheduler tests' predict handlers do: output core = 2 × input core.
+
+    Returns the voxels written.
+    """
+    core = lease.task.block.core
+    box = Box(tuple(core.start), tuple(core.stop))
+    spec = lease.spec.predict
+    source = store.open_volume(spec.input.path)
+    target = store.open_volume(spec.output.path, mode="r+", require_complete=False)
+    target[box.slices()] = np.asarray(source[box.slices()], np.float32) * 2
+    return float(box.size)
 
 
 @dataclass

@@ -1,0 +1,226 @@
+"""The worker loop driven against a scheduler in the same process (no sockets).
+
+The same ``Worker`` that talks gRPC in a deployment talks here to
+``InProcessSchedulerClient``, which calls the transport-neutral ``Scheduler``
+directly: capacity, cancellation through the heartbeat, refusal of a stale
+lease, and graceful stop are checked on the real scheduler and queue.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.events import ProgressEvent
+from deep3m.core.store import Store
+from deep3m.runtime.settings import Settings
+from deep3m.runtime.task import TaskContext, TaskResult
+from deep3m.runtime.worker import Worker
+from deep3m.scheduler.core import Scheduler
+from deep3m.scheduler.inprocess import InProcessSchedulerClient
+from deep3m.testing.scheduler import double_block, predict_spec, save_test_model, write_volume
+
+SHAPE = (4, 32, 32)
+BLOCK = (1, 32, 32)  # 4 blocks
+WAIT_S = 30.0
+
+
+class Clock:
+    """Real time plus an offset the test can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+class Gate:
+    """A predict handler that waits at a gate; records how many run at once."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.open = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.cancel_seen = threading.Event()
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, ctx: TaskContext) -> TaskResult:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        self.entered.release()
+        try:
+            while not self.open.wait(0.01):
+                if ctx.cancelled.is_set():
+                    self.cancel_seen.set()
+                    return TaskResult()
+            return TaskResult(metrics={"voxels": double_block(self.store, ctx.lease)})
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def wait_entered(self, n: int) -> None:
+        for _ in range(n):
+            assert self.entered.acquire(timeout=WAIT_S), "the handler was not called"
+
+
+@dataclass
+class Env:
+    settings: Settings
+    store: Store
+    scheduler: Scheduler
+    clock: Clock
+
+    def worker(self, role: str, handlers: dict[str, object], **overrides: object) -> Worker:
+        settings = self.settings.model_copy(update=overrides) if overrides else self.settings
+        return Worker(
+            settings,
+            role,
+            handlers,  # type: ignore[arg-type]
+            worker_id=f"{role}-{id(handlers)}",
+            client=InProcessSchedulerClient(self.scheduler),
+        )
+
+    def submit(self) -> str:
+        return self.scheduler.submit(predict_spec("volumes/out.zarr", block_shape=BLOCK)).id
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    settings = Settings(
+        store_url=f"file://{tmp_path}/store",
+        lease_seconds=1.0,
+        poll_interval_seconds=0.02,
+        retry_backoff_seconds=0.01,
+        worker_capacity=2,
+        metrics_port=0,
+    )
+    store = Store(settings.store_url)
+    write_volume(
+        store, "volumes/in.zarr", np.arange(np.prod(SHAPE), dtype=np.uint16).reshape(SHAPE)
+    )
+    save_test_model(store, "m1")
+    clock = Clock()
+    scheduler = Scheduler(settings, clock=clock)
+    scheduler.recover()
+    yield Env(settings, store, scheduler, clock)
+    scheduler.stop()
+
+
+def wait_terminal(scheduler: Scheduler, job_id: str) -> ProgressEvent:
+    first, sub = scheduler.watch(job_id)
+    if sub is None:
+        return first
+    try:
+        for event in sub:
+            if event.terminal:
+                return event
+    finally:
+        sub.close()
+    raise AssertionError(f"the event stream of {job_id} ended early")
+
+
+def test_a_worker_runs_no_more_than_its_capacity(env: Env) -> None:
+    gate = Gate(env.store)
+    inference = env.worker("inference", {"predict": gate})
+    finalize = env.worker("postprocess", {"finalize": lambda ctx: TaskResult(outputs={"x": "y"})})
+    job_id = env.submit()
+    inference.start()
+    finalize.start()
+    try:
+        gate.wait_entered(2)
+        # Two held, two left: the loop waits for a free slot instead of leasing more.
+        assert env.scheduler.queue_stats()["inference"] == (2, 2)
+        gate.open.set()
+        event = wait_terminal(env.scheduler, job_id)
+    finally:
+        inference.stop(grace=5.0)
+        finalize.stop(grace=5.0)
+    assert event.state == "SUCCEEDED", event
+    assert gate.most == 2 and inference.completed == 4
+    out = env.store.open_volume("volumes/out.zarr")[:]
+    np.testing.assert_array_equal(out, env.store.open_volume("volumes/in.zarr")[:] * 2.0)
+    assert env.scheduler.get(job_id).outputs["x"] == "y"
+
+
+def test_cancelling_the_job_reaches_running_tasks_through_the_heartbeat(env: Env) -> None:
+    gate = Gate(env.store)
+    worker = env.worker("inference", {"predict": gate}, worker_capacity=1)
+    job_id = env.submit()
+    worker.start()
+    try:
+        gate.wait_entered(1)
+        env.scheduler.cancel(job_id)
+        assert gate.cancel_seen.wait(WAIT_S), "the running task never heard of the cancel"
+    finally:
+        worker.stop(grace=5.0)
+    assert env.scheduler.get(job_id).state == "CANCELLED"
+    assert worker.completed == 0
+    assert env.scheduler.queue_stats()["inference"] == (0, 0)
+
+
+def test_a_lease_taken_over_is_refused_and_its_result_not_counted(env: Env) -> None:
+    gate = Gate(env.store)
+    # Long leases: the worker does not renew during the test, so only the clock expires it.
+    worker = env.worker("inference", {"predict": gate}, worker_capacity=1, lease_seconds=60.0)
+    job_id = env.submit()
+    worker.start()
+    gate.wait_entered(1)
+    env.clock.offset += 120.0
+    assert env.scheduler.expire_leases() == 1
+    (grant,) = env.scheduler.lease("other", "inference", 1)
+    gate.open.set()
+    worker.stop(grace=10.0)  # returns once the in-flight task has tried to report
+    assert worker.completed == 0
+    stage = env.scheduler.get(job_id).stages[0]
+    assert (stage.tasks_done, stage.tasks_leased) == (0, 1)
+    env.scheduler.complete(grant.lease_id, "other", {"voxels": 1.0})
+    assert env.scheduler.get(job_id).stages[0].tasks_done == 1
+
+
+def test_stop_lets_running_tasks_finish_within_the_grace(env: Env) -> None:
+    gate = Gate(env.store)
+    worker = env.worker("inference", {"predict": gate})
+    job_id = env.submit()
+    worker.start()
+    gate.wait_entered(2)
+    gate.open.set()
+    worker.stop(grace=10.0)
+    stage = env.scheduler.get(job_id).stages[0]
+    # Every task it leased was completed before stop returned; none is left held.
+    assert (stage.tasks_done, stage.tasks_leased) == (worker.completed, 0)
+    assert worker.completed >= 2
+
+
+def test_stop_releases_tasks_that_outlast_the_grace(env: Env) -> None:
+    gate = Gate(env.store)
+    worker = env.worker("inference", {"predict": gate})
+    job_id = env.submit()
+    worker.start()
+    gate.wait_entered(2)
+    worker.stop(grace=0.05)
+    assert gate.cancel_seen.wait(WAIT_S), "the abandoned tasks were not told to stop"
+    # Handed back at once (retryable), not left to expire: all four can be leased again.
+    assert env.scheduler.queue_stats()["inference"] == (4, 0)
+    assert env.scheduler.get(job_id).stages[0].tasks_done == 0
+    env.clock.offset += 10.0  # past the retry backoff
+    assert len(env.scheduler.lease("other", "inference", 4)) == 4
+
+
+def test_a_worker_refuses_a_scheduler_role_and_empty_handlers(env: Env) -> None:
+    client = InProcessSchedulerClient(env.scheduler)
+    with pytest.raises(InvalidArgumentError) as err:
+        Worker(env.settings, "scheduler", {"x": lambda ctx: TaskResult()}, client=client)
+    assert err.value.field == "role"
+    with pytest.raises(InvalidArgumentError) as err:
+        Worker(env.settings, "inference", {}, client=client)
+    assert err.value.field == "handlers"
