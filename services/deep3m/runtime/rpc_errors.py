@@ -32,15 +32,6 @@ _BY_CODE: dict[grpc.StatusCode, type[Deep3mError]] = {
     grpc.StatusCode.CANCELLED: CancelledError,
 }
 
-# Codes worth retrying: the server was unreachable, slow or busy.
-RETRYABLE_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
-
 
 def status_code(err: grpc.RpcError) -> grpc.StatusCode:
     code = err.code() if isinstance(err, grpc.Call) else None

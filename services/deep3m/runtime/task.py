@@ -44,8 +44,6 @@ class TaskContext:
         self.worker_id = worker_id
         self.settings = settings
         self.cancelled = threading.Event()
-        # The lease was taken over (expired and leased again): the result is not ours to report.
-        self.lost = False
         self._lock = threading.Lock()
         self._metrics: dict[str, float] = {}
         self._message = ""

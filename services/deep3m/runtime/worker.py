@@ -410,7 +410,6 @@ class Worker:
                 ctx.cancelled.set()
                 active.next_renew = time.monotonic() + active.interval_s
             else:  # stale: the task was taken over; stop working on it, stop renewing
-                ctx.lost = True
                 ctx.cancelled.set()
                 active.next_renew = math.inf
             log.info(

@@ -29,7 +29,7 @@ from __future__ import annotations
 import heapq
 import secrets
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -301,9 +301,6 @@ class TaskQueue:
             out[role] = (sum(s.pending for s in stages), sum(s.leased for s in stages))
         return out
 
-    def leases(self) -> Iterator[Lease]:
-        return iter(list(self._leases.values()))
-
     def next_deadline(self) -> float | None:
         return min((lease.deadline for lease in self._leases.values()), default=None)
 
@@ -380,14 +377,14 @@ class TaskQueue:
         return lease
 
     def _adopt(self, lease_id: str, worker_id: str, now: float) -> Lease:
-        parts = lease_id.split(_SEP)
         stale = FailedPreconditionError(
             f"stale lease {lease_id!r}: it expired or the task was leased again", field="lease_id"
         )
-        if len(parts) != 5 or parts[0] not in self._previous_epochs or not parts[4].isdigit():
+        named = parse_lease_id(lease_id)
+        if named is None or lease_id.split(_SEP)[0] not in self._previous_epochs:
             raise stale
-        st = self._stages.get((parts[2], parts[3]))
-        task = int(parts[4])
+        job_id, stage, task = named
+        st = self._stages.get((job_id, stage))
         if st is None or not 0 <= task < st.n:
             raise stale
         if st.cancelled:
