@@ -13,6 +13,7 @@ is pending.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -31,8 +32,8 @@ from hypothesis.stateful import (
 )
 
 ROLE, STAGE = "inference", "s"
-JOBS = {"j0": 4, "j1": 3}
-MAX_ATTEMPTS = 3
+JOBS = {"j0": 3, "j1": 2}
+MAX_ATTEMPTS = 2
 ADOPTED_LEASE_S = 5.0
 HOLD_S = 1.0
 WORKERS = ("w0", "w1")
@@ -70,7 +71,7 @@ class QueueMachine(RuleBasedStateMachine):
             self.staged.add(job)
 
     def _new_queue(self) -> TaskQueue:
-        queue = TaskQueue(backoff_s=0.5, max_backoff_s=2.0, default_lease_s=ADOPTED_LEASE_S)
+        queue = TaskQueue(backoff_s=0.25, max_backoff_s=1.0, default_lease_s=ADOPTED_LEASE_S)
         queue.allow_adoption_from(self.epochs)
         return queue
 
@@ -121,6 +122,19 @@ class QueueMachine(RuleBasedStateMachine):
             return "stale"
         return "ok"
 
+    def _refused(self, lease_id: str, worker: str, call: Callable[[], object]) -> bool:
+        """Checks ``call`` is refused when the model says so; True when it was."""
+        expected = self._expect(lease_id, worker)
+        if expected == "ok":
+            return False
+        with pytest.raises(FailedPreconditionError if expected == "stale" else CancelledError):
+            call()
+        return True
+
+    def _holder(self, lease_id: str, default: str = "w0") -> str:
+        live = self.live.get(lease_id)
+        return live.worker if live is not None else default
+
     # -- rules ------------------------------------------------------------------------
     @rule(
         target=leases,
@@ -149,16 +163,8 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(lease_id=leases, own=st.booleans())
     def renew(self, lease_id: str, own: bool) -> None:
-        live = self.live.get(lease_id)
-        worker = (live.worker if own else "intruder") if live is not None else "w0"
-        expected = self._expect(lease_id, worker)
-        if expected == "stale":
-            with pytest.raises(FailedPreconditionError):
-                self.queue.renew(lease_id, worker, self.now)
-            return
-        if expected == "cancelled":
-            with pytest.raises(CancelledError):
-                self.queue.renew(lease_id, worker, self.now)
+        worker = self._holder(lease_id) if own or lease_id not in self.live else "intruder"
+        if self._refused(lease_id, worker, lambda: self.queue.renew(lease_id, worker, self.now)):
             return
         got = self.queue.renew(lease_id, worker, self.now)
         lease = self.live[lease_id]
@@ -169,13 +175,8 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(lease_id=leases, confirm=st.booleans())
     def complete(self, lease_id: str, confirm: bool) -> None:
-        live = self.live.get(lease_id)
-        worker = live.worker if live is not None else "w0"
-        expected = self._expect(lease_id, worker)
-        if expected in ("stale", "cancelled"):
-            error = FailedPreconditionError if expected == "stale" else CancelledError
-            with pytest.raises(error):
-                self.queue.complete(lease_id, worker, self.now)
+        worker = self._holder(lease_id)
+        if self._refused(lease_id, worker, lambda: self.queue.complete(lease_id, worker, self.now)):
             return
         lease = self.live[lease_id]
         if lease.cancelled:
@@ -193,13 +194,12 @@ class QueueMachine(RuleBasedStateMachine):
 
     @rule(lease_id=leases, retryable=st.booleans())
     def fail(self, lease_id: str, retryable: bool) -> None:
-        live = self.live.get(lease_id)
-        worker = live.worker if live is not None else "w0"
-        expected = self._expect(lease_id, worker)
-        if expected in ("stale", "cancelled"):
-            error = FailedPreconditionError if expected == "stale" else CancelledError
-            with pytest.raises(error):
-                self.queue.fail(lease_id, worker, retryable, "boom", self.now)
+        worker = self._holder(lease_id)
+
+        def call() -> object:
+            return self.queue.fail(lease_id, worker, retryable, "boom", self.now)
+
+        if self._refused(lease_id, worker, call):
             return
         got = self.queue.fail(lease_id, worker, retryable, "boom", self.now)
         if self.live[lease_id].cancelled:

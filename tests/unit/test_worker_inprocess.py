@@ -187,12 +187,18 @@ def test_a_lease_taken_over_is_refused_and_its_result_not_counted(env: Env) -> N
     assert env.scheduler.get(job_id).stages[0].tasks_done == 1
 
 
-def test_stop_lets_running_tasks_finish_within_the_grace(env: Env) -> None:
+def two_in_flight(env: Env) -> tuple[Gate, Worker, str]:
+    """A worker of capacity 2 holding two gated tasks of a fresh 4-task job."""
     gate = Gate(env.store)
     worker = env.worker("inference", {"predict": gate})
     job_id = env.submit()
     worker.start()
     gate.wait_entered(2)
+    return gate, worker, job_id
+
+
+def test_stop_lets_running_tasks_finish_within_the_grace(env: Env) -> None:
+    gate, worker, job_id = two_in_flight(env)
     gate.open.set()
     worker.stop(grace=10.0)
     stage = env.scheduler.get(job_id).stages[0]
@@ -202,11 +208,7 @@ def test_stop_lets_running_tasks_finish_within_the_grace(env: Env) -> None:
 
 
 def test_stop_releases_tasks_that_outlast_the_grace(env: Env) -> None:
-    gate = Gate(env.store)
-    worker = env.worker("inference", {"predict": gate})
-    job_id = env.submit()
-    worker.start()
-    gate.wait_entered(2)
+    gate, worker, job_id = two_in_flight(env)
     worker.stop(grace=0.05)
     assert gate.cancel_seen.wait(WAIT_S), "the abandoned tasks were not told to stop"
     # Handed back at once (retryable), not left to expire: all four can be leased again.
