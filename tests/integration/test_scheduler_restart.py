@@ -286,3 +286,23 @@ def test_a_job_stopped_before_its_first_stage_was_written_is_planned_on_restart(
     second = fresh(settings, clock)
     assert second.get("j").stages[0].tasks_total == N_BLOCKS
     assert second.pending_by_role()["inference"] == N_BLOCKS
+
+
+def test_a_job_recorded_without_resolved_volumes_resumes(
+    first: Scheduler, settings: Settings, clock: Clock
+) -> None:
+    first.submit(predict_spec("volumes/out.zarr"), job_id="j")
+    record = first.store.read_json("jobs/j/job.json")
+    del record["volumes"]  # as written before volumes were recorded at submit
+    first.store.write_json("jobs/j/job.json", record)
+    second = fresh(settings, clock)
+    clock.now += settings.lease_seconds  # past the hold
+    leases = second.lease("w", "inference", N_BLOCKS)
+    assert len(leases) == N_BLOCKS
+    assert leases[0].volumes["output"].grid == tuple(BLOCK)
+    for lease in leases:
+        finish(second, lease)
+    (fin,) = second.lease("cpu", "postprocess", 1)
+    second.complete(fin.lease_id, "cpu")
+    assert second.get("j").state == "SUCCEEDED"
+    assert store_volume_complete(second, "volumes/out.zarr")

@@ -226,3 +226,29 @@ def test_a_worker_refuses_a_scheduler_role_and_empty_handlers(env: Env) -> None:
     with pytest.raises(InvalidArgumentError) as err:
         Worker(env.settings, "inference", {}, client=client)
     assert err.value.field == "handlers"
+
+
+def test_run_once_drives_a_whole_job_in_the_calling_thread(env: Env) -> None:
+    """The serial driver: lease what there is, run it here, report; no loop threads."""
+    seen: list[str] = []
+
+    def predict(ctx: TaskContext) -> TaskResult:
+        seen.append(threading.current_thread().name)
+        return TaskResult(metrics={"voxels": double_block(env.store, ctx.lease)})
+
+    inference = env.worker("inference", {"predict": predict}, worker_capacity=4)
+    postprocess = env.worker("postprocess", {"finalize": lambda ctx: TaskResult()})
+    job_id = env.submit()
+    try:
+        assert inference.run_once() == 4
+        assert inference.run_once() == 0  # nothing left for this role
+        assert postprocess.run_once() == 1
+    finally:
+        inference.stop(grace=1.0)
+        postprocess.stop(grace=1.0)
+    assert seen == [threading.current_thread().name] * 4
+    assert env.scheduler.get(job_id).state == "SUCCEEDED"
+    np.testing.assert_array_equal(
+        env.store.open_volume("volumes/out.zarr")[:],
+        env.store.open_volume("volumes/in.zarr")[:] * 2.0,
+    )

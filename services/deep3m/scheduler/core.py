@@ -114,7 +114,9 @@ class Scheduler:
                 if job_id in self._jobs:
                     continue
                 try:
-                    got = recover_job(self.jobs_store, self.queue, job_id, now, hold_until)
+                    got = recover_job(
+                        self.jobs_store, self.queue, job_id, now, hold_until, self.context
+                    )
                 except Deep3mError as exc:
                     log.error(
                         "cannot resume job %s: %s", job_id, exc.message, extra={"job_id": job_id}

@@ -9,11 +9,12 @@ adopt them first. What to do next (finish, plan, resume) is the scheduler's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+from deep3m.scheduler import kinds
 from deep3m.scheduler.jobs import Job, JobError
-from deep3m.scheduler.persistence import JobStore
+from deep3m.scheduler.persistence import JobRecord, JobStore
 from deep3m.scheduler.queue import StageCounts, TaskQueue
 
 Action = Literal["finished", "cancelled", "plan_first", "resume"]
@@ -26,14 +27,27 @@ class Recovered:
     message: str = ""
 
 
+def _with_volumes(record: JobRecord, ctx: kinds.KindContext) -> JobRecord:
+    """A record written before volumes were recorded at submit gets them resolved now."""
+    if record.volumes:
+        return record
+    return replace(record, volumes=kinds.validate(record.spec, ctx).resolved.volumes)
+
+
 def recover_job(
-    jobs_store: JobStore, queue: TaskQueue, job_id: str, now: float, hold_until: float
+    jobs_store: JobStore,
+    queue: TaskQueue,
+    job_id: str,
+    now: float,
+    hold_until: float,
+    ctx: kinds.KindContext,
 ) -> Recovered:
     """The job ``job_id`` rebuilt from the store, its current stage queued again."""
     record = jobs_store.load_job(job_id)
     result = jobs_store.load_result(job_id)
     if result is not None:
         return Recovered(Job.from_result(record, result), "finished")
+    record = _with_volumes(record, ctx)
     job = Job(record, "PENDING", now, outputs=dict(record.outputs))
     if jobs_store.is_cancelled(job_id):
         return Recovered(job, "cancelled")
