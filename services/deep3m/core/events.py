@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+JOB_STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+
 
 @dataclass(frozen=True)
 class ProgressEvent:
@@ -33,7 +36,7 @@ class ProgressEvent:
 
     @property
     def terminal(self) -> bool:
-        return self.state in ("SUCCEEDED", "FAILED", "CANCELLED")
+        return self.state in TERMINAL_STATES
 
 
 class Observer(Protocol):

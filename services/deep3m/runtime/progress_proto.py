@@ -8,11 +8,18 @@ both sides agree on every field.
 from __future__ import annotations
 
 from deep3m.core.errors import InvalidArgumentError
-from deep3m.core.events import ProgressEvent
+from deep3m.core.events import JOB_STATES, TERMINAL_STATES, ProgressEvent
 from deep3m.v1 import common_pb2
 
-JOB_STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+# The state names live with the events; named here too for the callers on the wire side.
+__all__ = [
+    "JOB_STATES",
+    "TERMINAL_STATES",
+    "event_from_proto",
+    "event_to_proto",
+    "state_from_proto",
+    "state_to_proto",
+]
 
 
 def state_to_proto(state: str) -> common_pb2.JobState:

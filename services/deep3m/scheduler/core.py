@@ -28,11 +28,10 @@ from deep3m.core.errors import (
     NotFoundError,
     UnavailableError,
 )
-from deep3m.core.events import EventBus, ProgressEvent, Subscription
+from deep3m.core.events import JOB_STATES, EventBus, ProgressEvent, Subscription
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.runtime import metrics as m
-from deep3m.runtime.progress_proto import JOB_STATES
 from deep3m.runtime.settings import ROLES, Settings
 from deep3m.scheduler import kinds
 from deep3m.scheduler.jobs import Grant, Job, JobError, JobView

@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from deep3m.core.events import ProgressEvent
-from deep3m.runtime.progress_proto import TERMINAL_STATES
+from deep3m.core.events import TERMINAL_STATES, ProgressEvent
 from deep3m.scheduler.kinds.base import VolumeFacts
 from deep3m.scheduler.persistence import JobRecord
 from deep3m.scheduler.queue import StageCounts
