@@ -24,6 +24,7 @@ from deep3m.runtime.worker import TaskContext, TaskResult, Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.jobs import Grant, JobError
 from deep3m.testing.scheduler import (
+    ManualClock,
     SchedulerProcess,
     double_block,
     save_test_model,
@@ -149,14 +150,6 @@ def test_sigkill_mid_job_resumes_without_redoing_or_losing_blocks(
     assert "resumed 1 job(s)" in log
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 2_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def settings(store: Store) -> Settings:
     return Settings(
@@ -169,11 +162,11 @@ def settings(store: Store) -> Settings:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock(2_000_000.0)
 
 
-def fresh(settings: Settings, clock: Clock) -> Scheduler:
+def fresh(settings: Settings, clock: ManualClock) -> Scheduler:
     """A new scheduler instance on the same store, as after a restart."""
     s = Scheduler(settings, clock=clock)
     s.recover()
@@ -185,12 +178,12 @@ def finish(s: Scheduler, lease: Grant, worker: str = "w") -> None:
 
 
 @pytest.fixture
-def first(settings: Settings, clock: Clock) -> Iterator[Scheduler]:
+def first(settings: Settings, clock: ManualClock) -> Iterator[Scheduler]:
     yield fresh(settings, clock)
 
 
 def test_restart_keeps_done_tasks_and_adopts_running_ones(
-    first: Scheduler, settings: Settings, clock: Clock
+    first: Scheduler, settings: Settings, clock: ManualClock
 ) -> None:
     first.submit(predict_spec("volumes/out.zarr"), job_id="j")
     leases = first.lease("w", "inference", 4)
@@ -237,7 +230,7 @@ def store_volume_complete(s: Scheduler, path: str) -> bool:
 
 
 def test_quarantine_and_cancel_survive_a_restart(
-    first: Scheduler, settings: Settings, clock: Clock
+    first: Scheduler, settings: Settings, clock: ManualClock
 ) -> None:
     first.submit(predict_spec("volumes/a.zarr"), job_id="failing")
     first.submit(predict_spec("volumes/b.zarr"), job_id="cancelled")
@@ -264,7 +257,7 @@ def test_quarantine_and_cancel_survive_a_restart(
 
 
 def test_a_finished_job_whose_result_was_not_written_finishes_on_restart(
-    first: Scheduler, settings: Settings, clock: Clock
+    first: Scheduler, settings: Settings, clock: ManualClock
 ) -> None:
     first.submit(predict_spec("volumes/out.zarr"), job_id="j")
     for lease in first.lease("w", "inference", N_BLOCKS):
@@ -279,7 +272,7 @@ def test_a_finished_job_whose_result_was_not_written_finishes_on_restart(
 
 
 def test_a_job_stopped_before_its_first_stage_was_written_is_planned_on_restart(
-    first: Scheduler, settings: Settings, clock: Clock
+    first: Scheduler, settings: Settings, clock: ManualClock
 ) -> None:
     first.submit(predict_spec("volumes/out.zarr"), job_id="j")
     first.store.delete("jobs/j/stages")
@@ -289,7 +282,7 @@ def test_a_job_stopped_before_its_first_stage_was_written_is_planned_on_restart(
 
 
 def test_a_job_recorded_without_resolved_volumes_resumes(
-    first: Scheduler, settings: Settings, clock: Clock
+    first: Scheduler, settings: Settings, clock: ManualClock
 ) -> None:
     first.submit(predict_spec("volumes/out.zarr"), job_id="j")
     record = first.store.read_json("jobs/j/job.json")

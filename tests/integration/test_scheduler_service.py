@@ -32,7 +32,7 @@ from deep3m.runtime.settings import Settings
 from deep3m.runtime.worker import TaskContext, TaskHandler, TaskResult, Worker
 from deep3m.scheduler.app import SchedulerApp
 from deep3m.scheduler.core import Scheduler
-from deep3m.testing.scheduler import double_block, save_test_model, write_volume
+from deep3m.testing.scheduler import ManualClock, double_block, save_test_model, write_volume
 from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from prometheus_client import REGISTRY
 
@@ -363,16 +363,8 @@ def test_submit_job_refuses_a_training_job_the_stack_cannot_feed(env: Env) -> No
     assert env.store.list("jobs") == []
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_stale_completion_never_overwrites_the_newer_one(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     for env in start_env(tmp_path, clock):
         job_id = submit(env)
         stub = scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(env.server.address))

@@ -60,6 +60,16 @@ def save_test_model(
     save_card(store, card)
 
 
+class ManualClock:
+    """A clock for a ``Scheduler`` that moves only when the test sets ``now``."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def predict_spec(
     output: str,
     *,
