@@ -374,3 +374,32 @@ def test_connect_names_an_unreachable_address() -> None:
 def test_connect_rejects_a_malformed_address(address: str) -> None:
     with pytest.raises(errors.InvalidArgumentError, match="host:port"):
         connect(address, timeout_s=1)
+
+
+def test_the_server_runs_the_worker_a_role_declares(tmp_path: Path) -> None:
+    from deep3m.launcher.local import free_port
+
+    # A scheduler address nobody listens on: the worker keeps trying, and stop still returns.
+    settings = _settings(
+        tmp_path, scheduler_address=f"127.0.0.1:{free_port()}", poll_interval_seconds=0.05
+    ).model_copy(update={"worker_enabled": True})
+    server = create_server("tiling", settings, port=0, host="127.0.0.1")
+    try:
+        assert server.worker is not None
+        assert (server.worker.role, sorted(server.worker.handlers)) == (
+            "tiling",
+            ["finalize", "ingest"],
+        )
+    finally:
+        server.stop(grace=1.0)
+    assert server.worker is None
+    quiet = create_server("tiling", _settings(tmp_path), port=0, host="127.0.0.1")
+    try:
+        assert quiet.worker is None  # DEEP3M_WORKER_ENABLED=false: servicers only
+    finally:
+        quiet.stop(grace=1.0)
+    probe = create_server("postprocess", settings, app=ProbeApp(), port=0, host="127.0.0.1")
+    try:
+        assert probe.worker is None  # an app that declares no handlers runs no worker
+    finally:
+        probe.stop(grace=1.0)

@@ -20,7 +20,8 @@ from deep3m.core.errors import FailedPreconditionError
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port
 from deep3m.runtime.settings import Settings
-from deep3m.runtime.worker import TaskContext, TaskResult, Worker
+from deep3m.runtime.task import TaskContext, TaskResult
+from deep3m.runtime.worker import Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.jobs import Grant, JobError
 from deep3m.testing.scheduler import (

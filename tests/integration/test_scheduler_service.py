@@ -29,7 +29,8 @@ from deep3m.core.store import Store
 from deep3m.runtime.rpc_errors import from_rpc_error
 from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
-from deep3m.runtime.worker import TaskContext, TaskHandler, TaskResult, Worker
+from deep3m.runtime.task import TaskContext, TaskHandler, TaskResult
+from deep3m.runtime.worker import Worker
 from deep3m.scheduler.app import SchedulerApp
 from deep3m.scheduler.core import Scheduler
 from deep3m.testing.scheduler import ManualClock, double_block, save_test_model, write_volume

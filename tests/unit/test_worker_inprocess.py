@@ -20,7 +20,7 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.events import ProgressEvent
 from deep3m.core.store import Store
 from deep3m.runtime.settings import Settings
-from deep3m.runtime.task import TaskContext, TaskResult
+from deep3m.runtime.task import TaskContext, TaskHandler, TaskResult
 from deep3m.runtime.worker import Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.inprocess import InProcessSchedulerClient
@@ -80,12 +80,12 @@ class Env:
     scheduler: Scheduler
     clock: Clock
 
-    def worker(self, role: str, handlers: dict[str, object], **overrides: object) -> Worker:
+    def worker(self, role: str, handlers: dict[str, TaskHandler], **overrides: object) -> Worker:
         settings = self.settings.model_copy(update=overrides) if overrides else self.settings
         return Worker(
             settings,
             role,
-            handlers,  # type: ignore[arg-type]
+            handlers,
             worker_id=f"{role}-{id(handlers)}",
             client=InProcessSchedulerClient(self.scheduler),
         )
