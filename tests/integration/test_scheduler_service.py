@@ -362,6 +362,14 @@ def test_submit_job_refuses_a_training_job_the_stack_cannot_feed(env: Env) -> No
         env.client.submit(spec)
     assert err.value.field == "learning_rate"
     assert env.store.list("jobs") == []
+    # A patch larger than the image is clipped, and the job says so.
+    spec.train.learning_rate = 0.0
+    spec.train.patch_shape.extend([320, 320])
+    job = env.client.submit(spec, job_id="clipped")
+    assert list(job.spec.train.patch_shape) == [64, 64]
+    (note,) = job.notes
+    assert "clipped to the image" in note
+    assert list(env.client.get("clipped").notes) == [note]
 
 
 def test_a_stale_completion_never_overwrites_the_newer_one(tmp_path: Path) -> None:

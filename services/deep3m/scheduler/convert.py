@@ -26,6 +26,7 @@ def job_to_proto(view: JobView) -> common_pb2.Job:
         created_unix_s=view.created_unix_s,
         updated_unix_s=view.updated_unix_s,
         errors=[error_to_proto(e) for e in view.errors],
+        notes=view.notes,
     )
     out.outputs.update(view.outputs)
     out.metrics.update(view.metrics)

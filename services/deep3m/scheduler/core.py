@@ -214,6 +214,7 @@ class Scheduler:
             spec.max_attempts or self.settings.max_attempts,
             dict(prepared.outputs),
             dict(prepared.resolved.volumes),
+            tuple(prepared.notes),
         )
         created = create_outputs(prepared.volumes, job_id)
         try:

@@ -71,6 +71,7 @@ class JobView:
     errors: tuple[JobError, ...]
     outputs: Mapping[str, str]
     metrics: Mapping[str, float]
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,7 @@ class Job:
             tuple(self.errors),
             dict(self.outputs),
             dict(self.metrics),
+            tuple(self.record.notes),
         )
 
     # -- the result document ------------------------------------------------------------

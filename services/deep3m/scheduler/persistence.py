@@ -67,6 +67,8 @@ class JobRecord:
     outputs: Mapping[str, str] = field(default_factory=dict)
     # The volumes as checked at submit (shape, dtype, grid, voxel size).
     volumes: Mapping[str, VolumeFacts] = field(default_factory=dict)
+    # Adjustments made to the spec at submit, for the user.
+    notes: tuple[str, ...] = ()
 
     @property
     def resolution(self) -> Resolved:
@@ -83,6 +85,7 @@ class JobRecord:
             "max_attempts": self.max_attempts,
             "outputs": dict(self.outputs),
             "volumes": {name: v.to_json() for name, v in self.volumes.items()},
+            "notes": list(self.notes),
         }
 
     @classmethod
@@ -107,6 +110,7 @@ class JobRecord:
                     str(name): VolumeFacts.from_json(v)
                     for name, v in data.get("volumes", {}).items()
                 },
+                tuple(str(n) for n in data.get("notes", [])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgumentError(

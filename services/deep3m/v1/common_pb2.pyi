@@ -175,7 +175,7 @@ class ErrorDetail(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "state", "stages", "created_unix_s", "updated_unix_s", "errors", "outputs", "metrics")
+    __slots__ = ("id", "spec", "state", "stages", "created_unix_s", "updated_unix_s", "errors", "outputs", "metrics", "notes")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,7 @@ class Job(_message.Message):
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     state: JobState
@@ -208,7 +209,8 @@ class Job(_message.Message):
     errors: _containers.RepeatedCompositeFieldContainer[ErrorDetail]
     outputs: _containers.ScalarMap[str, str]
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., created_unix_s: _Optional[float] = ..., updated_unix_s: _Optional[float] = ..., errors: _Optional[_Iterable[_Union[ErrorDetail, _Mapping]]] = ..., outputs: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., created_unix_s: _Optional[float] = ..., updated_unix_s: _Optional[float] = ..., errors: _Optional[_Iterable[_Union[ErrorDetail, _Mapping]]] = ..., outputs: _Optional[_Mapping[str, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProgressEvent(_message.Message):
     __slots__ = ("job_id", "time_unix_s", "state", "stage", "tasks_done", "tasks_total", "voxels_per_second", "eta_seconds", "message", "metrics", "error", "task_id")
