@@ -120,7 +120,7 @@ class PreparedJob:
     resolved: Resolved
     outputs: Mapping[str, str]
     volumes: tuple[NewVolume, ...] = ()
-    # Adjustments made to the spec that a user should hear about (sent as job events).
+    # Adjustments made to the spec that a user should hear about (`Job.notes`).
     notes: tuple[str, ...] = ()
 
 

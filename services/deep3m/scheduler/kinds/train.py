@@ -4,7 +4,7 @@ Everything a worker would only discover after minutes of set-up is refused
 here, at submission, naming the field: members the stack cannot feed (a 5fm
 member needs 5 slices), numbers that are not finite or absurdly large, a base
 model that does not exist. A patch larger than the image is clipped to it,
-with a note in the job's events.
+with a note kept in the job (`Job.notes`).
 """
 
 from __future__ import annotations
