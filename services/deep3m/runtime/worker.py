@@ -419,6 +419,10 @@ class Worker:
                 extra={"task_id": ctx.task.id},
             )
             return
+        except Exception:  # the heartbeat thread must outlive any one renewal
+            log.exception("task %s: lease renewal failed", ctx.task.id)
+            active.next_renew = time.monotonic() + min(active.interval_s, 0.5)
+            return
         if cancelled:
             ctx.cancelled.set()
         active.next_renew = time.monotonic() + active.interval_s

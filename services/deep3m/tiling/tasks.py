@@ -1,10 +1,10 @@
 """Ingest tasks leased from the scheduler: ``ingest`` (one z-range) and ``finalize``.
 
-The scheduler plans an ingest job with :func:`deep3m.core.ingest.plan_ingest`
-and creates the (incomplete) volume with
-:func:`deep3m.core.ingest.create_ingest_volume`; each ``ingest`` task then
-writes its z-range (params ``z_start``, ``z_stop``) and the single ``finalize``
-task marks the volume complete once every range is done.
+The scheduler checks the source's header, creates the (incomplete) volume at
+submit and records it in the lease (``lease.volumes["output"]``: store, path,
+dtype); each ``ingest`` task then writes its z-range (params ``z_start``,
+``z_stop``) and the single ``finalize`` task marks the volume complete once
+every range is done.
 """
 
 from __future__ import annotations
