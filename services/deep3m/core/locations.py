@@ -48,8 +48,7 @@ class StoreRoots:
     def store(self, url: str = "", *, field: str = "store_url") -> Store:
         """The store for ``url`` (default store when empty), checked against the roots."""
         norm = self.check_url(url or self.default_url, field=field)
-        options = dict(self.storage_options) if norm.startswith("s3://") else None
-        return Store(norm, options)
+        return Store(norm, dict(self.storage_options))
 
     def resolve(self, store_url: str, path: str, *, field: str = "volume") -> tuple[Store, str]:
         if not path:
