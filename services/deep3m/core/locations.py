@@ -25,10 +25,9 @@ class StoreRoots:
 
     @classmethod
     def from_settings(cls, settings: Any) -> StoreRoots:
-        extra = tuple(u.strip() for u in settings.input_roots.split(",") if u.strip())
         return cls(
             normalize_url(settings.store_url),
-            tuple(normalize_url(u) for u in extra),
+            tuple(normalize_url(u) for u in settings.input_roots),
             tuple(sorted(settings.storage_options().items())),
         )
 
