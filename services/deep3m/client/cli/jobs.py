@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -26,22 +27,21 @@ def volume_ref(path: str, array: str = "") -> common_pb2.VolumeRef:
     return common_pb2.VolumeRef(store_url=store_url, path=key, array=array)
 
 
-def shape(text: str | None, name: str) -> list[int]:
+def _numbers(text: str | None, name: str, kind: type[float], what: str) -> list[Any]:
     if not text:
         return []
     try:
-        return [int(v) for v in text.split(",")]
+        return [kind(v) for v in text.split(",")]
     except ValueError as exc:
-        raise fail(f"--{name} must be comma-separated integers z,y,x, got {text!r}", 2) from exc
+        raise fail(f"--{name} must be comma-separated {what} z,y,x, got {text!r}", 2) from exc
+
+
+def shape(text: str | None, name: str) -> list[int]:
+    return _numbers(text, name, int, "integers")
 
 
 def floats(text: str | None, name: str) -> list[float]:
-    if not text:
-        return []
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError as exc:
-        raise fail(f"--{name} must be comma-separated numbers z,y,x, got {text!r}", 2) from exc
+    return _numbers(text, name, float, "numbers")
 
 
 def names(text: str) -> list[str]:

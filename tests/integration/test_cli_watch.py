@@ -1,0 +1,86 @@
+"""``deep3m watch`` follows a real training job: JSON lines while it runs, then the job."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from deep3m.client.cli import app
+from deep3m.client.client import Deep3mClient
+from deep3m.core.store import Store
+from deep3m.launcher.local import free_port
+from deep3m.runtime.server import create_server
+from deep3m.runtime.settings import Settings
+from deep3m.testing.training import stage_synthetic
+from typer.testing import CliRunner
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_watch_prints_training_progress_as_json_lines(tmp_path: Path) -> None:
+    store = Store(f"file://{tmp_path / 'store'}")
+    paths = stage_synthetic(store)
+    port = free_port()
+    # Progress rides on lease renewals (a third of the lease): a short lease sends
+    # this short training's reports often enough to see several of them.
+    settings = Settings(
+        store_url=store.url,
+        device="cpu",
+        metrics_port=0,
+        scheduler_address=f"127.0.0.1:{port}",
+        poll_interval_seconds=0.05,
+        lease_seconds=0.9,
+    )
+    scheduler = create_server("scheduler", settings, port=port, host="127.0.0.1")
+    role = create_server("training", settings, port=0, host="127.0.0.1")
+    try:
+        with Deep3mClient(scheduler.address) as client:
+            job = client.train(
+                images=paths["images"],
+                labels=paths["labels"],
+                model="watched",
+                validation_images=paths["validation_images"],
+                validation_labels=paths["validation_labels"],
+                architecture="deepem3d",
+                width=0.0625,
+                members=["1fm"],
+                iterations=24,
+                batch_size=2,
+                patch_shape=[32, 32],
+                validate_every=6,
+                snapshot_every=12,
+                learning_rate=0.05,
+            )
+        result = CliRunner().invoke(
+            app, ["--scheduler", scheduler.address, "--output", "json", "watch", job.id]
+        )
+    finally:
+        role.stop(grace=5.0)
+        scheduler.stop(grace=1.0)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    *events, final = lines
+    assert final["id"] == job.id and final["state"] == "JOB_STATE_SUCCEEDED"
+    assert events and all(e["event"] == "progress" and e["job_id"] == job.id for e in events)
+    training = [e["training"] for e in events if "training" in e]
+    assert training, "training reports reached the watch stream"
+    iterations = [t["iteration"] for t in training]
+    assert iterations == sorted(iterations) and all(t["iterations"] == 24 for t in training)
+    assert all(t["loss"] is None or t["loss"] >= 0 for t in training)
+    validated = [t for t in training if "f1" in t["validation"]]
+    assert validated and 0.0 <= validated[-1]["validation"]["f1"] <= 1.0
+    # Each validation (every 6 of 24 iterations, seconds apart) is reported: the
+    # second report at a new iteration gives a rate, and an ETA from it.
+    assert len(set(iterations)) >= 2
+    assert training[-1]["iterations_per_second"] > 0
+    assert training[-1]["eta_seconds"] is not None
+    assert events[-1]["state"] == "SUCCEEDED"
