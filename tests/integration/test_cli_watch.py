@@ -11,9 +11,7 @@ import torch
 from deep3m.client.cli import app
 from deep3m.client.client import Deep3mClient
 from deep3m.core.store import Store
-from deep3m.launcher.local import free_port
-from deep3m.runtime.server import create_server
-from deep3m.runtime.settings import Settings
+from deep3m.testing.scheduler import roles_in_process
 from deep3m.testing.training import stage_synthetic
 from typer.testing import CliRunner
 
@@ -29,21 +27,10 @@ def one_torch_thread() -> Iterator[None]:
 def test_watch_prints_training_progress_as_json_lines(tmp_path: Path) -> None:
     store = Store(f"file://{tmp_path / 'store'}")
     paths = stage_synthetic(store)
-    port = free_port()
     # Progress rides on lease renewals (a third of the lease): a short lease sends
     # this short training's reports often enough to see several of them.
-    settings = Settings(
-        store_url=store.url,
-        device="cpu",
-        metrics_port=0,
-        scheduler_address=f"127.0.0.1:{port}",
-        poll_interval_seconds=0.05,
-        lease_seconds=0.9,
-    )
-    scheduler = create_server("scheduler", settings, port=port, host="127.0.0.1")
-    role = create_server("training", settings, port=0, host="127.0.0.1")
-    try:
-        with Deep3mClient(scheduler.address) as client:
+    with roles_in_process(store.url, "training", lease_seconds=0.9) as address:
+        with Deep3mClient(address) as client:
             job = client.train(
                 images=paths["images"],
                 labels=paths["labels"],
@@ -61,11 +48,8 @@ def test_watch_prints_training_progress_as_json_lines(tmp_path: Path) -> None:
                 learning_rate=0.05,
             )
         result = CliRunner().invoke(
-            app, ["--scheduler", scheduler.address, "--output", "json", "watch", job.id]
+            app, ["--scheduler", address, "--output", "json", "watch", job.id]
         )
-    finally:
-        role.stop(grace=5.0)
-        scheduler.stop(grace=1.0)
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     *events, final = lines
