@@ -13,7 +13,6 @@ from rich.table import Table
 
 from deep3m.client.cli.app import app, console, error, errors_exit, fail, out, settings, state
 from deep3m.client.cli.output import say
-from deep3m.client.demo import run_demo
 from deep3m.core.errors import Deep3mError
 from deep3m.launcher.local import DEFAULT_STORE, LocalCluster, LocalClusterSpec
 from deep3m.runtime.healthcheck import check_health, store_round_trip
@@ -68,6 +67,10 @@ def demo(
     minutes: float = typer.Option(0.0, help="Training budget override (0: the recipe's)."),
 ) -> None:
     """Train a small ensemble on the CDeep3M mitochondria sample, predict, and score it."""
+    # Loaded here, not at the top: the demo's scoring pulls scipy and its recipe the
+    # training package, a quarter of the CLI's start-up time for one rarely used command.
+    from deep3m.client.demo import run_demo
+
     try:
         report = run_demo(store, console=console, budget_minutes=minutes or None)
     except Deep3mError as exc:
