@@ -140,6 +140,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[St
     yield s, raw
     for entry in s.list(""):
         s.delete(entry)
+    if isinstance(raw, S3Raw):
+        raw.client.close()
 
 
 @pytest.fixture

@@ -185,3 +185,10 @@ def test_bad_role_maps_name_the_variable(
         Settings()
     assert err.value.field == variable
     assert words in err.value.message
+
+
+def test_settings_with_role_maps_are_usable_as_cache_keys() -> None:
+    a = Settings(autoscale_deployments="inference=x", input_roots="s3://a")
+    b = Settings(autoscale_deployments={"inference": "x"}, input_roots=("s3://a",))
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert hash(a) != hash(Settings(autoscale_deployments="inference=y"))

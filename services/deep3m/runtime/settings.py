@@ -158,6 +158,10 @@ class Settings(BaseSettings):
             raise ValueError(f"log level must be one of {', '.join(_LOG_LEVELS)}")
         return level.upper()
 
+    def __hash__(self) -> int:
+        # Frozen, so usable as a cache key; the role maps are dicts, which do not hash.
+        return hash(self.model_dump_json())
+
     def port_for(self, role: str) -> int:
         return self.grpc_port or DEFAULT_PORTS[role]
 
