@@ -21,6 +21,8 @@ import numpy as np
 from deep3m.core.errors import Deep3mError, InvalidArgumentError, NotFoundError
 from deep3m.core.store import FULL_RESOLUTION, Store, check_key, normalize_url
 
+# Each operation imports its postprocess or model module when it runs: they pull
+# scikit-image and torch (seconds of start-up), which the other commands never need.
 Progress = Callable[[int, int], None]  # (done, total)
 # Slices exported or overlaid per run are listed, so keep a ceiling on typos like 0-99999.
 MAX_SLICES = 100_000
