@@ -47,7 +47,7 @@ def open_existing_store(url: str, storage_options: Mapping[str, Any] | None = No
     norm = normalize_url(url)
     if norm.startswith("file://") and not Path(norm.removeprefix("file://")).is_dir():
         raise NotFoundError(f"store {norm} does not exist", field="store")
-    return Store(norm, storage_options if norm.startswith("s3://") else None)
+    return Store(norm, storage_options)
 
 
 def resolve(
