@@ -78,10 +78,6 @@ class Subscription:
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(None)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
     def __iter__(self) -> Iterator[ProgressEvent]:
         while True:
             event = self.get()
