@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from deep3m.client.cli import app
 from deep3m.client.client import Deep3mClient
 from deep3m.core.store import Store
@@ -15,13 +13,7 @@ from deep3m.testing.scheduler import roles_in_process
 from deep3m.testing.training import stage_synthetic
 from typer.testing import CliRunner
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_watch_prints_training_progress_as_json_lines(tmp_path: Path) -> None:
