@@ -33,7 +33,7 @@ def report(t: float, iteration: int, **metrics: float) -> ProgressEvent:
         "RUNNING",
         "train",
         tasks_total=2,
-        task_id="j-train-1fm",
+        task_id="train/1fm",
         metrics={"iteration": iteration, "iterations": 100, **metrics},
         time_unix_s=t,
     )
@@ -88,7 +88,7 @@ def test_lines_are_printed_as_reports_arrive_when_not_a_terminal() -> None:
     )
     assert final.state == common_pb2.JOB_STATE_SUCCEEDED
     lines = buffer.getvalue().splitlines()
-    member = [line for line in lines if "j-train-1fm" in line]
+    member = [line for line in lines if line.startswith("train        1fm: ")]
     # One line per 3 s of the stream (from the last line), and every validation.
     assert [line.split("it ")[1].split("/")[0] for line in member] == ["10", "35", "70"]
     assert "val val loss 0.400 P 0.700 R 0.550 F1 0.610" in member[1]
@@ -132,7 +132,9 @@ def test_the_live_display_draws_stage_and_member_rows() -> None:
     console = Console(file=buffer, force_terminal=True, width=160)
     follow_job(Replay(training_stream()), "j", console=console, display="live")
     text = buffer.getvalue()
-    assert "j-train-1fm" in text and "it 90/100" in text and "F1 0.610" in text
+    assert (
+        "  1fm" in text and "train/1fm" not in text and "it 90/100" in text and "F1 0.610" in text
+    )
 
 
 def test_json_needs_a_stream() -> None:

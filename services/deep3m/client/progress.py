@@ -206,6 +206,11 @@ def event_record(event: ProgressEvent, task: TaskProgress | None) -> dict[str, A
     return record
 
 
+def _task_label(stage: str, task_id: str) -> str:
+    """``train/1fm`` under stage ``train`` shows as ``1fm``."""
+    return task_id.removeprefix(f"{stage}/") if stage else task_id
+
+
 class _Live:
     """A Rich display: one bar per stage and one per training task."""
 
@@ -236,7 +241,7 @@ class _Live:
                 info=stage.describe(counts=False),
             )
         if task is not None:
-            row = self._row("task:" + task.task_id, f"  {task.task_id}")
+            row = self._row("task:" + task.task_id, "  " + _task_label(event.stage, task.task_id))
             self.progress.update(
                 row,
                 completed=task.iteration,
@@ -270,7 +275,8 @@ class _Lines:
             last = self.last_line.get(task.task_id)
             if change.validated or last is None or event.time_unix_s - last >= self.interval_s:
                 self.last_line[task.task_id] = event.time_unix_s
-                self.say(f"{event.stage or 'task':<12} {task.task_id}: {task.describe()}")
+                label = _task_label(event.stage, task.task_id)
+                self.say(f"{event.stage or 'task':<12} {label}: {task.describe()}")
         if event.error:
             self.say(f"error: {event.error}")
         if event.terminal:
