@@ -10,10 +10,16 @@
 ``s3_prefix``: a fresh ``s3://<bucket>/<unique>`` URL for one test.
 ``data_dir``: ``<repo>/../shared/data`` (real labelled EM stacks, read-only);
     skips when absent.
+``clean_env``: no ``DEEP3M_*`` variables from the calling shell.
+``one_torch_thread``: torch runs on one intra-op thread for the test (tiny
+    networks gain nothing from more on a shared machine).
+``isolated``: ``clean_env`` and the working directory in ``tmp_path``, so a default
+    store (``./deep3m-data``) never lands in the repository.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,3 +55,26 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"shared test data not found at {DATA_DIR.resolve()}")
     return DATA_DIR.resolve()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("DEEP3M_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def isolated(clean_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    # Imported here: most tests never load torch, and collection should not either.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,7 +4,6 @@ credentials and endpoint taken from the ``DEEP3M_S3_*`` settings as a user would
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +15,7 @@ from deep3m.testing.seaweed import SeaweedServer
 from scipy import ndimage
 from typer.testing import CliRunner
 
-pytestmark = pytest.mark.s3
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("DEEP3M_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("isolated")]
 
 
 def test_describe_label_export_on_s3(

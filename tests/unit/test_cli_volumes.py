@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 from collections.abc import Iterator
 from concurrent import futures
@@ -25,18 +24,11 @@ from PIL import Image
 from scipy import ndimage
 from typer.testing import CliRunner, Result
 
+pytestmark = pytest.mark.usefixtures("isolated")
+
 SHAPE = (6, 40, 48)
 VOXEL_NM = (40.0, 6.0, 6.0)
 CHUNKS = (2, 16, 16)
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("DEEP3M_"):
-            monkeypatch.delenv(name)
-    # The default store (./deep3m-data) must never land in the repository.
-    monkeypatch.chdir(tmp_path)
 
 
 class Volumes:

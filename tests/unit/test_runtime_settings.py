@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 from deep3m.core.errors import InvalidArgumentError
@@ -15,12 +14,7 @@ from deep3m.runtime.settings import (
     warn_unknown_env_vars,
 )
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("DEEP3M_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def test_defaults_without_environment() -> None:
@@ -158,3 +152,43 @@ def test_storage_options_from_environment(monkeypatch: pytest.MonkeyPatch) -> No
 def test_storage_options_endpoint_only() -> None:
     options = Settings(s3_endpoint_url="http://minio:9000").storage_options()
     assert options == {"client_kwargs": {"endpoint_url": "http://minio:9000"}}
+
+
+def test_lists_and_role_maps_parse_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEEP3M_INPUT_ROOTS", "s3://raw, s3://other/prefix,")
+    monkeypatch.setenv("DEEP3M_AUTOSCALE_DEPLOYMENTS", "inference=rel-inf, training=rel-train")
+    monkeypatch.setenv("DEEP3M_AUTOSCALE_MAX_REPLICAS_BY_ROLE", '{"training": 3}')
+    monkeypatch.setenv("DEEP3M_AUTOSCALE_TASKS_PER_REPLICA_BY_ROLE", "inference=8")
+    s = Settings()
+    assert s.input_roots == ("s3://raw", "s3://other/prefix")
+    assert s.autoscale_deployments == {"inference": "rel-inf", "training": "rel-train"}
+    assert s.autoscale_max_replicas_by_role == {"training": 3}
+    assert s.autoscale_tasks_per_replica_by_role == {"inference": 8}
+    assert Settings(input_roots='["s3://a", "s3://b"]').input_roots == ("s3://a", "s3://b")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("DEEP3M_AUTOSCALE_DEPLOYMENTS", "inference", "'inference' is not role=value"),
+        ("DEEP3M_AUTOSCALE_DEPLOYMENTS", "gpu=x", "unknown worker role 'gpu'"),
+        ("DEEP3M_AUTOSCALE_DEPLOYMENTS", "training=a,training=b", "given twice"),
+        ("DEEP3M_AUTOSCALE_MAX_REPLICAS_BY_ROLE", "training=-1", "training=-1 must be >= 0"),
+        ("DEEP3M_AUTOSCALE_TASKS_PER_REPLICA_BY_ROLE", "inference=x", "is not an integer"),
+    ],
+)
+def test_bad_role_maps_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, words: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as err:
+        Settings()
+    assert err.value.field == variable
+    assert words in err.value.message
+
+
+def test_settings_with_role_maps_are_usable_as_cache_keys() -> None:
+    a = Settings(autoscale_deployments="inference=x", input_roots="s3://a")
+    b = Settings(autoscale_deployments={"inference": "x"}, input_roots=("s3://a",))
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert hash(a) != hash(Settings(autoscale_deployments="inference=y"))

@@ -29,6 +29,7 @@ import grpc
 
 from deep3m.core.errors import InvalidArgumentError, UnavailableError
 from deep3m.core.events import ProgressEvent
+from deep3m.core.retry import Backoff
 from deep3m.runtime.progress_proto import (
     TERMINAL_STATES,
     event_from_proto,
@@ -259,7 +260,7 @@ class Deep3mClient:
         """Block until the job ends (across scheduler restarts); TimeoutError after timeout_s."""
         deadline = time.monotonic() + timeout_s
         pause = threading.Event()
-        backoff = 0.1
+        backoff = Backoff(initial_s=0.1, max_s=2.0)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -273,18 +274,9 @@ class Deep3mClient:
                     return job
             except UnavailableError:
                 # The scheduler is restarting: wait a little and watch again.
-                pause.wait(min(backoff, max(deadline - time.monotonic(), 0.0)))
-                backoff = min(backoff * 2, 2.0)
+                pause.wait(min(backoff.next_delay(), max(deadline - time.monotonic(), 0.0)))
 
     def queue_stats(self) -> dict[str, dict[str, int]]:
         """``{role: {"pending": n, "leased": n}}`` for every worker role."""
         reply = self._call(self._stub.GetQueueStats, scheduler_pb2.GetQueueStatsRequest())
         return {r.role: {"pending": int(r.pending), "leased": int(r.leased)} for r in reply.roles}
-
-
-def wait_all(
-    client: Deep3mClient, job_ids: Iterable[str], timeout_s: float
-) -> list[common_pb2.Job]:
-    """Wait for several jobs, sharing one deadline."""
-    deadline = time.monotonic() + timeout_s
-    return [client.wait(j, max(deadline - time.monotonic(), 1e-3)) for j in job_ids]

@@ -21,6 +21,8 @@ import numpy as np
 from deep3m.core.errors import Deep3mError, InvalidArgumentError, NotFoundError
 from deep3m.core.store import FULL_RESOLUTION, Store, check_key, normalize_url
 
+# Each operation imports its postprocess or model module when it runs: they pull
+# scikit-image and torch (seconds of start-up), which the other commands never need.
 Progress = Callable[[int, int], None]  # (done, total)
 # Slices exported or overlaid per run are listed, so keep a ceiling on typos like 0-99999.
 MAX_SLICES = 100_000
@@ -45,7 +47,7 @@ def open_existing_store(url: str, storage_options: Mapping[str, Any] | None = No
     norm = normalize_url(url)
     if norm.startswith("file://") and not Path(norm.removeprefix("file://")).is_dir():
         raise NotFoundError(f"store {norm} does not exist", field="store")
-    return Store(norm, storage_options if norm.startswith("s3://") else None)
+    return Store(norm, storage_options)
 
 
 def resolve(

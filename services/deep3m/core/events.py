@@ -2,7 +2,8 @@
 
 One event stream feeds the CLI progress bar, the gRPC watch stream and the
 Prometheus counters: producers call ``EventBus.publish``; each consumer holds a
-``Subscription`` (an iterator with its own queue) or registers a callback.
+``Subscription`` (an iterator with its own queue); code that runs in-process
+takes an ``Observer`` callback instead.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -80,10 +81,6 @@ class Subscription:
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(None)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
     def __iter__(self) -> Iterator[ProgressEvent]:
         while True:
             event = self.get()
@@ -96,17 +93,12 @@ class EventBus:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscriptions: list[Subscription] = []
-        self._observers: list[Callable[[ProgressEvent], None]] = []
 
     def subscribe(self, job_id: str | None = None, maxsize: int = 1024) -> Subscription:
         sub = Subscription(self, job_id, maxsize)
         with self._lock:
             self._subscriptions.append(sub)
         return sub
-
-    def add_observer(self, observer: Callable[[ProgressEvent], None]) -> None:
-        with self._lock:
-            self._observers.append(observer)
 
     def _unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
@@ -116,8 +108,5 @@ class EventBus:
     def publish(self, event: ProgressEvent) -> None:
         with self._lock:
             subs = list(self._subscriptions)
-            observers = list(self._observers)
-        for observer in observers:
-            observer(event)
         for sub in subs:
             sub._offer(event)

@@ -16,7 +16,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from deep3m.core.errors import (
     InvalidArgumentError,
 )
 from deep3m.core.events import ProgressEvent
+from deep3m.core.executor import bounded_map
 from deep3m.core.imageio import ImageSource, open_source
 from deep3m.core.store import DEFAULT_CHUNK_SHAPE, Store, VolumeInfo, check_key
 
@@ -413,16 +413,12 @@ def _run_ranges(
     counts = {"done": 0, "bytes": 0, "voxels": 0}
 
     def run(z_range: tuple[int, int]) -> tuple[int, int]:
-        nbytes = _write_range(array, src, *z_range, plan.z_unit, cancelled, failed)
+        try:
+            nbytes = _write_range(array, src, *z_range, plan.z_unit, cancelled, failed)
+        except BaseException:
+            failed.set()  # the other running ranges stop at their next layer
+            raise
         return z_range[1] - z_range[0], nbytes
-
-    def collect(finished: set[Future[tuple[int, int]]]) -> None:
-        for fut in finished:
-            slices, nbytes = fut.result()
-            counts["done"] += 1
-            counts["bytes"] += nbytes
-            counts["voxels"] += slices * slice_voxels
-            _progress(observer, job_id, counts["done"], total, counts["voxels"], started, plan)
 
     _emit(
         observer,
@@ -430,23 +426,21 @@ def _run_ranges(
             job_id, "RUNNING", STAGE, tasks_total=total, message=f"ingesting {plan.source}"
         ),
     )
-    pool = ThreadPoolExecutor(max(1, min(workers, total)), thread_name_prefix="ingest")
-    pending: set[Future[tuple[int, int]]] = set()
+    # A bounded number of ranges in flight keeps memory bounded too.
+    results = bounded_map(
+        run, plan.z_ranges, max(1, min(workers, total)), thread_name_prefix="ingest"
+    )
     try:
-        for z_range in plan.z_ranges:
-            pending.add(pool.submit(run, z_range))
-            # A bounded number of ranges in flight keeps memory bounded too.
-            if len(pending) >= 2 * workers:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                collect(finished)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            collect(finished)
+        for _, (slices, nbytes) in results:
+            counts["done"] += 1
+            counts["bytes"] += nbytes
+            counts["voxels"] += slices * slice_voxels
+            _progress(observer, job_id, counts["done"], total, counts["voxels"], started, plan)
     except BaseException:
-        failed.set()  # running ranges stop at their next layer
-        pool.shutdown(wait=True, cancel_futures=True)
+        # Set before ``results`` is finalised (it waits for the running ranges):
+        # they stop at their next layer.
+        failed.set()
         raise
-    pool.shutdown(wait=True)
     if cancelled is not None and cancelled.is_set():
         raise CancelledError("ingest was cancelled")
     return counts["bytes"]

@@ -25,10 +25,9 @@ class StoreRoots:
 
     @classmethod
     def from_settings(cls, settings: Any) -> StoreRoots:
-        extra = tuple(u.strip() for u in settings.input_roots.split(",") if u.strip())
         return cls(
             normalize_url(settings.store_url),
-            tuple(normalize_url(u) for u in extra),
+            tuple(normalize_url(u) for u in settings.input_roots),
             tuple(sorted(settings.storage_options().items())),
         )
 
@@ -48,8 +47,7 @@ class StoreRoots:
     def store(self, url: str = "", *, field: str = "store_url") -> Store:
         """The store for ``url`` (default store when empty), checked against the roots."""
         norm = self.check_url(url or self.default_url, field=field)
-        options = dict(self.storage_options) if norm.startswith("s3://") else None
-        return Store(norm, options)
+        return Store(norm, dict(self.storage_options))
 
     def resolve(self, store_url: str, path: str, *, field: str = "volume") -> tuple[Store, str]:
         if not path:

@@ -11,14 +11,14 @@ default (linear interpolation between order statistics): exact for 8- and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
 from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.executor import bounded_map
 from deep3m.core.geometry import Box, plan_blocks
 
 MAX_HISTOGRAM_BINS = 65536
@@ -91,23 +91,6 @@ class _Moments:
         self.count = n
         self.lo = min(self.lo, other.lo)
         self.hi = max(self.hi, other.hi)
-
-
-def _bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """``map`` over a thread pool with at most ``2 * workers`` blocks in flight."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        pending: set[Future[R]] = set()
-        for item in items:
-            pending.add(pool.submit(fn, item))
-            if len(pending) >= 2 * workers:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    yield fut.result()
-        for fut in pending:
-            yield fut.result()
 
 
 def statistics_block_shape(
@@ -203,14 +186,14 @@ def compute_statistics(
             shifted = data.astype(np.int64).ravel() + offset if offset else data.ravel()
             return _Moments.of(data), np.bincount(shifted, minlength=size)
 
-        for block_moments, block_counts in _bounded_map(first_pass, boxes, workers):
+        for _, (block_moments, block_counts) in bounded_map(first_pass, boxes, workers):
             moments.merge(block_moments)
             counts += block_counts
         present = np.nonzero(counts)[0]
         values = (present - offset).astype(np.float64)
         weights = counts[present]
     else:
-        for block_moments in _bounded_map(lambda b: _Moments.of(read(b)), boxes, workers):
+        for _, block_moments in bounded_map(lambda b: _Moments.of(read(b)), boxes, workers):
             moments.merge(block_moments)
         values, weights, direct = _fine_histogram(read, boxes, moments, bins, workers)
     if moments.count == 0:
@@ -266,7 +249,7 @@ def _fine_histogram(
             np.histogram(data, bins=bins, range=value_range)[0],
         )
 
-    for block_fine, block_direct in _bounded_map(count, boxes, workers):
+    for _, (block_fine, block_direct) in bounded_map(count, boxes, workers):
         fine += block_fine
         direct += block_direct
     if moments.lo == moments.hi:

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deep3m.core.errors import UnavailableError
 from deep3m.core.store import normalize_url
-from deep3m.runtime.settings import DEFAULT_PORTS, ROLES
+from deep3m.runtime.settings import DEFAULT_PORTS, ROLES, Settings
 
 DEFAULT_STORE = "./deep3m-data"
 
@@ -80,20 +80,21 @@ class LocalCluster:
         # Training and inference may compute at once on one machine; torch's
         # spinning thread pools slow down badly when oversubscribed, so each
         # process gets half the cores unless told otherwise.
-        torch_threads = os.environ.get("DEEP3M_TORCH_THREADS") or str(
-            max(1, (os.cpu_count() or 2) // 2)
-        )
+        given = Settings()
+        torch_threads = given.torch_threads or max(1, (os.cpu_count() or 2) // 2)
         # ...and compute roles take as many tasks at once as those threads fill
         # the cores, so one member or block does not leave cores idle.
-        compute_capacity = os.environ.get("DEEP3M_WORKER_CAPACITY") or str(
-            max(1, (os.cpu_count() or 2) // int(torch_threads))
+        compute_capacity = (
+            given.worker_capacity
+            if "worker_capacity" in given.model_fields_set
+            else max(1, (os.cpu_count() or 2) // torch_threads)
         )
         for role in self.spec.roles:
             env = {
                 **os.environ,
-                "DEEP3M_TORCH_THREADS": torch_threads,
+                "DEEP3M_TORCH_THREADS": str(torch_threads),
                 **(
-                    {"DEEP3M_WORKER_CAPACITY": compute_capacity}
+                    {"DEEP3M_WORKER_CAPACITY": str(compute_capacity)}
                     if role in ("training", "inference")
                     else {}
                 ),

@@ -10,14 +10,15 @@ Keyword arguments, in contrast, must name real fields (``extra="forbid"``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from deep3m.core.errors import InvalidArgumentError
 
@@ -54,9 +55,9 @@ class Settings(BaseSettings):
 
     # Store
     store_url: str = "file://./deep3m-data"
-    # Extra URL prefixes (besides store_url) that inputs may be read from;
-    # comma-separated. Local paths are allowed unless restrict_local_inputs.
-    input_roots: str = ""
+    # Extra URL prefixes (besides store_url) that inputs may be read from:
+    # "s3://a,s3://b" or a JSON list. Local paths are allowed unless restrict_local_inputs.
+    input_roots: Annotated[tuple[str, ...], NoDecode] = ()
     restrict_local_inputs: bool = False
     s3_endpoint_url: str = ""
     s3_region: str = ""
@@ -97,14 +98,19 @@ class Settings(BaseSettings):
     # Autoscaling without KEDA: the scheduler scales worker Deployments itself.
     autoscale_enabled: bool = False
     autoscale_namespace: str = ""
-    autoscale_deployments: str = ""  # "inference=rel-deep3m-inference,training=..."
+    # Worker role → Deployment: "inference=rel-deep3m-inference,training=..." or a JSON object.
+    autoscale_deployments: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     autoscale_max_replicas: int = Field(default=4, ge=0)
     autoscale_tasks_per_replica: int = Field(default=8, ge=1)
     autoscale_cooldown_seconds: float = Field(default=300.0, ge=0)
     autoscale_interval_seconds: float = Field(default=15.0, gt=0)
-    # Per-role overrides, "inference=8,training=3"; unlisted roles use the values above.
-    autoscale_max_replicas_by_role: str = ""
-    autoscale_tasks_per_replica_by_role: str = ""
+    # Per-role overrides, "inference=8,training=3" (or JSON); unlisted roles use the values above.
+    autoscale_max_replicas_by_role: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict
+    )
+    autoscale_tasks_per_replica_by_role: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -122,12 +128,39 @@ class Settings(BaseSettings):
             )
         return url
 
+    @field_validator("input_roots", mode="before")
+    @classmethod
+    def _url_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            items = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+            return tuple(str(u).strip() for u in items if str(u).strip())
+        return value
+
+    @field_validator("autoscale_deployments", mode="before")
+    @classmethod
+    def _deployments(cls, value: Any) -> Any:
+        return _role_map(value)
+
+    @field_validator("autoscale_max_replicas_by_role", mode="before")
+    @classmethod
+    def _max_replicas(cls, value: Any) -> Any:
+        return _role_ints(_role_map(value), minimum=0)
+
+    @field_validator("autoscale_tasks_per_replica_by_role", mode="before")
+    @classmethod
+    def _tasks_per_replica(cls, value: Any) -> Any:
+        return _role_ints(_role_map(value), minimum=1)
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, level: str) -> str:
         if level.upper() not in _LOG_LEVELS:
             raise ValueError(f"log level must be one of {', '.join(_LOG_LEVELS)}")
         return level.upper()
+
+    def __hash__(self) -> int:
+        # Frozen, so usable as a cache key; the role maps are dicts, which do not hash.
+        return hash(self.model_dump_json())
 
     def port_for(self, role: str) -> int:
         return self.grpc_port or DEFAULT_PORTS[role]
@@ -146,6 +179,50 @@ class Settings(BaseSettings):
         if client_kwargs:
             options["client_kwargs"] = client_kwargs
         return options
+
+
+WORKER_ROLES = tuple(r for r in ROLES if r != "scheduler")
+
+
+def _role_map(value: Any) -> dict[str, Any]:
+    """``"inference=a, training=b"`` (or a JSON object, or a mapping) → ``{role: value}``."""
+    if isinstance(value, Mapping):
+        pairs = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, str) and value.lstrip().startswith("{"):
+        loaded = json.loads(value)
+        if not isinstance(loaded, dict):
+            raise ValueError("expected a JSON object of role: value")
+        pairs = [(str(k), v) for k, v in loaded.items()]
+    elif isinstance(value, str):
+        pairs = []
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            role, sep, text = item.partition("=")
+            if not sep or not text.strip():
+                raise ValueError(f"{item!r} is not role=value")
+            pairs.append((role.strip(), text.strip()))
+    else:
+        raise ValueError(f"expected role=value pairs, got {value!r}")
+    result: dict[str, Any] = {}
+    for role, item in pairs:
+        if role not in WORKER_ROLES:
+            raise ValueError(f"unknown worker role {role!r}; use one of {', '.join(WORKER_ROLES)}")
+        if role in result:
+            raise ValueError(f"role {role!r} given twice")
+        result[role] = item
+    return result
+
+
+def _role_ints(values: Mapping[str, Any], *, minimum: int) -> dict[str, int]:
+    numbers: dict[str, int] = {}
+    for role, raw in values.items():
+        try:
+            number = int(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{role}={raw!r} is not an integer") from None
+        if number < minimum:
+            raise ValueError(f"{role}={number} must be >= {minimum}")
+        numbers[role] = number
+    return numbers
 
 
 def env_var(field_name: str) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
-from deep3m.runtime.settings import ROLES, Settings
+from deep3m.runtime.settings import Settings
 
 log = logging.getLogger("deep3m.autoscaler")
 
@@ -154,61 +154,18 @@ class KubernetesScaleApi:
         )
 
 
-def parse_role_map(text: str, *, field: str) -> dict[str, str]:
-    """``"inference=a,training=b"`` → ``{"inference": "a", "training": "b"}``; roles checked."""
-    result: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        role, sep, value = item.partition("=")
-        role, value = role.strip(), value.strip()
-        if not sep or not value:
-            raise InvalidArgumentError(f"{field}: {item!r} is not role=value", field=field)
-        if role not in ROLES or role == "scheduler":
-            raise InvalidArgumentError(
-                f"{field}: unknown worker role {role!r}; use one of "
-                f"{', '.join(r for r in ROLES if r != 'scheduler')}",
-                field=field,
-            )
-        if role in result:
-            raise InvalidArgumentError(f"{field}: role {role!r} given twice", field=field)
-        result[role] = value
-    return result
-
-
-def _int_map(text: str, *, field: str, minimum: int) -> dict[str, int]:
-    values: dict[str, int] = {}
-    for role, raw in parse_role_map(text, field=field).items():
-        try:
-            number = int(raw)
-        except ValueError:
-            raise InvalidArgumentError(
-                f"{field}: {role}={raw!r} is not an integer", field=field
-            ) from None
-        if number < minimum:
-            raise InvalidArgumentError(
-                f"{field}: {role}={number} must be >= {minimum}", field=field
-            )
-        values[role] = number
-    return values
-
-
 def policies_from_settings(settings: Settings) -> dict[str, tuple[str, ScalePolicy]]:
     """``{role: (deployment name, policy)}`` from the ``DEEP3M_AUTOSCALE_*`` settings."""
     field = "autoscale_deployments"
-    deployments = parse_role_map(settings.autoscale_deployments, field=field)
+    deployments = settings.autoscale_deployments
     if not deployments:
         raise InvalidArgumentError(
             "autoscale_enabled needs DEEP3M_AUTOSCALE_DEPLOYMENTS, e.g. "
             "'inference=rel-deep3m-inference,training=rel-deep3m-training'",
             field=field,
         )
-    maxima = _int_map(
-        settings.autoscale_max_replicas_by_role, field="autoscale_max_replicas_by_role", minimum=0
-    )
-    per_replica = _int_map(
-        settings.autoscale_tasks_per_replica_by_role,
-        field="autoscale_tasks_per_replica_by_role",
-        minimum=1,
-    )
+    maxima = settings.autoscale_max_replicas_by_role
+    per_replica = settings.autoscale_tasks_per_replica_by_role
     for name, extra in (("max_replicas", maxima), ("tasks_per_replica", per_replica)):
         unknown = sorted(set(extra) - set(deployments))
         if unknown:

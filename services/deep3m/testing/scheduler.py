@@ -2,16 +2,18 @@
 
 ``SchedulerProcess`` runs ``deep3m serve scheduler`` as a real subprocess on a
 fixed loopback port, so tests can kill it (SIGKILL) and start it again on the
-same address.
+same address. ``roles_in_process`` runs a scheduler and some worker roles as
+real gRPC servers inside the test process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from deep3m.core.errors import UnavailableError
 from deep3m.core.geometry import Box
 from deep3m.core.store import Store
+from deep3m.launcher.local import free_port
+from deep3m.runtime.server import create_server
+from deep3m.runtime.settings import Settings
 from deep3m.v1 import common_pb2
 
 
@@ -179,3 +184,32 @@ class SchedulerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+@contextlib.contextmanager
+def roles_in_process(store_url: str, *roles: str, **settings: object) -> Iterator[str]:
+    """A scheduler and ``roles``' servers (with their workers) on loopback; yields its address.
+
+    Workers poll fast (50 ms); ``settings`` override any field, e.g. a short
+    ``lease_seconds`` so that progress, which rides on lease renewals, comes often.
+    """
+    port = free_port()
+    values: dict[str, object] = {
+        "store_url": store_url,
+        "device": "cpu",
+        "metrics_port": 0,
+        "scheduler_address": f"127.0.0.1:{port}",
+        "poll_interval_seconds": 0.05,
+        **settings,
+    }
+    config = Settings(**values)  # type: ignore[arg-type]
+    scheduler = create_server("scheduler", config, port=port, host="127.0.0.1")
+    servers = []
+    try:
+        for role in roles:
+            servers.append(create_server(role, config, port=0, host="127.0.0.1"))
+        yield scheduler.address
+    finally:
+        for server in servers:
+            server.stop(grace=5.0)
+        scheduler.stop(grace=1.0)

@@ -118,23 +118,6 @@ def write_volume(
     return path
 
 
-def stage_demo(
-    store: Store, prefix: str = "volumes/demo", data: DemoData | None = None
-) -> dict[str, str]:
-    """Write the demo's four stacks into ``store``; returns {name: volume path}."""
-    data = data or sample_paths()
-    folders = {
-        "train-images": data.train_images,
-        "train-labels": data.train_labels,
-        "val-images": data.val_images,
-        "val-labels": data.val_labels,
-    }
-    return {
-        name: write_volume(store, f"{prefix}/{name}.zarr", load_stack(folder))
-        for name, folder in folders.items()
-    }
-
-
 @dataclass(frozen=True)
 class DemoRecipe:
     """A training recipe: the TrainSpec fields the demo sets, plus the TTA level."""

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from deep3m.client.cli import app
 from typer.testing import CliRunner
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("DEEP3M_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def test_serve_unknown_role_exits_non_zero_with_a_clear_message() -> None:

@@ -17,24 +17,23 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from deep3m.client.client import Deep3mClient
+from deep3m.client.progress import follow_job
 from deep3m.core.errors import FailedPreconditionError
 from deep3m.core.metrics import confusion_counts
 from deep3m.core.store import Store
 from deep3m.launcher.local import LocalCluster, LocalClusterSpec
+from deep3m.training.demo_data import DEMO_RECIPE, sample_paths
+from deep3m.v1 import common_pb2
 
 VOXEL_SIZE_NM = (40.0, 5.9, 5.9)
 
 
 def _ref(path: str) -> Any:
-    from deep3m.v1 import common_pb2
-
     return common_pb2.VolumeRef(path=path)
 
 
 def _run(client: Any, job: Any, console: Console, what: str) -> Any:
-    from deep3m.client.progress import follow_job
-    from deep3m.v1 import common_pb2
-
     console.print(f"[bold]{what}[/bold] (job {job.id})")
     final = follow_job(client, job.id, console=console)
     if final.state != common_pb2.JOB_STATE_SUCCEEDED:
@@ -64,9 +63,6 @@ def write_overlays(image: np.ndarray, probability: np.ndarray, folder: Path) -> 
 def run_demo(
     store_path: str, *, console: Console, budget_minutes: float | None = None
 ) -> dict[str, Any]:
-    from deep3m.client.client import Deep3mClient
-    from deep3m.training.demo_data import DEMO_RECIPE, sample_paths
-
     started = time.monotonic()
     data = sample_paths()
     root = Path(store_path).resolve()

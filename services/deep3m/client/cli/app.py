@@ -1,0 +1,157 @@
+"""The Typer app, its global options, and the helpers every command shares.
+
+Global options land in ``state``; commands reach the scheduler through
+``client()``, read ``DEEP3M_*`` settings through ``settings()`` and leave
+through ``fail()``/``error()``, which print the message (text or JSON) and
+return the ``typer.Exit`` to raise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from enum import StrEnum
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from deep3m.client.client import Deep3mClient
+from deep3m.client.portforward import scheduler_tunnel
+from deep3m.core.errors import Deep3mError
+from deep3m.runtime.settings import Settings
+
+app = typer.Typer(
+    help="deep3m: deep-learning segmentation of large microscopy volumes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+# Messages, progress and errors go to stderr; results to stdout.
+console = Console(stderr=True)
+out = Console()
+
+
+class OutputFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+class State:
+    """The global options of this invocation."""
+
+    # Empty: DEEP3M_SCHEDULER_ADDRESS, else the Settings default.
+    scheduler_option: str = ""
+    namespace: str | None = None
+    kube_context: str | None = None
+    release: str | None = None
+    output: OutputFormat = OutputFormat.text
+    timeout_s: float = 30.0
+
+    @property
+    def scheduler(self) -> str:
+        return self.scheduler_option or settings().scheduler_address
+
+    @property
+    def json(self) -> bool:
+        return self.output is OutputFormat.json
+
+
+state = State()
+
+
+@app.callback()
+def _global(
+    scheduler: str = typer.Option(
+        "",
+        "--scheduler",
+        "-s",
+        show_default=False,
+        help="Scheduler address host:port (default: DEEP3M_SCHEDULER_ADDRESS, else "
+        f"{Settings.model_fields['scheduler_address'].default}).",
+    ),
+    namespace: str | None = typer.Option(
+        None,
+        "--namespace",
+        "-n",
+        help="Reach an in-cluster scheduler in this namespace through a Kubernetes port-forward.",
+    ),
+    kube_context: str | None = typer.Option(
+        None, "--kube-context", help="kubeconfig context for --namespace."
+    ),
+    release: str | None = typer.Option(
+        None, "--release", help="Helm release name, when several share a namespace."
+    ),
+    output: OutputFormat = typer.Option(OutputFormat.text, "--output", "-o", help="text or json."),
+    timeout_s: float = typer.Option(30.0, "--timeout", help="Deadline of each call, seconds."),
+) -> None:
+    state.scheduler_option = scheduler
+    state.namespace = namespace
+    state.kube_context = kube_context
+    state.release = release
+    state.output = output
+    state.timeout_s = timeout_s
+
+
+def fail(message: str, code: int = 1, *, field: str = "") -> typer.Exit:
+    """Print ``message`` as the command's error; returns the exit to raise."""
+    if state.json:
+        body = {"error": message, **({"field": field} if field else {})}
+        out.print_json(json.dumps(body))
+    else:
+        # Messages hold paths and values verbatim: no markup, no wrapping inside them.
+        console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, highlight=False)
+    return typer.Exit(code)
+
+
+def error(exc: Deep3mError) -> typer.Exit:
+    """Exit non-zero with a domain error's message and the field it names."""
+    return fail(exc.message + (f" (field: {exc.field})" if exc.field else ""), field=exc.field)
+
+
+def settings() -> Settings:
+    """The ``DEEP3M_*`` settings; a value that does not parse exits with its name."""
+    try:
+        return Settings()
+    except Deep3mError as exc:
+        raise fail(f"invalid DEEP3M_* settings: {exc.message}", 2, field=exc.field) from exc
+
+
+@contextlib.contextmanager
+def client() -> Iterator[Deep3mClient]:
+    """A client of the scheduler named by the global options."""
+    # Errors while connecting (port-forward, channel) exit as cleanly as errors of calls.
+    try:
+        with contextlib.ExitStack() as stack:
+            address = state.scheduler
+            if state.namespace or state.kube_context:
+                address = stack.enter_context(
+                    scheduler_tunnel(
+                        state.namespace or "deep3m",
+                        context=state.kube_context,
+                        release=state.release,
+                    )
+                )
+            yield stack.enter_context(Deep3mClient(address, timeout_s=state.timeout_s))
+    except Deep3mError as exc:
+        raise error(exc) from exc
+
+
+@contextlib.contextmanager
+def errors_exit() -> Iterator[None]:
+    """Domain and file-system errors exit non-zero with their message."""
+    try:
+        yield
+    except Deep3mError as exc:
+        raise error(exc) from exc
+    except OSError as exc:
+        raise fail(str(exc), field=str(exc.filename or "")) from exc
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,123 @@
+"""Commands that run deep3m itself: serve one role, run every role locally, the demo, doctor."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from deep3m.client.cli.app import app, console, error, errors_exit, fail, out, settings, state
+from deep3m.client.cli.output import say
+from deep3m.core.errors import Deep3mError
+from deep3m.launcher.local import DEFAULT_STORE, LocalCluster, LocalClusterSpec
+from deep3m.runtime.healthcheck import check_health, store_round_trip
+from deep3m.runtime.server import serve as run_role
+from deep3m.runtime.settings import ROLES
+
+
+@app.command()
+def serve(role: str = typer.Argument(..., help=f"One of: {', '.join(ROLES)}")) -> None:
+    """Start one role's gRPC server (and its worker loop) until SIGTERM."""
+    if role not in ROLES:
+        raise fail(f"unknown role {role!r}; choose one of {', '.join(ROLES)}", 2)
+    run_role(role, settings())
+
+
+@app.command()
+def up(
+    store: str = typer.Option(DEFAULT_STORE, help="Store URL or folder."),
+    log_dir: Path = typer.Option(Path(DEFAULT_STORE) / "logs", help="Role logs go here."),
+    metrics: bool = typer.Option(False, help="Expose Prometheus endpoints on free ports."),
+) -> None:
+    """Run the scheduler and one worker per role on localhost until Ctrl-C."""
+    cluster = LocalCluster(LocalClusterSpec(store_url=store, log_dir=log_dir, metrics=metrics))
+    try:
+        cluster.start()
+    except Deep3mError as exc:
+        raise error(exc) from exc
+    table = Table(title="deep3m is up", show_header=True)
+    table.add_column("role")
+    table.add_column("address")
+    for role in cluster.processes:
+        table.add_row(role, cluster.address(role))
+    out.print(table)
+    out.print(f"store: {cluster.store_url}\nlogs: {log_dir}\nCtrl-C stops every role.")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            dead = [r for r, alive in cluster.running().items() if not alive]
+            if dead:
+                console.print(f"[red]role(s) exited:[/red] {', '.join(dead)}; stopping")
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+
+
+@app.command()
+def demo(
+    store: str = typer.Option("./deep3m-data/demo", help="Where the demo writes its results."),
+    minutes: float = typer.Option(0.0, help="Training budget override (0: the recipe's)."),
+) -> None:
+    """Train a small ensemble on the CDeep3M mitochondria sample, predict, and score it."""
+    # Loaded here, not at the top: the demo's scoring pulls scipy and its recipe the
+    # training package, a quarter of the CLI's start-up time for one rarely used command.
+    from deep3m.client.demo import run_demo
+
+    try:
+        report = run_demo(store, console=console, budget_minutes=minutes or None)
+    except Deep3mError as exc:
+        raise error(exc) from exc
+    if state.json:
+        out.print_json(json.dumps(report))
+
+
+@app.command()
+def doctor(
+    address: list[str] | None = typer.Option(
+        None, "--address", help="host:port of a deep3m server (repeatable; default --scheduler)."
+    ),
+    store: bool = typer.Option(
+        False, "--store", help="Also write, read back and delete a probe in DEEP3M_STORE_URL."
+    ),
+    service: str = typer.Option("", "--service", help="gRPC service name to ask about."),
+) -> None:
+    """Check that servers answer gRPC health checks and that the store works."""
+    targets = list(address or []) or ([] if store else [state.scheduler])
+    checks: list[dict[str, Any]] = []
+    for target in targets:
+        try:
+            health = check_health(target, service=service, timeout_s=state.timeout_s)
+            checks.append(
+                {"check": "health", "target": target, "ok": health == "SERVING", "status": health}
+            )
+        except Deep3mError as exc:
+            checks.append({"check": "health", "target": target, "ok": False, "error": exc.message})
+    if store:
+        with errors_exit():
+            s = settings()
+        try:
+            seconds = store_round_trip(s)
+            checks.append({"check": "store", "target": s.store_url, "ok": True, "seconds": seconds})
+        except (Deep3mError, OSError) as exc:
+            checks.append({"check": "store", "target": s.store_url, "ok": False, "error": str(exc)})
+    ok = all(c["ok"] for c in checks)
+    if state.json:
+        out.print_json(json.dumps({"ok": ok, "checks": checks}))
+    else:
+        for c in checks:
+            mark = "ok  " if c["ok"] else "FAIL"
+            if c["check"] == "store" and c["ok"]:
+                detail = f"round trip in {c['seconds']:.3f} s"
+            else:
+                detail = c.get("status") or c.get("error", "")
+            say(f"{mark} {c['check']:<6} {c['target']} {detail}")
+    if not ok:
+        raise typer.Exit(1)

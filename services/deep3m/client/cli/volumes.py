@@ -1,0 +1,195 @@
+"""Volume commands, run in this process on the store: describe, label, evaluate, pyramid,
+export, models."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from enum import StrEnum
+
+import typer
+
+from deep3m.client import volumes as ops
+from deep3m.client.cli.app import app, errors_exit, settings
+from deep3m.client.cli.output import (
+    emit,
+    progress_bar,
+    render_describe,
+    render_evaluate,
+    render_export,
+    render_label,
+    render_models,
+    render_pyramid,
+    status,
+)
+from deep3m.core.store import Store
+
+STORE_HELP = "Store URL or folder (default: DEEP3M_STORE_URL, else ./deep3m-data)."
+VOLUME_HELP = "Volume path in the store (e.g. volumes/stack.zarr) or STORE_URL//PATH."
+WORKERS_HELP = "Threads for blockwise work (0: the machine's cores, at most 4)."
+
+
+class ExportFormat(StrEnum):
+    tiff = "tiff"
+    png = "png"
+    overlay = "overlay"
+
+
+class PyramidMethod(StrEnum):
+    auto = "auto"
+    mean = "mean"
+    mode = "mode"
+
+
+def resolve(volume: str, store_url: str | None, *, field: str = "volume") -> tuple[Store, str]:
+    s = settings()
+    return ops.resolve(volume, store_url or s.store_url, s.storage_options(), field=field)
+
+
+@app.command()
+def describe(
+    volume: str = typer.Argument(..., help=VOLUME_HELP),
+    bins: int = typer.Option(16, "--bins", min=1, max=65536, help="Histogram bins."),
+    array: str = typer.Option("", "--array", help="Array in the group (pyramid level); default 0."),
+    stats: bool = typer.Option(True, "--stats/--no-stats", help="Read every voxel for statistics."),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+) -> None:
+    """Shape, dtype, voxel size, chunks/shards, intensity statistics and histogram."""
+    with errors_exit():
+        source, key = resolve(volume, store)
+        with status("computing statistics") if stats else contextlib.nullcontext():
+            report = ops.describe_volume(source, key, array=array, bins=bins, statistics=stats)
+    emit(report, render_describe)
+
+
+@app.command()
+def label(
+    volume: str = typer.Argument(..., help="Probability or mask volume. " + VOLUME_HELP),
+    threshold: float = typer.Option(0.5, "--threshold", help="Foreground probability, (0, 1]."),
+    watershed: bool = typer.Option(
+        False, "--watershed/--no-watershed", help="Split touching objects (distance watershed)."
+    ),
+    min_size: int = typer.Option(0, "--min-size", min=0, help="Drop objects below this (voxels)."),
+    connectivity: int = typer.Option(1, "--connectivity", help="1: faces, 2: +edges, 3: +corners."),
+    name: str = typer.Option(
+        "segmentation", "--name", help="Label image name under <volume>/labels/."
+    ),
+    output: str = typer.Option(
+        "", "--output", help="Write the labels to this volume path instead of <volume>/labels/."
+    ),
+    workers: int = typer.Option(0, "--workers", min=0, help=WORKERS_HELP),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+) -> None:
+    """Threshold and label objects; writes a label volume and an object table (CSV, JSON)."""
+    with errors_exit():
+        source, key = resolve(volume, store)
+        target = resolve(output, store, field="output") if output else None
+        with progress_bar("labelling") as bar:
+            report = ops.label(
+                source, key,
+                threshold=threshold, watershed=watershed, min_size_voxels=min_size,
+                connectivity=connectivity, name=name, output=target, workers=workers or None,
+                progress=bar,
+            )  # fmt: skip
+    emit(report, render_label)
+
+
+@app.command()
+def evaluate(
+    prediction: str = typer.Argument(..., help="Predicted probabilities or labels. " + VOLUME_HELP),
+    ground_truth: str = typer.Argument(..., help="Ground-truth labels or mask. " + VOLUME_HELP),
+    threshold: float = typer.Option(0.5, "--threshold", help="Foreground probability, [0, 1]."),
+    exclusion_zone: int = typer.Option(
+        0, "--exclusion-zone", min=0, help="Ignore k voxels around ground-truth borders."
+    ),
+    objects: bool = typer.Option(
+        True, "--objects/--no-objects", help="Also count objects matched by centroid."
+    ),
+    workers: int = typer.Option(0, "--workers", min=0, help=WORKERS_HELP),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+) -> None:
+    """Precision, recall, F1 and Jaccard of a prediction against ground truth."""
+    with errors_exit():
+        pred = resolve(prediction, store, field="prediction")
+        truth = resolve(ground_truth, store, field="ground_truth")
+        with progress_bar("evaluating") as bar:
+            report = ops.evaluate(
+                pred, truth,
+                threshold=threshold, exclusion_zone_voxels=exclusion_zone, objects=objects,
+                workers=workers or None, progress=bar,
+            )  # fmt: skip
+    emit(report, render_evaluate)
+
+
+@app.command()
+def pyramid(
+    volume: str = typer.Argument(..., help=VOLUME_HELP),
+    levels: int = typer.Option(
+        0, "--levels", min=0, max=16, help="Levels beyond full resolution (0: automatic)."
+    ),
+    method: PyramidMethod = typer.Option(
+        PyramidMethod.auto, "--method", help="mean (images), mode (labels) or auto."
+    ),
+    workers: int = typer.Option(0, "--workers", min=0, help=WORKERS_HELP),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+) -> None:
+    """Write multiscale levels (OME-Zarr) for viewers; reruns replace them."""
+    with errors_exit():
+        source, key = resolve(volume, store)
+        with progress_bar("level 1") as bar:
+            progress: Callable[[int, int], None] | None = None
+            if bar is not None:
+                level, last = [1], [0]
+
+                def progress(done: int, total: int) -> None:
+                    # Each level restarts its block count.
+                    if done < last[0]:
+                        level[0] += 1
+                        bar.describe(f"level {level[0]}")
+                    last[0] = done
+                    bar(done, total)
+
+            report = ops.pyramid(
+                source, key,
+                levels=levels, method=None if method is PyramidMethod.auto else method.value,
+                workers=workers or None, progress=progress,
+            )  # fmt: skip
+    emit(report, render_pyramid)
+
+
+@app.command()
+def export(
+    volume: str = typer.Argument(..., help=VOLUME_HELP),
+    destination: str = typer.Argument(..., help="Folder, .tif file, or s3:// URL."),
+    fmt: ExportFormat = typer.Option(
+        ExportFormat.tiff, "--format", "-f", help="tiff (one stack), png (pages) or overlay."
+    ),
+    image: str = typer.Option(
+        "", "--image", help="For --format overlay: the image volume to draw over."
+    ),
+    slices: str = typer.Option("", "--slices", help="z slices, e.g. 0,5,10-12 (default all)."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Overlay opacity, (0, 1]."),
+    array: str = typer.Option("", "--array", help="Array in the group (pyramid level)."),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+) -> None:
+    """Export a volume as TIFF or PNG pages, or overlay PNGs of it over an image."""
+    with errors_exit():
+        chosen = ops.parse_slices(slices)
+        source, key = resolve(volume, store)
+        under = resolve(image, store, field="image") if image else None
+        with status("exporting"):
+            report = ops.export(
+                source, key, destination, fmt.value,
+                array=array, image=under, slices=chosen, alpha=alpha,
+                storage_options=settings().storage_options(),
+            )  # fmt: skip
+    emit(report, render_export)
+
+
+@app.command()
+def models(store: str | None = typer.Option(None, "--store", help=STORE_HELP)) -> None:
+    """List the trained models in the store (model cards)."""
+    with errors_exit():
+        s = settings()
+        report = ops.list_models(ops.open_existing_store(store or s.store_url, s.storage_options()))
+    emit(report, render_models)

@@ -1,0 +1,62 @@
+"""``deep3m watch`` follows a real training job: JSON lines while it runs, then the job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from deep3m.client.cli import app
+from deep3m.client.client import Deep3mClient
+from deep3m.core.store import Store
+from deep3m.testing.scheduler import roles_in_process
+from deep3m.testing.training import stage_synthetic
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_watch_prints_training_progress_as_json_lines(tmp_path: Path) -> None:
+    store = Store(f"file://{tmp_path / 'store'}")
+    paths = stage_synthetic(store)
+    # Progress rides on lease renewals (a third of the lease): a short lease sends
+    # this short training's reports often enough to see several of them.
+    with roles_in_process(store.url, "training", lease_seconds=0.9) as address:
+        with Deep3mClient(address) as client:
+            job = client.train(
+                images=paths["images"],
+                labels=paths["labels"],
+                model="watched",
+                validation_images=paths["validation_images"],
+                validation_labels=paths["validation_labels"],
+                architecture="deepem3d",
+                width=0.0625,
+                members=["1fm"],
+                iterations=24,
+                batch_size=2,
+                patch_shape=[32, 32],
+                validate_every=6,
+                snapshot_every=12,
+                learning_rate=0.05,
+            )
+        result = CliRunner().invoke(
+            app, ["--scheduler", address, "--output", "json", "watch", job.id]
+        )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    *events, final = lines
+    assert final["id"] == job.id and final["state"] == "JOB_STATE_SUCCEEDED"
+    assert events and all(e["event"] == "progress" and e["job_id"] == job.id for e in events)
+    training = [e["training"] for e in events if "training" in e]
+    assert training, "training reports reached the watch stream"
+    iterations = [t["iteration"] for t in training]
+    assert iterations == sorted(iterations) and all(t["iterations"] == 24 for t in training)
+    assert all(t["loss"] is None or t["loss"] >= 0 for t in training)
+    validated = [t for t in training if "f1" in t["validation"]]
+    assert validated and 0.0 <= validated[-1]["validation"]["f1"] <= 1.0
+    # Each validation (every 6 of 24 iterations, seconds apart) is reported: the
+    # second report at a new iteration gives a rate, and an ETA from it.
+    assert len(set(iterations)) >= 2
+    assert training[-1]["iterations_per_second"] > 0
+    assert training[-1]["eta_seconds"] is not None
+    assert events[-1]["state"] == "SUCCEEDED"
