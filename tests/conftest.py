@@ -10,6 +10,8 @@
 ``s3_prefix``: a fresh ``s3://<bucket>/<unique>`` URL for one test.
 ``data_dir``: ``<repo>/../shared/data`` (real labelled EM stacks, read-only);
     skips when absent.
+``one_torch_thread``: torch limited to one intra-op thread for the test (use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
 """
 
 from __future__ import annotations
@@ -49,3 +51,15 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"shared test data not found at {DATA_DIR.resolve()}")
     return DATA_DIR.resolve()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny networks gain nothing from intra-op threads, and on a shared machine
+    spinning threads slow them down several times."""
+    import torch  # only the tests that ask for it pay for the import
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

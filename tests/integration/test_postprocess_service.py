@@ -18,6 +18,7 @@ from deep3m.runtime.channel import connect
 from deep3m.runtime.interceptor import error_detail
 from deep3m.runtime.server import create_server
 from deep3m.runtime.settings import Settings
+from deep3m.testing.volumes import smooth_field, write_volume
 from deep3m.v1 import (
     common_pb2,
     postprocess_pb2,
@@ -58,22 +59,13 @@ def stub(store: Store) -> Iterator[postprocess_pb2_grpc.PostprocessStub]:
 
 def put(store: Store, path: str, data: np.ndarray, chunks: tuple[int, int, int] = (4, 16, 16),
         *, complete: bool = True, **attrs: Any) -> None:  # fmt: skip
-    arr = store.create_volume(
-        path,
-        data.shape,
-        data.dtype,
-        voxel_size_nm=(40.0, 6.0, 6.0),
-        chunk_shape=chunks,
-        attributes=attrs,
+    write_volume(
+        store, path, data, chunks, voxel_size_nm=(40.0, 6.0, 6.0), complete=complete, **attrs
     )
-    arr[:] = data
-    if complete:
-        store.mark_complete(path)
 
 
 def probabilities(shape: tuple[int, int, int] = (8, 48, 40), seed: int = 0) -> np.ndarray:
-    field = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), 1.5)
-    return ((field - field.min()) / (field.max() - field.min())).astype(np.float32)
+    return smooth_field(shape, seed)
 
 
 def expect_error(call: Any, request: Any, code: grpc.StatusCode, field: str) -> str:

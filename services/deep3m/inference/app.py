@@ -44,6 +44,7 @@ class InferenceApp:
             torch.backends.cudnn.benchmark = True
         settings = one_task_per_gpu(settings, self.devices.devices)
         self.settings = settings
+        # One model cache for tasks and regions: a model loads once per device.
         self.cache = ModelCache()
         self.regions = RegionPredictor(settings, cache=self.cache, devices=self.devices)
         self.predict = PredictTaskHandler(settings, cache=self.cache, devices=self.devices)

@@ -14,10 +14,9 @@ import numpy as np
 
 from deep3m.core.augmentation import IDENTITY_LEVEL, check_tta_level
 from deep3m.core.errors import InvalidArgumentError, ResourceExhaustedError
-from deep3m.core.geometry import Block, Box, read_padded
-from deep3m.core.locations import StoreRoots
+from deep3m.core.geometry import Box
 from deep3m.inference.cache import DevicePool, ModelCache
-from deep3m.inference.predictor import EnsemblePredictor, inference_devices
+from deep3m.inference.setup import PredictorSetup
 from deep3m.runtime.settings import Settings
 
 
@@ -30,11 +29,7 @@ class RegionPredictor:
         devices: DevicePool | None = None,
     ) -> None:
         self.settings = settings
-        self.roots = StoreRoots.from_settings(settings)
-        self.cache = cache if cache is not None else ModelCache()
-        self.devices = (
-            devices if devices is not None else DevicePool(inference_devices(settings.device))
-        )
+        self.setup = PredictorSetup(settings, cache=cache, devices=devices)
 
     def check_region(self, region: Box) -> None:
         if region.ndim != 3 or region.empty:
@@ -63,7 +58,7 @@ class RegionPredictor:
         """Foreground probability (float32, the region's shape) of ``region`` of a volume."""
         self.check_region(region)
         level = check_tta_level(tta_level or IDENTITY_LEVEL)
-        store, key = self.roots.resolve(store_url, path, field="input")
+        store, key = self.setup.roots.resolve(store_url, path, field="input")
         source = store.open_volume(key, array)
         if not Box.from_shape(source.shape).contains(region):
             raise InvalidArgumentError(
@@ -71,16 +66,6 @@ class RegionPredictor:
                 f"{list(source.shape)}",
                 field="region",
             )
-        with self.devices.acquire() as device:
-            loaded = self.cache.get(self.roots.store(), model, members, device)
-            predictor = EnsemblePredictor(
-                loaded.card,
-                loaded.members,
-                tta_level=level,
-                device=device,
-                batch_size=self.settings.batch_size,
-            )
-            block = Block((0, 0, 0), region, region.grow(loaded.card.halo))
-            read = predictor.read_box(block)
-            raw = read_padded(source, read)
-            return predictor.predict_core(raw, region, read)
+        return self.setup.predict(
+            source, region, model=model, members=members, tta_level=level
+        ).probabilities

@@ -9,7 +9,6 @@ same chunk and a retried task rewrites the same bytes.
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from typing import Protocol
@@ -18,12 +17,11 @@ import numpy as np
 
 from deep3m.core.augmentation import IDENTITY_LEVEL
 from deep3m.core.errors import CancelledError, InvalidArgumentError
-from deep3m.core.geometry import Block, Box, read_padded
-from deep3m.core.locations import StoreRoots
+from deep3m.core.geometry import Block, Box
 from deep3m.inference.cache import DevicePool, ModelCache
-from deep3m.inference.predictor import EnsemblePredictor, inference_devices
+from deep3m.inference.setup import PredictorSetup
 from deep3m.runtime.metrics import INFERENCE_PHASE_SECONDS
-from deep3m.runtime.settings import Settings, get_settings
+from deep3m.runtime.settings import Settings
 from deep3m.runtime.worker import TaskResult
 from deep3m.v1 import common_pb2
 
@@ -95,11 +93,7 @@ class PredictTaskHandler:
         devices: DevicePool | None = None,
     ) -> None:
         self.settings = settings
-        self.roots = StoreRoots.from_settings(settings)
-        self.cache = cache if cache is not None else ModelCache()
-        self.devices = (
-            devices if devices is not None else DevicePool(inference_devices(settings.device))
-        )
+        self.setup = PredictorSetup(settings, cache=cache, devices=devices)
 
     def __call__(self, ctx: PredictContext) -> TaskResult:
         metrics = self.run(ctx.lease, cancelled=ctx.cancelled)
@@ -118,8 +112,10 @@ class PredictTaskHandler:
             )
         spec = lease.spec.predict
         block = block_from_task(lease.task)
-        in_store, in_key = self.roots.resolve(spec.input.store_url, spec.input.path, field="input")
-        out_store, out_key = self.roots.resolve(
+        in_store, in_key = self.setup.roots.resolve(
+            spec.input.store_url, spec.input.path, field="input"
+        )
+        out_store, out_key = self.setup.roots.resolve(
             spec.output.store_url, spec.output.path, field="output"
         )
         source = in_store.open_volume(in_key, spec.input.array)
@@ -142,48 +138,27 @@ class PredictTaskHandler:
         check_core_aligned(block.core, tuple(target.shape), grid, out_url)
         tta_level = spec.tta_level or IDENTITY_LEVEL
 
-        with self.devices.acquire() as device:
-            model = self.cache.get(self.roots.store(), spec.model, list(spec.members), device)
-            predictor = EnsemblePredictor(
-                model.card,
-                model.members,
-                tta_level=tta_level,
-                device=device,
-                batch_size=self.settings.batch_size,
-            )
-            read = predictor.read_box(block)
-            t0 = time.perf_counter()
-            raw = read_padded(source, read)
-            t1 = time.perf_counter()
-            pred = predictor.predict_core(raw, block.core, read, cancelled=cancelled)
-            t2 = time.perf_counter()
+        predicted = self.setup.predict(
+            source,
+            block.core,
+            read=block.read,
+            model=spec.model,
+            members=list(spec.members),
+            tta_level=tta_level,
+            cancelled=cancelled,
+        )
         if cancelled is not None and cancelled.is_set():
             raise CancelledError(f"task {lease.task.id!r} cancelled before writing its core")
-        target[block.core.slices()] = pred
-        t3 = time.perf_counter()
-        INFERENCE_PHASE_SECONDS.labels(phase="read").observe(t1 - t0)
-        INFERENCE_PHASE_SECONDS.labels(phase="predict").observe(t2 - t1)
-        INFERENCE_PHASE_SECONDS.labels(phase="write").observe(t3 - t2)
+        t0 = time.perf_counter()
+        target[block.core.slices()] = predicted.probabilities
+        write_seconds = time.perf_counter() - t0
+        INFERENCE_PHASE_SECONDS.labels(phase="read").observe(predicted.read_seconds)
+        INFERENCE_PHASE_SECONDS.labels(phase="predict").observe(predicted.predict_seconds)
+        INFERENCE_PHASE_SECONDS.labels(phase="write").observe(write_seconds)
         return {
             "voxels": float(block.core.size),
-            "seconds": t3 - started,
-            "read_seconds": t1 - t0,
-            "predict_seconds": t2 - t1,
-            "write_seconds": t3 - t2,
+            "seconds": time.perf_counter() - started,
+            "read_seconds": predicted.read_seconds,
+            "predict_seconds": predicted.predict_seconds,
+            "write_seconds": write_seconds,
         }
-
-
-@functools.lru_cache(maxsize=4)
-def _handler_for(settings: Settings) -> PredictTaskHandler:
-    return PredictTaskHandler(settings)
-
-
-def handle_predict(ctx: PredictContext) -> TaskResult:
-    """The ``predict`` handler for a worker context (its settings, else ``DEEP3M_*``).
-
-    The inference app builds its own :class:`PredictTaskHandler` to share the
-    model cache with ``PredictRegion``; this entry point serves callers that
-    only have a context. Handlers (and their model caches) are kept per settings.
-    """
-    settings = getattr(ctx, "settings", None)
-    return _handler_for(settings if isinstance(settings, Settings) else get_settings())(ctx)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.ingest import finalize_ingest, ingest_range
 from deep3m.runtime.metrics import INGEST_BYTES
-from deep3m.runtime.settings import Settings, get_settings
+from deep3m.runtime.settings import Settings
 from deep3m.tiling.operations import TilingOperations
 from deep3m.v1 import common_pb2
 
@@ -114,28 +114,3 @@ class IngestTaskHandlers:
         from deep3m.runtime.worker import TaskResult
 
         return TaskResult(metrics={}, outputs=self.run_finalize(ctx.lease))
-
-
-_default_lock = threading.Lock()
-_default: IngestTaskHandlers | None = None
-
-
-def _handlers(ctx: Any) -> IngestTaskHandlers:
-    global _default
-    with _default_lock:
-        if _default is None:
-            settings = getattr(ctx, "settings", None)
-            _default = IngestTaskHandlers(
-                settings if isinstance(settings, Settings) else get_settings()
-            )
-        return _default
-
-
-def handle_ingest_range(ctx: IngestContext) -> TaskResult:
-    """``ingest`` stage handler with this process's settings (``DEEP3M_*``)."""
-    return _handlers(ctx).ingest_range(ctx)
-
-
-def handle_finalize_ingest(ctx: IngestContext) -> TaskResult:
-    """``finalize`` stage handler with this process's settings (``DEEP3M_*``)."""
-    return _handlers(ctx).finalize(ctx)
