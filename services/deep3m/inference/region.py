@@ -15,22 +15,10 @@ import numpy as np
 from deep3m.core.augmentation import IDENTITY_LEVEL, check_tta_level
 from deep3m.core.errors import InvalidArgumentError, ResourceExhaustedError
 from deep3m.core.geometry import Box
-from deep3m.inference.cache import DevicePool, ModelCache
 from deep3m.inference.setup import PredictorSetup
-from deep3m.runtime.settings import Settings
 
 
-class RegionPredictor:
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        cache: ModelCache | None = None,
-        devices: DevicePool | None = None,
-    ) -> None:
-        self.settings = settings
-        self.setup = PredictorSetup(settings, cache=cache, devices=devices)
-
+class RegionPredictor(PredictorSetup):
     def check_region(self, region: Box) -> None:
         if region.ndim != 3 or region.empty:
             raise InvalidArgumentError(
@@ -58,7 +46,7 @@ class RegionPredictor:
         """Foreground probability (float32, the region's shape) of ``region`` of a volume."""
         self.check_region(region)
         level = check_tta_level(tta_level or IDENTITY_LEVEL)
-        store, key = self.setup.roots.resolve(store_url, path, field="input")
+        store, key = self.roots.resolve(store_url, path, field="input")
         source = store.open_volume(key, array)
         if not Box.from_shape(source.shape).contains(region):
             raise InvalidArgumentError(
@@ -66,6 +54,6 @@ class RegionPredictor:
                 f"{list(source.shape)}",
                 field="region",
             )
-        return self.setup.predict(
+        return self.predict_box(
             source, region, model=model, members=members, tta_level=level
         ).probabilities

@@ -32,7 +32,7 @@ class BlockPrediction:
 
 
 class PredictorSetup:
-    """Roots, loaded models and devices, built once per process from its settings."""
+    """Roots, loaded models and devices: the base of predict tasks and interactive regions."""
 
     def __init__(
         self,
@@ -48,7 +48,7 @@ class PredictorSetup:
             devices if devices is not None else DevicePool(inference_devices(settings.device))
         )
 
-    def predict(
+    def predict_box(
         self,
         source: ReadableArray,
         core: Box,

@@ -18,10 +18,8 @@ import numpy as np
 from deep3m.core.augmentation import IDENTITY_LEVEL
 from deep3m.core.errors import CancelledError, InvalidArgumentError
 from deep3m.core.geometry import Block, Box
-from deep3m.inference.cache import DevicePool, ModelCache
 from deep3m.inference.setup import PredictorSetup
 from deep3m.runtime.metrics import INFERENCE_PHASE_SECONDS
-from deep3m.runtime.settings import Settings
 from deep3m.runtime.worker import TaskResult
 from deep3m.v1 import common_pb2
 
@@ -82,18 +80,8 @@ def check_core_aligned(core: Box, shape: tuple[int, ...], grid: tuple[int, ...],
             )
 
 
-class PredictTaskHandler:
+class PredictTaskHandler(PredictorSetup):
     """``Callable[[TaskContext], TaskResult]`` for the worker's ``predict`` stage."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        cache: ModelCache | None = None,
-        devices: DevicePool | None = None,
-    ) -> None:
-        self.settings = settings
-        self.setup = PredictorSetup(settings, cache=cache, devices=devices)
 
     def __call__(self, ctx: PredictContext) -> TaskResult:
         metrics = self.run(ctx.lease, cancelled=ctx.cancelled)
@@ -112,10 +100,8 @@ class PredictTaskHandler:
             )
         spec = lease.spec.predict
         block = block_from_task(lease.task)
-        in_store, in_key = self.setup.roots.resolve(
-            spec.input.store_url, spec.input.path, field="input"
-        )
-        out_store, out_key = self.setup.roots.resolve(
+        in_store, in_key = self.roots.resolve(spec.input.store_url, spec.input.path, field="input")
+        out_store, out_key = self.roots.resolve(
             spec.output.store_url, spec.output.path, field="output"
         )
         source = in_store.open_volume(in_key, spec.input.array)
@@ -138,7 +124,7 @@ class PredictTaskHandler:
         check_core_aligned(block.core, tuple(target.shape), grid, out_url)
         tta_level = spec.tta_level or IDENTITY_LEVEL
 
-        predicted = self.setup.predict(
+        predicted = self.predict_box(
             source,
             block.core,
             read=block.read,
