@@ -16,6 +16,7 @@ from deep3m.postprocess.evaluate import (
     evaluate_volumes,
     voxel_counts,
 )
+from deep3m.postprocess.labels import LabelSpec, label_array
 from deep3m.testing.volumes import memory_array, smooth_field
 from PIL import Image
 from scipy import ndimage
@@ -90,6 +91,33 @@ def test_object_matching_is_one_to_one_by_centroid() -> None:
     assert result.voxels == confusion_counts(pred > 0, gt > 0)
 
 
+@pytest.mark.parametrize("declared", [False, True])
+def test_min_size_drops_small_predicted_objects_as_label_does(declared: bool) -> None:
+    gt = np.zeros((8, 40, 40), np.uint8)
+    cube(gt, 1, 0, 2, 2, size=6)
+    cube(gt, 1, 0, 20, 20, size=6)
+    pred = np.zeros((8, 40, 40), np.uint16)
+    cube(pred, 1, 0, 2, 2, size=6)  # 216 voxels, matches
+    cube(pred, 2, 0, 20, 20, size=5)  # 125 voxels, matches
+    for n, (y, x) in enumerate([(2, 30), (30, 2), (30, 30), (12, 12)], start=3):
+        cube(pred, n, 5, y, x, size=2)  # 8-voxel specks in the background
+    side = Operand(memory_array(pred, (4, 16, 16)), "labels", declared_labels=declared)
+    truth = Operand(memory_array(gt, (4, 16, 16)), "labels")
+
+    def counts(min_size: int) -> tuple[int, int, int]:
+        o = evaluate_arrays(side, truth, EvaluateSpec(min_size_voxels=min_size)).objects
+        assert o is not None
+        return o.true_positives, o.false_positives, o.false_negatives
+
+    assert counts(0) == (2, 4, 0)
+    assert counts(9) == (2, 0, 0)
+    assert counts(126) == (1, 0, 1)  # the 125-voxel object is dropped too
+    # label with the same filter keeps exactly the objects evaluation counts.
+    out = np.zeros(pred.shape, np.uint32)
+    kept = label_array(pred, out, LabelSpec(min_size_voxels=9)).object_count
+    assert kept == sum(counts(9)[:2])
+
+
 def test_declared_label_volumes_keep_their_ids() -> None:
     # Two touching ground-truth objects are one component but two declared labels.
     gt = np.zeros((2, 10, 20), np.uint16)
@@ -123,6 +151,7 @@ def test_shape_mismatch_names_the_ground_truth() -> None:
         ({"threshold": -0.1}, "threshold"),
         ({"threshold": float("nan")}, "threshold"),
         ({"exclusion_zone_voxels": -1}, "exclusion_zone_voxels"),
+        ({"min_size_voxels": -1}, "min_size_voxels"),
     ],
 )
 def test_spec_validation(kwargs: dict[str, float], field: str) -> None:

@@ -15,6 +15,9 @@ objects first, so a second prediction whose centroid falls into an already
 matched object counts as a false positive. For a predicted object whose
 centroid lies outside the object itself (C-shaped or hollow), its own voxel
 nearest the centroid stands in, so a perfect prediction scores 1.
+Predicted objects smaller than ``min_size_voxels`` are dropped before matching,
+exactly as ``label`` drops them, so both count the same objects; the ground
+truth is never filtered.
 """
 
 from __future__ import annotations
@@ -44,9 +47,16 @@ class EvaluateSpec:
     exclusion_zone_voxels: int = 0
     objects: bool = True
     connectivity: int = 1
+    # Predicted objects below this size are not objects (as ``label --min-size``).
+    min_size_voxels: int = 0
 
     def __post_init__(self) -> None:
         check_threshold(self.threshold)
+        if self.min_size_voxels < 0:
+            raise InvalidArgumentError(
+                f"min_size_voxels must be >= 0, got {self.min_size_voxels}",
+                field="min_size_voxels",
+            )
         if self.exclusion_zone_voxels < 0:
             raise InvalidArgumentError(
                 f"exclusion_zone_voxels must be >= 0, got {self.exclusion_zone_voxels}",
@@ -235,8 +245,9 @@ def match_objects(
 
 
 def _object_labels(
-    side: Operand, threshold: float, connectivity: int, scratch: zarr.Group, name: str,
-    block_shape: Sequence[int] | None, max_workers: int, cancelled: threading.Event | None,
+    side: Operand, threshold: float, connectivity: int, min_size: int, scratch: zarr.Group,
+    name: str, block_shape: Sequence[int] | None, max_workers: int,
+    cancelled: threading.Event | None,
 ) -> tuple[Any, ObjectTable]:  # fmt: skip
     if side.declared_labels:
         table = object_table(
@@ -246,14 +257,15 @@ def _object_labels(
             max_workers=max_workers,
             cancelled=cancelled,
         )
-        return side.array, table
+        # Labels that stay in the array but are too small simply go unmatched.
+        return side.array, table.select(table.volume_voxels >= min_size)
     grid = write_grid(side.array) or tuple(side.array.shape)
     target = scratch.create_array(
         name, shape=side.array.shape, chunks=grid, dtype="uint64", fill_value=0
     )
     result = label_array(
         side.array, target, LabelSpec(threshold=threshold, connectivity=connectivity,
-                                      dtype="uint64"),
+                                      min_size_voxels=min_size, dtype="uint64"),
         kind=side.kind, block_shape=block_shape, max_workers=max_workers, cancelled=cancelled,
     )  # fmt: skip
     return target, result.objects
@@ -286,12 +298,13 @@ def evaluate_arrays(
     with tempfile.TemporaryDirectory(prefix="deep3m-eval-") as tmp:
         # Component labels of large volumes go to local scratch, not memory.
         scratch = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w")
-        common = (spec.connectivity, scratch)
+        run = (block_shape, max_workers, cancelled)
         pred_labels, pred_table = _object_labels(
-            prediction, threshold, *common, "prediction", block_shape, max_workers, cancelled
-        )
+            prediction, threshold, spec.connectivity, spec.min_size_voxels, scratch,
+            "prediction", *run,
+        )  # fmt: skip
         gt_labels, gt_table = _object_labels(
-            ground_truth, threshold, *common, "ground_truth", block_shape, max_workers, cancelled
+            ground_truth, threshold, spec.connectivity, 0, scratch, "ground_truth", *run
         )
         grid = block_shape or write_grid(gt_labels) or tuple(gt_labels.shape)
         points = representative_points(

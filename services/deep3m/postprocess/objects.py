@@ -91,6 +91,13 @@ class ObjectTable:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def select(self, keep: np.ndarray) -> ObjectTable:
+        """The rows where the boolean ``keep`` is true."""
+        return ObjectTable(
+            self.labels[keep], self.volume_voxels[keep], self.centroid[keep],
+            self.bbox_start[keep], self.bbox_stop[keep], self.voxel_size_nm,
+        )  # fmt: skip
+
     @property
     def volume_nm3(self) -> np.ndarray:
         return self.volume_voxels * float(np.prod(self.voxel_size_nm))
