@@ -1,0 +1,281 @@
+"""The sharded labelling stages against whole-volume references (scipy, numpy, qhull)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
+from deep3m.core.geometry import Box, plan_blocks
+from deep3m.core.store import Store
+from deep3m.postprocess.labels import LabelSpec, label_array
+from deep3m.postprocess.sharded.block import (
+    BlockFaces,
+    Labelling,
+    PieceStats,
+    summarize_block,
+)
+from deep3m.postprocess.sharded.merge import (
+    IdMap,
+    block_equivalences,
+    merge_pieces,
+    neighbour_indices,
+)
+from deep3m.postprocess.sharded.pipeline import label_sharded
+from deep3m.postprocess.sharded.relabel import relabel_block
+from deep3m.postprocess.sharded.table import COLUMNS, table_keys, write_object_tables
+from deep3m.testing.volumes import memory_array, smooth_field
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+from skimage.measure import regionprops
+
+FACE_CENTRES = np.array(
+    [(-0.5, 0, 0), (0.5, 0, 0), (0, -0.5, 0), (0, 0.5, 0), (0, 0, -0.5), (0, 0, 0.5)]
+)
+
+
+def assert_same_partition(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal up to a relabelling: same foreground, and a one-to-one id mapping."""
+    assert ((got > 0) == (want > 0)).all()
+    fg = want > 0
+    pairs = np.unique(np.stack([got[fg], want[fg]], axis=1), axis=0)
+    assert len(pairs) == len(np.unique(got[fg])) == len(np.unique(want[fg]))
+
+
+def boundary_faces(labels: np.ndarray, label: int) -> np.ndarray:
+    """Faces normal to z, y, x between the object and anything else (outside counts)."""
+    obj = np.pad(labels == label, 1)
+    return np.array([np.count_nonzero(np.diff(obj, axis=a)) for a in range(3)])
+
+
+def convex_voxels(coords: np.ndarray, shape: tuple[int, ...]) -> int:
+    """Voxel centres of the whole grid inside the hull of every voxel's face centres."""
+    hull = ConvexHull((coords[:, None, :] + FACE_CENTRES[None]).reshape(-1, 3))
+    grid = np.argwhere(np.ones(shape, bool))
+    inside = grid @ hull.equations[:, :3].T + hull.equations[:, 3] <= 1e-9
+    return int(inside.all(axis=1).sum())
+
+
+@pytest.mark.parametrize("connectivity", [1, 2, 3])
+@pytest.mark.parametrize(("shape", "chunks"), [((17, 30, 37), (4, 8, 8)), ((9, 16, 16), (3, 5, 7))])
+def test_labels_equal_whole_volume_scipy_label(
+    connectivity: int, shape: tuple[int, int, int], chunks: tuple[int, int, int]
+) -> None:
+    # Edge blocks are clipped: neither shape is a multiple of its chunks.
+    prob = smooth_field(shape, seed=connectivity, sigma=1.2)
+    target = memory_array(prob, chunks, dtype="uint32")
+    result = label_sharded(prob, target, LabelSpec(threshold=0.55, connectivity=connectivity))
+    structure = ndimage.generate_binary_structure(3, connectivity)
+    want, n = ndimage.label(prob >= 0.55, structure=structure)
+    got = np.asarray(target[...])
+    assert result.id_map.object_count == n == len(result.objects)
+    assert n > 0
+    # Objects cross blocks: fewer objects than pieces, joined across faces.
+    assert result.id_map.equivalences > 0 and len(result.id_map.lut) > n
+    assert_same_partition(got, want)
+    assert set(np.unique(got)) == set(range(n + 1))
+
+
+def test_object_statistics_equal_direct_numpy() -> None:
+    shape, voxel = (12, 40, 36), np.array([40.0, 6.0, 5.0])
+    prob = smooth_field(shape, seed=4, sigma=1.6)
+    target = memory_array(prob, (4, 16, 16), dtype="uint32")
+    result = label_sharded(
+        prob, target, LabelSpec(threshold=0.6, connectivity=1), voxel_size_nm=tuple(voxel)
+    )
+    labels = np.asarray(target[...])
+    table = result.objects
+    assert len(table) > 3
+    face_area = np.array([voxel[1] * voxel[2], voxel[0] * voxel[2], voxel[0] * voxel[1]])
+    for row, label in enumerate(table.labels):
+        coords = np.argwhere(labels == label)
+        assert table.volume_voxels[row] == len(coords)
+        assert table.volume_nm3[row] == pytest.approx(len(coords) * voxel.prod())
+        np.testing.assert_allclose(table.centroid[row], coords.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(table.centroid_nm[row], coords.mean(axis=0) * voxel)
+        assert (table.bbox_start[row] == coords.min(axis=0)).all()
+        assert (table.bbox_stop[row] == coords.max(axis=0) + 1).all()
+        assert table.mean_probability[row] == pytest.approx(prob[labels == label].mean())
+        faces = boundary_faces(labels, label)
+        assert table.boundary_face_area_nm2[row] == pytest.approx(faces @ face_area)
+        assert table.convex_voxels[row] == convex_voxels(coords, shape)
+    assert (table.solidity > 0).all() and (table.solidity <= 1 + 1e-9).all()
+
+
+def test_a_ball_is_round_and_solid() -> None:
+    z, y, x = np.mgrid[:30, :30, :30]
+    ball = ((z - 14.5) ** 2 + (y - 14.5) ** 2 + (x - 14.5) ** 2 <= 12**2).astype(np.uint8)
+    target = memory_array(ball, (8, 8, 8), dtype="uint32")
+    table = label_sharded(ball, target, LabelSpec(), voxel_size_nm=(5.0, 5.0, 5.0)).objects
+    assert len(table) == 1
+    assert table.surface_area_nm2[0] == pytest.approx(4 * np.pi * (12 * 5.0) ** 2, rel=0.05)
+    assert table.sphericity[0] == pytest.approx(1.0, abs=0.06)
+    # Solidity as skimage defines it, from blockwise partial hulls.
+    assert table.solidity[0] == pytest.approx(regionprops(ball)[0].solidity, rel=1e-12)
+    assert table.mean_probability[0] == 1.0  # a mask: every voxel is certain
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.tuples(*(st.integers(2, 13) for _ in range(3))),
+    block=st.tuples(*(st.integers(1, 6) for _ in range(3))),
+    connectivity=st.sampled_from([1, 2, 3]),
+    density=st.floats(0.2, 0.7),
+    seed=st.integers(0, 2**16),
+)
+def test_any_blocking_gives_the_whole_volume_partition(
+    shape: tuple[int, int, int],
+    block: tuple[int, int, int],
+    connectivity: int,
+    density: float,
+    seed: int,
+) -> None:
+    mask = (np.random.default_rng(seed).random(shape) < density).astype(np.uint8)
+    target = np.zeros(shape, np.uint32)
+    result = label_sharded(mask, target, LabelSpec(connectivity=connectivity), block_shape=block)
+    want, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, connectivity))
+    assert result.id_map.object_count == n
+    assert_same_partition(target, want)
+    sizes = np.bincount(want.ravel())[1:]
+    assert sorted(result.objects.volume_voxels.tolist()) == sorted(sizes.tolist())
+
+
+def test_min_size_drops_the_same_objects_as_label() -> None:
+    prob = smooth_field((10, 32, 32), seed=8, sigma=1.0)
+    spec = LabelSpec(threshold=0.6, min_size_voxels=20)
+    sharded = memory_array(prob, (4, 8, 8), dtype="uint32")
+    whole = memory_array(prob, (4, 8, 8), dtype="uint32")
+    result = label_sharded(prob, sharded, spec)
+    reference = label_array(prob, whole, spec)
+    assert result.id_map.object_count == reference.object_count > 0
+    assert_same_partition(np.asarray(sharded[...]), np.asarray(whole[...]))
+    assert (result.objects.volume_voxels >= 20).all()
+
+
+def chunk_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("c/*/*/*")}
+
+
+def test_stages_are_idempotent(tmp_path: Path) -> None:
+    """Re-running any task rewrites the same bytes: documents and label chunks alike."""
+    prob = smooth_field((8, 24, 24), seed=2)
+    source = memory_array(prob, (4, 8, 8))
+    target = zarr.create_array(
+        zarr.storage.LocalStore(tmp_path / "labels.zarr"),
+        shape=prob.shape, chunks=(4, 8, 8), dtype="uint32", fill_value=0,
+    )  # fmt: skip
+    label_sharded(source, target, LabelSpec(threshold=0.5, connectivity=3))
+    before = chunk_bytes(tmp_path / "labels.zarr")
+    assert before
+    plan = plan_blocks(prob.shape, (4, 8, 8))
+    labelling = Labelling("probability", 0.5, 3)
+    summaries = [summarize_block(source, b.index, b.core, labelling) for b in plan]
+    again = [summarize_block(source, b.index, b.core, labelling) for b in plan]
+    for one, two in zip(summaries, again, strict=True):
+        assert one.faces.to_bytes() == two.faces.to_bytes()
+        assert one.pieces.to_bytes() == two.pieces.to_bytes()
+    faces = {s.faces.index: s.faces for s in summaries}
+    pairs = [
+        block_equivalences(
+            faces[b.index],
+            {i: faces[i] for i in neighbour_indices(b.index, plan.grid_shape, 3)},
+            plan.grid_shape,
+            3,
+        )
+        for b in plan
+    ]
+    id_map = merge_pieces([s.pieces.counts for s in summaries], pairs, plan.grid_shape)
+    for block in plan:  # a retried relabel task
+        relabel_block(source, target, block.index, block.core, id_map, labelling)
+    assert chunk_bytes(tmp_path / "labels.zarr") == before
+
+
+def test_stages_run_from_their_documents_alone() -> None:
+    """What one task writes is all the next needs: every stage from serialized documents."""
+    prob = smooth_field((9, 20, 22), seed=5)
+    labelling = Labelling("probability", 0.5, 2)
+    plan = plan_blocks(prob.shape, (3, 8, 8))
+    faces_docs, piece_docs = {}, {}
+    for b in plan:
+        summary = summarize_block(prob, b.index, b.core, labelling)
+        faces_docs[b.index] = summary.faces.to_bytes()
+        piece_docs[b.index] = summary.pieces.to_bytes()
+    pair_docs = []
+    for b in plan:
+        wanted = neighbour_indices(b.index, plan.grid_shape, 2)
+        neighbours = {i: BlockFaces.from_bytes(faces_docs[i]) for i in wanted}
+        own = BlockFaces.from_bytes(faces_docs[b.index])
+        pair_docs.append(block_equivalences(own, neighbours, plan.grid_shape, 2))
+    pieces = [PieceStats.from_bytes(piece_docs[b.index]) for b in plan]
+    id_map = IdMap.from_bytes(
+        merge_pieces([p.counts for p in pieces], pair_docs, plan.grid_shape).to_bytes()
+    )
+    target = np.zeros(prob.shape, np.uint32)
+    for b in plan:
+        relabel_block(prob, target, b.index, b.core, id_map, labelling)
+    want, n = ndimage.label(prob >= 0.5, structure=ndimage.generate_binary_structure(3, 2))
+    assert id_map.object_count == n
+    assert_same_partition(target, want)
+
+
+def test_merge_cost_follows_equivalences_not_voxels() -> None:
+    """Only pieces on faces produce equivalences: a volume 8× larger with the same
+    objects yields the same equivalences."""
+    small = np.zeros((8, 16, 16), np.uint8)
+    small[2:6, 6:10, 6:10] = 1  # one cube across the centre seams
+    large = np.zeros((16, 32, 32), np.uint8)
+    large[2:6, 6:10, 6:10] = 1
+    counts = []
+    for volume in (small, large):
+        target = np.zeros(volume.shape, np.uint32)
+        result = label_sharded(volume, target, LabelSpec(), block_shape=(4, 8, 8))
+        counts.append((result.id_map.object_count, result.id_map.equivalences))
+    assert counts[0] == counts[1] == (1, counts[0][1])
+    assert 0 < counts[0][1] <= 3 * 16  # at most the face voxels the cube has on seams
+
+
+def test_misaligned_core_and_stale_id_map_are_refused() -> None:
+    prob = smooth_field((8, 16, 16), seed=1)
+    target = memory_array(prob, (4, 8, 8), dtype="uint32")
+    result = label_sharded(prob, target, LabelSpec())
+    labelling = Labelling("probability")
+    with pytest.raises(InvalidArgumentError) as caught:
+        relabel_block(prob, target, (0, 0, 0), Box((0, 0, 0), (4, 4, 8)), result.id_map, labelling)
+    assert caught.value.field == "block.core"
+    changed = np.where(prob > 0.5, 0.0, 1.0).astype(np.float32)  # a different labelling
+    with pytest.raises(FailedPreconditionError, match="pieces"):
+        for block in plan_blocks(prob.shape, (4, 8, 8)):
+            relabel_block(changed, target, block.index, block.core, result.id_map, labelling)
+    with pytest.raises(InvalidArgumentError) as caught:
+        Labelling("probability", connectivity=4)
+    assert caught.value.field == "connectivity"
+    with pytest.raises(InvalidArgumentError) as caught:
+        label_sharded(prob, target, LabelSpec(watershed=True))
+    assert caught.value.field == "watershed"
+
+
+def test_tables_in_parquet_and_csv_with_units(tmp_path: Path) -> None:
+    store = Store(f"file://{tmp_path}")
+    prob = smooth_field((6, 24, 24), seed=3)
+    target = memory_array(prob, (3, 8, 8), dtype="uint32")
+    stats = label_sharded(prob, target, LabelSpec(), voxel_size_nm=(30.0, 4.0, 4.0)).objects
+    csv_key, parquet_key = write_object_tables(store, "volumes/p.zarr/labels/seg", stats)
+    assert (csv_key, parquet_key) == table_keys("volumes/p.zarr/labels/seg")
+    assert parquet_key == "volumes/p.seg.objects.parquet"
+    table = pq.read_table(io.BytesIO(store.read_bytes(parquet_key)))
+    assert tuple(table.column_names) == COLUMNS
+    assert table.num_rows == len(stats) > 0
+    np.testing.assert_allclose(table.column("volume_nm3").to_numpy(), stats.volume_nm3)
+    assert table.schema.field("label").type == "int64"
+    assert table.schema.metadata[b"voxel_size_nm"] == b"30.0,4.0,4.0"
+    lines = store.read_bytes(csv_key).decode().splitlines()
+    assert lines[0].split(",") == list(COLUMNS) and len(lines) == len(stats) + 1
+    first = dict(zip(COLUMNS, lines[1].split(","), strict=True))
+    assert int(first["label"]) == stats.labels[0]
+    assert float(first["centroid_z_nm"]) == pytest.approx(stats.centroid_nm[0, 0])
