@@ -165,7 +165,7 @@ def voxel_counts(
     return sum(parts, ConfusionCounts())
 
 
-def _values_at(array: Any, points: np.ndarray, block_shape: Sequence[int]) -> np.ndarray:
+def values_at(array: Any, points: np.ndarray, block_shape: Sequence[int]) -> np.ndarray:
     """``array[z, y, x]`` for each row of ``points``, reading each block once."""
     values = np.zeros(len(points), np.int64)
     if not len(points):
@@ -194,7 +194,7 @@ def representative_points(
     one), the object's own voxel nearest to the centroid. (n, 3) int64."""
     shape = np.asarray(labels.shape)
     points = np.clip(np.floor(table.centroid + 0.5).astype(np.int64), 0, shape - 1)
-    outside = _values_at(labels, points, block_shape) != table.labels
+    outside = values_at(labels, points, block_shape) != table.labels
     if not outside.any():
         return points
     wanted = table.labels[outside]
@@ -232,7 +232,7 @@ def match_objects(
     ground_truth_count: int, block_shape: Sequence[int],
 ) -> ObjectCounts:  # fmt: skip
     """One-to-one matching of predicted objects (at ``points``) into ground-truth labels."""
-    hit = _values_at(ground_truth_labels, points, block_shape)
+    hit = values_at(ground_truth_labels, points, block_shape)
     # Larger predictions claim their ground-truth object first; ties by label.
     order = np.lexsort((predicted.labels, -predicted.volume_voxels))
     claimed: set[int] = set()
