@@ -22,6 +22,7 @@ truth is never filtered.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from deep3m.postprocess.blockwise import Progress, block_plan, map_blocks, write
 from deep3m.postprocess.foreground import Kind, check_threshold, foreground, volume_kind
 from deep3m.postprocess.labels import LabelSpec, label_array
 from deep3m.postprocess.objects import ObjectTable, object_table
+from deep3m.postprocess.overlays import write_error_overlays
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class ObjectCounts:
 class Evaluation:
     voxels: ConfusionCounts
     objects: ObjectCounts | None = None
+    overlays: tuple[str, ...] = ()  # error-overlay PNGs written, when asked for
 
     def as_dict(self) -> dict[str, float]:
         out = dict(self.voxels.as_dict())
@@ -315,6 +318,51 @@ def evaluate_arrays(
     return Evaluation(counts, objects)
 
 
+@dataclass(frozen=True)
+class OverlayRequest:
+    """Error overlays to write with an evaluation (see :mod:`.overlays`)."""
+
+    destination: str  # a local folder or a remote URL
+    image: Any | None = None  # the image under the colours (a 3-D array), else black
+    slices: Sequence[int] | None = None  # all slices when None
+    storage_options: Any | None = None
+
+
+def evaluate_with_overlays(
+    prediction: Operand,
+    ground_truth: Operand,
+    spec: EvaluateSpec,
+    overlays: OverlayRequest | None,
+    *,
+    max_workers: int = 1,
+    cancelled: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """``evaluate_arrays``, then error overlays of the same foregrounds when asked for."""
+    result = evaluate_arrays(
+        prediction, ground_truth, spec,
+        max_workers=max_workers, cancelled=cancelled, progress=progress,
+    )  # fmt: skip
+    if overlays is None:
+        return result
+    files = write_error_overlays(
+        prediction.array, ground_truth.array, overlays.destination,
+        prediction_kind=prediction.kind, ground_truth_kind=ground_truth.kind,
+        threshold=check_threshold(spec.threshold), image=overlays.image,
+        slices=overlays.slices, storage_options=overlays.storage_options,
+    )  # fmt: skip
+    return dataclasses.replace(result, overlays=tuple(files))
+
+
+def _open_side(store: Store, path: str, array: str, what: str) -> tuple[Any, dict[str, Any]]:
+    try:
+        info = store.volume_info(path, array)
+        return store.open_volume(path, array), dict(info.attributes)
+    except Deep3mError as exc:
+        # Name the side the user got wrong, not the store's generic "volume".
+        raise type(exc)(exc.message, field=what) from exc
+
+
 def evaluate_volumes(
     prediction: tuple[Store, str],
     ground_truth: tuple[Store, str],
@@ -322,23 +370,24 @@ def evaluate_volumes(
     *,
     prediction_array: str = "",
     ground_truth_array: str = "",
+    overlays: str | None = None,
+    image: tuple[Store, str] | None = None,
+    overlay_slices: Sequence[int] | None = None,
     max_workers: int = 1,
     cancelled: threading.Event | None = None,
     progress: Progress | None = None,
 ) -> Evaluation:
-    """``evaluate_arrays`` on two stored volumes (both must be complete)."""
-    sides = []
-    for (store, path), array, what in (
-        (prediction, prediction_array, "prediction"),
-        (ground_truth, ground_truth_array, "ground_truth"),
-    ):
-        try:
-            info = store.volume_info(path, array)
-            data = store.open_volume(path, array)
-        except Deep3mError as exc:
-            # Name the side the user got wrong, not the store's generic "volume".
-            raise type(exc)(exc.message, field=what) from exc
-        sides.append(Operand.of(data, dict(info.attributes)))
-    return evaluate_arrays(
-        sides[0], sides[1], spec, max_workers=max_workers, cancelled=cancelled, progress=progress
-    )
+    """``evaluate_arrays`` on two stored volumes (both must be complete); with
+    ``overlays`` (a folder or URL), error-overlay PNGs there too, over ``image``."""
+    sides = [
+        Operand.of(*_open_side(*prediction, prediction_array, "prediction")),
+        Operand.of(*_open_side(*ground_truth, ground_truth_array, "ground_truth")),
+    ]
+    request = None
+    if overlays is not None:
+        background = _open_side(*image, "", "image")[0] if image is not None else None
+        request = OverlayRequest(overlays, background, overlay_slices)
+    return evaluate_with_overlays(
+        sides[0], sides[1], spec, request,
+        max_workers=max_workers, cancelled=cancelled, progress=progress,
+    )  # fmt: skip
