@@ -81,8 +81,11 @@ def test_density_profile_counts_centroids_per_window() -> None:
     rows = profile.to_csv().splitlines()
     assert rows[0] == "axis,position_um,objects,window_volume_mm3,density_per_mm3"
     assert len(rows) == len(profile.axis) + 1
+    wide = density_profile(table, box, window_um=5.0)  # wider than the box: one window
+    assert wide.objects.tolist() == [5, 5, 5]
+    np.testing.assert_allclose(wide.volume_mm3, box.size * 5000 / 1e18)
     with pytest.raises(InvalidArgumentError) as caught:
-        density_profile(table, box, window_um=5.0)  # wider than the box
+        density_profile(table, box, window_um=0.0)
     assert caught.value.field == "window_um"
 
 

@@ -27,8 +27,16 @@ from deep3m.postprocess.sharded.merge import (
 )
 from deep3m.postprocess.sharded.pipeline import label_sharded
 from deep3m.postprocess.sharded.relabel import relabel_block
+from deep3m.postprocess.sharded.stored import (
+    Documents,
+    equivalences_task,
+    merge_task,
+    reduce_task,
+    relabel_task,
+    summarize_task,
+)
 from deep3m.postprocess.sharded.table import COLUMNS, table_keys, write_object_tables
-from deep3m.testing.volumes import memory_array, smooth_field
+from deep3m.testing.volumes import memory_array, smooth_field, write_volume
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
@@ -279,3 +287,39 @@ def test_tables_in_parquet_and_csv_with_units(tmp_path: Path) -> None:
     first = dict(zip(COLUMNS, lines[1].split(","), strict=True))
     assert int(first["label"]) == stats.labels[0]
     assert float(first["centroid_z_nm"]) == pytest.approx(stats.centroid_nm[0, 0])
+
+
+def test_stored_tasks_survive_a_killed_worker(tmp_path: Path) -> None:
+    """Tasks through store documents, in any order, some run twice (a worker killed
+    after writing, its task leased again): the result equals scipy's."""
+    store = Store(f"file://{tmp_path / 'store'}")
+    prob = smooth_field((10, 30, 26), seed=9)
+    source = write_volume(store, "volumes/p.zarr", prob, (4, 8, 8), voxel_size_nm=(40, 8, 8))
+    target = store.create_volume(
+        "volumes/l.zarr", prob.shape, "uint32", chunk_shape=(4, 8, 8), voxel_size_nm=(40, 8, 8)
+    )
+    docs = Documents(store, "jobs/j1/labels")
+    labelling = Labelling("probability", 0.55, 1)
+    plan = plan_blocks(prob.shape, (4, 8, 8))
+    blocks = list(plan)
+    order = np.random.default_rng(0).permutation(len(blocks))
+    retried = [blocks[i] for i in order[: len(blocks) // 3]]
+    for block in [blocks[i] for i in order] + retried:
+        summarize_task(docs, source, block.index, block.core, labelling)
+    for block in retried + [blocks[i] for i in order]:
+        equivalences_task(docs, block.index, plan.grid_shape, 1)
+    merge_task(docs, plan.grid_shape)
+    first = store.read_bytes(docs.id_map_key)
+    merge_task(docs, plan.grid_shape)
+    assert store.read_bytes(docs.id_map_key) == first
+    for block in [blocks[i] for i in order] + retried:
+        relabel_task(docs, source, target, block.index, block.core, labelling)
+    stats, outputs = reduce_task(
+        docs, plan.grid_shape, (40, 8, 8), labels_store=store, labels_path="volumes/l.zarr",
+        volume=Box.from_shape(prob.shape), window_um=0.3,
+    )  # fmt: skip
+    want, n = ndimage.label(prob >= 0.55)
+    assert len(stats) == n
+    assert_same_partition(np.asarray(target[...]), want)
+    assert outputs["objects_parquet"] == "volumes/l.objects.parquet"
+    assert all(store.exists(key) for key in outputs.values())

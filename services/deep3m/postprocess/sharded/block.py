@@ -51,13 +51,13 @@ _FACE_CENTRES = np.array(
 )
 
 
-def _to_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+def to_npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
-def _from_bytes(data: bytes, what: str) -> dict[str, np.ndarray]:
+def from_npz_bytes(data: bytes, what: str) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
@@ -91,11 +91,11 @@ class BlockFaces:
         for a in range(3):
             arrays[f"low{a}"] = self.low[a]
             arrays[f"high{a}"] = self.high[a]
-        return _to_bytes(arrays)
+        return to_npz_bytes(arrays)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BlockFaces:
-        d = _from_bytes(data, "block faces")
+        d = from_npz_bytes(data, "block faces")
         low = (d["low0"], d["low1"], d["low2"])
         high = (d["high0"], d["high1"], d["high2"])
         return cls(tuple(int(v) for v in d["index"]), _box_of(d), low, high)
@@ -127,11 +127,11 @@ class PieceStats:
     def to_bytes(self) -> bytes:
         arrays = {"index": np.asarray(self.index, np.int64), **_box_arrays(self.core)}
         arrays.update({name: getattr(self, name) for name in self._FIELDS})
-        return _to_bytes(arrays)
+        return to_npz_bytes(arrays)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PieceStats:
-        d = _from_bytes(data, "piece statistics")
+        d = from_npz_bytes(data, "piece statistics")
         index = tuple(int(v) for v in d["index"])
         return cls(index, _box_of(d), *(d[name] for name in cls._FIELDS))
 

@@ -3,7 +3,8 @@
 An object belongs where its centroid lies. Densities are objects per mm³
 (1 mm³ = 10¹⁸ nm³). The density profile slides a window (``window_um`` wide,
 every ``step_um``) along z, y and x through the volume's box (or a given box),
-as in CDeep3M's nuclei density figure; windows lie wholly inside the box.
+as in CDeep3M's nuclei density figure; windows lie wholly inside the box, and
+along an axis shorter than the window the one window is the whole extent.
 """
 
 from __future__ import annotations
@@ -162,22 +163,18 @@ def density_profile(
     centres = table.centroid_nm[inside]
     axes, positions, objects, volumes = [], [], [], []
     for a, name in enumerate(AXES):
-        if window > extent_nm[a]:
-            raise InvalidArgumentError(
-                f"a {window_um} µm window does not fit the box's {extent_nm[a] / NM_PER_UM:g} "
-                f"µm along {name}",
-                field="window_um",
-            )
+        # Along an axis shorter than the window, the one window is the whole extent.
+        width = min(window, float(extent_nm[a]))
         cross_nm2 = float(np.prod(np.delete(extent_nm, a)))
-        starts = lo_nm[a] + np.arange(0, extent_nm[a] - window + 1e-9 * window, step)
+        starts = lo_nm[a] + np.arange(0, extent_nm[a] - width + 1e-9 * width, step)
         along = np.sort(centres[:, a])
-        counts = np.searchsorted(along, starts + window, "left") - np.searchsorted(
+        counts = np.searchsorted(along, starts + width, "left") - np.searchsorted(
             along, starts, "left"
         )
         axes += [name] * len(starts)
-        positions.append((starts + window / 2) / NM_PER_UM)
+        positions.append((starts + width / 2) / NM_PER_UM)
         objects.append(counts)
-        volumes.append(np.full(len(starts), window * cross_nm2 / NM3_PER_MM3))
+        volumes.append(np.full(len(starts), width * cross_nm2 / NM3_PER_MM3))
     return DensityProfile(
         float(window_um), np.asarray(axes), np.concatenate(positions),
         np.concatenate(objects).astype(np.int64), np.concatenate(volumes),

@@ -32,9 +32,9 @@ from scipy.sparse.csgraph import connected_components
 from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
 from deep3m.postprocess.sharded.block import (
     BlockFaces,
-    _from_bytes,
-    _to_bytes,
     check_connectivity,
+    from_npz_bytes,
+    to_npz_bytes,
 )
 
 LOCAL_BITS = 32
@@ -161,7 +161,7 @@ class IdMap:
         )
 
     def to_bytes(self) -> bytes:
-        return _to_bytes(
+        return to_npz_bytes(
             {
                 "grid_shape": np.asarray(self.grid_shape, np.int64),
                 "piece_counts": self.piece_counts,
@@ -173,7 +173,7 @@ class IdMap:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> IdMap:
-        d = _from_bytes(data, "id map")
+        d = from_npz_bytes(data, "id map")
         return cls(
             tuple(int(v) for v in d["grid_shape"]),
             d["piece_counts"],
