@@ -35,7 +35,13 @@ from deep3m.postprocess.sharded.stored import (
     relabel_task,
     summarize_task,
 )
-from deep3m.postprocess.sharded.table import COLUMNS, table_keys, write_object_tables
+from deep3m.postprocess.sharded.table import (
+    COLUMNS,
+    concat_tables,
+    reduce_objects,
+    table_keys,
+    write_object_tables,
+)
 from deep3m.testing.volumes import memory_array, smooth_field, write_volume
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -323,3 +329,35 @@ def test_stored_tasks_survive_a_killed_worker(tmp_path: Path) -> None:
     assert_same_partition(np.asarray(target[...]), want)
     assert outputs["objects_parquet"] == "volumes/l.objects.parquet"
     assert all(store.exists(key) for key in outputs.values())
+
+
+def test_reduce_shards_join_to_the_whole_table() -> None:
+    prob = smooth_field((8, 30, 30), seed=6)
+    labelling = Labelling("probability", 0.55, 1)
+    plan = plan_blocks(prob.shape, (4, 8, 8))
+    summaries = [summarize_block(prob, b.index, b.core, labelling) for b in plan]
+    faces = {s.faces.index: s.faces for s in summaries}
+    pairs = [
+        block_equivalences(
+            faces[b.index],
+            {i: faces[i] for i in neighbour_indices(b.index, plan.grid_shape, 1)},
+            plan.grid_shape,
+            1,
+        )
+        for b in plan
+    ]
+    id_map = merge_pieces([s.pieces.counts for s in summaries], pairs, plan.grid_shape)
+    pieces = [s.pieces for s in summaries]
+    whole = reduce_objects(pieces, id_map, (1, 1, 1))
+    parts = [reduce_objects(pieces, id_map, (1, 1, 1), shard=(k, 3)) for k in range(3)]
+    assert sum(len(p) for p in parts) == len(whole) > 3
+    assert all(set(((p.labels - 1) % 3).tolist()) <= {k} for k, p in enumerate(parts))
+    joined = concat_tables(parts)
+    for name, column in whole.columns().items():
+        np.testing.assert_array_equal(joined.columns()[name], column)
+    with pytest.raises(InvalidArgumentError) as caught:
+        concat_tables([parts[0], parts[0]])
+    assert caught.value.field == "parts"
+    with pytest.raises(InvalidArgumentError) as caught:
+        reduce_objects(pieces, id_map, (1, 1, 1), shard=(3, 3))
+    assert caught.value.field == "shard"

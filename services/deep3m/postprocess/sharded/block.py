@@ -200,40 +200,37 @@ def _boundary_faces(local: np.ndarray, halo_mask: np.ndarray, n: int) -> np.ndar
     """Per piece, the faces (normal to each axis) between it and background."""
     faces = np.zeros((n, 3), np.int64)
     inner = (slice(1, -1),) * 3
+    fg = local > 0
     for axis in range(3):
         for step in (-1, 1):
             shifted = list(inner)
             shifted[axis] = slice(1 + step, halo_mask.shape[axis] - 1 + step)
-            hit = local[~halo_mask[tuple(shifted)]]
+            hit = local[fg & ~halo_mask[tuple(shifted)]]
             faces[:, axis] += np.bincount(hit, minlength=n + 1)[1:]
     return faces
 
 
 def _hull_candidates(
-    local: np.ndarray, origin: np.ndarray, n: int
+    fg: tuple[np.ndarray, ...], ids: np.ndarray, origin: np.ndarray, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Doubled voxel face centres whose hull is each piece's convex hull.
 
-    Hull vertices are extremes of their rows, so only the first and last voxel
-    of each (piece, z, y) row are candidates, and of those only the vertices
-    of their hull.
+    ``fg`` are the foreground coordinates in raster order and ``ids`` their
+    labels. Hull vertices are extremes of their rows, so only voxels that end
+    a run of their piece along x are candidates, and of those only the
+    vertices of their hull.
     """
-    coords = np.argwhere(local)  # raster order
-    if not len(coords):
+    if not len(ids):
         return np.zeros((0, 3), np.int64), np.zeros(n + 1, np.int64)
-    labels = local[tuple(coords.T)].astype(np.int64)
-    order = np.argsort(labels, kind="stable")  # by piece, raster order within
-    coords, labels = coords[order], labels[order]
-    row = np.empty(len(labels), bool)
-    row[0] = True
-    row[1:] = (
-        (labels[1:] != labels[:-1])
-        | (coords[1:, 0] != coords[:-1, 0])
-        | (coords[1:, 1] != coords[:-1, 1])
-    )
-    last = np.roll(row, -1)
-    keep = row | last
-    coords, labels = coords[keep] + origin, labels[keep]
+    z, y, x = fg
+    # Raster order: a run continues when the next voxel is x + 1 of the same row and piece.
+    joined = (z[1:] == z[:-1]) & (y[1:] == y[:-1]) & (x[1:] == x[:-1] + 1) & (ids[1:] == ids[:-1])
+    ends = np.ones(len(ids), bool)
+    ends[1:-1] = ~(joined[:-1] & joined[1:])
+    order = np.flatnonzero(ends)
+    order = order[np.argsort(ids[order], kind="stable")]
+    coords = np.stack([z[order], y[order], x[order]], axis=1).astype(np.int64) + origin
+    labels = ids[order]
     bounds = np.searchsorted(labels, np.arange(1, n + 2))
     points, offsets = [], [0]
     for i in range(n):
@@ -287,7 +284,7 @@ def summarize_block(
     probability = np.bincount(
         ids, weights=_probabilities(values[fg], labelling.kind), minlength=n + 1
     )[1:]
-    hull_points, hull_offsets = _hull_candidates(local, origin, n)
+    hull_points, hull_offsets = _hull_candidates(fg, ids, origin, n)
 
     idx = tuple(int(v) for v in index)
     faces = BlockFaces(

@@ -144,10 +144,24 @@ def _empty(voxel_size_nm: tuple[float, float, float]) -> ObjectStats:
 
 
 def reduce_objects(
-    pieces: Iterable[PieceStats], id_map: IdMap, voxel_size_nm: Sequence[float]
+    pieces: Iterable[PieceStats],
+    id_map: IdMap,
+    voxel_size_nm: Sequence[float],
+    *,
+    shard: tuple[int, int] = (0, 1),
 ) -> ObjectStats:
-    """The object table from every block's piece statistics (in any order)."""
+    """The object table from every block's piece statistics (in any order).
+
+    ``shard=(k, n)`` keeps only the objects whose label is k + 1 modulo n, so
+    n tasks can share the per-object hull work; :func:`concat_tables` joins
+    their tables.
+    """
     vs = check_voxel_size(voxel_size_nm)
+    k, of = shard
+    if of < 1 or not 0 <= k < of:
+        raise InvalidArgumentError(
+            f"shard must be (k, n) with 0 <= k < n, got {shard}", field="shard"
+        )
     ids, counts, sums, starts, stops, prob, faces = [], [], [], [], [], [], []
     points, point_ids = [], []
     for part in pieces:
@@ -159,7 +173,7 @@ def reduce_objects(
                 f"block {list(part.index)} has {len(part)} pieces but the id map knows {len(glob)}",
                 field="pieces",
             )
-        kept = glob > 0
+        kept = (glob > 0) & ((glob - 1) % of == k)
         ids.append(glob[kept])
         counts.append(part.counts[kept])
         sums.append(part.coord_sums[kept])
@@ -167,8 +181,7 @@ def reduce_objects(
         stops.append(part.bbox_stop[kept])
         prob.append(part.probability_sums[kept])
         faces.append(part.boundary_faces[kept])
-        per_piece = np.diff(part.hull_offsets)
-        owner = np.repeat(glob, per_piece)
+        owner = np.repeat(np.where(kept, glob, 0), np.diff(part.hull_offsets))
         points.append(part.hull_points[owner > 0])
         point_ids.append(owner[owner > 0])
     if not ids or not sum(len(i) for i in ids):
@@ -203,13 +216,33 @@ def reduce_objects(
     )  # fmt: skip
 
 
+def concat_tables(parts: Sequence[ObjectStats]) -> ObjectStats:
+    """One table from the tables of disjoint shards, labels ascending."""
+    if not parts:
+        raise InvalidArgumentError("no tables to join", field="parts")
+    vs = parts[0].voxel_size_nm
+    if any(p.voxel_size_nm != vs for p in parts):
+        raise InvalidArgumentError("tables of different voxel sizes", field="parts")
+    labels = np.concatenate([p.labels for p in parts])
+    order = np.argsort(labels, kind="stable")
+    if len(np.unique(labels)) != len(labels):
+        raise InvalidArgumentError("the tables share objects: shards overlap", field="parts")
+    fields = (
+        "labels", "volume_voxels", "centroid", "bbox_start", "bbox_stop",
+        "mean_probability", "boundary_face_area_nm2", "convex_voxels",
+    )  # fmt: skip
+    joined = {f: np.concatenate([getattr(p, f) for p in parts])[order] for f in fields}
+    return ObjectStats(**joined, voxel_size_nm=vs)
+
+
 def _convex_voxels(
     points: np.ndarray, owner: np.ndarray, bbox_start: np.ndarray, bbox_stop: np.ndarray
 ) -> np.ndarray:
     """Per object, the voxel centres inside the hull of its (doubled) points.
 
-    Counted row by row: in each (z, y) row of the bounding box the hull is an
-    interval of x, bounded by its facets' planes.
+    Counted slice by slice and row by row: in slice z only the facets that
+    cross it bound the hull's cross-section, and in each (z, y) row that
+    cross-section is an interval of x.
     """
     order = np.argsort(owner, kind="stable")
     points, owner = points[order], owner[order]
@@ -218,20 +251,26 @@ def _convex_voxels(
     out = np.zeros(n, np.int64)
     for i in range(n):
         hull = ConvexHull(points[bounds[i] : bounds[i + 1]] / 2.0)
-        normal, offset = hull.equations[:, :3], hull.equations[:, 3]  # inside: n·p + o <= 0
-        z, y = np.mgrid[
-            bbox_start[i, 0] : bbox_stop[i, 0], bbox_start[i, 1] : bbox_stop[i, 1]
-        ].reshape(2, -1)
-        rest = -(np.outer(z, normal[:, 0]) + np.outer(y, normal[:, 1]) + offset)  # n_x·x <= rest
-        nx = normal[:, 2]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            bound = rest / nx
-        upper = np.where(nx > _EPS, bound, np.inf).min(axis=1)
-        lower = np.where(nx < -_EPS, bound, -np.inf).max(axis=1)
-        open_row = (np.where(np.abs(nx) <= _EPS, rest, 0.0) >= -_EPS).all(axis=1)
-        width = np.floor(upper + _EPS) - np.ceil(lower - _EPS) + 1
-        out[i] = int(np.clip(width, 0, None)[open_row].sum())
+        corners_z = hull.points[hull.simplices][:, :, 0]
+        z_lo, z_hi = corners_z.min(axis=1), corners_z.max(axis=1)
+        ys = np.arange(bbox_start[i, 1], bbox_stop[i, 1], dtype=np.float64)
+        for z in range(int(bbox_start[i, 0]), int(bbox_stop[i, 0])):
+            crossing = (z_lo <= z + _EPS) & (z_hi >= z - _EPS)
+            eq = hull.equations[crossing]  # inside: n·p + o <= 0
+            rest = -(np.outer(ys, eq[:, 1]) + (eq[:, 0] * z + eq[:, 3]))  # n_x·x <= rest
+            out[i] += _row_widths(rest, eq[:, 2])
     return out
+
+
+def _row_widths(rest: np.ndarray, nx: np.ndarray) -> int:
+    """Integer x with nx·x <= rest for every facet (columns), summed over rows."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = rest / nx
+    upper = np.where(nx > _EPS, bound, np.inf).min(axis=1, initial=np.inf)
+    lower = np.where(nx < -_EPS, bound, -np.inf).max(axis=1, initial=-np.inf)
+    open_row = (np.where(np.abs(nx) <= _EPS, rest, 0.0) >= -_EPS).all(axis=1)
+    width = np.floor(upper + _EPS) - np.ceil(lower - _EPS) + 1
+    return int(np.clip(width, 0, None)[open_row & np.isfinite(width)].sum())
 
 
 def table_keys(labels_path: str) -> tuple[str, str]:
