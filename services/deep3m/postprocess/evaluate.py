@@ -133,6 +133,33 @@ class Operand:
         return cls(array, volume_kind(array.dtype, attrs), attrs.get("kind") == "labels")
 
 
+def block_voxel_counts(
+    prediction: Operand,
+    ground_truth: Operand,
+    core: Box,
+    *,
+    threshold: float,
+    exclusion_zone: int = 0,
+) -> ConfusionCounts:
+    """Confusion counts of one block's core: what a sharded evaluation task computes.
+
+    The ground truth is read with the zone's in-plane context (clipped at the
+    volume border), so the zone near block faces equals the whole-volume zone.
+    """
+    volume = Box.from_shape(tuple(ground_truth.array.shape))
+    halo = (0, exclusion_zone, exclusion_zone)  # the zone is in-plane
+    pred = foreground(np.asarray(prediction.array[core.slices()]), prediction.kind, threshold)
+    read = core.grow(halo).intersect(volume)
+    gt_read = foreground(
+        np.asarray(ground_truth.array[read.slices()]), ground_truth.kind, threshold
+    )
+    gt = gt_read[core.relative_to(read)]
+    if not exclusion_zone:
+        return confusion_counts(pred, gt)
+    keep = ~border_zone(gt_read, exclusion_zone)[core.relative_to(read)]
+    return confusion_counts(pred[keep], gt[keep])
+
+
 def voxel_counts(
     prediction: Operand,
     ground_truth: Operand,
@@ -147,22 +174,11 @@ def voxel_counts(
     """Confusion counts over the whole volume, summed block by block."""
     shape = tuple(ground_truth.array.shape)
     plan = block_plan(shape, write_grid(ground_truth.array), block_shape)
-    volume = Box.from_shape(shape)
-    halo = (0, exclusion_zone, exclusion_zone)  # the zone is in-plane
 
     def one(block: Block) -> ConfusionCounts:
-        pred = foreground(
-            np.asarray(prediction.array[block.core.slices()]), prediction.kind, threshold
+        return block_voxel_counts(
+            prediction, ground_truth, block.core, threshold=threshold, exclusion_zone=exclusion_zone
         )
-        read = block.core.grow(halo).intersect(volume)
-        gt_read = foreground(
-            np.asarray(ground_truth.array[read.slices()]), ground_truth.kind, threshold
-        )
-        gt = gt_read[block.core.relative_to(read)]
-        if not exclusion_zone:
-            return confusion_counts(pred, gt)
-        keep = ~border_zone(gt_read, exclusion_zone)[block.core.relative_to(read)]
-        return confusion_counts(pred[keep], gt[keep])
 
     parts = map_blocks(one, plan, max_workers=max_workers, cancelled=cancelled, progress=progress)
     return sum(parts, ConfusionCounts())
