@@ -19,10 +19,8 @@ workers (it shards by label). Store I/O is not modelled.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import cc3d
 import numpy as np
@@ -30,29 +28,22 @@ from deep3m.core.geometry import Block
 from deep3m.postprocess.blockwise import block_plan, map_blocks
 from deep3m.postprocess.labels import LabelSpec
 from deep3m.postprocess.sharded.block import Labelling, summarize_block
-from deep3m.postprocess.sharded.merge import block_equivalences, merge_pieces, neighbour_indices
+from deep3m.postprocess.sharded.merge import equivalences_among, merge_pieces
 from deep3m.postprocess.sharded.pipeline import label_sharded
 from deep3m.postprocess.sharded.relabel import relabel_block
 from deep3m.postprocess.sharded.table import reduce_objects
-from PIL import Image
 from scipy import ndimage
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-LABELS = DATA / "cdeep3m-mito" / "training" / "labels"
+from bench.timing import MITO_LABELS, median_seconds, mito_masks
+
 BLOCK = (8, 256, 256)
 REPEATS = 3
 TERAVOXEL = 1e12
 WORKERS = 100
 
 
-def timed(run: Callable[[], object], repeats: int = REPEATS) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def timed(run: Callable[[], object]) -> float:
+    return median_seconds(run, REPEATS, warm_up=True)
 
 
 def stopwatch(run: Callable[[], object]) -> tuple[float, object]:
@@ -62,10 +53,10 @@ def stopwatch(run: Callable[[], object]) -> tuple[float, object]:
 
 
 def main() -> None:
-    if not LABELS.is_dir():
-        print(f"skipped: {LABELS} not found")
+    mask = mito_masks()
+    if mask is None:
+        print(f"skipped: {MITO_LABELS} not found")
         return
-    mask = np.stack([np.asarray(Image.open(p)) for p in sorted(LABELS.glob("*.png"))]) > 0
     prob = np.where(mask, 0.9, 0.1).astype(np.float32)
     voxels = prob.size
     target = np.zeros(prob.shape, np.uint32)
@@ -101,10 +92,7 @@ def main() -> None:
     faces = {s.faces.index: s.faces for s in summaries}
 
     def pairs(block: Block) -> np.ndarray:
-        wanted = neighbour_indices(block.index, plan.grid_shape, 1)
-        return block_equivalences(
-            faces[block.index], {i: faces[i] for i in wanted}, plan.grid_shape, 1
-        )
+        return equivalences_among(faces, block.index, plan.grid_shape, 1)
 
     t_b1, found = stopwatch(lambda: map_blocks(pairs, plan))
     t_b2, id_map = stopwatch(

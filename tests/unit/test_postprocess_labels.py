@@ -12,17 +12,9 @@ from deep3m.core.errors import AlreadyExistsError, CancelledError, InvalidArgume
 from deep3m.core.store import Store
 from deep3m.postprocess.label_image import labels_path_for
 from deep3m.postprocess.labels import LabelSpec, label_array, label_volume
-from deep3m.testing.volumes import memory_array, smooth_field, write_volume
+from deep3m.testing.volumes import memory_array, same_partition, smooth_field, write_volume
 from PIL import Image
 from scipy import ndimage
-
-
-def assert_same_partition(got: np.ndarray, want: np.ndarray) -> None:
-    """Equal up to a relabelling: same foreground, and a one-to-one id mapping."""
-    assert ((got > 0) == (want > 0)).all()
-    fg = want > 0
-    pairs = np.unique(np.stack([got[fg], want[fg]], axis=1), axis=0)
-    assert len(pairs) == len(np.unique(got[fg])) == len(np.unique(want[fg]))
 
 
 def zarr_pair(shape: tuple[int, ...], chunks: tuple[int, ...], data: np.ndarray,
@@ -46,7 +38,7 @@ def test_blockwise_equals_whole_volume_label(
     assert result.object_count == n
     assert n >= 3  # the volume really holds several objects
     assert result.pieces > n  # ... cut into pieces by the blocks, then joined
-    assert_same_partition(got, want)
+    assert same_partition(got, want)
     assert set(np.unique(got)) == set(range(n + 1))  # consecutive ids
 
 
@@ -65,7 +57,7 @@ def test_objects_crossing_block_corners() -> None:
         result = label_array(src, dst, LabelSpec(connectivity=connectivity))
         want, n = ndimage.label(mask, ndimage.generate_binary_structure(3, connectivity))
         assert result.object_count == n
-        assert_same_partition(dst[:], want)
+        assert same_partition(dst[:], want)
     # 26-connectivity joins the staircase into one object across 4 blocks.
     assert len(np.unique(dst[:][np.arange(16), np.arange(16), np.arange(16)])) == 1
 
@@ -74,7 +66,7 @@ def test_blocks_may_be_larger_than_chunks_but_aligned() -> None:
     prob = smooth_field((12, 24, 24), seed=7, sigma=1.2)
     src, dst = zarr_pair(prob.shape, (4, 6, 6), prob)
     label_array(src, dst, LabelSpec(), block_shape=(8, 12, 12))
-    assert_same_partition(dst[:], ndimage.label(prob >= 0.5)[0])
+    assert same_partition(dst[:], ndimage.label(prob >= 0.5)[0])
     with pytest.raises(InvalidArgumentError, match="block_shape") as caught:
         label_array(src, dst, LabelSpec(), block_shape=(5, 12, 12))
     assert caught.value.field == "block_shape"
@@ -100,7 +92,7 @@ def test_min_size_filter_matches_a_direct_computation() -> None:
     want = np.where(np.isin(whole, big), whole, 0)
     assert result.object_count == len(big)
     assert 0 < len(big) < len(sizes) - 1  # some objects really were dropped
-    assert_same_partition(dst[:], want)
+    assert same_partition(dst[:], want)
     assert (result.objects.volume_voxels >= 20).all()
 
 
@@ -109,7 +101,7 @@ def test_integer_probabilities_and_label_inputs() -> None:
     as_uint8 = np.rint(prob * 255).astype(np.uint8)
     src, dst = zarr_pair(prob.shape, (4, 8, 8), as_uint8)
     label_array(src, dst, LabelSpec(threshold=0.5), kind="probability")
-    assert_same_partition(dst[:], ndimage.label(as_uint8 >= 128)[0])
+    assert same_partition(dst[:], ndimage.label(as_uint8 >= 128)[0])
     label_array(src, dst, LabelSpec(threshold=0.5))  # an integer volume: nonzero is foreground
     assert (dst[:] > 0).sum() == (as_uint8 > 0).sum()
 
@@ -190,7 +182,7 @@ def test_label_volume_writes_an_ome_label_image(tmp_path: Path) -> None:
     assert info.complete and info.attributes["kind"] == "labels"
     assert info.attributes["object_count"] == out.object_count
     assert info.dtype == "uint32" and info.chunk_shape == (4, 16, 16)
-    assert_same_partition(store.open_volume(out.labels_path)[:], ndimage.label(prob >= 0.5)[0])
+    assert same_partition(store.open_volume(out.labels_path)[:], ndimage.label(prob >= 0.5)[0])
     assert out.table_keys == ("volumes/p.mito.objects.csv", "volumes/p.mito.objects.json")
     for key in out.table_keys:
         assert store.exists(key)
@@ -258,4 +250,4 @@ def test_real_mitochondria_masks_blockwise_equal_whole(data_dir: Path) -> None:
     result = label_array(src, dst, LabelSpec())
     want, n = ndimage.label(mask)
     assert result.object_count == n > 10
-    assert_same_partition(dst[:], want)
+    assert same_partition(dst[:], want)

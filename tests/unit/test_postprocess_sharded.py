@@ -22,6 +22,7 @@ from deep3m.postprocess.sharded.block import (
 from deep3m.postprocess.sharded.merge import (
     IdMap,
     block_equivalences,
+    equivalences_among,
     merge_pieces,
     neighbour_indices,
 )
@@ -42,7 +43,7 @@ from deep3m.postprocess.sharded.table import (
     table_keys,
     write_object_tables,
 )
-from deep3m.testing.volumes import memory_array, smooth_field, write_volume
+from deep3m.testing.volumes import memory_array, same_partition, smooth_field, write_volume
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
@@ -52,14 +53,6 @@ from skimage.measure import regionprops
 FACE_CENTRES = np.array(
     [(-0.5, 0, 0), (0.5, 0, 0), (0, -0.5, 0), (0, 0.5, 0), (0, 0, -0.5), (0, 0, 0.5)]
 )
-
-
-def assert_same_partition(got: np.ndarray, want: np.ndarray) -> None:
-    """Equal up to a relabelling: same foreground, and a one-to-one id mapping."""
-    assert ((got > 0) == (want > 0)).all()
-    fg = want > 0
-    pairs = np.unique(np.stack([got[fg], want[fg]], axis=1), axis=0)
-    assert len(pairs) == len(np.unique(got[fg])) == len(np.unique(want[fg]))
 
 
 def boundary_faces(labels: np.ndarray, label: int) -> np.ndarray:
@@ -92,7 +85,7 @@ def test_labels_equal_whole_volume_scipy_label(
     assert n > 0
     # Objects cross blocks: fewer objects than pieces, joined across faces.
     assert result.id_map.equivalences > 0 and len(result.id_map.lut) > n
-    assert_same_partition(got, want)
+    assert same_partition(got, want)
     assert set(np.unique(got)) == set(range(n + 1))
 
 
@@ -155,7 +148,7 @@ def test_any_blocking_gives_the_whole_volume_partition(
     result = label_sharded(mask, target, LabelSpec(connectivity=connectivity), block_shape=block)
     want, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, connectivity))
     assert result.id_map.object_count == n
-    assert_same_partition(target, want)
+    assert same_partition(target, want)
     sizes = np.bincount(want.ravel())[1:]
     assert sorted(result.objects.volume_voxels.tolist()) == sorted(sizes.tolist())
 
@@ -168,7 +161,7 @@ def test_min_size_drops_the_same_objects_as_label() -> None:
     result = label_sharded(prob, sharded, spec)
     reference = label_array(prob, whole, spec)
     assert result.id_map.object_count == reference.object_count > 0
-    assert_same_partition(np.asarray(sharded[...]), np.asarray(whole[...]))
+    assert same_partition(np.asarray(sharded[...]), np.asarray(whole[...]))
     assert (result.objects.volume_voxels >= 20).all()
 
 
@@ -195,15 +188,7 @@ def test_stages_are_idempotent(tmp_path: Path) -> None:
         assert one.faces.to_bytes() == two.faces.to_bytes()
         assert one.pieces.to_bytes() == two.pieces.to_bytes()
     faces = {s.faces.index: s.faces for s in summaries}
-    pairs = [
-        block_equivalences(
-            faces[b.index],
-            {i: faces[i] for i in neighbour_indices(b.index, plan.grid_shape, 3)},
-            plan.grid_shape,
-            3,
-        )
-        for b in plan
-    ]
+    pairs = [equivalences_among(faces, b.index, plan.grid_shape, 3) for b in plan]
     id_map = merge_pieces([s.pieces.counts for s in summaries], pairs, plan.grid_shape)
     for block in plan:  # a retried relabel task
         relabel_block(source, target, block.index, block.core, id_map, labelling)
@@ -235,7 +220,7 @@ def test_stages_run_from_their_documents_alone() -> None:
         relabel_block(prob, target, b.index, b.core, id_map, labelling)
     want, n = ndimage.label(prob >= 0.5, structure=ndimage.generate_binary_structure(3, 2))
     assert id_map.object_count == n
-    assert_same_partition(target, want)
+    assert same_partition(target, want)
 
 
 def test_merge_cost_follows_equivalences_not_voxels() -> None:
@@ -326,7 +311,7 @@ def test_stored_tasks_survive_a_killed_worker(tmp_path: Path) -> None:
     )  # fmt: skip
     want, n = ndimage.label(prob >= 0.55)
     assert len(stats) == n
-    assert_same_partition(np.asarray(target[...]), want)
+    assert same_partition(np.asarray(target[...]), want)
     assert outputs["objects_parquet"] == "volumes/l.objects.parquet"
     assert all(store.exists(key) for key in outputs.values())
 
@@ -337,15 +322,7 @@ def test_reduce_shards_join_to_the_whole_table() -> None:
     plan = plan_blocks(prob.shape, (4, 8, 8))
     summaries = [summarize_block(prob, b.index, b.core, labelling) for b in plan]
     faces = {s.faces.index: s.faces for s in summaries}
-    pairs = [
-        block_equivalences(
-            faces[b.index],
-            {i: faces[i] for i in neighbour_indices(b.index, plan.grid_shape, 1)},
-            plan.grid_shape,
-            1,
-        )
-        for b in plan
-    ]
+    pairs = [equivalences_among(faces, b.index, plan.grid_shape, 1) for b in plan]
     id_map = merge_pieces([s.pieces.counts for s in summaries], pairs, plan.grid_shape)
     pieces = [s.pieces for s in summaries]
     whole = reduce_objects(pieces, id_map, (1, 1, 1))

@@ -17,7 +17,7 @@ import numpy as np
 
 from deep3m.core.augmentation import IDENTITY_LEVEL
 from deep3m.core.errors import CancelledError, InvalidArgumentError
-from deep3m.core.geometry import Block, Box
+from deep3m.core.geometry import Block, Box, check_core_aligned
 from deep3m.inference.setup import PredictorSetup
 from deep3m.runtime.metrics import INFERENCE_PHASE_SECONDS
 from deep3m.runtime.worker import TaskResult
@@ -62,22 +62,6 @@ def block_from_task(task: common_pb2.Task) -> Block:
             f"read box {read} does not contain the core {core}", field="task.block.read"
         )
     return Block((0, 0, 0), core, read)
-
-
-def check_core_aligned(core: Box, shape: tuple[int, ...], grid: tuple[int, ...], path: str) -> None:
-    """The core must be whole cells of the output's write grid (chunks or shards)."""
-    if not Box.from_shape(shape).contains(core):
-        raise InvalidArgumentError(
-            f"block core {core} lies outside the output {path} of shape {list(shape)}",
-            field="task.block.core",
-        )
-    for a, b, g, s in zip(core.start, core.stop, grid, shape, strict=True):
-        if a % g or (b % g and b != s):
-            raise InvalidArgumentError(
-                f"block core {core} is not aligned to the write grid {list(grid)} of the output "
-                f"{path}: tasks would share chunks",
-                field="task.block.core",
-            )
 
 
 class PredictTaskHandler(PredictorSetup):

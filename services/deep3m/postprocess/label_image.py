@@ -16,6 +16,16 @@ LabelDtype = Literal["uint32", "uint64"]
 DEFAULT_LABEL_NAME = "segmentation"
 
 
+def check_labels_shape(source: Any, target: Any) -> None:
+    """Labels are written voxel for voxel: the target has the 3-D source's shape."""
+    if tuple(source.shape) != tuple(target.shape) or len(source.shape) != 3:
+        raise InvalidArgumentError(
+            f"labels shape {tuple(target.shape)} must equal the 3-D source shape "
+            f"{tuple(source.shape)}",
+            field="output",
+        )
+
+
 def labels_path_for(image_path: str, name: str = DEFAULT_LABEL_NAME) -> str:
     """``<image>/labels/<name>``: an OME-Zarr label image inside the image group."""
     if not name or "/" in name or name in (".", ".."):

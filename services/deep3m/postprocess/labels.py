@@ -43,6 +43,7 @@ from deep3m.postprocess.foreground import Kind, foreground, volume_kind
 from deep3m.postprocess.label_image import (
     DEFAULT_LABEL_NAME,
     LabelDtype,
+    check_labels_shape,
     labels_path_for,
     mark_label_image,
     prepare_labels_volume,
@@ -140,12 +141,7 @@ def label_array(
     (a multiple of it) is given. ``progress`` gets (blocks done, total) over
     all three passes.
     """
-    if tuple(source.shape) != tuple(target.shape) or len(source.shape) != 3:
-        raise InvalidArgumentError(
-            f"labels shape {tuple(target.shape)} must equal the 3-D source shape "
-            f"{tuple(source.shape)}",
-            field="output",
-        )
+    check_labels_shape(source, target)
     kind = kind or volume_kind(source.dtype)
     plan = block_plan(target.shape, write_grid(target), block_shape)
     volume = Box.from_shape(target.shape)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,16 @@ COLUMNS = (
     "centroid_z_nm", "centroid_y_nm", "centroid_x_nm",
     "bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1",
 )  # fmt: skip
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """CSV with a header line; floats as ``repr`` (round-trips exactly)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([repr(float(v)) if isinstance(v, float) else v for v in row])
+    return buf.getvalue()
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,12 +129,7 @@ class ObjectTable:
         return out
 
     def to_csv(self) -> str:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in self.rows():
-            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-        return buf.getvalue()
+        return csv_text(COLUMNS, [[row[c] for c in COLUMNS] for row in self.rows()])
 
     def to_json(self) -> dict[str, Any]:
         return {

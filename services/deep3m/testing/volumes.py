@@ -57,3 +57,13 @@ def smooth_field(shape: Sequence[int], seed: int, sigma: float = 1.5) -> np.ndar
     """Gaussian-smoothed noise scaled to [0, 1] (float32): blob-like 'probabilities'."""
     field = ndimage.gaussian_filter(np.random.default_rng(seed).random(tuple(shape)), sigma)
     return ((field - field.min()) / (field.max() - field.min())).astype(np.float32)
+
+
+def same_partition(got: np.ndarray, want: np.ndarray) -> bool:
+    """Equal up to a relabelling: same foreground, and a one-to-one id mapping."""
+    got, want = np.asarray(got), np.asarray(want)
+    if got.shape != want.shape or ((got > 0) != (want > 0)).any():
+        return False
+    fg = want > 0
+    pairs = np.unique(np.stack([got[fg], want[fg]], axis=1), axis=0)
+    return len(pairs) == len(np.unique(got[fg])) == len(np.unique(want[fg]))

@@ -9,7 +9,6 @@ along an axis shorter than the window the one window is the whole extent.
 
 from __future__ import annotations
 
-import csv
 import io
 import threading
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ from deep3m.core.geometry import Block, Box
 from deep3m.core.store import Store
 from deep3m.postprocess.blockwise import block_plan, map_blocks, write_grid
 from deep3m.postprocess.evaluate import values_at
+from deep3m.postprocess.objects import csv_text
 from deep3m.postprocess.sharded.table import ObjectStats, table_keys
 
 NM3_PER_MM3 = 1e18
@@ -42,18 +42,10 @@ class RegionCount:
         return self.objects / self.volume_mm3 if self.volume_mm3 else 0.0
 
 
-def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def region_counts_csv(counts: Sequence[RegionCount]) -> str:
-    return _csv(
+    return csv_text(
         ("region", "objects", "volume_mm3", "density_per_mm3"),
-        [(c.region, c.objects, repr(c.volume_mm3), repr(c.density_per_mm3)) for c in counts],
+        [(c.region, c.objects, c.volume_mm3, c.density_per_mm3) for c in counts],
     )
 
 
@@ -133,11 +125,11 @@ class DensityProfile:
     def to_csv(self) -> str:
         density = self.density_per_mm3
         rows = [
-            (self.axis[i], repr(float(self.position_um[i])), int(self.objects[i]),
-             repr(float(self.volume_mm3[i])), repr(float(density[i])))
+            (str(self.axis[i]), float(self.position_um[i]), int(self.objects[i]),
+             float(self.volume_mm3[i]), float(density[i]))
             for i in range(len(self.axis))
         ]  # fmt: skip
-        return _csv(
+        return csv_text(
             ("axis", "position_um", "objects", "window_volume_mm3", "density_per_mm3"), rows
         )
 
@@ -190,10 +182,10 @@ class SizeHistogram:
 
     def to_csv(self) -> str:
         rows = [
-            (repr(float(self.edges_um3[i])), repr(float(self.edges_um3[i + 1])), int(c))
+            (float(self.edges_um3[i]), float(self.edges_um3[i + 1]), int(c))
             for i, c in enumerate(self.counts)
         ]
-        return _csv(("volume_from_um3", "volume_to_um3", "objects"), rows)
+        return csv_text(("volume_from_um3", "volume_to_um3", "objects"), rows)
 
 
 def size_histogram(table: ObjectStats, *, bins: int = 20) -> SizeHistogram:

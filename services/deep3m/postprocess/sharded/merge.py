@@ -21,7 +21,7 @@ and its result, :class:`IdMap`, is one small document.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,20 +51,23 @@ def _aside(connectivity: int) -> int:
     return 1 if connectivity > 1 else 0
 
 
+def _above(
+    index: Sequence[int], grid_shape: Sequence[int], axis: int, aside: int
+) -> Iterator[tuple[int, ...]]:
+    """Blocks one step up ``axis`` from ``index``, and up to ``aside`` steps across."""
+    steps = [(1,) if a == axis else tuple(range(-aside, aside + 1)) for a in range(3)]
+    for step in itertools.product(*steps):
+        n = tuple(int(i + s) for i, s in zip(index, step, strict=True))
+        if all(0 <= v < g for v, g in zip(n, grid_shape, strict=True)):
+            yield n
+
+
 def neighbour_indices(
     index: Sequence[int], grid_shape: Sequence[int], connectivity: int
 ) -> list[tuple[int, ...]]:
     """The blocks whose faces :func:`block_equivalences` needs for block ``index``."""
     r = _aside(check_connectivity(connectivity))
-    found: dict[tuple[int, ...], None] = {}
-    for axis in range(3):
-        if index[axis] + 1 >= grid_shape[axis]:
-            continue
-        steps = [(1,) if a == axis else tuple(range(-r, r + 1)) for a in range(3)]
-        for step in itertools.product(*steps):
-            n = tuple(int(i + s) for i, s in zip(index, step, strict=True))
-            if all(0 <= v < g for v, g in zip(n, grid_shape, strict=True)):
-                found[n] = None
+    found = {n: None for axis in range(3) for n in _above(index, grid_shape, axis, r)}
     return list(found)
 
 
@@ -99,11 +102,7 @@ def block_equivalences(
         lo = [faces.core.start[a] - r for a in others]
         hi = [faces.core.stop[a] + r for a in others]
         upper = np.zeros((hi[0] - lo[0], hi[1] - lo[1]), np.int64)
-        steps = [(1,) if a == axis else tuple(range(-r, r + 1)) for a in range(3)]
-        for step in itertools.product(*steps):
-            n = tuple(int(i + s) for i, s in zip(faces.index, step, strict=True))
-            if not all(0 <= v < g for v, g in zip(n, grid, strict=True)):
-                continue
+        for n in _above(faces.index, grid, axis, r):
             other = neighbours.get(n)
             if other is None:
                 raise FailedPreconditionError(
@@ -136,6 +135,19 @@ def block_equivalences(
     if not found:
         return np.zeros((0, 2), np.int64)
     return np.unique(np.concatenate(found), axis=0)
+
+
+def equivalences_among(
+    faces: Mapping[tuple[int, ...], BlockFaces],
+    index: Sequence[int],
+    grid_shape: Sequence[int],
+    connectivity: int,
+) -> np.ndarray:
+    """:func:`block_equivalences` of block ``index``, its neighbours taken from ``faces``
+    (the faces of every block, in memory)."""
+    own = tuple(int(i) for i in index)
+    wanted = neighbour_indices(own, grid_shape, connectivity)
+    return block_equivalences(faces[own], {n: faces[n] for n in wanted}, grid_shape, connectivity)
 
 
 @dataclass(frozen=True, eq=False)

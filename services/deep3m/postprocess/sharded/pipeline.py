@@ -16,13 +16,13 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.geometry import Block
 from deep3m.postprocess.blockwise import block_plan, map_blocks, write_grid
 from deep3m.postprocess.foreground import Kind, volume_kind
+from deep3m.postprocess.label_image import check_labels_shape
 from deep3m.postprocess.labels import LabelSpec
 from deep3m.postprocess.sharded.block import BlockSummary, Labelling, summarize_block
 from deep3m.postprocess.sharded.merge import (
     IdMap,
-    block_equivalences,
+    equivalences_among,
     merge_pieces,
-    neighbour_indices,
 )
 from deep3m.postprocess.sharded.relabel import relabel_block
 from deep3m.postprocess.sharded.table import ObjectStats, reduce_objects
@@ -50,12 +50,7 @@ def label_sharded(
         raise InvalidArgumentError(
             "watershed splitting is not available in the sharded path", field="watershed"
         )
-    if tuple(source.shape) != tuple(target.shape) or len(source.shape) != 3:
-        raise InvalidArgumentError(
-            f"labels shape {tuple(target.shape)} must equal the 3-D source shape "
-            f"{tuple(source.shape)}",
-            field="output",
-        )
+    check_labels_shape(source, target)
     kind = kind or volume_kind(source.dtype)
     plan = block_plan(target.shape, write_grid(target), block_shape)
     run: dict[str, Any] = {"max_workers": max_workers, "cancelled": cancelled}
@@ -68,10 +63,7 @@ def label_sharded(
     faces = {s.faces.index: s.faces for s in summaries}
 
     def equivalences(block: Block) -> Any:
-        wanted = neighbour_indices(block.index, plan.grid_shape, spec.connectivity)
-        return block_equivalences(
-            faces[block.index], {i: faces[i] for i in wanted}, plan.grid_shape, spec.connectivity
-        )
+        return equivalences_among(faces, block.index, plan.grid_shape, spec.connectivity)
 
     pairs = map_blocks(equivalences, plan, **run)
     id_map = merge_pieces(

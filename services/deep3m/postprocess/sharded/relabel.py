@@ -14,22 +14,11 @@ from typing import Any
 import numpy as np
 
 from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
-from deep3m.core.geometry import Box
+from deep3m.core.geometry import Box, check_core_aligned
+from deep3m.postprocess.blockwise import write_grid
+from deep3m.postprocess.label_image import check_labels_shape
 from deep3m.postprocess.sharded.block import Labelling
 from deep3m.postprocess.sharded.merge import IdMap
-
-
-def check_core_on_grid(core: Box, shape: Sequence[int], grid: Sequence[int] | None) -> None:
-    """A core must cover whole cells of the target's write grid (edge cells may be clipped)."""
-    if grid is None:
-        return
-    for a, b, g, s in zip(core.start, core.stop, grid, shape, strict=True):
-        if a % g or (b % g and b != s):
-            raise InvalidArgumentError(
-                f"block core {core} is not aligned to the label volume's write grid "
-                f"{list(grid)}: blocks would share chunks",
-                field="block.core",
-            )
 
 
 def relabel_block(
@@ -41,13 +30,10 @@ def relabel_block(
     labelling: Labelling,
 ) -> int:
     """Write the global labels of ``core``; returns how many objects it holds."""
-    if tuple(source.shape) != tuple(target.shape):
-        raise InvalidArgumentError(
-            f"labels shape {tuple(target.shape)} must equal the source shape {tuple(source.shape)}",
-            field="output",
-        )
-    grid = getattr(target, "shards", None) or getattr(target, "chunks", None)
-    check_core_on_grid(core, target.shape, grid)
+    check_labels_shape(source, target)
+    grid = write_grid(target)
+    if grid is not None:
+        check_core_aligned(core, target.shape, grid, "label volume", field="block.core")
     local = labelling.core_labels(source, core)
     lut = id_map.for_block(index)
     if int(local.max(initial=0)) != len(lut) - 1:

@@ -23,7 +23,6 @@ Written as Parquet (typed columns, for pandas/pyarrow) beside CSV.
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from collections.abc import Iterable, Sequence
@@ -34,6 +33,7 @@ from scipy.spatial import ConvexHull
 
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.store import Store
+from deep3m.postprocess.objects import csv_text
 from deep3m.postprocess.objects import table_keys as object_table_keys
 from deep3m.postprocess.sharded.block import PieceStats
 from deep3m.postprocess.sharded.merge import IdMap
@@ -114,17 +114,8 @@ class ObjectStats:
 
     def to_csv(self) -> str:
         cols = self.columns()
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        for i in range(len(self)):
-            writer.writerow(
-                [
-                    repr(float(cols[c][i])) if cols[c].dtype.kind == "f" else int(cols[c][i])
-                    for c in COLUMNS
-                ]
-            )
-        return buf.getvalue()
+        rows = zip(*(cols[c].tolist() for c in COLUMNS), strict=True)
+        return csv_text(COLUMNS, rows)
 
     def to_parquet(self) -> bytes:
         import pyarrow as pa

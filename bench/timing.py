@@ -1,0 +1,35 @@
+"""What every benchmark times with, and the real masks several of them run on."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MITO_LABELS = (
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cdeep3m-mito"
+    / "training" / "labels"
+)  # fmt: skip
+
+
+def median_seconds(run: Callable[[], object], repeats: int, *, warm_up: bool = False) -> float:
+    """Median wall time of ``repeats`` runs (after one untimed run with ``warm_up``)."""
+    if warm_up:
+        run()  # imports, page cache
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def mito_masks() -> np.ndarray | None:
+    """The cdeep3m-mito training masks (20 x 1024 x 1024, bool), or None when absent."""
+    if not MITO_LABELS.is_dir():
+        return None
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(MITO_LABELS.glob("*.png"))]) > 0
