@@ -27,7 +27,7 @@ from deep3m.postprocess.evaluate import Operand, voxel_counts
 from deep3m.postprocess.labels import LabelSpec, label_volume
 from scipy import ndimage
 
-from bench.timing import MITO_LABELS, median_seconds, mito_masks
+from bench.timing import median_seconds, mito_masks
 
 REPEATS = 3
 
@@ -46,11 +46,10 @@ def peak_mb(run: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    mask = mito_masks()
-    if mask is None:
-        print(f"skipped: {MITO_LABELS} not found")
+    loaded = mito_masks()
+    if loaded is None:
         return
-    prob = np.where(mask, 0.9, 0.1).astype(np.float32)
+    mask, prob = loaded
     voxels = prob.size
     with tempfile.TemporaryDirectory(prefix="deep3m-bench-") as tmp:
         store = Store(f"file://{tmp}")

@@ -28,8 +28,11 @@ def median_seconds(run: Callable[[], object], repeats: int, *, warm_up: bool = F
     return statistics.median(times)
 
 
-def mito_masks() -> np.ndarray | None:
-    """The cdeep3m-mito training masks (20 x 1024 x 1024, bool), or None when absent."""
+def mito_masks() -> tuple[np.ndarray, np.ndarray] | None:
+    """The cdeep3m-mito training masks (20 x 1024 x 1024, bool) and a probability map of
+    them (0.9 inside, 0.1 outside, float32); None when the data is absent."""
     if not MITO_LABELS.is_dir():
+        print(f"skipped: {MITO_LABELS} not found")
         return None
-    return np.stack([np.asarray(Image.open(p)) for p in sorted(MITO_LABELS.glob("*.png"))]) > 0
+    mask = np.stack([np.asarray(Image.open(p)) for p in sorted(MITO_LABELS.glob("*.png"))]) > 0
+    return mask, np.where(mask, 0.9, 0.1).astype(np.float32)

@@ -89,8 +89,25 @@ def block_stats(labels: np.ndarray, origin: Sequence[int]) -> BlockStats:
     return BlockStats(ids.astype(np.int64), counts, sums, starts, stops)
 
 
+class InPhysicalUnits:
+    """Volume and centroid in nm, for a table with voxel counts, voxel centroids and a
+    voxel size."""
+
+    volume_voxels: np.ndarray
+    centroid: np.ndarray
+    voxel_size_nm: tuple[float, float, float]
+
+    @property
+    def volume_nm3(self) -> np.ndarray:
+        return self.volume_voxels * float(np.prod(self.voxel_size_nm))
+
+    @property
+    def centroid_nm(self) -> np.ndarray:
+        return self.centroid * np.asarray(self.voxel_size_nm)
+
+
 @dataclass(frozen=True, eq=False)
-class ObjectTable:
+class ObjectTable(InPhysicalUnits):
     labels: np.ndarray  # (n,) int64, ascending
     volume_voxels: np.ndarray  # (n,) int64
     centroid: np.ndarray  # (n, 3) float64, voxels (z, y, x)
@@ -107,14 +124,6 @@ class ObjectTable:
             self.labels[keep], self.volume_voxels[keep], self.centroid[keep],
             self.bbox_start[keep], self.bbox_stop[keep], self.voxel_size_nm,
         )  # fmt: skip
-
-    @property
-    def volume_nm3(self) -> np.ndarray:
-        return self.volume_voxels * float(np.prod(self.voxel_size_nm))
-
-    @property
-    def centroid_nm(self) -> np.ndarray:
-        return self.centroid * np.asarray(self.voxel_size_nm)
 
     def rows(self) -> list[dict[str, Any]]:
         vol_nm3, cen_nm = self.volume_nm3, self.centroid_nm

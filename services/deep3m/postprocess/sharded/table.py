@@ -33,7 +33,7 @@ from scipy.spatial import ConvexHull
 
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.store import Store
-from deep3m.postprocess.objects import csv_text
+from deep3m.postprocess.objects import InPhysicalUnits, csv_text
 from deep3m.postprocess.objects import table_keys as object_table_keys
 from deep3m.postprocess.sharded.block import PieceStats
 from deep3m.postprocess.sharded.merge import IdMap
@@ -65,7 +65,7 @@ def check_voxel_size(voxel_size_nm: Sequence[float]) -> tuple[float, float, floa
 
 
 @dataclass(frozen=True, eq=False)
-class ObjectStats:
+class ObjectStats(InPhysicalUnits):
     """One row per object, labels ascending."""
 
     labels: np.ndarray  # (n,) int64
@@ -80,14 +80,6 @@ class ObjectStats:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    @property
-    def volume_nm3(self) -> np.ndarray:
-        return self.volume_voxels * float(np.prod(self.voxel_size_nm))
-
-    @property
-    def centroid_nm(self) -> np.ndarray:
-        return self.centroid * np.asarray(self.voxel_size_nm)
 
     @property
     def surface_area_nm2(self) -> np.ndarray:
