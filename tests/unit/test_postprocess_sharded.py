@@ -46,6 +46,7 @@ from deep3m.postprocess.sharded.table import (
 from deep3m.testing.volumes import memory_array, same_partition, smooth_field, write_volume
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 from skimage.measure import regionprops
@@ -338,3 +339,24 @@ def test_reduce_shards_join_to_the_whole_table() -> None:
     with pytest.raises(InvalidArgumentError) as caught:
         reduce_objects(pieces, id_map, (1, 1, 1), shard=(3, 3))
     assert caught.value.field == "shard"
+
+
+@pytest.mark.data
+def test_real_mitochondria_match_scipy_and_numpy(data_dir: Path) -> None:
+    """The cdeep3m-mito training masks, sharded in blocks of 8 x 256 x 256 (clipped in z)."""
+    folder = data_dir / "cdeep3m-mito" / "training" / "labels"
+    mask = np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))]) > 0
+    mask = mask[:, :512, :512]  # keeps the test short; still 3 x 2 x 2 blocks
+    target = np.zeros(mask.shape, np.uint32)
+    voxel = (40.0, 6.0, 6.0)
+    result = label_sharded(
+        mask.astype(np.uint8), target, LabelSpec(), voxel_size_nm=voxel, block_shape=(8, 256, 256)
+    )
+    want, n = ndimage.label(mask)
+    assert n > 10 and result.id_map.object_count == n
+    assert same_partition(target, want)
+    table = result.objects
+    sizes = ndimage.sum_labels(np.ones_like(want), target, index=table.labels)
+    np.testing.assert_array_equal(table.volume_voxels, sizes)
+    centroids = np.array(ndimage.center_of_mass(np.ones_like(want), target, table.labels))
+    np.testing.assert_allclose(table.centroid, centroids, rtol=1e-9)
