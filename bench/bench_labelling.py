@@ -20,6 +20,7 @@ workers (it shards by label). Store I/O is not modelled.
 from __future__ import annotations
 
 import time
+import tracemalloc
 from collections.abc import Callable
 
 import cc3d
@@ -28,7 +29,7 @@ from deep3m.core.geometry import Block
 from deep3m.postprocess.blockwise import block_plan, map_blocks
 from deep3m.postprocess.labels import LabelSpec
 from deep3m.postprocess.sharded.block import Labelling, summarize_block
-from deep3m.postprocess.sharded.merge import equivalences_among, merge_pieces
+from deep3m.postprocess.sharded.merge import LOCAL_BITS, equivalences_among, merge_pieces
 from deep3m.postprocess.sharded.pipeline import label_sharded
 from deep3m.postprocess.sharded.relabel import relabel_block
 from deep3m.postprocess.sharded.table import reduce_objects
@@ -44,6 +45,28 @@ WORKERS = 100
 
 def timed(run: Callable[[], object]) -> float:
     return median_seconds(run, REPEATS, warm_up=True)
+
+
+def peak_mb(run: Callable[[], object]) -> float:
+    """Peak of numpy and Python allocations during ``run``."""
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+
+
+def synthetic_merge_seconds_per_equivalence(blocks: int = 1000, pieces: int = 1000) -> float:
+    """Union-find over random equivalences among ``blocks * pieces`` pieces."""
+    rng = np.random.default_rng(0)
+    n = blocks * pieces
+    block = rng.integers(0, blocks, size=(n, 2))
+    local = rng.integers(1, pieces + 1, size=(n, 2))
+    pairs = (block << LOCAL_BITS) | local
+    sizes = [np.ones(pieces, np.int64)] * blocks
+    seconds = median_seconds(lambda: merge_pieces(sizes, [pairs], (blocks, 1, 1)), 3)
+    return seconds / n
 
 
 def stopwatch(run: Callable[[], object]) -> tuple[float, object]:
@@ -124,15 +147,31 @@ def main() -> None:
     ):
         print(f"  {name:42s} {seconds:8.3f} s  {100 * seconds / total:5.1f} %")
 
+    # A worker's memory per task: the same blocks, a volume 1x and 4x as large.
+    print("\npeak traced memory of the per-block stages (MB), one block at a time:")
+    for factor in (1, 4):
+        volume = prob if factor == 1 else np.tile(prob, (1, 2, 2))
+        peak = peak_mb(
+            lambda volume=volume: map_blocks(
+                lambda b: len(summarize_block(volume, b.index, b.core, labelling).pieces),
+                block_plan(volume.shape, None, BLOCK),
+            )
+        )
+        print(f"  volume {factor}x {volume.shape}: summarize {peak:6.0f}")
+
     # Prediction: parallel stages per voxel, merge per equivalence, reduce per object.
     scale = TERAVOXEL / voxels
     parallel_s = (t_a + t_b1 + t_c) * scale / WORKERS
-    merge_s = t_b2 * scale  # equivalences grow with the blocks, i.e. with the voxels
+    # Equivalences grow with the blocks, i.e. with the voxels; the merge's cost per
+    # equivalence is measured on a synthetic graph large enough to time.
+    per_equivalence = synthetic_merge_seconds_per_equivalence()
+    merge_s = per_equivalence * equivalences * scale
     # Objects grow with the volume too; the reduce shards by label (reduce_objects(shard=)).
     reduce_s = t_d * scale / WORKERS
     predicted = parallel_s + merge_s + reduce_s
+    print(f"\nmerge: {per_equivalence * 1e9:.0f} ns per equivalence (synthetic, 10^6 of them)")
     print(
-        f"\npredicted for {WORKERS} workers on 1 teravoxel: {predicted / 3600:.1f} h "
+        f"predicted for {WORKERS} workers on 1 teravoxel: {predicted / 3600:.1f} h "
         f"(parallel stages {parallel_s / 3600:.1f} h, merge {merge_s / 3600:.2f} h = "
         f"{100 * merge_s / predicted:.1f} %, reduce {reduce_s / 3600:.2f} h = "
         f"{100 * reduce_s / predicted:.1f} %)"
