@@ -2,8 +2,9 @@
 
 Stages, each a plain function that a scheduler task can run:
 
-1. :mod:`.block` — per block: threshold, label, the labels on the block's
-   faces and per-piece partial statistics (two small documents);
+1. :mod:`.block` — per block: threshold, label (or split touching objects by
+   watershed, with a halo), the labels on the block's faces and per-piece
+   partial statistics (two small documents);
 2. :mod:`.merge` — per block: equivalences across its upper seams from the
    face documents; then once: union-find over all equivalences into a global
    id map (cost grows with pieces and equivalences, never with voxels);

@@ -37,6 +37,7 @@ from scipy.spatial import ConvexHull, QhullError
 from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
 from deep3m.core.geometry import Box
 from deep3m.postprocess.foreground import Kind, foreground
+from deep3m.postprocess.watershed import watershed_block
 
 # cc3d names neighbourhoods by neighbour count; LabelSpec by scipy's rank.
 CC3D_CONNECTIVITY: dict[int, Literal[6, 18, 26]] = {1: 6, 2: 18, 3: 26}
@@ -115,13 +116,14 @@ class PieceStats:
     boundary_faces: np.ndarray  # (n, 3) int64 faces normal to z, y, x on the boundary
     hull_points: np.ndarray  # (m, 3) int64 doubled face-centre coordinates
     hull_offsets: np.ndarray  # (n + 1,) int64: piece i owns points [o[i], o[i+1])
+    seeds: np.ndarray  # (n,) int64 watershed seed key (global linear index), -1: none
 
     def __len__(self) -> int:
         return len(self.counts)
 
     _FIELDS = (
         "counts", "coord_sums", "bbox_start", "bbox_stop", "probability_sums",
-        "boundary_faces", "hull_points", "hull_offsets",
+        "boundary_faces", "hull_points", "hull_offsets", "seeds",
     )  # fmt: skip
 
     def to_bytes(self) -> bytes:
@@ -167,11 +169,20 @@ def label_mask(mask: np.ndarray, connectivity: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Labelling:
-    """How a block's foreground is found and labelled: the same in stages (a) and (c)."""
+    """How a block's foreground is found and labelled: the same in stages (a) and (c).
+
+    With ``watershed_h`` set, touching objects are split per block by
+    :func:`deep3m.postprocess.watershed.watershed_block` on the core read with
+    ``watershed_halo`` (``sampling``: the voxel size relative to its finest
+    axis), and each piece carries its seed so the merge ties pieces by seed.
+    """
 
     kind: Kind
     threshold: float = 0.5
     connectivity: int = 1
+    watershed_h: float | None = None
+    watershed_halo: tuple[int, int, int] = (4, 16, 16)
+    sampling: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self) -> None:
         check_connectivity(self.connectivity)
@@ -179,13 +190,28 @@ class Labelling:
             raise InvalidArgumentError(
                 f"threshold must lie in (0, 1], got {self.threshold}", field="threshold"
             )
+        if self.watershed_h is not None and not self.watershed_h > 0:
+            raise InvalidArgumentError(
+                f"watershed_h must be > 0, got {self.watershed_h}", field="watershed_h"
+            )
 
     def mask(self, data: np.ndarray) -> np.ndarray:
         return foreground(data, self.kind, self.threshold)
 
-    def core_labels(self, source: Any, core: Box) -> np.ndarray:
-        """The core's local labels, exactly as :func:`summarize_block` numbers them."""
-        return label_mask(self.mask(np.asarray(source[core.slices()])), self.connectivity)
+    def label_core(self, source: Any, core: Box) -> tuple[np.ndarray, np.ndarray]:
+        """The core's local labels 1..n (uint32) and each piece's seed key (-1: none;
+        always -1 without watershed), exactly as :func:`summarize_block` numbers them."""
+        if self.watershed_h is None:
+            local = label_mask(self.mask(np.asarray(source[core.slices()])), self.connectivity)
+            return local, np.full(int(local.max(initial=0)), -1, np.int64)
+        volume = Box.from_shape(source.shape)
+        read = core.grow(self.watershed_halo).intersect(volume)
+        mask = self.mask(np.asarray(source[read.slices()]))
+        local, _, seeds = watershed_block(
+            mask, read, core, volume,
+            connectivity=self.connectivity, h=self.watershed_h, sampling=self.sampling,
+        )  # fmt: skip
+        return local.astype(np.uint32), seeds.astype(np.int64)
 
 
 def _probabilities(values: np.ndarray, kind: Kind) -> np.ndarray:
@@ -265,7 +291,11 @@ def summarize_block(
     halo_mask = np.zeros(grown.shape, bool)
     halo_mask[read.relative_to(grown)] = labelling.mask(data)
     values = data[core.relative_to(read)]
-    local = label_mask(halo_mask[1:-1, 1:-1, 1:-1], labelling.connectivity)
+    if labelling.watershed_h is None:
+        local = label_mask(halo_mask[1:-1, 1:-1, 1:-1], labelling.connectivity)
+        seeds = np.full(int(local.max(initial=0)), -1, np.int64)
+    else:
+        local, seeds = labelling.label_core(source, core)
     n = int(local.max(initial=0))
     origin = np.asarray(core.start, np.int64)
 
@@ -295,6 +325,6 @@ def summarize_block(
     )
     pieces = PieceStats(
         idx, core, counts, sums, starts + origin, stops + origin, probability,
-        _boundary_faces(local, halo_mask, n), hull_points, hull_offsets,
+        _boundary_faces(local, halo_mask, n), hull_points, hull_offsets, seeds,
     )  # fmt: skip
     return BlockSummary(faces, pieces)

@@ -8,8 +8,10 @@ knows how many pieces each block holds.
 high face along each axis with the low faces of the blocks beyond it — for
 diagonal connectivity also those one step aside, since a voxel on an edge
 touches voxels of up to four blocks. Every pair of touching voxels in
-different blocks is found from the block that is lower along some axis where
-they differ (some pairs twice; duplicates are harmless).
+different blocks is found exactly once: from the block that is lower along the
+first axis where their blocks differ. Each equivalence carries its number of
+touching voxel pairs (the watershed merge joins a seedless piece to its
+largest contact).
 
 :func:`merge_pieces` runs once: union-find (connected components of the
 equivalence graph) over all pieces, objects below a size dropped, the rest
@@ -36,6 +38,7 @@ from deep3m.postprocess.sharded.block import (
     from_npz_bytes,
     to_npz_bytes,
 )
+from deep3m.postprocess.watershed import watershed_joins
 
 LOCAL_BITS = 32
 _LOCAL_MASK = (1 << LOCAL_BITS) - 1
@@ -54,8 +57,13 @@ def _aside(connectivity: int) -> int:
 def _above(
     index: Sequence[int], grid_shape: Sequence[int], axis: int, aside: int
 ) -> Iterator[tuple[int, ...]]:
-    """Blocks one step up ``axis`` from ``index``, and up to ``aside`` steps across."""
-    steps = [(1,) if a == axis else tuple(range(-aside, aside + 1)) for a in range(3)]
+    """Blocks one step up ``axis`` from ``index``, and up to ``aside`` steps across in
+    the axes after it (a pair of voxels whose blocks also differ in an earlier axis is
+    found from that axis's seam, so each touching pair is counted once)."""
+    steps = [
+        (0,) if a < axis else (1,) if a == axis else tuple(range(-aside, aside + 1))
+        for a in range(3)
+    ]
     for step in itertools.product(*steps):
         n = tuple(int(i + s) for i, s in zip(index, step, strict=True))
         if all(0 <= v < g for v, g in zip(n, grid_shape, strict=True)):
@@ -89,8 +97,9 @@ def block_equivalences(
     grid_shape: Sequence[int],
     connectivity: int,
 ) -> np.ndarray:
-    """(m, 2) int64 packed keys of pieces of ``faces``' block and the pieces they touch
-    in the blocks above it; ``neighbours`` holds (at least) :func:`neighbour_indices`."""
+    """(m, 3) int64: packed keys of a piece of ``faces``' block, of a piece it touches in
+    a block above it, and how many voxel pairs touch; ``neighbours`` holds (at least)
+    :func:`neighbour_indices`."""
     r = _aside(check_connectivity(connectivity))
     grid = tuple(int(g) for g in grid_shape)
     own = int(np.ravel_multi_index(faces.index, grid))
@@ -133,8 +142,9 @@ def block_equivalences(
             if hit.any():
                 found.append(np.stack([a[hit], b[hit]], axis=1))
     if not found:
-        return np.zeros((0, 2), np.int64)
-    return np.unique(np.concatenate(found), axis=0)
+        return np.zeros((0, 3), np.int64)
+    pairs, contacts = np.unique(np.concatenate(found), axis=0, return_counts=True)
+    return np.concatenate([pairs, contacts[:, None].astype(np.int64)], axis=1)
 
 
 def equivalences_among(
@@ -201,9 +211,15 @@ def merge_pieces(
     grid_shape: Sequence[int],
     *,
     min_size_voxels: int = 0,
+    seeds: Sequence[np.ndarray] | None = None,
 ) -> IdMap:
     """Join equivalent pieces; ``piece_sizes[b]`` are block ``b``'s piece voxel counts
-    (plan order, local labels 1..n)."""
+    (plan order, local labels 1..n).
+
+    With ``seeds`` (per block, each piece's watershed seed key, -1: none) pieces are
+    tied by seed instead of by contact, as
+    :func:`deep3m.postprocess.watershed.watershed_joins` explains.
+    """
     grid = tuple(int(g) for g in grid_shape)
     if len(piece_sizes) != int(np.prod(grid)):
         raise InvalidArgumentError(
@@ -222,10 +238,11 @@ def merge_pieces(
         if total
         else np.zeros(0, np.int64)
     )
-    pairs = [np.asarray(e, np.int64).reshape(-1, 2) for e in equivalences]
+    rows = [np.asarray(e, np.int64).reshape(-1, 3) for e in equivalences]
     if not total:
         return IdMap(grid, counts, np.zeros(0, np.int64), 0, 0)
-    keys = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    table = np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)
+    keys, contact = table[:, :2], table[:, 2]
     block, local = keys >> LOCAL_BITS, keys & _LOCAL_MASK
     if len(keys) and (
         (block.max() >= len(counts)) or (local.min() < 1) or (local > counts[block]).any()
@@ -234,16 +251,25 @@ def merge_pieces(
             "equivalences name pieces the blocks do not have: faces and piece statistics "
             "come from different labellings"
         )
-    dense = starts[block] + local - 1
+    # Pieces are nodes 1..total (0 stays background), as watershed_joins numbers them.
+    dense = starts[block] + local
+    nodes = total + 1
+    if seeds is not None:
+        seed = np.concatenate([[-1], *(np.asarray(s, np.int64) for s in seeds)])
+        if len(seed) != nodes:
+            raise InvalidArgumentError(f"{len(seed) - 1} seeds for {total} pieces", field="seeds")
+        dense = watershed_joins(dense, contact, seed, total)
+        nodes += len(np.unique(seed[seed >= 0]))
     graph = coo_matrix(
-        (np.ones(len(dense), np.int8), (dense[:, 0], dense[:, 1])), shape=(total, total)
+        (np.ones(len(dense), np.int8), (dense[:, 0], dense[:, 1])), shape=(nodes, nodes)
     )
     _, component = connected_components(graph, directed=False)
+    component = component[1 : total + 1]
     comp_ids, first_piece = np.unique(component, return_index=True)
     comp_sizes = np.bincount(component, weights=sizes, minlength=len(comp_ids))
     keep = comp_sizes[comp_ids] >= max(min_size_voxels, 1)
     ordered = comp_ids[np.argsort(first_piece, kind="stable")]
     ordered = ordered[keep[np.searchsorted(comp_ids, ordered)]]
-    final = np.zeros(len(comp_ids), np.int64)
+    final = np.zeros(int(component.max()) + 1, np.int64)
     final[ordered] = np.arange(1, len(ordered) + 1)
     return IdMap(grid, counts, final[component], len(ordered), len(keys))

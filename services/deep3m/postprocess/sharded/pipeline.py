@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from deep3m.core.errors import InvalidArgumentError
+import numpy as np
+
 from deep3m.core.geometry import Block
 from deep3m.postprocess.blockwise import block_plan, map_blocks, write_grid
 from deep3m.postprocess.foreground import Kind, volume_kind
@@ -34,6 +35,19 @@ class ShardedResult:
     objects: ObjectStats
 
 
+def labelling_for(spec: LabelSpec, kind: Kind, voxel_size_nm: Sequence[float]) -> Labelling:
+    """The per-block labelling a :class:`LabelSpec` asks for (as ``label_array`` does it)."""
+    if not spec.watershed:
+        return Labelling(kind, spec.threshold, spec.connectivity)
+    vs = np.asarray(voxel_size_nm, float)
+    sampling = vs / vs.min()
+    return Labelling(
+        kind, spec.threshold, spec.connectivity,
+        watershed_h=spec.watershed_h, watershed_halo=spec.watershed_halo,
+        sampling=(float(sampling[0]), float(sampling[1]), float(sampling[2])),
+    )  # fmt: skip
+
+
 def label_sharded(
     source: Any,
     target: Any,
@@ -46,15 +60,11 @@ def label_sharded(
     cancelled: threading.Event | None = None,
 ) -> ShardedResult:
     """Label ``source`` into ``target`` through stages (a)–(d); returns the id map and table."""
-    if spec.watershed:
-        raise InvalidArgumentError(
-            "watershed splitting is not available in the sharded path", field="watershed"
-        )
     check_labels_shape(source, target)
     kind = kind or volume_kind(source.dtype)
     plan = block_plan(target.shape, write_grid(target), block_shape)
     run: dict[str, Any] = {"max_workers": max_workers, "cancelled": cancelled}
-    labelling = Labelling(kind, spec.threshold, spec.connectivity)
+    labelling = labelling_for(spec, kind, voxel_size_nm)
 
     def summarize(block: Block) -> BlockSummary:
         return summarize_block(source, block.index, block.core, labelling)
@@ -71,6 +81,7 @@ def label_sharded(
         pairs,
         plan.grid_shape,
         min_size_voxels=spec.min_size_voxels,
+        seeds=[s.pieces.seeds for s in summaries] if spec.watershed else None,
     )
 
     def relabel(block: Block) -> int:

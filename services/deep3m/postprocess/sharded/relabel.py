@@ -34,7 +34,7 @@ def relabel_block(
     grid = write_grid(target)
     if grid is not None:
         check_core_aligned(core, target.shape, grid, "label volume", field="block.core")
-    local = labelling.core_labels(source, core)
+    local, _ = labelling.label_core(source, core)
     lut = id_map.for_block(index)
     if int(local.max(initial=0)) != len(lut) - 1:
         raise FailedPreconditionError(

@@ -9,7 +9,8 @@ say which):
 - mean probability: over the object's voxels (1 for a mask or label source);
 - ``boundary_face_area_nm2``: the area of the voxel faces between the object
   and background — exact for the voxel solid, but it overestimates a smooth
-  surface (a sphere by about 3/2);
+  surface (a sphere by about 3/2); faces where watershed-split objects touch
+  each other count for neither;
 - ``surface_area_nm2``: that area × 2/3, the mean ratio of a surface's area
   to its voxel-face area over isotropic orientations (Cauchy's projection
   formula); the estimate sphericity uses;
