@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -401,3 +404,52 @@ def test_watershed_equals_blockwise_label_array(connectivity: int) -> None:
     plain = label_sharded(prob, memory_array(prob, (4, 16, 16), dtype="uint32"),
                           LabelSpec(threshold=0.45, connectivity=connectivity))  # fmt: skip
     assert result.id_map.object_count > plain.id_map.object_count  # something was split
+
+
+RELABEL_WORKER = """
+import sys
+from deep3m.core.geometry import plan_blocks
+from deep3m.core.store import Store
+from deep3m.postprocess.sharded.block import Labelling
+from deep3m.postprocess.sharded.stored import Documents, relabel_task
+
+store = Store(sys.argv[1])
+source = store.open_volume("volumes/p.zarr")
+target = store.open_volume("volumes/l.zarr", mode="r+", require_complete=False)
+docs = Documents(store, "jobs/j/labels")
+for block in plan_blocks(source.shape, (4, 8, 8)):
+    relabel_task(docs, source, target, block.index, block.core, Labelling("probability"))
+    print(block.id, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_relabel_changes_nothing(tmp_path: Path) -> None:
+    store = Store(f"file://{tmp_path / 'store'}")
+    prob = smooth_field((16, 48, 48), seed=13)
+    source = write_volume(store, "volumes/p.zarr", prob, (4, 8, 8))
+    plan = plan_blocks(prob.shape, (4, 8, 8))
+    docs = Documents(store, "jobs/j/labels")
+    labelling = Labelling("probability")
+    for block in plan:
+        summarize_task(docs, source, block.index, block.core, labelling)
+    for block in plan:
+        equivalences_task(docs, block.index, plan.grid_shape, 1)
+    merge_task(docs, plan.grid_shape)
+    clean = store.create_volume("volumes/clean.zarr", prob.shape, "uint32", chunk_shape=(4, 8, 8))
+    for block in plan:
+        relabel_task(docs, source, clean, block.index, block.core, labelling)
+    target = store.create_volume("volumes/l.zarr", prob.shape, "uint32", chunk_shape=(4, 8, 8))
+    with subprocess.Popen(
+        [sys.executable, "-c", RELABEL_WORKER, store.url], stdout=subprocess.PIPE, text=True
+    ) as worker:
+        assert worker.stdout is not None
+        done = [worker.stdout.readline() for _ in range(len(plan) // 3)]
+        worker.send_signal(signal.SIGKILL)  # mid-stage: a third of the blocks reported
+        worker.wait(timeout=60)
+    assert worker.returncode == -signal.SIGKILL and all(d.strip() for d in done)
+    for block in plan:  # every task leased again, including those already done
+        relabel_task(docs, source, target, block.index, block.core, labelling)
+    got = np.asarray(target[...])
+    np.testing.assert_array_equal(got, np.asarray(clean[...]))
+    assert same_partition(got, ndimage.label(prob >= 0.5)[0])
