@@ -63,7 +63,7 @@ def synthetic_merge_seconds_per_equivalence(blocks: int = 1000, pieces: int = 10
     n = blocks * pieces
     block = rng.integers(0, blocks, size=(n, 2))
     local = rng.integers(1, pieces + 1, size=(n, 2))
-    pairs = (block << LOCAL_BITS) | local
+    pairs = np.concatenate([(block << LOCAL_BITS) | local, np.ones((n, 1), np.int64)], axis=1)
     sizes = [np.ones(pieces, np.int64)] * blocks
     seconds = median_seconds(lambda: merge_pieces(sizes, [pairs], (blocks, 1, 1)), 3)
     return seconds / n
