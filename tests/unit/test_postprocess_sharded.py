@@ -29,7 +29,7 @@ from deep3m.postprocess.sharded.merge import (
     merge_pieces,
     neighbour_indices,
 )
-from deep3m.postprocess.sharded.pipeline import label_sharded
+from deep3m.postprocess.sharded.pipeline import label_sharded, labelling_for
 from deep3m.postprocess.sharded.relabel import relabel_block
 from deep3m.postprocess.sharded.stored import (
     Documents,
@@ -453,3 +453,23 @@ def test_a_worker_killed_mid_relabel_changes_nothing(tmp_path: Path) -> None:
     got = np.asarray(target[...])
     np.testing.assert_array_equal(got, np.asarray(clean[...]))
     assert same_partition(got, ndimage.label(prob >= 0.5)[0])
+
+
+def test_stored_watershed_tasks_split_touching_spheres(tmp_path: Path) -> None:
+    store = Store(f"file://{tmp_path / 'store'}")
+    _, _, prob = two_touching_spheres()
+    spec = LabelSpec(watershed=True, watershed_halo=(12, 16, 16))
+    labelling = labelling_for(spec, "probability", (1, 1, 1))
+    plan = plan_blocks(prob.shape, (18, 20, 30))
+    docs = Documents(store, "jobs/w/labels")
+    for block in plan:
+        summarize_task(docs, prob, block.index, block.core, labelling)
+    for block in plan:
+        equivalences_task(docs, block.index, plan.grid_shape, spec.connectivity)
+    assert merge_task(docs, plan.grid_shape, watershed=True).object_count == 2
+    target = np.zeros(prob.shape, np.uint32)
+    for block in plan:
+        relabel_task(docs, prob, target, block.index, block.core, labelling)
+    reference = np.zeros(prob.shape, np.uint32)
+    label_sharded(prob, reference, spec, block_shape=(18, 20, 30))
+    np.testing.assert_array_equal(target, reference)

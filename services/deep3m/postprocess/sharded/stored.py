@@ -106,14 +106,23 @@ def equivalences_task(
     return {"equivalences": float(len(pairs))}
 
 
-def merge_task(docs: Documents, grid_shape: Sequence[int], *, min_size_voxels: int = 0) -> IdMap:
-    """Stage (b), once: the global id map from every block's counts and equivalences."""
+def merge_task(
+    docs: Documents,
+    grid_shape: Sequence[int],
+    *,
+    min_size_voxels: int = 0,
+    watershed: bool = False,
+) -> IdMap:
+    """Stage (b), once: the global id map from every block's counts and equivalences
+    (with ``watershed``, pieces tie by seed)."""
     blocks = _grid_indices(grid_shape)
+    pieces = [docs.pieces(i) for i in blocks]
     id_map = merge_pieces(
-        [docs.pieces(i).counts for i in blocks],
+        [p.counts for p in pieces],
         (docs.pairs(i) for i in blocks),
         grid_shape,
         min_size_voxels=min_size_voxels,
+        seeds=[p.seeds for p in pieces] if watershed else None,
     )
     docs.store.write_bytes(docs.id_map_key, id_map.to_bytes())
     return id_map
