@@ -20,7 +20,6 @@ workers (it shards by label). Store I/O is not modelled.
 from __future__ import annotations
 
 import time
-import tracemalloc
 from collections.abc import Callable
 
 import cc3d
@@ -35,7 +34,7 @@ from deep3m.postprocess.sharded.relabel import relabel_block
 from deep3m.postprocess.sharded.table import reduce_objects
 from scipy import ndimage
 
-from bench.timing import median_seconds, mito_masks
+from bench.timing import median_seconds, mito_masks, peak_mb
 
 BLOCK = (8, 256, 256)
 REPEATS = 3
@@ -45,16 +44,6 @@ WORKERS = 100
 
 def timed(run: Callable[[], object]) -> float:
     return median_seconds(run, REPEATS, warm_up=True)
-
-
-def peak_mb(run: Callable[[], object]) -> float:
-    """Peak of numpy and Python allocations during ``run``."""
-    tracemalloc.start()
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1] / 1e6
-    finally:
-        tracemalloc.stop()
 
 
 def synthetic_merge_seconds_per_equivalence(blocks: int = 1000, pieces: int = 1000) -> float:

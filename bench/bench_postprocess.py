@@ -17,7 +17,6 @@ during one extra run.
 from __future__ import annotations
 
 import tempfile
-import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
@@ -27,22 +26,13 @@ from deep3m.postprocess.evaluate import Operand, voxel_counts
 from deep3m.postprocess.labels import LabelSpec, label_volume
 from scipy import ndimage
 
-from bench.timing import median_seconds, mito_masks
+from bench.timing import median_seconds, mito_masks, peak_mb
 
 REPEATS = 3
 
 
 def timed(run: Callable[[], object]) -> float:
     return median_seconds(run, REPEATS, warm_up=True)
-
-
-def peak_mb(run: Callable[[], object]) -> float:
-    tracemalloc.start()
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1] / 1e6
-    finally:
-        tracemalloc.stop()
 
 
 def main() -> None:

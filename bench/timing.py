@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,16 @@ def median_seconds(run: Callable[[], object], repeats: int, *, warm_up: bool = F
         run()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def peak_mb(run: Callable[[], object]) -> float:
+    """Peak of the numpy and Python allocations during ``run`` (tracemalloc), in MB."""
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
 
 
 def mito_masks() -> tuple[np.ndarray, np.ndarray] | None:
