@@ -13,7 +13,6 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ from deep3m.core.store import Store
 from deep3m.testing.seaweed import seaweed_server, weed_executable
 from PIL import Image
 
+from bench.timing import median_seconds
+
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 STACKS = {
     "isbi2012 train (30x512x512)": DATA / "isbi2012" / "train" / "images",
@@ -29,15 +30,6 @@ STACKS = {
 }
 REPEATS = 5
 WORKERS = 4
-
-
-def median_seconds(run: Callable[[], object], repeats: int = REPEATS) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def read_with_pillow(folder: Path) -> int:
@@ -74,7 +66,7 @@ def main() -> None:
             print("note: 'weed' not installed; S3 rows skipped")
         for name, folder in STACKS.items():
             nbytes = read_with_pillow(folder)
-            baseline = median_seconds(lambda folder=folder: read_with_pillow(folder))
+            baseline = median_seconds(lambda folder=folder: read_with_pillow(folder), REPEATS)
             for label, store in stores.items():
                 seconds = ingest_seconds(folder, store)
                 rows.append((name, label, nbytes / seconds / 1e6, seconds, seconds / baseline))

@@ -16,51 +16,30 @@ during one extra run.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
-import tracemalloc
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 from deep3m.core.metrics import confusion_counts
 from deep3m.core.store import Store
 from deep3m.postprocess.evaluate import Operand, voxel_counts
 from deep3m.postprocess.labels import LabelSpec, label_volume
-from PIL import Image
 from scipy import ndimage
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-LABELS = DATA / "cdeep3m-mito" / "training" / "labels"
+from bench.timing import median_seconds, mito_masks, peak_mb
+
 REPEATS = 3
 
 
-def timed(run: Callable[[], object], repeats: int = REPEATS) -> float:
-    run()  # warm-up: imports, page cache
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def peak_mb(run: Callable[[], object]) -> float:
-    tracemalloc.start()
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1] / 1e6
-    finally:
-        tracemalloc.stop()
+def timed(run: Callable[[], object]) -> float:
+    return median_seconds(run, REPEATS, warm_up=True)
 
 
 def main() -> None:
-    if not LABELS.is_dir():
-        print(f"skipped: {LABELS} not found")
+    loaded = mito_masks()
+    if loaded is None:
         return
-    mask = np.stack([np.asarray(Image.open(p)) for p in sorted(LABELS.glob("*.png"))]) > 0
-    prob = np.where(mask, 0.9, 0.1).astype(np.float32)
+    mask, prob = loaded
     voxels = prob.size
     with tempfile.TemporaryDirectory(prefix="deep3m-bench-") as tmp:
         store = Store(f"file://{tmp}")

@@ -30,7 +30,7 @@ from deep3m.core.store import Store
 from deep3m.inference.cache import ModelCache
 from deep3m.inference.predictor import EnsemblePredictor, whole_volume_block
 from deep3m.inference.service import SERVICE_NAME
-from deep3m.inference.tasks import PredictTaskHandler, box_from_proto, handle_predict
+from deep3m.inference.tasks import PredictTaskHandler, box_from_proto
 from deep3m.models.card import MemberCard, ModelCard, load_state_dict, save_model
 from deep3m.models.registry import build_network
 from deep3m.runtime.interceptor import error_detail
@@ -39,6 +39,7 @@ from deep3m.runtime.settings import Settings
 from deep3m.runtime.worker import TaskContext, TaskResult
 from deep3m.testing.nets import LocalNet
 from deep3m.testing.seaweed import SeaweedServer, free_port
+from deep3m.testing.volumes import write_volume
 from deep3m.v1 import (
     common_pb2,
     inference_pb2,
@@ -54,14 +55,7 @@ CHUNKS = (4, 32, 32)
 HALO = (2, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny networks gain nothing from intra-op threads, and on a shared machine
-    spinning threads slow them down several times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_settings(store_url: str, **extra: object) -> Settings:
@@ -73,14 +67,6 @@ def make_settings(store_url: str, **extra: object) -> Settings:
         batch_size=4,
         **extra,
     )  # type: ignore[arg-type]
-
-
-def write_volume(
-    store: Store, key: str, data: np.ndarray, chunks: tuple[int, int, int] = CHUNKS
-) -> None:
-    arr = store.create_volume(key, data.shape, data.dtype, chunk_shape=chunks)
-    arr[...] = data
-    store.mark_complete(key)
 
 
 def local_loader(store: Store, card: ModelCard, member: str, device: torch.device) -> nn.Module:
@@ -175,7 +161,7 @@ def test_tasks_over_every_block_equal_one_whole_volume_pass(
     """Seamlessness through the real task path: 4×3×3 blocks of 4×32×32 over 14×80×80 (edge
     blocks clipped in every axis) on a real zarr store, each task reading core+halo and
     writing its core."""
-    write_volume(store, "volumes/in.zarr", synthetic)
+    write_volume(store, "volumes/in.zarr", synthetic, CHUNKS)
     store.create_volume("volumes/out.zarr", synthetic.shape, "float32", chunk_shape=CHUNKS)
     card = save_local_model(store)
     cache = ModelCache(local_loader)
@@ -201,7 +187,7 @@ def test_task_writes_only_its_core_and_retries_rewrite_the_same_bytes(
     store: Store, synthetic: np.ndarray
 ) -> None:
     data = synthetic[:12, :64, :96]
-    write_volume(store, "volumes/in.zarr", data)
+    write_volume(store, "volumes/in.zarr", data, CHUNKS)
     out = store.create_volume("volumes/out.zarr", data.shape, "float32", chunk_shape=CHUNKS)
     card = save_deepem3d(store)
     handler = PredictTaskHandler(make_settings(store.url))
@@ -232,7 +218,7 @@ def test_task_writes_only_its_core_and_retries_rewrite_the_same_bytes(
 
 def test_members_subset_and_default_level(store: Store, synthetic: np.ndarray) -> None:
     data = synthetic[:4, :32, :32]
-    write_volume(store, "volumes/in.zarr", data)
+    write_volume(store, "volumes/in.zarr", data, CHUNKS)
     out = store.create_volume("volumes/out.zarr", data.shape, "float32", chunk_shape=CHUNKS)
     card = save_local_model(store)
     handler = PredictTaskHandler(make_settings(store.url), cache=ModelCache(local_loader))
@@ -247,7 +233,7 @@ def test_members_subset_and_default_level(store: Store, synthetic: np.ndarray) -
 @pytest.fixture
 def small_job(store: Store, synthetic: np.ndarray) -> tuple[PredictTaskHandler, Block]:
     data = synthetic[:4, :64, :64]
-    write_volume(store, "volumes/in.zarr", data)
+    write_volume(store, "volumes/in.zarr", data, CHUNKS)
     store.create_volume("volumes/out.zarr", data.shape, "float32", chunk_shape=CHUNKS)
     save_local_model(store)
     handler = PredictTaskHandler(make_settings(store.url), cache=ModelCache(local_loader))
@@ -315,16 +301,10 @@ def test_cancelled_task_writes_nothing(
 
 @pytest.mark.s3
 def test_task_on_s3(s3_server: SeaweedServer, s3_prefix: str, synthetic: np.ndarray) -> None:
-    settings = make_settings(
-        s3_prefix,
-        s3_endpoint_url=s3_server.endpoint_url,
-        s3_region=s3_server.region,
-        s3_access_key_id=s3_server.access_key,
-        s3_secret_access_key=s3_server.secret_key,
-    )
+    settings = make_settings(s3_prefix, **s3_server.settings_fields())
     store = Store(s3_prefix, s3_server.storage_options)
     data = synthetic[:8, :64, :32]
-    write_volume(store, "volumes/in.zarr", data)
+    write_volume(store, "volumes/in.zarr", data, CHUNKS)
     store.create_volume("volumes/out.zarr", data.shape, "float32", chunk_shape=CHUNKS)
     card = save_local_model(store)
     handler = PredictTaskHandler(settings, cache=ModelCache(local_loader))
@@ -344,7 +324,7 @@ def test_task_on_s3(s3_server: SeaweedServer, s3_prefix: str, synthetic: np.ndar
 
 @pytest.fixture
 def region_server(store: Store, synthetic: np.ndarray) -> Iterator[RunningServer]:
-    write_volume(store, "volumes/in.zarr", synthetic[:12, :80, :80])
+    write_volume(store, "volumes/in.zarr", synthetic[:12, :80, :80], CHUNKS)
     save_deepem3d(store)
     settings = make_settings(store.url, max_region_voxels=4 * 32 * 48)
     server = create_server("inference", settings, port=0, host="127.0.0.1")
@@ -461,7 +441,7 @@ def test_predict_region_on_real_em(data_dir: Path, store: Store) -> None:
     folder = data_dir / "cdeep3m-mito" / "training" / "images"
     slices = [np.asarray(Image.open(p)) for p in sorted(folder.glob("images.*.png"))[:6]]
     stack = np.stack(slices)[:, :256, :256]
-    write_volume(store, "volumes/in.zarr", stack.astype(np.uint8))
+    write_volume(store, "volumes/in.zarr", stack.astype(np.uint8), CHUNKS)
     save_deepem3d(store)
     server = create_server("inference", make_settings(store.url), port=0, host="127.0.0.1")
     try:
@@ -479,7 +459,7 @@ def test_predict_region_on_real_em(data_dir: Path, store: Store) -> None:
 def test_every_level_member_combination_runs(store: Store, synthetic: np.ndarray) -> None:
     """Each speed level with each member subset yields a probability map of the core."""
     data = synthetic[:4, :32, :32]
-    write_volume(store, "volumes/in.zarr", data)
+    write_volume(store, "volumes/in.zarr", data, CHUNKS)
     out = store.create_volume("volumes/out.zarr", data.shape, "float32", chunk_shape=CHUNKS)
     save_local_model(store)
     handler = PredictTaskHandler(make_settings(store.url), cache=ModelCache(local_loader))
@@ -547,7 +527,7 @@ class LeaseQueue(scheduler_pb2_grpc.SchedulerServicer):
 
 def test_inference_role_worker_runs_predict_tasks(store: Store, synthetic: np.ndarray) -> None:
     data = synthetic[:8, :64, :64]
-    write_volume(store, "volumes/in.zarr", data)
+    write_volume(store, "volumes/in.zarr", data, CHUNKS)
     out = store.create_volume("volumes/out.zarr", data.shape, "float32", chunk_shape=CHUNKS)
     save_deepem3d(store)
     plan = plan_blocks(data.shape, CHUNKS, (1, 16, 16), grid=CHUNKS)
@@ -585,16 +565,16 @@ def test_inference_role_worker_runs_predict_tasks(store: Store, synthetic: np.nd
     assert ((result > 0) & (result < 1)).all()  # every block was written
 
 
-def test_handle_predict_with_a_worker_context(store: Store, synthetic: np.ndarray) -> None:
+def test_handler_called_with_a_worker_context(store: Store, synthetic: np.ndarray) -> None:
     data = synthetic[:4, :32, :32]
-    write_volume(store, "volumes/in.zarr", data)
+    write_volume(store, "volumes/in.zarr", data, CHUNKS)
     out = store.create_volume("volumes/out.zarr", data.shape, "float32", chunk_shape=CHUNKS)
     save_deepem3d(store)
     block = plan_blocks(data.shape, CHUNKS, (1, 16, 16)).block(0)
     ctx = TaskContext(
         predict_lease(block, model="tiny"), worker_id="w1", settings=make_settings(store.url)
     )
-    result = handle_predict(ctx)
+    result = PredictTaskHandler(make_settings(store.url))(ctx)
     assert isinstance(result, TaskResult)
     assert result.metrics["voxels"] == data.size and result.metrics["seconds"] > 0
     assert ((np.asarray(out[...]) > 0) & (np.asarray(out[...]) < 1)).all()
@@ -604,7 +584,7 @@ def test_predict_job_through_the_scheduler(store: Store, synthetic: np.ndarray) 
     """A predict job on the real scheduler: every block the planner made is predicted by
     the inference role's worker exactly as in process, core + halo for core."""
     data = synthetic[:8, :64, :96]
-    write_volume(store, "volumes/in.zarr", data)
+    write_volume(store, "volumes/in.zarr", data, CHUNKS)
     card = save_deepem3d(store)
     port = free_port()
     settings = Settings(

@@ -14,10 +14,12 @@ import pytest
 import tifffile
 from deep3m.core.metrics import confusion_counts
 from deep3m.core.store import Store
+from deep3m.postprocess.evaluate import EvaluateSpec, Operand, evaluate_arrays
 from deep3m.runtime.channel import connect
 from deep3m.runtime.interceptor import error_detail
 from deep3m.runtime.server import create_server
 from deep3m.runtime.settings import Settings
+from deep3m.testing.volumes import smooth_field, write_volume
 from deep3m.v1 import (
     common_pb2,
     postprocess_pb2,
@@ -58,22 +60,13 @@ def stub(store: Store) -> Iterator[postprocess_pb2_grpc.PostprocessStub]:
 
 def put(store: Store, path: str, data: np.ndarray, chunks: tuple[int, int, int] = (4, 16, 16),
         *, complete: bool = True, **attrs: Any) -> None:  # fmt: skip
-    arr = store.create_volume(
-        path,
-        data.shape,
-        data.dtype,
-        voxel_size_nm=(40.0, 6.0, 6.0),
-        chunk_shape=chunks,
-        attributes=attrs,
+    write_volume(
+        store, path, data, chunks, voxel_size_nm=(40.0, 6.0, 6.0), complete=complete, **attrs
     )
-    arr[:] = data
-    if complete:
-        store.mark_complete(path)
 
 
 def probabilities(shape: tuple[int, int, int] = (8, 48, 40), seed: int = 0) -> np.ndarray:
-    field = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), 1.5)
-    return ((field - field.min()) / (field.max() - field.min())).astype(np.float32)
+    return smooth_field(shape, seed)
 
 
 def expect_error(call: Any, request: Any, code: grpc.StatusCode, field: str) -> str:
@@ -206,6 +199,46 @@ def test_evaluate(store: Store, stub: postprocess_pb2_grpc.PostprocessStub) -> N
     n_truth = ndimage.label(truth)[1]
     assert reply.object_true_positives + reply.object_false_negatives == n_truth
     assert 0 < reply.object_f1 <= 1
+
+
+def test_evaluate_with_min_size_and_overlays(
+    store: Store, stub: postprocess_pb2_grpc.PostprocessStub, tmp_path: Path
+) -> None:
+    prob = probabilities(seed=2)
+    truth = (np.roll(prob, 2, axis=1) >= 0.6).astype(np.uint8)
+    put(store, "volumes/p.zarr", prob, kind="probabilities")
+    put(store, "volumes/gt.zarr", truth)
+    put(store, "volumes/img.zarr", (prob * 255).astype(np.uint8), kind="image")
+    request = postprocess_pb2.EvaluateRequest(
+        prediction=ref("volumes/p.zarr"), ground_truth=ref("volumes/gt.zarr"), threshold=0.6,
+        min_size_voxels=40, overlays=str(tmp_path / "errors"), image=ref("volumes/img.zarr"),
+        overlay_slices=[1, 5],
+    )  # fmt: skip
+    reply = stub.Evaluate(request, timeout=WAIT_S)
+    want = evaluate_arrays(
+        Operand(prob, "probability"), Operand(truth, "labels"),
+        EvaluateSpec(threshold=0.6, min_size_voxels=40),
+    ).objects  # fmt: skip
+    unfiltered = evaluate_arrays(
+        Operand(prob, "probability"), Operand(truth, "labels"), EvaluateSpec(threshold=0.6)
+    ).objects
+    assert want is not None and unfiltered is not None
+    assert want.false_positives < unfiltered.false_positives  # the filter matters here
+    assert (reply.object_true_positives, reply.object_false_positives) == (
+        want.true_positives, want.false_positives,
+    )  # fmt: skip
+    assert [Path(f).name for f in reply.overlays] == ["errors_0001.png", "errors_0005.png"]
+    assert all(Path(f).is_file() for f in reply.overlays)
+    expect_error(
+        stub.Evaluate,
+        postprocess_pb2.EvaluateRequest(
+            prediction=ref("volumes/p.zarr"),
+            ground_truth=ref("volumes/gt.zarr"),
+            overlays="s3://elsewhere/errors",
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "overlays",
+    )
 
 
 def test_evaluate_errors(store: Store, stub: postprocess_pb2_grpc.PostprocessStub) -> None:

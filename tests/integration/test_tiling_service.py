@@ -107,13 +107,7 @@ def stored_files(store: Store) -> list[str]:
 def test_mito_training_stack_into_s3_reads_back_exactly(
     data_dir: Path, s3_server: SeaweedServer, serve, s3_prefix: str
 ) -> None:
-    settings = make_settings(
-        s3_prefix,
-        s3_endpoint_url=s3_server.endpoint_url,
-        s3_region=s3_server.region,
-        s3_access_key_id=s3_server.access_key,
-        s3_secret_access_key=s3_server.secret_key,
-    )
+    settings = make_settings(s3_prefix, **s3_server.settings_fields())
     t = serve(settings)
     for kind in ("images", "labels"):
         folder = data_dir / "cdeep3m-mito" / "training" / kind

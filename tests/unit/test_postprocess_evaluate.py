@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from deep3m.core.metrics import border_zone, confusion_counts
 from deep3m.core.store import Store
@@ -17,20 +16,14 @@ from deep3m.postprocess.evaluate import (
     evaluate_volumes,
     voxel_counts,
 )
+from deep3m.postprocess.labels import LabelSpec, label_array
+from deep3m.testing.volumes import memory_array, smooth_field
 from PIL import Image
 from scipy import ndimage
 
 
-def chunked(data: np.ndarray, chunks: tuple[int, int, int]) -> zarr.Array:
-    arr = zarr.create_array(
-        zarr.storage.MemoryStore(), shape=data.shape, chunks=chunks, dtype=data.dtype
-    )
-    arr[:] = data
-    return arr
-
-
 def blobs(shape: tuple[int, int, int], seed: int, keep: float = 0.75) -> np.ndarray:
-    field = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), 1.5)
+    field = smooth_field(shape, seed)
     return np.asarray(field > np.quantile(field, keep))
 
 
@@ -40,8 +33,8 @@ def test_blockwise_counts_equal_whole_volume(zone: int) -> None:
     # Shifted further than the zone is wide, so errors remain inside objects too.
     prob = np.roll(gt, 5, axis=2).astype(np.float32) * 0.8 + 0.1
     got = voxel_counts(
-        Operand(chunked(prob, (4, 8, 8)), "probability"),
-        Operand(chunked(gt.astype(np.uint8), (4, 8, 8)), "labels"),
+        Operand(memory_array(prob, (4, 8, 8)), "probability"),
+        Operand(memory_array(gt.astype(np.uint8), (4, 8, 8)), "labels"),
         threshold=0.5,
         exclusion_zone=zone,
     )
@@ -55,8 +48,8 @@ def test_exclusion_zone_removes_border_voxels() -> None:
     gt[:, 5:15, 5:15] = True
     pred = ndimage.binary_dilation(gt, np.ones((1, 3, 3), bool))  # wrong only at the border
     gt_arr, pred_arr = (
-        chunked(gt.astype(np.uint8), (1, 8, 8)),
-        chunked(pred.astype(np.uint8), (1, 8, 8)),
+        memory_array(gt.astype(np.uint8), (1, 8, 8)),
+        memory_array(pred.astype(np.uint8), (1, 8, 8)),
     )
     plain = voxel_counts(Operand(pred_arr, "labels"), Operand(gt_arr, "labels"), threshold=0.5)
     zoned = voxel_counts(
@@ -86,8 +79,8 @@ def test_object_matching_is_one_to_one_by_centroid() -> None:
     pred[0:4, 20:24, 21:24] = 1  # the second (smaller) falls into a matched object
     cube(pred, 1, 4, 2, 30)  # in the background
     result = evaluate_arrays(
-        Operand(chunked(pred, (4, 16, 16)), "labels"),
-        Operand(chunked(gt, (4, 16, 16)), "labels"),
+        Operand(memory_array(pred, (4, 16, 16)), "labels"),
+        Operand(memory_array(gt, (4, 16, 16)), "labels"),
         EvaluateSpec(),
     )
     objects = result.objects
@@ -96,6 +89,33 @@ def test_object_matching_is_one_to_one_by_centroid() -> None:
     assert objects.predicted == 5 and objects.ground_truth == 4
     assert objects.f1 == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
     assert result.voxels == confusion_counts(pred > 0, gt > 0)
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_min_size_drops_small_predicted_objects_as_label_does(declared: bool) -> None:
+    gt = np.zeros((8, 40, 40), np.uint8)
+    cube(gt, 1, 0, 2, 2, size=6)
+    cube(gt, 1, 0, 20, 20, size=6)
+    pred = np.zeros((8, 40, 40), np.uint16)
+    cube(pred, 1, 0, 2, 2, size=6)  # 216 voxels, matches
+    cube(pred, 2, 0, 20, 20, size=5)  # 125 voxels, matches
+    for n, (y, x) in enumerate([(2, 30), (30, 2), (30, 30), (12, 12)], start=3):
+        cube(pred, n, 5, y, x, size=2)  # 8-voxel specks in the background
+    side = Operand(memory_array(pred, (4, 16, 16)), "labels", declared_labels=declared)
+    truth = Operand(memory_array(gt, (4, 16, 16)), "labels")
+
+    def counts(min_size: int) -> tuple[int, int, int]:
+        o = evaluate_arrays(side, truth, EvaluateSpec(min_size_voxels=min_size)).objects
+        assert o is not None
+        return o.true_positives, o.false_positives, o.false_negatives
+
+    assert counts(0) == (2, 4, 0)
+    assert counts(9) == (2, 0, 0)
+    assert counts(126) == (1, 0, 1)  # the 125-voxel object is dropped too
+    # label with the same filter keeps exactly the objects evaluation counts.
+    out = np.zeros(pred.shape, np.uint32)
+    kept = label_array(pred, out, LabelSpec(min_size_voxels=9)).object_count
+    assert kept == sum(counts(9)[:2])
 
 
 def test_declared_label_volumes_keep_their_ids() -> None:
@@ -131,6 +151,7 @@ def test_shape_mismatch_names_the_ground_truth() -> None:
         ({"threshold": -0.1}, "threshold"),
         ({"threshold": float("nan")}, "threshold"),
         ({"exclusion_zone_voxels": -1}, "exclusion_zone_voxels"),
+        ({"min_size_voxels": -1}, "min_size_voxels"),
     ],
 )
 def test_spec_validation(kwargs: dict[str, float], field: str) -> None:
@@ -167,8 +188,8 @@ def test_real_validation_labels_against_a_degraded_copy(data_dir: Path) -> None:
     pred = ndimage.binary_erosion(gt > 0, np.ones((1, 3, 3), bool)).astype(np.float32)
     pred += 0.6 * (np.random.default_rng(0).random(gt.shape) > 0.999)
     got = evaluate_arrays(
-        Operand(chunked(pred, (5, 64, 64)), "probability"),
-        Operand(chunked(gt, (5, 64, 64)), "labels"),
+        Operand(memory_array(pred, (5, 64, 64)), "probability"),
+        Operand(memory_array(gt, (5, 64, 64)), "labels"),
         EvaluateSpec(exclusion_zone_voxels=2),
     )
     assert got.voxels == confusion_counts(pred >= 0.5, gt > 0, exclusion_zone=2)
@@ -184,8 +205,8 @@ def test_a_c_shaped_object_matches_itself() -> None:
     centre = np.round(ndimage.center_of_mass(c_shape)).astype(int)
     assert c_shape[tuple(centre)] == 0  # the centroid lies outside the object
     got = evaluate_arrays(
-        Operand(chunked(c_shape, (2, 8, 8)), "labels"),
-        Operand(chunked(c_shape, (2, 8, 8)), "labels"),
+        Operand(memory_array(c_shape, (2, 8, 8)), "labels"),
+        Operand(memory_array(c_shape, (2, 8, 8)), "labels"),
         EvaluateSpec(),
     )
     assert got.objects is not None

@@ -10,31 +10,17 @@ import pytest
 import zarr
 from deep3m.core.errors import AlreadyExistsError, CancelledError, InvalidArgumentError
 from deep3m.core.store import Store
-from deep3m.postprocess.labels import LabelSpec, label_array, label_volume, labels_path_for
+from deep3m.postprocess.label_image import labels_path_for
+from deep3m.postprocess.labels import LabelSpec, label_array, label_volume
+from deep3m.testing.volumes import memory_array, same_partition, smooth_field, write_volume
 from PIL import Image
 from scipy import ndimage
 
 
-def assert_same_partition(got: np.ndarray, want: np.ndarray) -> None:
-    """Equal up to a relabelling: same foreground, and a one-to-one id mapping."""
-    assert ((got > 0) == (want > 0)).all()
-    fg = want > 0
-    pairs = np.unique(np.stack([got[fg], want[fg]], axis=1), axis=0)
-    assert len(pairs) == len(np.unique(got[fg])) == len(np.unique(want[fg]))
-
-
-def smooth_random(shape: tuple[int, int, int], seed: int, sigma: float = 1.2) -> np.ndarray:
-    field = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), sigma)
-    return ((field - field.min()) / (field.max() - field.min())).astype(np.float32)
-
-
 def zarr_pair(shape: tuple[int, ...], chunks: tuple[int, ...], data: np.ndarray,
               dtype: str = "uint32") -> tuple[zarr.Array, zarr.Array]:  # fmt: skip
-    root = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
-    src = root.create_array("src", shape=shape, chunks=chunks, dtype=data.dtype)
-    src[:] = data
-    dst = root.create_array("dst", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
-    return src, dst
+    assert data.shape == shape
+    return memory_array(data, chunks), memory_array(data, chunks, dtype=dtype)
 
 
 @pytest.mark.parametrize("connectivity", [1, 2, 3])
@@ -42,7 +28,7 @@ def zarr_pair(shape: tuple[int, ...], chunks: tuple[int, ...], data: np.ndarray,
 def test_blockwise_equals_whole_volume_label(
     connectivity: int, shape: tuple[int, int, int], chunks: tuple[int, int, int]
 ) -> None:
-    prob = smooth_random(shape, seed=connectivity)
+    prob = smooth_field(shape, seed=connectivity, sigma=1.2)
     threshold = float(np.quantile(prob, 0.8))  # about a fifth of the voxels: many objects
     src, dst = zarr_pair(shape, chunks, prob)
     result = label_array(src, dst, LabelSpec(threshold=threshold, connectivity=connectivity))
@@ -52,7 +38,7 @@ def test_blockwise_equals_whole_volume_label(
     assert result.object_count == n
     assert n >= 3  # the volume really holds several objects
     assert result.pieces > n  # ... cut into pieces by the blocks, then joined
-    assert_same_partition(got, want)
+    assert same_partition(got, want)
     assert set(np.unique(got)) == set(range(n + 1))  # consecutive ids
 
 
@@ -71,23 +57,23 @@ def test_objects_crossing_block_corners() -> None:
         result = label_array(src, dst, LabelSpec(connectivity=connectivity))
         want, n = ndimage.label(mask, ndimage.generate_binary_structure(3, connectivity))
         assert result.object_count == n
-        assert_same_partition(dst[:], want)
+        assert same_partition(dst[:], want)
     # 26-connectivity joins the staircase into one object across 4 blocks.
     assert len(np.unique(dst[:][np.arange(16), np.arange(16), np.arange(16)])) == 1
 
 
 def test_blocks_may_be_larger_than_chunks_but_aligned() -> None:
-    prob = smooth_random((12, 24, 24), seed=7)
+    prob = smooth_field((12, 24, 24), seed=7, sigma=1.2)
     src, dst = zarr_pair(prob.shape, (4, 6, 6), prob)
     label_array(src, dst, LabelSpec(), block_shape=(8, 12, 12))
-    assert_same_partition(dst[:], ndimage.label(prob >= 0.5)[0])
+    assert same_partition(dst[:], ndimage.label(prob >= 0.5)[0])
     with pytest.raises(InvalidArgumentError, match="block_shape") as caught:
         label_array(src, dst, LabelSpec(), block_shape=(5, 12, 12))
     assert caught.value.field == "block_shape"
 
 
 def test_threads_give_the_same_bytes() -> None:
-    prob = smooth_random((16, 32, 32), seed=3)
+    prob = smooth_field((16, 32, 32), seed=3, sigma=1.2)
     src, one = zarr_pair(prob.shape, (4, 8, 8), prob)
     _, four = zarr_pair(prob.shape, (4, 8, 8), prob)
     label_array(src, one, LabelSpec())
@@ -96,7 +82,7 @@ def test_threads_give_the_same_bytes() -> None:
 
 
 def test_min_size_filter_matches_a_direct_computation() -> None:
-    prob = smooth_random((16, 32, 32), seed=11, sigma=1.0)
+    prob = smooth_field((16, 32, 32), seed=11, sigma=1.0)
     src, dst = zarr_pair(prob.shape, (4, 8, 8), prob)
     result = label_array(src, dst, LabelSpec(threshold=0.6, min_size_voxels=20))
     whole, _ = ndimage.label(prob >= 0.6)
@@ -106,16 +92,16 @@ def test_min_size_filter_matches_a_direct_computation() -> None:
     want = np.where(np.isin(whole, big), whole, 0)
     assert result.object_count == len(big)
     assert 0 < len(big) < len(sizes) - 1  # some objects really were dropped
-    assert_same_partition(dst[:], want)
+    assert same_partition(dst[:], want)
     assert (result.objects.volume_voxels >= 20).all()
 
 
 def test_integer_probabilities_and_label_inputs() -> None:
-    prob = smooth_random((8, 16, 16), seed=5)
+    prob = smooth_field((8, 16, 16), seed=5, sigma=1.2)
     as_uint8 = np.rint(prob * 255).astype(np.uint8)
     src, dst = zarr_pair(prob.shape, (4, 8, 8), as_uint8)
     label_array(src, dst, LabelSpec(threshold=0.5), kind="probability")
-    assert_same_partition(dst[:], ndimage.label(as_uint8 >= 128)[0])
+    assert same_partition(dst[:], ndimage.label(as_uint8 >= 128)[0])
     label_array(src, dst, LabelSpec(threshold=0.5))  # an integer volume: nonzero is foreground
     assert (dst[:] > 0).sum() == (as_uint8 > 0).sum()
 
@@ -172,18 +158,13 @@ def test_spec_validation_names_the_field(kwargs: dict[str, object], field: str) 
     assert caught.value.field == field
 
 
-def make_volume(store: Store, path: str, data: np.ndarray, chunks: tuple[int, int, int],
-                voxel_size_nm: tuple[float, float, float] = (40.0, 6.0, 6.0)) -> None:  # fmt: skip
-    arr = store.create_volume(
-        path, data.shape, data.dtype, voxel_size_nm=voxel_size_nm, chunk_shape=chunks
-    )
-    arr[:] = data
-    store.mark_complete(path)
+def make_volume(store: Store, path: str, data: np.ndarray, chunks: tuple[int, int, int]) -> None:
+    write_volume(store, path, data, chunks, voxel_size_nm=(40.0, 6.0, 6.0))
 
 
 def test_label_volume_writes_an_ome_label_image(tmp_path: Path) -> None:
     store = Store(f"file://{tmp_path}")
-    prob = smooth_random((8, 32, 32), seed=2)
+    prob = smooth_field((8, 32, 32), seed=2, sigma=1.2)
     make_volume(store, "volumes/p.zarr", prob, (4, 16, 16))
     out = label_volume(store, "volumes/p.zarr", LabelSpec(), name="mito")
     assert (
@@ -201,7 +182,7 @@ def test_label_volume_writes_an_ome_label_image(tmp_path: Path) -> None:
     assert info.complete and info.attributes["kind"] == "labels"
     assert info.attributes["object_count"] == out.object_count
     assert info.dtype == "uint32" and info.chunk_shape == (4, 16, 16)
-    assert_same_partition(store.open_volume(out.labels_path)[:], ndimage.label(prob >= 0.5)[0])
+    assert same_partition(store.open_volume(out.labels_path)[:], ndimage.label(prob >= 0.5)[0])
     assert out.table_keys == ("volumes/p.mito.objects.csv", "volumes/p.mito.objects.json")
     for key in out.table_keys:
         assert store.exists(key)
@@ -211,7 +192,7 @@ def test_label_volume_writes_an_ome_label_image(tmp_path: Path) -> None:
 
 def test_label_volume_to_an_explicit_output_and_rerun(tmp_path: Path) -> None:
     store = Store(f"file://{tmp_path}")
-    prob = smooth_random((8, 16, 16), seed=4)
+    prob = smooth_field((8, 16, 16), seed=4, sigma=1.2)
     make_volume(store, "volumes/p.zarr", prob, (4, 8, 8))
     first = label_volume(
         store, "volumes/p.zarr", LabelSpec(dtype="uint64"), output=(store, "volumes/l.zarr")
@@ -229,7 +210,7 @@ def test_label_volume_to_an_explicit_output_and_rerun(tmp_path: Path) -> None:
 
 def test_label_volume_never_replaces_an_image(tmp_path: Path) -> None:
     store = Store(f"file://{tmp_path}")
-    prob = smooth_random((4, 16, 16), seed=1)
+    prob = smooth_field((4, 16, 16), seed=1, sigma=1.2)
     make_volume(store, "volumes/p.zarr", prob, (4, 8, 8))
     make_volume(store, "volumes/img.zarr", prob, (4, 8, 8))
     with pytest.raises(AlreadyExistsError) as caught:
@@ -240,7 +221,7 @@ def test_label_volume_never_replaces_an_image(tmp_path: Path) -> None:
 
 def test_cancelled_labelling_leaves_nothing_behind(tmp_path: Path) -> None:
     store = Store(f"file://{tmp_path}")
-    make_volume(store, "volumes/p.zarr", smooth_random((8, 32, 32), seed=9), (4, 8, 8))
+    make_volume(store, "volumes/p.zarr", smooth_field((8, 32, 32), seed=9, sigma=1.2), (4, 8, 8))
     cancel = threading.Event()
 
     def progress(done: int, total: int) -> None:
@@ -269,4 +250,4 @@ def test_real_mitochondria_masks_blockwise_equal_whole(data_dir: Path) -> None:
     result = label_array(src, dst, LabelSpec())
     want, n = ndimage.label(mask)
     assert result.object_count == n > 10
-    assert_same_partition(dst[:], want)
+    assert same_partition(dst[:], want)

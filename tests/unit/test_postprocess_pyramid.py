@@ -10,6 +10,7 @@ import zarr
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.store import Store
 from deep3m.postprocess.pyramid import build_pyramid, downsample, plan_levels
+from deep3m.testing.volumes import write_volume
 
 
 def test_anisotropic_em_keeps_z_until_in_plane_catches_up() -> None:
@@ -66,19 +67,10 @@ def test_label_mode_keeps_ids_and_prefers_the_majority() -> None:
     assert out.tolist() == [[[7, 3]]]  # 7 wins 3:1; 3 and 9 tie 2:2, the smaller wins
 
 
-def make_volume(store: Store, path: str, data: np.ndarray, chunks: tuple[int, int, int],
-                voxel: tuple[float, float, float], **attrs: object) -> None:  # fmt: skip
-    arr = store.create_volume(
-        path, data.shape, data.dtype, voxel_size_nm=voxel, chunk_shape=chunks, attributes=attrs
-    )
-    arr[:] = data
-    store.mark_complete(path)
-
-
 def test_build_pyramid_writes_levels_and_metadata(tmp_path: Path) -> None:
     store = Store(f"file://{tmp_path}")
     data = np.random.default_rng(0).random((6, 70, 90)).astype(np.float32)
-    make_volume(store, "volumes/p.zarr", data, (3, 32, 32), (40.0, 6.0, 6.0))
+    write_volume(store, "volumes/p.zarr", data, (3, 32, 32), voxel_size_nm=(40.0, 6.0, 6.0))
     arrays = build_pyramid(store, "volumes/p.zarr", levels=2)
     assert arrays == ["0", "1", "2"]
     group = zarr.open_group(store.zarr_store("volumes/p.zarr"), mode="r")
@@ -99,7 +91,9 @@ def test_build_pyramid_writes_levels_and_metadata(tmp_path: Path) -> None:
 def test_labels_pyramid_uses_mode_and_reruns_are_identical(tmp_path: Path) -> None:
     store = Store(f"file://{tmp_path}")
     labels = np.random.default_rng(1).integers(0, 4, (4, 32, 32)).astype(np.uint32) * 1000
-    make_volume(store, "volumes/l.zarr", labels, (4, 16, 16), (8.0, 8.0, 8.0), kind="labels")
+    write_volume(
+        store, "volumes/l.zarr", labels, (4, 16, 16), voxel_size_nm=(8.0, 8.0, 8.0), kind="labels"
+    )
     build_pyramid(store, "volumes/l.zarr", levels=2)
     level1 = store.open_volume("volumes/l.zarr", "1")[:]
     assert level1.shape == (2, 16, 16)

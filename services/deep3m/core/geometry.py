@@ -232,3 +232,27 @@ def read_padded(array: ReadableArray, box: Box) -> np.ndarray:
     return np.pad(
         data, [(0, 0) if one else p for p, one in zip(pad, singleton, strict=True)], mode="reflect"
     )
+
+
+def check_core_aligned(
+    core: Box,
+    shape: Sequence[int],
+    grid: Sequence[int],
+    what: str,
+    *,
+    field: str = "task.block.core",
+) -> None:
+    """A core must lie inside ``what`` (of ``shape``) and cover whole cells of its write
+    grid (chunks or shards; edge cells may be clipped), so one task owns each chunk."""
+    if not Box.from_shape(shape).contains(core):
+        raise InvalidArgumentError(
+            f"block core {core} lies outside the output {what} of shape {list(shape)}",
+            field=field,
+        )
+    for a, b, g, s in zip(core.start, core.stop, grid, shape, strict=True):
+        if a % g or (b % g and b != s):
+            raise InvalidArgumentError(
+                f"block core {core} is not aligned to the write grid {list(grid)} of the output "
+                f"{what}: tasks would share chunks",
+                field=field,
+            )

@@ -43,6 +43,7 @@ class InferenceApp(WorkerRoleApp):
             # Block shapes repeat (only edge blocks differ): let cuDNN pick kernels once per shape.
             torch.backends.cudnn.benchmark = True
         settings = one_task_per_gpu(settings, self.devices.devices)
+        # One model cache for tasks and regions: a model loads once per device.
         self.cache = ModelCache()
         self.regions = RegionPredictor(settings, cache=self.cache, devices=self.devices)
         self.predict = PredictTaskHandler(settings, cache=self.cache, devices=self.devices)

@@ -14,28 +14,11 @@ import numpy as np
 
 from deep3m.core.augmentation import IDENTITY_LEVEL, check_tta_level
 from deep3m.core.errors import InvalidArgumentError, ResourceExhaustedError
-from deep3m.core.geometry import Block, Box, read_padded
-from deep3m.core.locations import StoreRoots
-from deep3m.inference.cache import DevicePool, ModelCache
-from deep3m.inference.predictor import EnsemblePredictor, inference_devices
-from deep3m.runtime.settings import Settings
+from deep3m.core.geometry import Box
+from deep3m.inference.setup import PredictorSetup
 
 
-class RegionPredictor:
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        cache: ModelCache | None = None,
-        devices: DevicePool | None = None,
-    ) -> None:
-        self.settings = settings
-        self.roots = StoreRoots.from_settings(settings)
-        self.cache = cache if cache is not None else ModelCache()
-        self.devices = (
-            devices if devices is not None else DevicePool(inference_devices(settings.device))
-        )
-
+class RegionPredictor(PredictorSetup):
     def check_region(self, region: Box) -> None:
         if region.ndim != 3 or region.empty:
             raise InvalidArgumentError(
@@ -71,16 +54,6 @@ class RegionPredictor:
                 f"{list(source.shape)}",
                 field="region",
             )
-        with self.devices.acquire() as device:
-            loaded = self.cache.get(self.roots.store(), model, members, device)
-            predictor = EnsemblePredictor(
-                loaded.card,
-                loaded.members,
-                tta_level=level,
-                device=device,
-                batch_size=self.settings.batch_size,
-            )
-            block = Block((0, 0, 0), region, region.grow(loaded.card.halo))
-            read = predictor.read_box(block)
-            raw = read_padded(source, read)
-            return predictor.predict_core(raw, region, read)
+        return self.predict_box(
+            source, region, model=model, members=members, tta_level=level
+        ).probabilities

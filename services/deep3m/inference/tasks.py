@@ -9,7 +9,6 @@ same chunk and a retried task rewrites the same bytes.
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from typing import Any
@@ -18,12 +17,9 @@ import numpy as np
 
 from deep3m.core.augmentation import IDENTITY_LEVEL
 from deep3m.core.errors import CancelledError, InvalidArgumentError
-from deep3m.core.geometry import Block, Box, read_padded
-from deep3m.core.locations import StoreRoots
-from deep3m.inference.cache import DevicePool, ModelCache
-from deep3m.inference.predictor import EnsemblePredictor, inference_devices
+from deep3m.core.geometry import Block, Box, check_core_aligned
+from deep3m.inference.setup import PredictorSetup
 from deep3m.runtime.metrics import INFERENCE_PHASE_SECONDS
-from deep3m.runtime.settings import Settings, get_settings
 from deep3m.runtime.task import TaskContext, TaskResult
 from deep3m.v1 import common_pb2
 
@@ -58,38 +54,8 @@ def block_from_task(task: common_pb2.Task) -> Block:
     return Block((0, 0, 0), core, read)
 
 
-def check_core_aligned(core: Box, shape: tuple[int, ...], grid: tuple[int, ...], path: str) -> None:
-    """The core must be whole cells of the output's write grid (chunks or shards)."""
-    if not Box.from_shape(shape).contains(core):
-        raise InvalidArgumentError(
-            f"block core {core} lies outside the output {path} of shape {list(shape)}",
-            field="task.block.core",
-        )
-    for a, b, g, s in zip(core.start, core.stop, grid, shape, strict=True):
-        if a % g or (b % g and b != s):
-            raise InvalidArgumentError(
-                f"block core {core} is not aligned to the write grid {list(grid)} of the output "
-                f"{path}: tasks would share chunks",
-                field="task.block.core",
-            )
-
-
-class PredictTaskHandler:
+class PredictTaskHandler(PredictorSetup):
     """``Callable[[TaskContext], TaskResult]`` for the worker's ``predict`` stage."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        cache: ModelCache | None = None,
-        devices: DevicePool | None = None,
-    ) -> None:
-        self.settings = settings
-        self.roots = StoreRoots.from_settings(settings)
-        self.cache = cache if cache is not None else ModelCache()
-        self.devices = (
-            devices if devices is not None else DevicePool(inference_devices(settings.device))
-        )
 
     def __call__(self, ctx: TaskContext) -> TaskResult:
         metrics = self.run(ctx.lease, cancelled=ctx.cancelled)
@@ -123,34 +89,29 @@ class PredictTaskHandler:
         check_core_aligned(block.core, shape, grid, out_url)
         tta_level = spec.tta_level or IDENTITY_LEVEL
 
-        with self.devices.acquire() as device:
-            model = self.cache.get(self.roots.store(), spec.model, list(spec.members), device)
-            predictor = EnsemblePredictor(
-                model.card,
-                model.members,
-                tta_level=tta_level,
-                device=device,
-                batch_size=self.settings.batch_size,
-            )
-            read = predictor.read_box(block)
-            t0 = time.perf_counter()
-            raw = read_padded(source, read)
-            t1 = time.perf_counter()
-            pred = predictor.predict_core(raw, block.core, read, cancelled=cancelled)
-            t2 = time.perf_counter()
+        predicted = self.predict_box(
+            source,
+            block.core,
+            read=block.read,
+            model=spec.model,
+            members=list(spec.members),
+            tta_level=tta_level,
+            cancelled=cancelled,
+        )
         if cancelled is not None and cancelled.is_set():
             raise CancelledError(f"task {lease.task.id!r} cancelled before writing its core")
-        target[block.core.slices()] = pred
-        t3 = time.perf_counter()
-        INFERENCE_PHASE_SECONDS.labels(phase="read").observe(t1 - t0)
-        INFERENCE_PHASE_SECONDS.labels(phase="predict").observe(t2 - t1)
-        INFERENCE_PHASE_SECONDS.labels(phase="write").observe(t3 - t2)
+        t0 = time.perf_counter()
+        target[block.core.slices()] = predicted.probabilities
+        write_seconds = time.perf_counter() - t0
+        INFERENCE_PHASE_SECONDS.labels(phase="read").observe(predicted.read_seconds)
+        INFERENCE_PHASE_SECONDS.labels(phase="predict").observe(predicted.predict_seconds)
+        INFERENCE_PHASE_SECONDS.labels(phase="write").observe(write_seconds)
         return {
             "voxels": float(block.core.size),
-            "seconds": t3 - started,
-            "read_seconds": t1 - t0,
-            "predict_seconds": t2 - t1,
-            "write_seconds": t3 - t2,
+            "seconds": time.perf_counter() - started,
+            "read_seconds": predicted.read_seconds,
+            "predict_seconds": predicted.predict_seconds,
+            "write_seconds": write_seconds,
         }
 
     def _open_checked(self, spec: common_pb2.PredictSpec) -> tuple[Any, Any, str]:
@@ -177,18 +138,3 @@ class PredictTaskHandler:
             )
         return source, target, out_url
 
-
-@functools.lru_cache(maxsize=4)
-def _handler_for(settings: Settings) -> PredictTaskHandler:
-    return PredictTaskHandler(settings)
-
-
-def handle_predict(ctx: TaskContext) -> TaskResult:
-    """The ``predict`` handler for a worker context (its settings, else ``DEEP3M_*``).
-
-    The inference app builds its own :class:`PredictTaskHandler` to share the
-    model cache with ``PredictRegion``; this entry point serves callers that
-    only have a context. Handlers (and their model caches) are kept per settings.
-    """
-    settings = getattr(ctx, "settings", None)
-    return _handler_for(settings if isinstance(settings, Settings) else get_settings())(ctx)

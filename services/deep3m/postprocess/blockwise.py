@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 from deep3m.core.errors import CancelledError, InvalidArgumentError
+from deep3m.core.executor import bounded_map
 from deep3m.core.geometry import Block, BlockPlan, plan_blocks
 
 T = TypeVar("T")
@@ -51,51 +51,19 @@ def map_blocks(
     """``fn`` applied to every block, results in plan order.
 
     Stops at the first error (re-raised) or when ``cancelled`` is set
-    (``CancelledError``); blocks already running finish first.
+    (``CancelledError``); blocks already submitted finish first.
     """
     blocks = list(plan)
     total = len(blocks)
     results: list[T | None] = [None] * total
     done = 0
-
-    def check() -> None:
-        if cancelled is not None and cancelled.is_set():
-            raise CancelledError("cancelled while processing blocks")
-
-    if max_workers <= 1:
-        for n, block in enumerate(blocks):
-            check()
-            results[n] = fn(block)
-            done += 1
-            if progress:
-                progress(done, total)
-        return results  # type: ignore[return-value]
-
-    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="block") as pool:
-        pending: dict[Future[T], int] = {}
-        queue = iter(enumerate(blocks))
-
-        def submit_next() -> bool:
-            for n, block in queue:
-                pending[pool.submit(fn, block)] = n
-                return True
-            return False
-
-        for _ in range(max_workers * 2):
-            if not submit_next():
-                break
-        try:
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in finished:
-                    n = pending.pop(future)
-                    results[n] = future.result()
-                    done += 1
-                    if progress:
-                        progress(done, total)
-                    check()
-                    submit_next()
-        finally:
-            for future in pending:
-                future.cancel()
+    for index, result in bounded_map(
+        fn, blocks, max_workers, stop=cancelled, thread_name_prefix="block"
+    ):
+        results[index] = result
+        done += 1
+        if progress:
+            progress(done, total)
+    if done < total:  # the map stopped early: ``cancelled`` was set
+        raise CancelledError("cancelled while processing blocks")
     return results  # type: ignore[return-value]

@@ -15,10 +15,14 @@ objects first, so a second prediction whose centroid falls into an already
 matched object counts as a false positive. For a predicted object whose
 centroid lies outside the object itself (C-shaped or hollow), its own voxel
 nearest the centroid stands in, so a perfect prediction scores 1.
+Predicted objects smaller than ``min_size_voxels`` are dropped before matching,
+exactly as ``label`` drops them, so both count the same objects; the ground
+truth is never filtered.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -36,6 +40,7 @@ from deep3m.postprocess.blockwise import Progress, block_plan, map_blocks, write
 from deep3m.postprocess.foreground import Kind, check_threshold, foreground, volume_kind
 from deep3m.postprocess.labels import LabelSpec, label_array
 from deep3m.postprocess.objects import ObjectTable, object_table
+from deep3m.postprocess.overlays import write_error_overlays
 
 
 @dataclass(frozen=True)
@@ -44,9 +49,16 @@ class EvaluateSpec:
     exclusion_zone_voxels: int = 0
     objects: bool = True
     connectivity: int = 1
+    # Predicted objects below this size are not objects (as ``label --min-size``).
+    min_size_voxels: int = 0
 
     def __post_init__(self) -> None:
         check_threshold(self.threshold)
+        if self.min_size_voxels < 0:
+            raise InvalidArgumentError(
+                f"min_size_voxels must be >= 0, got {self.min_size_voxels}",
+                field="min_size_voxels",
+            )
         if self.exclusion_zone_voxels < 0:
             raise InvalidArgumentError(
                 f"exclusion_zone_voxels must be >= 0, got {self.exclusion_zone_voxels}",
@@ -90,6 +102,7 @@ class ObjectCounts:
 class Evaluation:
     voxels: ConfusionCounts
     objects: ObjectCounts | None = None
+    overlays: tuple[str, ...] = ()  # error-overlay PNGs written, when asked for
 
     def as_dict(self) -> dict[str, float]:
         out = dict(self.voxels.as_dict())
@@ -120,6 +133,33 @@ class Operand:
         return cls(array, volume_kind(array.dtype, attrs), attrs.get("kind") == "labels")
 
 
+def block_voxel_counts(
+    prediction: Operand,
+    ground_truth: Operand,
+    core: Box,
+    *,
+    threshold: float,
+    exclusion_zone: int = 0,
+) -> ConfusionCounts:
+    """Confusion counts of one block's core: what a sharded evaluation task computes.
+
+    The ground truth is read with the zone's in-plane context (clipped at the
+    volume border), so the zone near block faces equals the whole-volume zone.
+    """
+    volume = Box.from_shape(tuple(ground_truth.array.shape))
+    halo = (0, exclusion_zone, exclusion_zone)  # the zone is in-plane
+    pred = foreground(np.asarray(prediction.array[core.slices()]), prediction.kind, threshold)
+    read = core.grow(halo).intersect(volume)
+    gt_read = foreground(
+        np.asarray(ground_truth.array[read.slices()]), ground_truth.kind, threshold
+    )
+    gt = gt_read[core.relative_to(read)]
+    if not exclusion_zone:
+        return confusion_counts(pred, gt)
+    keep = ~border_zone(gt_read, exclusion_zone)[core.relative_to(read)]
+    return confusion_counts(pred[keep], gt[keep])
+
+
 def voxel_counts(
     prediction: Operand,
     ground_truth: Operand,
@@ -134,28 +174,17 @@ def voxel_counts(
     """Confusion counts over the whole volume, summed block by block."""
     shape = tuple(ground_truth.array.shape)
     plan = block_plan(shape, write_grid(ground_truth.array), block_shape)
-    volume = Box.from_shape(shape)
-    halo = (0, exclusion_zone, exclusion_zone)  # the zone is in-plane
 
     def one(block: Block) -> ConfusionCounts:
-        pred = foreground(
-            np.asarray(prediction.array[block.core.slices()]), prediction.kind, threshold
+        return block_voxel_counts(
+            prediction, ground_truth, block.core, threshold=threshold, exclusion_zone=exclusion_zone
         )
-        read = block.core.grow(halo).intersect(volume)
-        gt_read = foreground(
-            np.asarray(ground_truth.array[read.slices()]), ground_truth.kind, threshold
-        )
-        gt = gt_read[block.core.relative_to(read)]
-        if not exclusion_zone:
-            return confusion_counts(pred, gt)
-        keep = ~border_zone(gt_read, exclusion_zone)[block.core.relative_to(read)]
-        return confusion_counts(pred[keep], gt[keep])
 
     parts = map_blocks(one, plan, max_workers=max_workers, cancelled=cancelled, progress=progress)
     return sum(parts, ConfusionCounts())
 
 
-def _values_at(array: Any, points: np.ndarray, block_shape: Sequence[int]) -> np.ndarray:
+def values_at(array: Any, points: np.ndarray, block_shape: Sequence[int]) -> np.ndarray:
     """``array[z, y, x]`` for each row of ``points``, reading each block once."""
     values = np.zeros(len(points), np.int64)
     if not len(points):
@@ -184,7 +213,7 @@ def representative_points(
     one), the object's own voxel nearest to the centroid. (n, 3) int64."""
     shape = np.asarray(labels.shape)
     points = np.clip(np.floor(table.centroid + 0.5).astype(np.int64), 0, shape - 1)
-    outside = _values_at(labels, points, block_shape) != table.labels
+    outside = values_at(labels, points, block_shape) != table.labels
     if not outside.any():
         return points
     wanted = table.labels[outside]
@@ -222,7 +251,7 @@ def match_objects(
     ground_truth_count: int, block_shape: Sequence[int],
 ) -> ObjectCounts:  # fmt: skip
     """One-to-one matching of predicted objects (at ``points``) into ground-truth labels."""
-    hit = _values_at(ground_truth_labels, points, block_shape)
+    hit = values_at(ground_truth_labels, points, block_shape)
     # Larger predictions claim their ground-truth object first; ties by label.
     order = np.lexsort((predicted.labels, -predicted.volume_voxels))
     claimed: set[int] = set()
@@ -235,8 +264,9 @@ def match_objects(
 
 
 def _object_labels(
-    side: Operand, threshold: float, connectivity: int, scratch: zarr.Group, name: str,
-    block_shape: Sequence[int] | None, max_workers: int, cancelled: threading.Event | None,
+    side: Operand, threshold: float, connectivity: int, min_size: int, scratch: zarr.Group,
+    name: str, block_shape: Sequence[int] | None, max_workers: int,
+    cancelled: threading.Event | None,
 ) -> tuple[Any, ObjectTable]:  # fmt: skip
     if side.declared_labels:
         table = object_table(
@@ -246,14 +276,15 @@ def _object_labels(
             max_workers=max_workers,
             cancelled=cancelled,
         )
-        return side.array, table
+        # Labels that stay in the array but are too small simply go unmatched.
+        return side.array, table.select(table.volume_voxels >= min_size)
     grid = write_grid(side.array) or tuple(side.array.shape)
     target = scratch.create_array(
         name, shape=side.array.shape, chunks=grid, dtype="uint64", fill_value=0
     )
     result = label_array(
         side.array, target, LabelSpec(threshold=threshold, connectivity=connectivity,
-                                      dtype="uint64"),
+                                      min_size_voxels=min_size, dtype="uint64"),
         kind=side.kind, block_shape=block_shape, max_workers=max_workers, cancelled=cancelled,
     )  # fmt: skip
     return target, result.objects
@@ -286,12 +317,13 @@ def evaluate_arrays(
     with tempfile.TemporaryDirectory(prefix="deep3m-eval-") as tmp:
         # Component labels of large volumes go to local scratch, not memory.
         scratch = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w")
-        common = (spec.connectivity, scratch)
+        run = (block_shape, max_workers, cancelled)
         pred_labels, pred_table = _object_labels(
-            prediction, threshold, *common, "prediction", block_shape, max_workers, cancelled
-        )
+            prediction, threshold, spec.connectivity, spec.min_size_voxels, scratch,
+            "prediction", *run,
+        )  # fmt: skip
         gt_labels, gt_table = _object_labels(
-            ground_truth, threshold, *common, "ground_truth", block_shape, max_workers, cancelled
+            ground_truth, threshold, spec.connectivity, 0, scratch, "ground_truth", *run
         )
         grid = block_shape or write_grid(gt_labels) or tuple(gt_labels.shape)
         points = representative_points(
@@ -302,6 +334,51 @@ def evaluate_arrays(
     return Evaluation(counts, objects)
 
 
+@dataclass(frozen=True)
+class OverlayRequest:
+    """Error overlays to write with an evaluation (see :mod:`.overlays`)."""
+
+    destination: str  # a local folder or a remote URL
+    image: Any | None = None  # the image under the colours (a 3-D array), else black
+    slices: Sequence[int] | None = None  # all slices when None
+    storage_options: Any | None = None
+
+
+def evaluate_with_overlays(
+    prediction: Operand,
+    ground_truth: Operand,
+    spec: EvaluateSpec,
+    overlays: OverlayRequest | None,
+    *,
+    max_workers: int = 1,
+    cancelled: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """``evaluate_arrays``, then error overlays of the same foregrounds when asked for."""
+    result = evaluate_arrays(
+        prediction, ground_truth, spec,
+        max_workers=max_workers, cancelled=cancelled, progress=progress,
+    )  # fmt: skip
+    if overlays is None:
+        return result
+    files = write_error_overlays(
+        prediction.array, ground_truth.array, overlays.destination,
+        prediction_kind=prediction.kind, ground_truth_kind=ground_truth.kind,
+        threshold=check_threshold(spec.threshold), image=overlays.image,
+        slices=overlays.slices, storage_options=overlays.storage_options,
+    )  # fmt: skip
+    return dataclasses.replace(result, overlays=tuple(files))
+
+
+def _open_side(store: Store, path: str, array: str, what: str) -> tuple[Any, dict[str, Any]]:
+    try:
+        info = store.volume_info(path, array)
+        return store.open_volume(path, array), dict(info.attributes)
+    except Deep3mError as exc:
+        # Name the side the user got wrong, not the store's generic "volume".
+        raise type(exc)(exc.message, field=what) from exc
+
+
 def evaluate_volumes(
     prediction: tuple[Store, str],
     ground_truth: tuple[Store, str],
@@ -309,23 +386,24 @@ def evaluate_volumes(
     *,
     prediction_array: str = "",
     ground_truth_array: str = "",
+    overlays: str | None = None,
+    image: tuple[Store, str] | None = None,
+    overlay_slices: Sequence[int] | None = None,
     max_workers: int = 1,
     cancelled: threading.Event | None = None,
     progress: Progress | None = None,
 ) -> Evaluation:
-    """``evaluate_arrays`` on two stored volumes (both must be complete)."""
-    sides = []
-    for (store, path), array, what in (
-        (prediction, prediction_array, "prediction"),
-        (ground_truth, ground_truth_array, "ground_truth"),
-    ):
-        try:
-            info = store.volume_info(path, array)
-            data = store.open_volume(path, array)
-        except Deep3mError as exc:
-            # Name the side the user got wrong, not the store's generic "volume".
-            raise type(exc)(exc.message, field=what) from exc
-        sides.append(Operand.of(data, dict(info.attributes)))
-    return evaluate_arrays(
-        sides[0], sides[1], spec, max_workers=max_workers, cancelled=cancelled, progress=progress
-    )
+    """``evaluate_arrays`` on two stored volumes (both must be complete); with
+    ``overlays`` (a folder or URL), error-overlay PNGs there too, over ``image``."""
+    sides = [
+        Operand.of(*_open_side(*prediction, prediction_array, "prediction")),
+        Operand.of(*_open_side(*ground_truth, ground_truth_array, "ground_truth")),
+    ]
+    request = None
+    if overlays is not None:
+        background = _open_side(*image, "", "image")[0] if image is not None else None
+        request = OverlayRequest(overlays, background, overlay_slices)
+    return evaluate_with_overlays(
+        sides[0], sides[1], spec, request,
+        max_workers=max_workers, cancelled=cancelled, progress=progress,
+    )  # fmt: skip

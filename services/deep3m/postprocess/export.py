@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import colorsys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,7 +145,7 @@ def label_colors(labels: np.ndarray) -> np.ndarray:
     return np.asarray(np.rint(table[(hue * 256).astype(np.int64) % 256] * 255), np.uint8)
 
 
-def _gray(page: np.ndarray) -> np.ndarray:
+def gray_page(page: np.ndarray) -> np.ndarray:
     if page.dtype == np.uint8:
         return page
     data = page.astype(np.float64)
@@ -160,7 +160,7 @@ def overlay_page(
 ) -> np.ndarray:
     """An RGB page: the image in gray, probabilities in red (opacity grows with the
     probability), labels in per-object colours."""
-    gray = _gray(image).astype(np.float64)
+    gray = gray_page(image).astype(np.float64)
     rgb = np.repeat(gray[..., None], 3, axis=-1)
     if kind == "probability":
         prob = overlay.astype(np.float64)
@@ -176,7 +176,7 @@ def overlay_page(
     return np.asarray(np.rint(rgb), np.uint8)
 
 
-def _pages(shape: Sequence[int], slices: Sequence[int] | None) -> Iterator[int]:
+def page_indices(shape: Sequence[int], slices: Sequence[int] | None) -> Iterator[int]:
     chosen = list(range(shape[0])) if not slices else [int(z) for z in slices]
     for z in chosen:
         if not 0 <= z < shape[0]:
@@ -204,19 +204,37 @@ def export_overlay(
     if not 0.0 < alpha <= 1.0:
         raise InvalidArgumentError(f"alpha must lie in (0, 1], got {alpha}", field="alpha")
     chosen_kind = kind or volume_kind(overlay.dtype)
-    pages = list(_pages(image.shape, slices))
-    digits = max(4, len(str(image.shape[0] - 1)))
+
+    def render(z: int) -> np.ndarray:
+        return overlay_page(np.asarray(image[z]), np.asarray(overlay[z]), chosen_kind, alpha=alpha)
+
+    return write_png_pages(
+        render, page_indices(image.shape, slices), image.shape[0], destination,
+        prefix=prefix, storage_options=storage_options,
+    )  # fmt: skip
+
+
+def write_png_pages(
+    render: Callable[[int], np.ndarray],
+    pages: Iterable[int],
+    depth: int,
+    destination: str,
+    *,
+    prefix: str,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """``<prefix>_<z>.png`` for each page ``z`` (``render(z)`` gives its RGB array), in a
+    local folder or a remote one (``s3://…``); returns what was written."""
+    chosen = list(pages)
+    digits = max(4, len(str(depth - 1)))
 
     def write(folder: Path) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         out = []
-        for z in pages:
-            page = overlay_page(
-                np.asarray(image[z]), np.asarray(overlay[z]), chosen_kind, alpha=alpha
-            )
+        for z in chosen:
             path = folder / f"{prefix}_{z:0{digits}d}.png"
             tmp = path.with_name(path.name + ".tmp")
-            Image.fromarray(page).save(tmp, format="PNG")
+            Image.fromarray(render(z)).save(tmp, format="PNG")
             tmp.replace(path)
             out.append(path)
         return out

@@ -16,18 +16,10 @@ volume up to the order of the ids. Passes:
    by block, and rewrite every block through that lookup table, collecting the
    object table on the way.
 
-Watershed splitting (``watershed=True``) replaces the per-block labelling of
-pass 1: the block is read with a halo, the Euclidean distance transform of the
-mask (in units of the finest voxel size) is flooded from its h-maxima (peaks at
-least ``watershed_h`` higher than their surroundings), and the core is kept.
-Each basin remembers its seed by the seed's global position, so blocks that
-see the same seed in their halo give its basin the same identity, and the
-join step ties pieces by seed instead of by contact: touching pieces with
-different seeds stay apart (the split survives block faces), and a piece whose
-seed lies beyond the halo joins only its largest-contact neighbour. This is an
-approximation of one watershed over the whole volume: basins near a block face
-see only ``watershed_halo`` voxels of context, so objects wider than the halo
-may be split or joined differently (choose a halo about the object radius).
+Watershed splitting (``watershed=True``, :mod:`.watershed`) replaces the
+per-block labelling of pass 1 and ties pieces by seed rather than by contact.
+The labels land in an OME-Zarr label image (:mod:`.label_image`) unless an
+output volume is named.
 """
 
 from __future__ import annotations
@@ -36,20 +28,27 @@ import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from skimage.morphology import h_maxima
-from skimage.segmentation import watershed
 
-from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError
+from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.geometry import Block, Box
-from deep3m.core.store import Store, check_key
+from deep3m.core.store import Store
 from deep3m.postprocess.blockwise import Progress, block_plan, map_blocks, write_grid
 from deep3m.postprocess.foreground import Kind, foreground, volume_kind
+from deep3m.postprocess.label_image import (
+    DEFAULT_LABEL_NAME,
+    LabelDtype,
+    check_labels_shape,
+    labels_path_for,
+    mark_label_image,
+    prepare_labels_volume,
+    register_label_image,
+)
 from deep3m.postprocess.objects import (
     BlockStats,
     ObjectTable,
@@ -58,9 +57,7 @@ from deep3m.postprocess.objects import (
     table_keys,
     write_object_table,
 )
-
-LabelDtype = Literal["uint32", "uint64"]
-DEFAULT_LABEL_NAME = "segmentation"
+from deep3m.postprocess.watershed import watershed_block, watershed_joins
 
 
 @dataclass(frozen=True)
@@ -126,83 +123,6 @@ def _shifted(shape: Sequence[int], d: Sequence[int]) -> tuple[tuple[slice, ...],
     return src, dst
 
 
-def _relabel_compact(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Renumber the nonzero values of ``labels`` to 1..n (0 stays 0)."""
-    ids, inverse = np.unique(labels, return_inverse=True)
-    inverse = inverse.reshape(labels.shape)
-    if ids.size and ids[0] == 0:
-        return inverse, len(ids) - 1
-    return inverse + 1, len(ids)
-
-
-def _watershed_block(
-    source: Any, block: Block, spec: LabelSpec, kind: Kind, volume: Box,
-    sampling: np.ndarray,
-) -> tuple[np.ndarray, int, np.ndarray]:  # fmt: skip
-    """Local watershed labels of the core, their count, and each label's seed key
-    (the global linear index of its seed's first voxel; -1 when it had no seed)."""
-    read = block.core.grow(spec.watershed_halo).intersect(volume)
-    mask = foreground(np.asarray(source[read.slices()]), kind, spec.threshold)
-    core = block.core.relative_to(read)
-    if not mask[core].any():
-        return np.zeros(block.core.shape, np.int64), 0, np.zeros(0, np.int64)
-    structure = ndimage.generate_binary_structure(3, spec.connectivity)
-    distance = ndimage.distance_transform_edt(mask, sampling=sampling)
-    peaks = h_maxima(distance, spec.watershed_h).astype(bool) & mask
-    markers, n_markers = ndimage.label(peaks, structure=np.ones((3, 3, 3), bool))
-    segments = watershed(-distance, markers, mask=mask, connectivity=spec.connectivity)
-    seeds = np.full(n_markers + 1, -1, np.int64)
-    if n_markers:
-        where = np.nonzero(markers)
-        linear = np.ravel_multi_index(
-            tuple(w + o for w, o in zip(where, read.start, strict=True)), volume.shape
-        )
-        first = np.full(n_markers + 1, np.iinfo(np.int64).max, np.int64)
-        np.minimum.at(first, markers[where], linear)
-        seeds[1:] = first[1:]
-    # Components too shallow to hold an h-maximum get no seed; keep them whole.
-    unseeded = mask & (segments == 0)
-    if unseeded.any():
-        extra, n_extra = ndimage.label(unseeded, structure=structure)
-        segments = np.where(unseeded, extra + n_markers, segments)
-        seeds = np.concatenate([seeds, np.full(n_extra, -1, np.int64)])
-    ids, inverse = np.unique(segments[core], return_inverse=True)
-    local = inverse.reshape(block.core.shape)
-    if ids[0] != 0:
-        local = local + 1
-    present = ids[ids != 0]
-    return local, len(present), seeds[present]
-
-
-def _watershed_joins(pairs: np.ndarray, contact: np.ndarray, seed: np.ndarray,
-                     pieces: int) -> np.ndarray:  # fmt: skip
-    """Edges of the join graph for watershed pieces.
-
-    Pieces grown from the same seed are one object, whichever blocks they lie
-    in: each is tied to a node standing for its seed (ids after the pieces).
-    Touching seeded pieces with different seeds stay apart — that is the split.
-    A piece without a seed (its peak lies beyond the halo) joins only the
-    neighbour it shares the largest contact with, so it cannot glue two
-    objects together.
-    """
-    edges = []
-    seeded = np.flatnonzero(seed[1:] >= 0) + 1
-    if len(seeded):
-        _, node = np.unique(seed[seeded], return_inverse=True)
-        edges.append(np.stack([seeded, pieces + 1 + node], axis=1))
-    if len(pairs):
-        ends = np.concatenate([pairs, pairs[:, ::-1]])
-        weight = np.concatenate([contact, contact])
-        loose = seed[ends[:, 0]] < 0
-        ends, weight = ends[loose], weight[loose]
-        order = np.lexsort((ends[:, 1], -weight, ends[:, 0]))
-        ends = ends[order]
-        first = np.ones(len(ends), bool)
-        first[1:] = ends[1:, 0] != ends[:-1, 0]
-        edges.append(ends[first])
-    return np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
-
-
 def label_array(
     source: Any,
     target: Any,
@@ -221,12 +141,7 @@ def label_array(
     (a multiple of it) is given. ``progress`` gets (blocks done, total) over
     all three passes.
     """
-    if tuple(source.shape) != tuple(target.shape) or len(source.shape) != 3:
-        raise InvalidArgumentError(
-            f"labels shape {tuple(target.shape)} must equal the 3-D source shape "
-            f"{tuple(source.shape)}",
-            field="output",
-        )
+    check_labels_shape(source, target)
     kind = kind or volume_kind(source.dtype)
     plan = block_plan(target.shape, write_grid(target), block_shape)
     volume = Box.from_shape(target.shape)
@@ -246,7 +161,12 @@ def label_array(
 
     def first(block: Block) -> tuple[np.ndarray, np.ndarray]:
         if spec.watershed:
-            local, n, seeds = _watershed_block(source, block, spec, kind, volume, sampling)
+            read = block.core.grow(spec.watershed_halo).intersect(volume)
+            mask = foreground(np.asarray(source[read.slices()]), kind, spec.threshold)
+            local, n, seeds = watershed_block(
+                mask, read, block.core, volume,
+                connectivity=spec.connectivity, h=spec.watershed_h, sampling=sampling,
+            )  # fmt: skip
         else:
             mask = foreground(np.asarray(source[block.core.slices()]), kind, spec.threshold)
             local, n = ndimage.label(mask, structure=structure)
@@ -313,7 +233,7 @@ def label_array(
     pairs = np.stack([keys // key_base, keys % key_base], axis=1)
     n_nodes = pieces + 1
     if spec.watershed:
-        pairs = _watershed_joins(pairs, contact, seed, pieces)
+        pairs = watershed_joins(pairs, contact, seed, pieces)
         n_nodes += len(np.unique(seed[seed >= 0]))
 
     # Pass 3: join, filter, number, rewrite.
@@ -361,64 +281,6 @@ class LabelOutput:
     objects: ObjectTable = field(repr=False)
 
 
-def labels_path_for(image_path: str, name: str = DEFAULT_LABEL_NAME) -> str:
-    """``<image>/labels/<name>``: an OME-Zarr label image inside the image group."""
-    if not name or "/" in name or name in (".", ".."):
-        raise InvalidArgumentError(f"label name {name!r} must be one path segment", field="name")
-    return f"{check_key(image_path)}/labels/{name}"
-
-
-def _ome_attrs(group: Any) -> dict[str, Any]:
-    raw: Any = group.attrs.asdict().get("ome")
-    return dict(raw) if isinstance(raw, dict) else {}
-
-
-def _register_label_image(store: Store, image_path: str, name: str) -> None:
-    import zarr
-
-    group = zarr.open_group(store.zarr_store(f"{image_path}/labels"), mode="a")
-    ome = _ome_attrs(group)
-    names = list(ome.get("labels") or [])
-    if name not in names:
-        names.append(name)
-    group.attrs["ome"] = {"version": "0.5", "labels": names}
-
-
-def _mark_label_image(store: Store, path: str) -> None:
-    import zarr
-
-    group = zarr.open_group(store.zarr_store(path), mode="r+")
-    ome = _ome_attrs(group)
-    ome["image-label"] = {"version": "0.5", "source": {"image": "../../"}}
-    group.attrs["ome"] = ome
-
-
-def prepare_labels_volume(
-    store: Store,
-    path: str,
-    shape: Sequence[int],
-    *,
-    dtype: LabelDtype,
-    voxel_size_nm: Sequence[float],
-    chunk_shape: Sequence[int],
-    shard_shape: Sequence[int] | None,
-    source: str,
-) -> Any:
-    """Create (or replace a previous labels volume at) ``path``; never replaces an image."""
-    if store.exists(f"{path}/zarr.json"):
-        attrs = store.volume_info(path).attributes
-        if attrs.get("kind") != "labels":
-            raise AlreadyExistsError(
-                f"{store.key_url(path)} exists and is not a labels volume; choose another output",
-                field="output.path",
-            )
-    return store.create_volume(
-        path, shape, dtype,
-        voxel_size_nm=voxel_size_nm, chunk_shape=chunk_shape, shard_shape=shard_shape,
-        overwrite=True, attributes={"kind": "labels", "source": source},
-    )  # fmt: skip
-
-
 def label_volume(
     store: Store,
     path: str,
@@ -444,7 +306,7 @@ def label_volume(
     in_image = output is None
     out_store, out_path = output if output is not None else (store, labels_path_for(path, name))
     if in_image:
-        _register_label_image(store, path, name)
+        register_label_image(store, path, name)
     target = prepare_labels_volume(
         out_store, out_path, info.shape,
         dtype=spec.dtype, voxel_size_nm=info.voxel_size_nm, chunk_shape=info.chunk_shape,
@@ -452,7 +314,7 @@ def label_volume(
     )  # fmt: skip
     try:
         if in_image:
-            _mark_label_image(out_store, out_path)
+            mark_label_image(out_store, out_path)
         result = label_array(
             source, target, spec,
             kind=kind, voxel_size_nm=info.voxel_size_nm, block_shape=block_shape,

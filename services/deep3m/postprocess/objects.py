@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,16 @@ COLUMNS = (
     "centroid_z_nm", "centroid_y_nm", "centroid_x_nm",
     "bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1",
 )  # fmt: skip
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """CSV with a header line; floats as ``repr`` (round-trips exactly)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([repr(float(v)) if isinstance(v, float) else v for v in row])
+    return buf.getvalue()
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,8 +89,25 @@ def block_stats(labels: np.ndarray, origin: Sequence[int]) -> BlockStats:
     return BlockStats(ids.astype(np.int64), counts, sums, starts, stops)
 
 
+class InPhysicalUnits:
+    """Volume and centroid in nm, for a table with voxel counts, voxel centroids and a
+    voxel size."""
+
+    volume_voxels: np.ndarray
+    centroid: np.ndarray
+    voxel_size_nm: tuple[float, float, float]
+
+    @property
+    def volume_nm3(self) -> np.ndarray:
+        return self.volume_voxels * float(np.prod(self.voxel_size_nm))
+
+    @property
+    def centroid_nm(self) -> np.ndarray:
+        return self.centroid * np.asarray(self.voxel_size_nm)
+
+
 @dataclass(frozen=True, eq=False)
-class ObjectTable:
+class ObjectTable(InPhysicalUnits):
     labels: np.ndarray  # (n,) int64, ascending
     volume_voxels: np.ndarray  # (n,) int64
     centroid: np.ndarray  # (n, 3) float64, voxels (z, y, x)
@@ -91,13 +118,12 @@ class ObjectTable:
     def __len__(self) -> int:
         return len(self.labels)
 
-    @property
-    def volume_nm3(self) -> np.ndarray:
-        return self.volume_voxels * float(np.prod(self.voxel_size_nm))
-
-    @property
-    def centroid_nm(self) -> np.ndarray:
-        return self.centroid * np.asarray(self.voxel_size_nm)
+    def select(self, keep: np.ndarray) -> ObjectTable:
+        """The rows where the boolean ``keep`` is true."""
+        return ObjectTable(
+            self.labels[keep], self.volume_voxels[keep], self.centroid[keep],
+            self.bbox_start[keep], self.bbox_stop[keep], self.voxel_size_nm,
+        )  # fmt: skip
 
     def rows(self) -> list[dict[str, Any]]:
         vol_nm3, cen_nm = self.volume_nm3, self.centroid_nm
@@ -112,12 +138,7 @@ class ObjectTable:
         return out
 
     def to_csv(self) -> str:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in self.rows():
-            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-        return buf.getvalue()
+        return csv_text(COLUMNS, [[row[c] for c in COLUMNS] for row in self.rows()])
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -17,7 +17,12 @@ import grpc
 from deep3m.core.errors import Deep3mError, InvalidArgumentError
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
-from deep3m.postprocess.evaluate import EvaluateSpec, Operand, evaluate_arrays
+from deep3m.postprocess.evaluate import (
+    EvaluateSpec,
+    Operand,
+    OverlayRequest,
+    evaluate_with_overlays,
+)
 from deep3m.postprocess.export import FORMATS, export_overlay, export_volume
 from deep3m.postprocess.foreground import check_threshold, volume_kind
 from deep3m.postprocess.labels import DEFAULT_LABEL_NAME, LabelSpec, label_volume
@@ -103,11 +108,20 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
         spec = EvaluateSpec(
             threshold=check_threshold(request.threshold),
             exclusion_zone_voxels=int(request.exclusion_zone_voxels),
+            min_size_voxels=int(request.min_size_voxels),
         )
         prediction, pred_attrs = self._open(request.prediction, "prediction")
         truth, truth_attrs = self._open(request.ground_truth, "ground_truth")
-        result = evaluate_arrays(
-            Operand.of(prediction, pred_attrs), Operand.of(truth, truth_attrs), spec,
+        overlays = None
+        if request.overlays:
+            destination = self._destination(request.overlays, field="overlays")
+            image = self._open(request.image, "image")[0] if request.image.path else None
+            overlays = OverlayRequest(
+                destination, image, list(request.overlay_slices) or None,
+                self._storage_options(destination),
+            )  # fmt: skip
+        result = evaluate_with_overlays(
+            Operand.of(prediction, pred_attrs), Operand.of(truth, truth_attrs), spec, overlays,
             max_workers=self.max_workers, cancelled=_cancelled_with(context),
         )  # fmt: skip
         v, o = result.voxels, result.objects
@@ -123,6 +137,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
             reply.object_precision = o.precision
             reply.object_recall = o.recall
             reply.object_f1 = o.f1
+        reply.overlays.extend(result.overlays)
         return reply
 
     def BuildPyramid(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -143,13 +158,16 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
             )
         return postprocess_pb2.BuildPyramidResponse(arrays=arrays)
 
-    def _destination(self, destination: str) -> str:
+    def _destination(self, destination: str, *, field: str = "destination") -> str:
         if not destination.strip():
-            raise InvalidArgumentError("destination is empty", field="destination")
+            raise InvalidArgumentError(f"{field} is empty", field=field)
         if "://" in destination or self.restrict_local:
             # Writes go only where the service may write: under a store root.
-            return self.roots.check_url(destination, field="destination")
+            return self.roots.check_url(destination, field=field)
         return destination
+
+    def _storage_options(self, destination: str) -> dict[str, Any] | None:
+        return dict(self.roots.storage_options) if destination.startswith("s3://") else None
 
     def Export(self, request: Any, context: grpc.ServicerContext) -> Any:
         fmt = request.format.lower()
@@ -159,7 +177,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
                 field="format",
             )
         destination = self._destination(request.destination)
-        options = dict(self.roots.storage_options) if destination.startswith("s3://") else None
+        options = self._storage_options(destination)
         if fmt == "overlay":
             if not request.image.path:
                 raise InvalidArgumentError("an overlay needs image.path", field="image.path")

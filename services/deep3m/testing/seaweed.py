@@ -65,14 +65,18 @@ class SeaweedServer:
         prefix = prefix.strip("/")
         return f"s3://{self.bucket}/{prefix}" if prefix else f"s3://{self.bucket}"
 
+    def settings_fields(self) -> dict[str, str]:
+        """``Settings`` fields that point a deep3m service at this server."""
+        return {
+            "s3_endpoint_url": self.endpoint_url,
+            "s3_region": self.region,
+            "s3_access_key_id": self.access_key,
+            "s3_secret_access_key": self.secret_key,
+        }
+
     def settings_env(self) -> dict[str, str]:
         """``DEEP3M_*`` variables that point a deep3m service at this server."""
-        return {
-            "DEEP3M_S3_ENDPOINT_URL": self.endpoint_url,
-            "DEEP3M_S3_REGION": self.region,
-            "DEEP3M_S3_ACCESS_KEY_ID": self.access_key,
-            "DEEP3M_S3_SECRET_ACCESS_KEY": self.secret_key,
-        }
+        return {f"DEEP3M_{name.upper()}": value for name, value in self.settings_fields().items()}
 
     def log_tail(self, lines: int = 40) -> str:
         try:

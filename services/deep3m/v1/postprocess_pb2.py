@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from deep3m.v1 import common_pb2 as deep3m_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64\x65\x65p3m/v1/postprocess.proto\x12\tdeep3m.v1\x1a\x16\x64\x65\x65p3m/v1/common.proto\"\xae\x01\n\x0cLabelRequest\x12+\n\rprobabilities\x18\x01 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x11\n\twatershed\x18\x04 \x01(\x08\x12\x17\n\x0fmin_size_voxels\x18\x05 \x01(\x03\x12\x0c\n\x04name\x18\x06 \x01(\t\"a\n\tObjectRow\x12\r\n\x05label\x18\x01 \x01(\x03\x12\x15\n\rvolume_voxels\x18\x02 \x01(\x03\x12\x10\n\x08\x63\x65ntroid\x18\x03 \x03(\x01\x12\x1c\n\x04\x62\x62ox\x18\x04 \x01(\x0b\x32\x0e.deep3m.v1.Box\"\x82\x01\n\rLabelResponse\x12$\n\x06labels\x18\x01 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x14\n\x0cobject_count\x18\x02 \x01(\x03\x12%\n\x07objects\x18\x03 \x03(\x0b\x32\x14.deep3m.v1.ObjectRow\x12\x0e\n\x06tables\x18\x04 \x03(\t\"\x99\x01\n\x0f\x45valuateRequest\x12(\n\nprediction\x18\x01 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12*\n\x0cground_truth\x18\x02 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x1d\n\x15\x65xclusion_zone_voxels\x18\x04 \x01(\x05\"\xd7\x02\n\x10\x45valuateResponse\x12\x11\n\tprecision\x18\x01 \x01(\x01\x12\x0e\n\x06recall\x18\x02 \x01(\x01\x12\n\n\x02\x66\x31\x18\x03 \x01(\x01\x12\x0f\n\x07jaccard\x18\x04 \x01(\x01\x12\x16\n\x0etrue_positives\x18\x05 \x01(\x03\x12\x17\n\x0f\x66\x61lse_positives\x18\x06 \x01(\x03\x12\x17\n\x0f\x66\x61lse_negatives\x18\x07 \x01(\x03\x12\x16\n\x0etrue_negatives\x18\x08 \x01(\x03\x12\x1d\n\x15object_true_positives\x18\t \x01(\x03\x12\x1e\n\x16object_false_positives\x18\n \x01(\x03\x12\x1e\n\x16object_false_negatives\x18\x0b \x01(\x03\x12\x18\n\x10object_precision\x18\x0c \x01(\x01\x12\x15\n\robject_recall\x18\r \x01(\x01\x12\x11\n\tobject_f1\x18\x0e \x01(\x01\"K\n\x13\x42uildPyramidRequest\x12$\n\x06volume\x18\x01 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x0e\n\x06levels\x18\x02 \x01(\x05\"&\n\x14\x42uildPyramidResponse\x12\x0e\n\x06\x61rrays\x18\x01 \x03(\t\"\x8f\x01\n\rExportRequest\x12$\n\x06volume\x18\x01 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12#\n\x05image\x18\x04 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x0e\n\x06slices\x18\x05 \x03(\x03\"\x1f\n\x0e\x45xportResponse\x12\r\n\x05\x66iles\x18\x01 \x03(\t2\x9e\x02\n\x0bPostprocess\x12:\n\x05Label\x12\x17.deep3m.v1.LabelRequest\x1a\x18.deep3m.v1.LabelResponse\x12\x43\n\x08\x45valuate\x12\x1a.deep3m.v1.EvaluateRequest\x1a\x1b.deep3m.v1.EvaluateResponse\x12O\n\x0c\x42uildPyramid\x12\x1e.deep3m.v1.BuildPyramidRequest\x1a\x1f.deep3m.v1.BuildPyramidResponse\x12=\n\x06\x45xport\x12\x18.deep3m.v1.ExportRequest\x1a\x19.deep3m.v1.ExportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64\x65\x65p3m/v1/postprocess.proto\x12\tdeep3m.v1\x1a\x16\x64\x65\x65p3m/v1/common.proto\"\xae\x01\n\x0cLabelRequest\x12+\n\rprobabilities\x18\x01 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x11\n\twatershed\x18\x04 \x01(\x08\x12\x17\n\x0fmin_size_voxels\x18\x05 \x01(\x03\x12\x0c\n\x04name\x18\x06 \x01(\t\"a\n\tObjectRow\x12\r\n\x05label\x18\x01 \x01(\x03\x12\x15\n\rvolume_voxels\x18\x02 \x01(\x03\x12\x10\n\x08\x63\x65ntroid\x18\x03 \x03(\x01\x12\x1c\n\x04\x62\x62ox\x18\x04 \x01(\x0b\x32\x0e.deep3m.v1.Box\"\x82\x01\n\rLabelResponse\x12$\n\x06labels\x18\x01 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x14\n\x0cobject_count\x18\x02 \x01(\x03\x12%\n\x07objects\x18\x03 \x03(\x0b\x32\x14.deep3m.v1.ObjectRow\x12\x0e\n\x06tables\x18\x04 \x03(\t\"\x81\x02\n\x0f\x45valuateRequest\x12(\n\nprediction\x18\x01 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12*\n\x0cground_truth\x18\x02 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x1d\n\x15\x65xclusion_zone_voxels\x18\x04 \x01(\x05\x12\x17\n\x0fmin_size_voxels\x18\x05 \x01(\x05\x12\x10\n\x08overlays\x18\x06 \x01(\t\x12#\n\x05image\x18\x07 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x16\n\x0eoverlay_slices\x18\x08 \x03(\x05\"\xe9\x02\n\x10\x45valuateResponse\x12\x11\n\tprecision\x18\x01 \x01(\x01\x12\x0e\n\x06recall\x18\x02 \x01(\x01\x12\n\n\x02\x66\x31\x18\x03 \x01(\x01\x12\x0f\n\x07jaccard\x18\x04 \x01(\x01\x12\x16\n\x0etrue_positives\x18\x05 \x01(\x03\x12\x17\n\x0f\x66\x61lse_positives\x18\x06 \x01(\x03\x12\x17\n\x0f\x66\x61lse_negatives\x18\x07 \x01(\x03\x12\x16\n\x0etrue_negatives\x18\x08 \x01(\x03\x12\x1d\n\x15object_true_positives\x18\t \x01(\x03\x12\x1e\n\x16object_false_positives\x18\n \x01(\x03\x12\x1e\n\x16object_false_negatives\x18\x0b \x01(\x03\x12\x18\n\x10object_precision\x18\x0c \x01(\x01\x12\x15\n\robject_recall\x18\r \x01(\x01\x12\x11\n\tobject_f1\x18\x0e \x01(\x01\x12\x10\n\x08overlays\x18\x0f \x03(\t\"K\n\x13\x42uildPyramidRequest\x12$\n\x06volume\x18\x01 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x0e\n\x06levels\x18\x02 \x01(\x05\"&\n\x14\x42uildPyramidResponse\x12\x0e\n\x06\x61rrays\x18\x01 \x03(\t\"\x8f\x01\n\rExportRequest\x12$\n\x06volume\x18\x01 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12#\n\x05image\x18\x04 \x01(\x0b\x32\x14.deep3m.v1.VolumeRef\x12\x0e\n\x06slices\x18\x05 \x03(\x03\"\x1f\n\x0e\x45xportResponse\x12\r\n\x05\x66iles\x18\x01 \x03(\t2\x9e\x02\n\x0bPostprocess\x12:\n\x05Label\x12\x17.deep3m.v1.LabelRequest\x1a\x18.deep3m.v1.LabelResponse\x12\x43\n\x08\x45valuate\x12\x1a.deep3m.v1.EvaluateRequest\x1a\x1b.deep3m.v1.EvaluateResponse\x12O\n\x0c\x42uildPyramid\x12\x1e.deep3m.v1.BuildPyramidRequest\x1a\x1f.deep3m.v1.BuildPyramidResponse\x12=\n\x06\x45xport\x12\x18.deep3m.v1.ExportRequest\x1a\x19.deep3m.v1.ExportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LABELRESPONSE']._serialized_start=343
   _globals['_LABELRESPONSE']._serialized_end=473
   _globals['_EVALUATEREQUEST']._serialized_start=476
-  _globals['_EVALUATEREQUEST']._serialized_end=629
-  _globals['_EVALUATERESPONSE']._serialized_start=632
-  _globals['_EVALUATERESPONSE']._serialized_end=975
-  _globals['_BUILDPYRAMIDREQUEST']._serialized_start=977
-  _globals['_BUILDPYRAMIDREQUEST']._serialized_end=1052
-  _globals['_BUILDPYRAMIDRESPONSE']._serialized_start=1054
-  _globals['_BUILDPYRAMIDRESPONSE']._serialized_end=1092
-  _globals['_EXPORTREQUEST']._serialized_start=1095
-  _globals['_EXPORTREQUEST']._serialized_end=1238
-  _globals['_EXPORTRESPONSE']._serialized_start=1240
-  _globals['_EXPORTRESPONSE']._serialized_end=1271
-  _globals['_POSTPROCESS']._serialized_start=1274
-  _globals['_POSTPROCESS']._serialized_end=1560
+  _globals['_EVALUATEREQUEST']._serialized_end=733
+  _globals['_EVALUATERESPONSE']._serialized_start=736
+  _globals['_EVALUATERESPONSE']._serialized_end=1097
+  _globals['_BUILDPYRAMIDREQUEST']._serialized_start=1099
+  _globals['_BUILDPYRAMIDREQUEST']._serialized_end=1174
+  _globals['_BUILDPYRAMIDRESPONSE']._serialized_start=1176
+  _globals['_BUILDPYRAMIDRESPONSE']._serialized_end=1214
+  _globals['_EXPORTREQUEST']._serialized_start=1217
+  _globals['_EXPORTREQUEST']._serialized_end=1360
+  _globals['_EXPORTRESPONSE']._serialized_start=1362
+  _globals['_EXPORTRESPONSE']._serialized_end=1393
+  _globals['_POSTPROCESS']._serialized_start=1396
+  _globals['_POSTPROCESS']._serialized_end=1682
 # @@protoc_insertion_point(module_scope)

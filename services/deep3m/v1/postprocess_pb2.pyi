@@ -48,19 +48,27 @@ class LabelResponse(_message.Message):
     def __init__(self, labels: _Optional[_Union[_common_pb2.VolumeRef, _Mapping]] = ..., object_count: _Optional[int] = ..., objects: _Optional[_Iterable[_Union[ObjectRow, _Mapping]]] = ..., tables: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("prediction", "ground_truth", "threshold", "exclusion_zone_voxels")
+    __slots__ = ("prediction", "ground_truth", "threshold", "exclusion_zone_voxels", "min_size_voxels", "overlays", "image", "overlay_slices")
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     GROUND_TRUTH_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     EXCLUSION_ZONE_VOXELS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIZE_VOXELS_FIELD_NUMBER: _ClassVar[int]
+    OVERLAYS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_SLICES_FIELD_NUMBER: _ClassVar[int]
     prediction: _common_pb2.VolumeRef
     ground_truth: _common_pb2.VolumeRef
     threshold: float
     exclusion_zone_voxels: int
-    def __init__(self, prediction: _Optional[_Union[_common_pb2.VolumeRef, _Mapping]] = ..., ground_truth: _Optional[_Union[_common_pb2.VolumeRef, _Mapping]] = ..., threshold: _Optional[float] = ..., exclusion_zone_voxels: _Optional[int] = ...) -> None: ...
+    min_size_voxels: int
+    overlays: str
+    image: _common_pb2.VolumeRef
+    overlay_slices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prediction: _Optional[_Union[_common_pb2.VolumeRef, _Mapping]] = ..., ground_truth: _Optional[_Union[_common_pb2.VolumeRef, _Mapping]] = ..., threshold: _Optional[float] = ..., exclusion_zone_voxels: _Optional[int] = ..., min_size_voxels: _Optional[int] = ..., overlays: _Optional[str] = ..., image: _Optional[_Union[_common_pb2.VolumeRef, _Mapping]] = ..., overlay_slices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("precision", "recall", "f1", "jaccard", "true_positives", "false_positives", "false_negatives", "true_negatives", "object_true_positives", "object_false_positives", "object_false_negatives", "object_precision", "object_recall", "object_f1")
+    __slots__ = ("precision", "recall", "f1", "jaccard", "true_positives", "false_positives", "false_negatives", "true_negatives", "object_true_positives", "object_false_positives", "object_false_negatives", "object_precision", "object_recall", "object_f1", "overlays")
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     RECALL_FIELD_NUMBER: _ClassVar[int]
     F1_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +83,7 @@ class EvaluateResponse(_message.Message):
     OBJECT_PRECISION_FIELD_NUMBER: _ClassVar[int]
     OBJECT_RECALL_FIELD_NUMBER: _ClassVar[int]
     OBJECT_F1_FIELD_NUMBER: _ClassVar[int]
+    OVERLAYS_FIELD_NUMBER: _ClassVar[int]
     precision: float
     recall: float
     f1: float
@@ -89,7 +98,8 @@ class EvaluateResponse(_message.Message):
     object_precision: float
     object_recall: float
     object_f1: float
-    def __init__(self, precision: _Optional[float] = ..., recall: _Optional[float] = ..., f1: _Optional[float] = ..., jaccard: _Optional[float] = ..., true_positives: _Optional[int] = ..., false_positives: _Optional[int] = ..., false_negatives: _Optional[int] = ..., true_negatives: _Optional[int] = ..., object_true_positives: _Optional[int] = ..., object_false_positives: _Optional[int] = ..., object_false_negatives: _Optional[int] = ..., object_precision: _Optional[float] = ..., object_recall: _Optional[float] = ..., object_f1: _Optional[float] = ...) -> None: ...
+    overlays: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, precision: _Optional[float] = ..., recall: _Optional[float] = ..., f1: _Optional[float] = ..., jaccard: _Optional[float] = ..., true_positives: _Optional[int] = ..., false_positives: _Optional[int] = ..., false_negatives: _Optional[int] = ..., true_negatives: _Optional[int] = ..., object_true_positives: _Optional[int] = ..., object_false_positives: _Optional[int] = ..., object_false_negatives: _Optional[int] = ..., object_precision: _Optional[float] = ..., object_recall: _Optional[float] = ..., object_f1: _Optional[float] = ..., overlays: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BuildPyramidRequest(_message.Message):
     __slots__ = ("volume", "levels")

@@ -1,0 +1,83 @@
+"""Predictor setup shared by predict tasks and interactive regions.
+
+Both paths resolve references against the same roots, take the least busy
+device, build the ensemble from the shared model cache and run the same
+read → mirror-pad → predict sequence, so a region and a task predicting the
+same core give the same voxels.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from deep3m.core.geometry import Block, Box, ReadableArray, read_padded
+from deep3m.core.locations import StoreRoots
+from deep3m.inference.cache import DevicePool, ModelCache
+from deep3m.inference.predictor import EnsemblePredictor, inference_devices
+from deep3m.runtime.settings import Settings
+
+
+@dataclass(frozen=True)
+class BlockPrediction:
+    """The core's foreground probability (float32) and where the time went."""
+
+    probabilities: np.ndarray
+    read_seconds: float
+    predict_seconds: float
+
+
+class PredictorSetup:
+    """Roots, loaded models and devices: the base of predict tasks and interactive regions."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        cache: ModelCache | None = None,
+        devices: DevicePool | None = None,
+    ) -> None:
+        self.settings = settings
+        self.roots = StoreRoots.from_settings(settings)
+        self.cache = cache if cache is not None else ModelCache()
+        self.devices = (
+            devices if devices is not None else DevicePool(inference_devices(settings.device))
+        )
+
+    def predict_box(
+        self,
+        source: ReadableArray,
+        core: Box,
+        *,
+        read: Box | None = None,
+        model: str,
+        members: Sequence[str],
+        tta_level: int,
+        cancelled: threading.Event | None = None,
+    ) -> BlockPrediction:
+        """Predict ``core`` of ``source`` from one mirror-padded read of ``read``.
+
+        ``read`` defaults to the core grown by the model card's halo; either way
+        it is widened in z to the context the members need.
+        """
+        with self.devices.acquire() as device:
+            loaded = self.cache.get(self.roots.store(), model, list(members), device)
+            predictor = EnsemblePredictor(
+                loaded.card,
+                loaded.members,
+                tta_level=tta_level,
+                device=device,
+                batch_size=self.settings.batch_size,
+            )
+            block = Block((0,) * core.ndim, core, read or core.grow(loaded.card.halo))
+            box = predictor.read_box(block)
+            t0 = time.perf_counter()
+            raw = read_padded(source, box)
+            t1 = time.perf_counter()
+            pred = predictor.predict_core(raw, core, box, cancelled=cancelled)
+            t2 = time.perf_counter()
+        return BlockPrediction(pred, t1 - t0, t2 - t1)

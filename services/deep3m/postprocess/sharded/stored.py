@@ -1,0 +1,165 @@
+"""The sharded stages as tasks over documents in the store: what a worker's handler calls.
+
+All documents of one labelling live under one prefix (e.g. ``jobs/<job>/labels``)::
+
+    <prefix>/blocks/<block>.faces.npz    stage (a): face labels
+    <prefix>/blocks/<block>.pieces.npz   stage (a): piece statistics
+    <prefix>/blocks/<block>.pairs.npz    stage (b), per block: equivalences
+    <prefix>/idmap.npz                   stage (b), once: the global id map
+
+Each task reads what earlier stages wrote and writes its own documents whole
+(a store write replaces a document atomically), so a task that is retried, or
+killed and run again elsewhere, leaves the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from deep3m.core.geometry import Box
+from deep3m.core.store import Store, check_key
+from deep3m.postprocess.sharded.block import (
+    BlockFaces,
+    Labelling,
+    PieceStats,
+    from_npz_bytes,
+    summarize_block,
+    to_npz_bytes,
+)
+from deep3m.postprocess.sharded.density import write_density_outputs
+from deep3m.postprocess.sharded.merge import (
+    IdMap,
+    block_equivalences,
+    merge_pieces,
+    neighbour_indices,
+)
+from deep3m.postprocess.sharded.relabel import relabel_block
+from deep3m.postprocess.sharded.table import ObjectStats, reduce_objects, write_object_tables
+
+
+@dataclass(frozen=True)
+class Documents:
+    """Where one labelling's documents live."""
+
+    store: Store
+    prefix: str
+
+    def __post_init__(self) -> None:
+        check_key(self.prefix)
+
+    def _block(self, index: Sequence[int], what: str) -> str:
+        return f"{self.prefix}/blocks/b{'-'.join(str(int(i)) for i in index)}.{what}.npz"
+
+    def faces_key(self, index: Sequence[int]) -> str:
+        return self._block(index, "faces")
+
+    def pieces_key(self, index: Sequence[int]) -> str:
+        return self._block(index, "pieces")
+
+    def pairs_key(self, index: Sequence[int]) -> str:
+        return self._block(index, "pairs")
+
+    @property
+    def id_map_key(self) -> str:
+        return f"{self.prefix}/idmap.npz"
+
+    def faces(self, index: Sequence[int]) -> BlockFaces:
+        return BlockFaces.from_bytes(self.store.read_bytes(self.faces_key(index)))
+
+    def pieces(self, index: Sequence[int]) -> PieceStats:
+        return PieceStats.from_bytes(self.store.read_bytes(self.pieces_key(index)))
+
+    def pairs(self, index: Sequence[int]) -> np.ndarray:
+        return from_npz_bytes(self.store.read_bytes(self.pairs_key(index)), "equivalences")["pairs"]
+
+    def id_map(self) -> IdMap:
+        return IdMap.from_bytes(self.store.read_bytes(self.id_map_key))
+
+
+def _grid_indices(grid_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    return [tuple(int(v) for v in i) for i in np.ndindex(*grid_shape)]
+
+
+def summarize_task(
+    docs: Documents, source: Any, index: Sequence[int], core: Box, labelling: Labelling
+) -> dict[str, float]:
+    """Stage (a) for one block; returns task metrics."""
+    summary = summarize_block(source, index, core, labelling)
+    docs.store.write_bytes(docs.faces_key(index), summary.faces.to_bytes())
+    docs.store.write_bytes(docs.pieces_key(index), summary.pieces.to_bytes())
+    return {"voxels": float(core.size), "pieces": float(len(summary.pieces))}
+
+
+def equivalences_task(
+    docs: Documents, index: Sequence[int], grid_shape: Sequence[int], connectivity: int
+) -> dict[str, float]:
+    """Stage (b), per block: the equivalences across the block's upper seams."""
+    wanted = neighbour_indices(index, grid_shape, connectivity)
+    pairs = block_equivalences(
+        docs.faces(index), {n: docs.faces(n) for n in wanted}, grid_shape, connectivity
+    )
+    docs.store.write_bytes(docs.pairs_key(index), to_npz_bytes({"pairs": pairs}))
+    return {"equivalences": float(len(pairs))}
+
+
+def merge_task(
+    docs: Documents,
+    grid_shape: Sequence[int],
+    *,
+    min_size_voxels: int = 0,
+    watershed: bool = False,
+) -> IdMap:
+    """Stage (b), once: the global id map from every block's counts and equivalences
+    (with ``watershed``, pieces tie by seed)."""
+    blocks = _grid_indices(grid_shape)
+    pieces = [docs.pieces(i) for i in blocks]
+    id_map = merge_pieces(
+        [p.counts for p in pieces],
+        (docs.pairs(i) for i in blocks),
+        grid_shape,
+        min_size_voxels=min_size_voxels,
+        seeds=[p.seeds for p in pieces] if watershed else None,
+    )
+    docs.store.write_bytes(docs.id_map_key, id_map.to_bytes())
+    return id_map
+
+
+def relabel_task(
+    docs: Documents,
+    source: Any,
+    target: Any,
+    index: Sequence[int],
+    core: Box,
+    labelling: Labelling,
+) -> dict[str, float]:
+    """Stage (c) for one block: write its label chunks."""
+    objects = relabel_block(source, target, index, core, docs.id_map(), labelling)
+    return {"voxels": float(core.size), "objects": float(objects)}
+
+
+def reduce_task(
+    docs: Documents,
+    grid_shape: Sequence[int],
+    voxel_size_nm: Sequence[float],
+    *,
+    labels_store: Store,
+    labels_path: str,
+    volume: Box,
+    window_um: float | None = None,
+) -> tuple[ObjectStats, dict[str, str]]:
+    """Stage (d): object tables (CSV, Parquet) beside the labels, and with ``window_um``
+    the density profile and size histogram; returns the table and the output keys."""
+    stats = reduce_objects(
+        (docs.pieces(i) for i in _grid_indices(grid_shape)), docs.id_map(), voxel_size_nm
+    )
+    csv_key, parquet_key = write_object_tables(labels_store, labels_path, stats)
+    outputs = {"objects_csv": csv_key, "objects_parquet": parquet_key}
+    if window_um is not None:
+        outputs.update(
+            write_density_outputs(labels_store, labels_path, stats, volume, window_um=window_um)
+        )
+    return stats, outputs
