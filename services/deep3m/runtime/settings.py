@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     # Per-role overrides, "inference=8,training=3"; unlisted roles use the values above.
     autoscale_max_replicas_by_role: str = ""
     autoscale_tasks_per_replica_by_role: str = ""
+    # Tasks one pod leases per GPU, and GPUs per pod ("inference=1,training=2");
+    # unlisted roles: worker_capacity and 1.
+    autoscale_worker_capacity_by_role: str = ""
+    autoscale_gpus_per_pod_by_role: str = ""
+    # Patch the Deployments' scale (off when KEDA owns the replica count).
+    autoscale_set_replicas: bool = True
+    # Keep controller.kubernetes.io/pod-deletion-cost on worker pods current.
+    autoscale_deletion_cost: bool = False
 
     def __init__(self, **values: Any) -> None:
         try:
