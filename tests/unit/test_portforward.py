@@ -122,7 +122,8 @@ def test_numeric_target_port(kubeconfig: Path) -> None:
 
 
 def test_unknown_service_port_lists_the_offered_ones(kubeconfig: Path) -> None:
-    with pytest.raises(InvalidArgumentError, match=r"offers 50051 \(grpc\), 9090 \(metrics\)") as err:
+    offered = r"offers 50051 \(grpc\), 9090 \(metrics\)"
+    with pytest.raises(InvalidArgumentError, match=offered) as err:
         resolve_target(_client(kubeconfig), NS, SERVICE, 8080)
     assert err.value.field == "remote_port"
 
