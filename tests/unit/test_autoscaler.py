@@ -21,6 +21,7 @@ from deep3m.scheduler.autoscaler import (
     KubernetesScaleApi,
     RoleDemand,
     ScalePolicy,
+    busy_leases,
     decide,
     deletion_costs,
     demand_from_counts,
@@ -195,6 +196,12 @@ def test_decisions_stay_in_bounds_and_never_drop_busy_workers(
     in_window = [n for t, n in history if now - t < POLICY.cooldown_seconds]
     if step.replicas < min(current, POLICY.max_replicas):
         assert step.replicas >= max(in_window, default=0)
+
+
+def test_busy_leases_group_holders_by_role_and_pod() -> None:
+    holders = [("inference", "inf-a"), ("inference", "inf-a"), ("training", "tr-0")]
+    assert busy_leases(holders) == {"inference": {"inf-a": 2}, "training": {"tr-0": 1}}
+    assert busy_leases([]) == {}
 
 
 def test_deletion_costs_mark_idle_pods_cheapest_and_only_changes() -> None:

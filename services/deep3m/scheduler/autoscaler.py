@@ -28,7 +28,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -168,6 +168,19 @@ def decide(
         return ScaleStep(need, window)
     target = min(capped, max(n for _, n in window))
     return ScaleStep(target, window)
+
+
+def busy_leases(holders: Iterable[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """``{role: {worker id: leases}}`` from one ``(role, worker id)`` per active lease.
+
+    What the scheduler's queue knows (who holds which lease) in the shape
+    ``Autoscaler(busy_by_pod=...)`` reads; worker ids are pod names on Kubernetes.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for role, worker in holders:
+        per_role = out.setdefault(role, {})
+        per_role[worker] = per_role.get(worker, 0) + 1
+    return out
 
 
 def deletion_costs(pods: Mapping[str, str | None], busy: Mapping[str, int]) -> dict[str, str]:
