@@ -194,6 +194,13 @@ def test_pod_capacity_counts_gpus_per_pod(render: Any) -> None:
     assert leased["metadata"]["targetValue"] == "8"
 
 
+def test_no_gpu_role_means_no_api_rights(render: Any) -> None:
+    # An empty resourceNames list would grant the rule on every Deployment.
+    rendered = render({"training": {"enabled": False}, "inference": {"enabled": False}})
+    assert rendered.of_kind("Role") == [] and rendered.of_kind("RoleBinding") == []
+    assert _pod(rendered, "scheduler")["spec"]["automountServiceAccountToken"] is False
+
+
 # -- 5. who may read metrics ---------------------------------------------------------
 
 

@@ -209,7 +209,8 @@ def test_security_context_is_restricted(scenario: Any) -> None:
 def scheduler_uses_api(scenario: Any) -> bool:
     autoscaling = merged(scenario, "autoscaling")
     mode = autoscaling["mode"]
-    return mode == "scheduler" or (mode == "keda" and autoscaling["podDeletionCost"])
+    gpu = any(merged(scenario, r)["enabled"] for r in GPU_ROLES)
+    return gpu and (mode == "scheduler" or (mode == "keda" and autoscaling["podDeletionCost"]))
 
 
 def test_only_the_scheduler_mounts_an_api_token_when_it_uses_the_api(scenario: Any) -> None:

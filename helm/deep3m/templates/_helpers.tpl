@@ -44,7 +44,8 @@
 {{/* The scheduler talks to the Kubernetes API: it scales (mode scheduler) or keeps pod-deletion costs. */}}
 {{- define "deep3m.schedulerUsesApi" -}}
 {{- $mode := .Values.autoscaling.mode }}
-{{- if or (eq $mode "scheduler") (and (eq $mode "keda") .Values.autoscaling.podDeletionCost) }}true{{ end }}
+{{- $gpu := or .Values.training.enabled .Values.inference.enabled }}
+{{- if and $gpu (or (eq $mode "scheduler") (and (eq $mode "keda") .Values.autoscaling.podDeletionCost)) }}true{{ end }}
 {{- end }}
 
 {{- define "deep3m.credentialsSecret" -}}
