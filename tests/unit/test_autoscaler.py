@@ -28,6 +28,7 @@ from deep3m.scheduler.autoscaler import (
     needed_replicas,
     policies_from_settings,
 )
+from deep3m.testing.clock import ManualClock
 from deep3m.testing.kube_api import FakeKubeApi, FakePod, fake_kube_api
 from hypothesis import given
 from hypothesis import strategies as st
@@ -321,19 +322,11 @@ def _scale_api(kube: FakeKubeApi) -> KubernetesScaleApi:
     return KubernetesScaleApi(client.ApiClient(configuration))
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_rounds_patch_the_scale_subresource(kube: FakeKubeApi) -> None:
     kube.add_deployment(NS, "rel-deep3m-inference", 0)
     kube.add_deployment(NS, "rel-deep3m-training", 0)
     queue = {"inference": 20, "training": 0}
-    clock = _Clock()
+    clock = ManualClock()
     targets = {
         "inference": ("rel-deep3m-inference", POLICY),
         "training": ("rel-deep3m-training", ScalePolicy(max_replicas=3, tasks_per_replica=1)),
@@ -377,7 +370,7 @@ def test_replicas_changed_by_someone_else_are_read_back(kube: FakeKubeApi) -> No
         namespace=NS,
         targets={"inference": ("inf", POLICY)},
         api=_scale_api(kube),
-        clock=_Clock(),
+        clock=ManualClock(),
     )
     # Two replicas already run and one is needed: keep both during the cool-down.
     assert scaler.run_once() == {"inference": 2}
@@ -395,7 +388,7 @@ def test_api_errors_are_counted_and_other_roles_still_scale(kube: FakeKubeApi) -
             "training": ("train", ScalePolicy(max_replicas=3, tasks_per_replica=1)),
         },
         api=_scale_api(kube),
-        clock=_Clock(),
+        clock=ManualClock(),
     )
     before = AUTOSCALER_ERRORS.labels(role="inference")._value.get()
     assert scaler.run_once() == {"training": 2}
@@ -462,7 +455,7 @@ def test_scale_down_removes_idle_pods_not_the_busy_ones(kube: FakeKubeApi) -> No
         api=api,
         busy_by_pod=lambda role: dict(leases) if role == "inference" else {},
         costs=api,
-        clock=_Clock(),
+        clock=ManualClock(),
     )
     assert scaler.run_once() == {"inference": 2}
     # Both busy pods survive; the idle one, though the oldest, went.
@@ -486,7 +479,7 @@ def test_without_costs_the_replica_set_would_kill_a_busy_pod(kube: FakeKubeApi) 
         namespace=NS,
         targets={"inference": ("inf", ScalePolicy(max_replicas=4, cooldown_seconds=0.0))},
         api=_scale_api(kube),
-        clock=_Clock(),
+        clock=ManualClock(),
     )
     scaler.run_once()
     assert kube.pod_names(NS) == ["inf-busy-1", "inf-old-idle"]
@@ -503,7 +496,7 @@ def test_keda_mode_keeps_costs_and_leaves_the_count_alone(kube: FakeKubeApi) -> 
         busy_by_pod=lambda role: {"inf-b": 3},
         costs=api,
         set_replicas=False,
-        clock=_Clock(),
+        clock=ManualClock(),
     )
     assert scaler.run_once() == {"inference": 2}
     assert [p.path.rsplit("/", 1)[-1] for p in kube.patches()] == ["inf-a", "inf-b"]

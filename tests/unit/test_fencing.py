@@ -24,6 +24,7 @@ from deep3m.scheduler.fencing import (
     check_write,
     next_claim,
 )
+from deep3m.testing.clock import ManualClock
 from deep3m.testing.seaweed import SeaweedServer
 
 # -- pure rules ------------------------------------------------------------------------
@@ -80,16 +81,8 @@ def test_memory_store_conditions() -> None:
 # -- two schedulers on one store ---------------------------------------------------------
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def two_schedulers(store: ConditionalStore) -> None:
-    clock = _Clock()
+    clock = ManualClock()
     old = Fence(store, "scheduler-old", ttl_s=60.0, clock=clock)
     new = Fence(store, "scheduler-new", ttl_s=60.0, clock=clock)
     assert old.acquire().epoch == 1
@@ -153,7 +146,7 @@ def test_two_schedulers_on_real_s3(s3_server: SeaweedServer) -> None:
 
 def test_a_concurrent_claim_loses_the_race() -> None:
     store = MemoryConditionalStore()
-    clock = _Clock()
+    clock = ManualClock()
     other = Fence(store, "other", clock=clock)
 
     class Racing(MemoryConditionalStore):
