@@ -448,6 +448,11 @@ def test_scaled_objects_follow_the_scheduler_queue(scenario: Any) -> None:
         assert spec["minReplicaCount"] == 0
         assert spec["maxReplicaCount"] == values["autoscaling"]["maxReplicas"]
         assert spec["cooldownPeriod"] == autoscaling["cooldownSeconds"]
+        scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+        assert scale_down["stabilizationWindowSeconds"] == autoscaling["cooldownSeconds"]
+        assert scale_down["policies"] == [
+            {"type": "Pods", "value": 1, "periodSeconds": 2 * autoscaling["pollingIntervalSeconds"]}
+        ]
         triggers = {t["name"]: t for t in spec["triggers"]}
         assert set(triggers) == {"pending", "leased"}
         pending, leased = triggers["pending"]["metadata"], triggers["leased"]["metadata"]
