@@ -140,3 +140,23 @@ def test_workflow_builds_scans_then_pushes_both_images_with_digests() -> None:
     assert "steps.push.outputs.digest" in recorded["env"]["DIGEST"]
     # Least privilege: read-only by default, package writes in the job only.
     assert workflow["permissions"] == {"contents": "read"}
+
+
+def test_docker_digest_comes_from_the_pushed_repository(tmp_path: Path) -> None:
+    bin_dir, log = tmp_path / "bin", tmp_path / "docker.log"
+    registry = "registry.lab.example.org"
+    other = "sha256:" + "e" * 64
+    # `docker image inspect` lists digests of every repository the image was pushed to.
+    _stand_in(
+        bin_dir,
+        "docker",
+        f'echo "$*" >> {log}\n'
+        'if [ "$1" = image ]; then repo="${5%:*}"; '
+        f'printf \'["mirror.example.org/x@{other}", "%s@{DIGEST}"]\' "$repo"; fi\n',
+    )
+    result = _run_images(["--registry", registry, "--push"], str(bin_dir), tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "build" / "images.json").read_text())
+    assert record["engine"] == "docker"
+    assert {i["digest"] for i in record["images"].values()} == {DIGEST}
+    assert sum(line.startswith("push ") for line in log.read_text().splitlines()) == 2
