@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/deep3m/v1/*.proto)
 
-.PHONY: install test test-fast demo bench protos lint typecheck up clean
+.PHONY: install test test-fast demo bench protos lint typecheck up clean images
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ demo: $(STAMP)
 
 up: $(STAMP)
 	$(BIN)/deep3m up
+
+# Both images with docker, podman or buildah (whichever works here); digests
+# recorded in build/images.json and build/images-values.yaml (helm -f).
+#   make images REGISTRY=111122223333.dkr.ecr.us-east-1.amazonaws.com PUSH=1
+images:
+	$(PYTHON) docker/images.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

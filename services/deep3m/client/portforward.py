@@ -84,10 +84,11 @@ def _container_port(pod: Any, name: str) -> int | None:
 
 
 def resolve_target(
-    api_client: Any, namespace: str, service: str, remote_port: int
+    api_client: Any, namespace: str, service: str, remote_port: int | str
 ) -> ForwardTarget:
     """The ready pod behind ``service`` and its port for the Service port ``remote_port``.
 
+    ``remote_port`` is the Service port's number or its name (``"grpc"``).
     Picks the oldest ready pod (then by name), so repeated calls agree.
     """
     from kubernetes import client
@@ -104,9 +105,10 @@ def resolve_target(
             f"service {namespace}/{service} has no pod selector to forward to", field="service"
         )
     ports = list(spec.ports or [])
-    match = next((p for p in ports if p.port == remote_port), None)
+    match = next((p for p in ports if remote_port in (p.port, p.name)), None)
     if match is None:
-        offered = ", ".join(str(p.port) for p in ports) or "none"
+        offered = ", ".join(f"{p.port} ({p.name})" if p.name else str(p.port) for p in ports)
+        offered = offered or "none"
         raise InvalidArgumentError(
             f"service {namespace}/{service} has no port {remote_port} (it offers {offered})",
             field="remote_port",
@@ -138,8 +140,12 @@ def resolve_target(
     return ForwardTarget(pod_name, int(target))
 
 
-# Labels the Helm chart puts on the scheduler's Service.
-_SCHEDULER_SELECTOR = "app.kubernetes.io/name=deep3m,app.kubernetes.io/component=scheduler"
+# Labels the Helm chart puts on the scheduler's Service whatever the release,
+# nameOverride or fullnameOverride (app.kubernetes.io/name follows nameOverride,
+# part-of does not).
+SCHEDULER_SELECTOR = "app.kubernetes.io/part-of=deep3m,app.kubernetes.io/component=scheduler"
+# The name of the scheduler Service's gRPC port in the chart (its number is grpcPort).
+SCHEDULER_PORT_NAME = "grpc"
 
 
 def find_scheduler_service(api_client: Any, namespace: str, release: str | None = None) -> str:
@@ -147,7 +153,7 @@ def find_scheduler_service(api_client: Any, namespace: str, release: str | None 
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    selector = _SCHEDULER_SELECTOR + (f",app.kubernetes.io/instance={release}" if release else "")
+    selector = SCHEDULER_SELECTOR + (f",app.kubernetes.io/instance={release}" if release else "")
     try:
         services = client.CoreV1Api(api_client).list_namespaced_service(
             namespace, label_selector=selector
@@ -258,13 +264,14 @@ class _Forwarder:
 def port_forward(
     namespace: str,
     service: str,
-    remote_port: int,
+    remote_port: int | str,
     *,
     context: str | None = None,
     config_file: str | None = None,
 ) -> Iterator[str]:
     """Forward a loopback port to ``service:remote_port``; yields ``"127.0.0.1:<port>"``.
 
+    ``remote_port``: the Service port's number, or its name.
     ``context`` names a kubeconfig context (default: the current one);
     ``config_file`` a kubeconfig (default: ``$KUBECONFIG`` or ``~/.kube/config``).
     The pod is chosen once, on entry; connections made after it goes away fail
@@ -274,7 +281,9 @@ def port_forward(
         raise InvalidArgumentError("namespace must not be empty", field="namespace")
     if not service:
         raise InvalidArgumentError("service must not be empty", field="service")
-    if not 0 < remote_port < 65536:
+    if isinstance(remote_port, str) and not remote_port:
+        raise InvalidArgumentError("remote_port name must not be empty", field="remote_port")
+    if isinstance(remote_port, int) and not 0 < remote_port < 65536:
         raise InvalidArgumentError(
             f"remote_port must be in 1..65535, got {remote_port}", field="remote_port"
         )
@@ -283,7 +292,7 @@ def port_forward(
         target = resolve_target(api_client, namespace, service, remote_port)
         forwarder = _Forwarder(api_client, namespace, target)
         log.info(
-            "forwarding 127.0.0.1:%d to %s/%s:%d (pod %s:%d)",
+            "forwarding 127.0.0.1:%d to %s/%s:%s (pod %s:%d)",
             forwarder.port,
             namespace,
             service,
@@ -305,13 +314,15 @@ def scheduler_tunnel(
     *,
     context: str | None = None,
     release: str | None = None,
-    grpc_port: int = 50051,
+    grpc_port: int | str = SCHEDULER_PORT_NAME,
     config_file: str | None = None,
 ) -> Iterator[str]:
     """Forward to the deep3m scheduler installed by the Helm chart; yields its local address.
 
-    Finds the scheduler Service by the chart's labels, so the CLI needs only the
-    kube context and the namespace (and the release when one namespace holds several).
+    Finds the scheduler Service by the chart's labels and its gRPC port by
+    name, so the CLI needs only the kube context and the namespace (and the
+    release when one namespace holds several), whatever the chart's name
+    overrides and ``grpcPort``.
     """
     if not namespace:
         raise InvalidArgumentError("namespace must not be empty", field="namespace")

@@ -137,4 +137,3 @@ class PredictTaskHandler(PredictorSetup):
                 field="output",
             )
         return source, target, out_url
-

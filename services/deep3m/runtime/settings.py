@@ -111,6 +111,18 @@ class Settings(BaseSettings):
     autoscale_tasks_per_replica_by_role: Annotated[dict[str, int], NoDecode] = Field(
         default_factory=dict
     )
+    # Tasks one pod leases per GPU, and GPUs per pod ("inference=1,training=2");
+    # unlisted roles: worker_capacity and 1.
+    autoscale_worker_capacity_by_role: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict
+    )
+    autoscale_gpus_per_pod_by_role: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict
+    )
+    # Patch the Deployments' scale (off when KEDA owns the replica count).
+    autoscale_set_replicas: bool = True
+    # Keep controller.kubernetes.io/pod-deletion-cost on worker pods current.
+    autoscale_deletion_cost: bool = False
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -146,10 +158,17 @@ class Settings(BaseSettings):
     def _max_replicas(cls, value: Any) -> Any:
         return _role_ints(_role_map(value), minimum=0)
 
-    @field_validator("autoscale_tasks_per_replica_by_role", mode="before")
+    @field_validator(
+        "autoscale_tasks_per_replica_by_role", "autoscale_worker_capacity_by_role", mode="before"
+    )
     @classmethod
-    def _tasks_per_replica(cls, value: Any) -> Any:
+    def _at_least_one_per_role(cls, value: Any) -> Any:
         return _role_ints(_role_map(value), minimum=1)
+
+    @field_validator("autoscale_gpus_per_pod_by_role", mode="before")
+    @classmethod
+    def _gpus_per_pod(cls, value: Any) -> Any:
+        return _role_ints(_role_map(value), minimum=0)
 
     @field_validator("log_level")
     @classmethod

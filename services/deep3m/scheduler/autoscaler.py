@@ -1,13 +1,25 @@
-"""Scale worker Deployments on queue depth, without KEDA.
+"""Scale worker Deployments on queue depth, without KEDA, and keep busy pods alive.
 
 ``decide`` is the policy, a pure function: scale up at once to what the queue
-needs, scale down (to zero included) only after the need has stayed lower for
-the whole cool-down, and never below the replicas needed by tasks already
-leased, so busy workers are not taken away. ``Autoscaler`` runs it in a thread:
-every interval it reads the queue, reads each Deployment's ``scale``
-subresource, and patches ``spec.replicas`` when the decision differs. The
-chart grants it ``get``/``patch`` on ``deployments/scale`` of the named worker
-Deployments only.
+needs; scale down (to zero included) only to the highest need seen over the
+stabilisation window (``cooldown_seconds``), so a queue that empties for a
+moment does not drop 4 → 0 and pay a GPU cold start a minute later. Never
+below the pods that leased tasks need (per-role pod capacity: tasks per GPU ×
+GPUs per pod), nor below the pods that hold a lease right now. Tasks held back
+by retry backoff are not counted: no worker could lease them yet.
+
+A replica-count cut lets the ReplicaSet choose which pods go. It removes pods
+with the lowest ``controller.kubernetes.io/pod-deletion-cost`` first, so
+``deletion_costs`` (pure) gives each pod its count of busy leases (idle pods 0)
+and ``Autoscaler`` writes them before any scale-down; that works for KEDA's
+scale-downs too (mode ``keda`` runs the costs only, ``set_replicas=False``).
+
+``Autoscaler`` runs it in a thread: every interval it reads the queue (a
+``RoleDemand`` per role, and the busy leases per worker pod), reads each
+Deployment's ``scale`` subresource, keeps the pods' deletion costs current, and
+patches ``spec.replicas`` when the decision differs. The chart grants it
+``get``/``patch`` on ``deployments/scale`` of the named worker Deployments, and
+``list``/``patch`` on pods when deletion costs are kept.
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +39,8 @@ from deep3m.runtime.settings import Settings
 log = logging.getLogger("deep3m.autoscaler")
 
 _NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# The ReplicaSet controller deletes pods with lower values first (Kubernetes >= 1.22).
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
 @dataclass(frozen=True)
@@ -35,9 +49,12 @@ class ScalePolicy:
 
     max_replicas: int
     tasks_per_replica: int = 8
+    # The stabilisation window: scale-down goes to the highest need within it.
     cooldown_seconds: float = 300.0
-    # Tasks one replica leases at a time (DEEP3M_WORKER_CAPACITY of the workers).
+    # Tasks one pod leases at a time per GPU (the chart's <role>.workerCapacity).
     worker_capacity: int = 1
+    # GPUs per pod (<role>.gpu.count); 0 or 1: the pod's capacity is worker_capacity.
+    gpus_per_pod: int = 1
     min_replicas: int = 0
 
     def __post_init__(self) -> None:
@@ -47,15 +64,14 @@ class ScalePolicy:
                 f"{self.max_replicas}",
                 field="max_replicas",
             )
-        if self.tasks_per_replica < 1:
+        for name in ("tasks_per_replica", "worker_capacity"):
+            if getattr(self, name) < 1:
+                raise InvalidArgumentError(
+                    f"{name} must be >= 1, got {getattr(self, name)}", field=name
+                )
+        if self.gpus_per_pod < 0:
             raise InvalidArgumentError(
-                f"tasks_per_replica must be >= 1, got {self.tasks_per_replica}",
-                field="tasks_per_replica",
-            )
-        if self.worker_capacity < 1:
-            raise InvalidArgumentError(
-                f"worker_capacity must be >= 1, got {self.worker_capacity}",
-                field="worker_capacity",
+                f"gpus_per_pod must be >= 0, got {self.gpus_per_pod}", field="gpus_per_pod"
             )
         if self.cooldown_seconds < 0:
             raise InvalidArgumentError(
@@ -63,65 +79,142 @@ class ScalePolicy:
                 field="cooldown_seconds",
             )
 
+    @property
+    def pod_capacity(self) -> int:
+        """Tasks one pod leases at once (the pod's DEEP3M_WORKER_CAPACITY)."""
+        return self.worker_capacity * max(1, self.gpus_per_pod)
+
+
+@dataclass(frozen=True)
+class RoleDemand:
+    """What one role's queue asks for, as the scheduler reports it.
+
+    ``pending`` counts every task not yet leased, ``backoff_held`` those of
+    them waiting out a retry backoff (no worker can lease them yet).
+    ``busy_pods``: pods holding at least one lease, when known.
+    """
+
+    pending: int = 0
+    leased: int = 0
+    backoff_held: int = 0
+    busy_pods: int | None = None
+
+    def __post_init__(self) -> None:
+        counts = {"pending": self.pending, "leased": self.leased, "backoff_held": self.backoff_held}
+        for name, value in counts.items():
+            if value < 0:
+                raise InvalidArgumentError(
+                    f"task counts must be >= 0, got {name}={value}", field=name
+                )
+        if self.backoff_held > self.pending:
+            raise InvalidArgumentError(
+                f"backoff_held={self.backoff_held} exceeds pending={self.pending}",
+                field="backoff_held",
+            )
+        if self.busy_pods is not None and self.busy_pods < 0:
+            raise InvalidArgumentError(
+                f"busy_pods must be >= 0, got {self.busy_pods}", field="busy_pods"
+            )
+
+    @property
+    def leasable(self) -> int:
+        return self.pending - self.backoff_held
+
+
+# (time, replicas needed then), oldest first: the need over the stabilisation window.
+History = tuple[tuple[float, int], ...]
+
 
 @dataclass(frozen=True)
 class ScaleStep:
-    """A decision: the replicas to run, and since when the current count was last needed."""
+    """A decision: the replicas to run, and the needs seen over the window so far."""
 
     replicas: int
-    needed_at: float | None
+    history: History
 
 
-def needed_replicas(pending: int, leased: int, policy: ScalePolicy) -> int:
-    """Replicas the queue asks for, within the policy's bounds."""
-    if pending < 0 or leased < 0:
-        raise InvalidArgumentError(
-            f"task counts must be >= 0, got pending={pending}, leased={leased}", field="pending"
-        )
+def needed_replicas(demand: RoleDemand, policy: ScalePolicy) -> int:
+    """Replicas the queue asks for now, within the policy's bounds."""
     wanted = max(
-        math.ceil(pending / policy.tasks_per_replica),
-        math.ceil(leased / policy.worker_capacity),
+        math.ceil(demand.leasable / policy.tasks_per_replica),
+        math.ceil(demand.leased / policy.pod_capacity),
+        demand.busy_pods or 0,
     )
     return min(max(wanted, policy.min_replicas), policy.max_replicas)
 
 
 def decide(
     *,
-    pending: int,
-    leased: int,
+    demand: RoleDemand,
     current: int,
     policy: ScalePolicy,
-    needed_at: float | None,
+    history: History,
     now: float,
 ) -> ScaleStep:
     """The replicas to run now.
 
-    ``needed_at`` is the last time at least ``current`` replicas were needed
-    (``None`` when unknown, e.g. after a restart: the cool-down then starts
-    now). Scale-ups and cuts to ``max_replicas`` apply at once; any other
-    scale-down waits until ``now - needed_at >= cooldown_seconds``.
+    ``history`` is the previous step's (empty when unknown, e.g. after a
+    restart: the current count then counts as needed now, so nothing drops
+    before a whole window has been seen). Scale-ups and cuts to
+    ``max_replicas`` apply at once; a scale-down goes to the highest need
+    within the last ``cooldown_seconds``, never below the need now.
     """
-    target = needed_replicas(pending, leased, policy)
+    need = needed_replicas(demand, policy)
     capped = min(current, policy.max_replicas)
-    if target >= capped:
-        return ScaleStep(target, now)
-    if needed_at is None:
-        return ScaleStep(capped, now)
-    if now - needed_at >= policy.cooldown_seconds:
-        return ScaleStep(target, now)
-    return ScaleStep(capped, needed_at)
+    seen = history or ((now, capped),)
+    window = tuple((t, n) for t, n in seen if now - t < policy.cooldown_seconds)
+    window += ((now, need),)
+    if need >= capped:
+        return ScaleStep(need, window)
+    target = min(capped, max(n for _, n in window))
+    return ScaleStep(target, window)
+
+
+def busy_leases(holders: Iterable[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """``{role: {worker id: leases}}`` from one ``(role, worker id)`` per active lease.
+
+    What the scheduler's queue knows (who holds which lease) in the shape
+    ``Autoscaler(busy_by_pod=...)`` reads; worker ids are pod names on Kubernetes.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for role, worker in holders:
+        per_role = out.setdefault(role, {})
+        per_role[worker] = per_role.get(worker, 0) + 1
+    return out
+
+
+def deletion_costs(pods: Mapping[str, str | None], busy: Mapping[str, int]) -> dict[str, str]:
+    """The ``pod-deletion-cost`` each pod should carry, for the pods whose value differs.
+
+    ``pods``: pod name → its current annotation (None when absent);
+    ``busy``: worker id (= pod name, DEEP3M_WORKER_ID) → leases it holds.
+    A pod's cost is its lease count, so idle pods (0) go first on a scale-down
+    and, among busy ones, those with the least work.
+    """
+    wanted = {pod: str(max(0, int(busy.get(pod, 0)))) for pod in pods}
+    return {pod: cost for pod, cost in wanted.items() if pods[pod] != cost}
 
 
 class ScaleApi(Protocol):
-    """The two calls the autoscaler makes on the Kubernetes API."""
+    """The calls the autoscaler makes on the Kubernetes API for replica counts."""
 
     def get_replicas(self, namespace: str, deployment: str) -> int: ...
 
     def set_replicas(self, namespace: str, deployment: str, replicas: int) -> None: ...
 
 
+class PodCostApi(Protocol):
+    """The calls that keep pod-deletion costs current."""
+
+    def pod_costs(self, namespace: str, deployment: str) -> dict[str, str | None]:
+        """Live pods of ``deployment`` → their ``pod-deletion-cost`` annotation (or None)."""
+        ...
+
+    def set_pod_cost(self, namespace: str, pod: str, cost: str) -> None: ...
+
+
 class KubernetesScaleApi:
-    """``apps/v1`` Deployment ``scale`` subresource through the ``kubernetes`` client."""
+    """``apps/v1`` Deployment ``scale`` subresource and pod annotations, via ``kubernetes``."""
 
     def __init__(self, api_client: Any | None = None) -> None:
         from kubernetes import client, config
@@ -139,6 +232,7 @@ class KubernetesScaleApi:
                 ) from None
             api_client = client.ApiClient()
         self._apps = client.AppsV1Api(api_client)
+        self._core = client.CoreV1Api(api_client)
 
     def get_replicas(self, namespace: str, deployment: str) -> int:
         scale = self._apps.read_namespaced_deployment_scale(deployment, namespace)
@@ -153,6 +247,28 @@ class KubernetesScaleApi:
             _content_type="application/merge-patch+json",
         )
 
+    def pod_costs(self, namespace: str, deployment: str) -> dict[str, str | None]:
+        # The scale subresource carries the Deployment's label selector as a string,
+        # so no read rights on the Deployment itself are needed.
+        scale = self._apps.read_namespaced_deployment_scale(deployment, namespace)
+        selector = scale.status.selector if scale.status is not None else None
+        if not selector:
+            return {}
+        pods = self._core.list_namespaced_pod(namespace, label_selector=selector).items or []
+        return {
+            str(pod.metadata.name): (pod.metadata.annotations or {}).get(DELETION_COST)
+            for pod in pods
+            if pod.metadata is not None and pod.metadata.deletion_timestamp is None
+        }
+
+    def set_pod_cost(self, namespace: str, pod: str, cost: str) -> None:
+        self._core.patch_namespaced_pod(
+            pod,
+            namespace,
+            {"metadata": {"annotations": {DELETION_COST: cost}}},
+            _content_type="application/merge-patch+json",
+        )
+
 
 def policies_from_settings(settings: Settings) -> dict[str, tuple[str, ScalePolicy]]:
     """``{role: (deployment name, policy)}`` from the ``DEEP3M_AUTOSCALE_*`` settings."""
@@ -164,24 +280,37 @@ def policies_from_settings(settings: Settings) -> dict[str, tuple[str, ScalePoli
             "'inference=rel-deep3m-inference,training=rel-deep3m-training'",
             field=field,
         )
-    maxima = settings.autoscale_max_replicas_by_role
-    per_replica = settings.autoscale_tasks_per_replica_by_role
-    for name, extra in (("max_replicas", maxima), ("tasks_per_replica", per_replica)):
-        unknown = sorted(set(extra) - set(deployments))
+    by_role: dict[str, dict[str, int]] = {}
+    for name, minimum in (
+        ("max_replicas", 0),
+        ("tasks_per_replica", 1),
+        ("worker_capacity", 1),
+        ("gpus_per_pod", 0),
+    ):
+        setting = f"autoscale_{name}_by_role"
+        by_role[name] = dict(getattr(settings, setting))
+        for role, number in by_role[name].items():
+            if number < minimum:
+                raise InvalidArgumentError(
+                    f"{setting}: {role}={number} must be >= {minimum}", field=setting
+                )
+        unknown = sorted(set(by_role[name]) - set(deployments))
         if unknown:
             raise InvalidArgumentError(
-                f"autoscale_{name}_by_role names {', '.join(unknown)}, which "
-                "autoscale_deployments does not list",
-                field=f"autoscale_{name}_by_role",
+                f"{setting} names {', '.join(unknown)}, which autoscale_deployments does not list",
+                field=setting,
             )
     return {
         role: (
             deployment,
             ScalePolicy(
-                max_replicas=maxima.get(role, settings.autoscale_max_replicas),
-                tasks_per_replica=per_replica.get(role, settings.autoscale_tasks_per_replica),
+                max_replicas=by_role["max_replicas"].get(role, settings.autoscale_max_replicas),
+                tasks_per_replica=by_role["tasks_per_replica"].get(
+                    role, settings.autoscale_tasks_per_replica
+                ),
                 cooldown_seconds=settings.autoscale_cooldown_seconds,
-                worker_capacity=settings.worker_capacity,
+                worker_capacity=by_role["worker_capacity"].get(role, settings.worker_capacity),
+                gpus_per_pod=by_role["gpus_per_pod"].get(role, 1),
             ),
         )
         for role, deployment in deployments.items()
@@ -195,23 +324,56 @@ def _pod_namespace() -> str:
         return ""
 
 
+Counts = Callable[[], Mapping[str, int]]
+# role → {worker id (pod name): leases it holds}
+BusyByPod = Callable[[str], Mapping[str, int]]
+
+
+def demand_from_counts(
+    pending_by_role: Counts,
+    leased_by_role: Counts | None = None,
+    held_by_role: Counts | None = None,
+) -> Callable[[], dict[str, RoleDemand]]:
+    """A demand source from per-role count callables (roles absent count as zero)."""
+
+    def demand() -> dict[str, RoleDemand]:
+        pending = pending_by_role()
+        leased = leased_by_role() if leased_by_role is not None else {}
+        held = held_by_role() if held_by_role is not None else {}
+        return {
+            role: RoleDemand(
+                pending=int(pending.get(role, 0)),
+                leased=int(leased.get(role, 0)),
+                backoff_held=min(int(held.get(role, 0)), int(pending.get(role, 0))),
+            )
+            for role in set(pending) | set(leased)
+        }
+
+    return demand
+
+
 class Autoscaler:
     """Keeps worker Deployments sized to the queue, from a background thread.
 
-    ``pending_by_role()`` and ``leased_by_role()`` return task counts per role
-    (roles absent count as zero). Errors from the Kubernetes API are logged and
+    ``demand()`` returns a ``RoleDemand`` per role (roles absent: nothing
+    asked). ``busy_by_pod(role)``, when given, returns the leases each worker
+    pod of the role holds; with ``costs`` it drives the pods' deletion costs
+    and the floor of busy pods. ``set_replicas=False`` keeps only the costs
+    (KEDA owns the count). Errors from the Kubernetes API are logged and
     counted, never raised: the scheduler keeps serving, and the next round
     tries again.
     """
 
     def __init__(
         self,
-        pending_by_role: Callable[[], Mapping[str, int]],
+        demand: Callable[[], Mapping[str, RoleDemand]],
         *,
         namespace: str,
         targets: Mapping[str, tuple[str, ScalePolicy]],
         api: ScaleApi,
-        leased_by_role: Callable[[], Mapping[str, int]] | None = None,
+        busy_by_pod: BusyByPod | None = None,
+        costs: PodCostApi | None = None,
+        set_replicas: bool = True,
         interval_seconds: float = 15.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -225,67 +387,104 @@ class Autoscaler:
                 f"interval_seconds must be > 0, got {interval_seconds}",
                 field="autoscale_interval_seconds",
             )
-        self._pending = pending_by_role
-        self._leased = leased_by_role or (lambda: {})
+        if costs is not None and busy_by_pod is None:
+            raise InvalidArgumentError(
+                "pod-deletion costs need the busy leases per pod (busy_by_pod)",
+                field="autoscale_deletion_cost",
+            )
+        self._demand = demand
         self._namespace = namespace
         self._targets = dict(targets)
         self._api = api
+        self._busy = busy_by_pod
+        self._costs = costs
+        self._set_replicas = set_replicas
         self._interval = interval_seconds
         self._clock = clock
-        self._needed_at: dict[str, float | None] = dict.fromkeys(self._targets)
+        self._history: dict[str, History] = dict.fromkeys(self._targets, ())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._rounds = 0
-        self._round_done = threading.Condition()
+        self._lock = threading.Lock()
 
     @classmethod
     def from_settings(
         cls,
         settings: Settings,
-        pending_by_role: Callable[[], Mapping[str, int]],
+        pending_by_role: Counts,
         *,
-        leased_by_role: Callable[[], Mapping[str, int]] | None = None,
-        api: ScaleApi | None = None,
+        leased_by_role: Counts | None = None,
+        held_by_role: Counts | None = None,
+        busy_by_pod: BusyByPod | None = None,
+        api: KubernetesScaleApi | None = None,
     ) -> Autoscaler:
-        """Configured from ``DEEP3M_AUTOSCALE_*``; talks to the in-cluster API by default."""
+        """Configured from ``DEEP3M_AUTOSCALE_*``; talks to the in-cluster API by default.
+
+        Deletion costs (``autoscale_deletion_cost``) are kept only when the
+        scheduler supplies ``busy_by_pod``; otherwise they are skipped with a warning.
+        """
         namespace = settings.autoscale_namespace or _pod_namespace()
         targets = policies_from_settings(settings)
+        kube = api if api is not None else KubernetesScaleApi()
+        costs: PodCostApi | None = None
+        if settings.autoscale_deletion_cost:
+            if busy_by_pod is None:
+                log.warning("pod-deletion costs off: the scheduler reports no leases per pod")
+            else:
+                costs = kube
         return cls(
-            pending_by_role,
+            demand_from_counts(pending_by_role, leased_by_role, held_by_role),
             namespace=namespace,
             targets=targets,
-            api=api if api is not None else KubernetesScaleApi(),
-            leased_by_role=leased_by_role,
+            api=kube,
+            busy_by_pod=busy_by_pod,
+            costs=costs,
+            set_replicas=settings.autoscale_set_replicas,
             interval_seconds=settings.autoscale_interval_seconds,
         )
 
     @property
     def rounds(self) -> int:
-        """Completed rounds (for waiting on progress)."""
-        with self._round_done:
+        """Completed rounds."""
+        with self._lock:
             return self._rounds
 
-    def wait_rounds(self, count: int, timeout: float) -> bool:
-        """Block until ``count`` rounds have completed in total; False on timeout."""
-        with self._round_done:
-            return self._round_done.wait_for(lambda: self._rounds >= count, timeout)
+    def _update_costs(
+        self, costs: PodCostApi, busy_by_pod: BusyByPod, role: str, deployment: str
+    ) -> int:
+        """Write changed deletion costs; returns how many of the pods are busy."""
+        busy = busy_by_pod(role)
+        pods = costs.pod_costs(self._namespace, deployment)
+        for pod, cost in sorted(deletion_costs(pods, busy).items()):
+            costs.set_pod_cost(self._namespace, pod, cost)
+        return sum(1 for pod in pods if busy.get(pod, 0) > 0)
 
     def run_once(self) -> dict[str, int]:
         """One round over every role; returns the replicas each Deployment now has."""
         from deep3m.runtime.metrics import AUTOSCALER_ERRORS, AUTOSCALER_REPLICAS
 
-        pending, leased = self._pending(), self._leased()
+        demands = self._demand()
         now = self._clock()
         result: dict[str, int] = {}
         for role, (deployment, policy) in self._targets.items():
             try:
+                demand = demands.get(role, RoleDemand())
+                # Costs first: a scale-down in this round (ours or KEDA's) then
+                # finds the idle pods marked cheapest.
+                if self._costs is not None and self._busy is not None:
+                    busy_pods = self._update_costs(self._costs, self._busy, role, deployment)
+                    demand = RoleDemand(
+                        demand.pending, demand.leased, demand.backoff_held, busy_pods
+                    )
                 current = self._api.get_replicas(self._namespace, deployment)
+                if not self._set_replicas:
+                    result[role] = current
+                    continue
                 step = decide(
-                    pending=int(pending.get(role, 0)),
-                    leased=int(leased.get(role, 0)),
+                    demand=demand,
                     current=current,
                     policy=policy,
-                    needed_at=self._needed_at[role],
+                    history=self._history[role],
                     now=now,
                 )
                 if step.replicas != current:
@@ -297,7 +496,7 @@ class Autoscaler:
                         step.replicas,
                         extra={"role": role, "deployment": deployment},
                     )
-                self._needed_at[role] = step.needed_at
+                self._history[role] = step.history
                 result[role] = step.replicas
                 AUTOSCALER_REPLICAS.labels(role=role).set(step.replicas)
             except Exception:
@@ -306,9 +505,8 @@ class Autoscaler:
                 log.exception(
                     "cannot scale %s", deployment, extra={"role": role, "deployment": deployment}
                 )
-        with self._round_done:
+        with self._lock:
             self._rounds += 1
-            self._round_done.notify_all()
         return result
 
     def _loop(self) -> None:

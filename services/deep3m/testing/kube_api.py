@@ -5,7 +5,12 @@ server, so the real ``kubernetes`` client library can be pointed at it:
 
 - ``GET/PATCH /apis/apps/v1/namespaces/{ns}/deployments/{name}/scale`` (the
   autoscaler; PATCH accepts ``application/merge-patch+json`` only and records
-  every request),
+  every request; ``status.selector`` carries the Deployment's pod selector).
+  A scale-down removes pods the way the ReplicaSet controller ranks them, in
+  a simplified form: lowest ``controller.kubernetes.io/pod-deletion-cost``
+  first, then the newest,
+- ``PATCH /api/v1/namespaces/{ns}/pods/{name}`` (merge patch of
+  ``metadata.annotations``: pod-deletion costs),
 - ``GET /api/v1/namespaces/{ns}/services/{name}``,
   ``GET /api/v1/namespaces/{ns}/services?labelSelector=...`` and
   ``GET /api/v1/namespaces/{ns}/pods?labelSelector=...`` (port-forward target
@@ -59,6 +64,7 @@ class FakePod:
     # Named container ports, {"grpc": 50051}; used to resolve a Service's targetPort.
     container_ports: dict[str, int] = field(default_factory=dict)
     created: str = "2026-11-01T00:00:00Z"
+    annotations: dict[str, str] = field(default_factory=dict)
 
     def to_json(self, namespace: str) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -67,6 +73,8 @@ class FakePod:
             "labels": dict(self.labels),
             "creationTimestamp": self.created,
         }
+        if self.annotations:
+            meta["annotations"] = dict(self.annotations)
         if self.terminating:
             meta["deletionTimestamp"] = "2026-11-01T00:05:00Z"
         return {
@@ -98,6 +106,7 @@ class FakeKubeApi:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.scales: dict[tuple[str, str], int] = {}
+        self.selectors: dict[tuple[str, str], dict[str, str]] = {}
         self.services: dict[tuple[str, str], dict[str, Any]] = {}
         self.pods: dict[str, list[FakePod]] = {}
         # Where the bytes of a port-forward to (namespace, pod, port) go.
@@ -110,9 +119,26 @@ class FakeKubeApi:
 
     # -- state -------------------------------------------------------------------------
 
-    def add_deployment(self, namespace: str, name: str, replicas: int) -> None:
+    def add_deployment(
+        self,
+        namespace: str,
+        name: str,
+        replicas: int,
+        selector: Mapping[str, str] | None = None,
+    ) -> None:
+        """A Deployment's scale; with ``selector``, scale-downs remove its matching pods."""
         with self._lock:
             self.scales[(namespace, name)] = replicas
+            if selector is not None:
+                self.selectors[(namespace, name)] = dict(selector)
+
+    def pod_names(self, namespace: str) -> list[str]:
+        with self._lock:
+            return sorted(p.name for p in self.pods.get(namespace, []))
+
+    def annotations(self, namespace: str, pod: str) -> dict[str, str]:
+        with self._lock:
+            return next(dict(p.annotations) for p in self.pods[namespace] if p.name == pod)
 
     def replicas(self, namespace: str, name: str) -> int:
         with self._lock:
@@ -208,6 +234,38 @@ class FakeKubeApi:
 
     # -- request handling (called from handler threads) --------------------------------
 
+    def _scale_pods(self, namespace: str, name: str, replicas: int) -> None:
+        """Remove pods beyond ``replicas`` as the ReplicaSet would (lock held)."""
+        selector = self.selectors.get((namespace, name))
+        if selector is None:
+            return
+        pods = self.pods.get(namespace, [])
+        owned = [p for p in pods if selector.items() <= p.labels.items()]
+        excess = len(owned) - replicas
+        if excess <= 0:
+            return
+
+        def cost(pod: FakePod) -> int:
+            return int(pod.annotations.get("controller.kubernetes.io/pod-deletion-cost", "0"))
+
+        # Lower cost first; among equal costs the newer pod (a stable sort of newest-first).
+        newest_first = sorted(owned, key=lambda p: p.created, reverse=True)
+        doomed = {id(p) for p in sorted(newest_first, key=cost)[:excess]}
+        self.pods[namespace] = [p for p in pods if id(p) not in doomed]
+
+    def _patch_pod(self, namespace: str, name: str, body: Any) -> FakePod | None:
+        annotations = ((body or {}).get("metadata") or {}).get("annotations") or {}
+        with self._lock:
+            for pod in self.pods.get(namespace, []):
+                if pod.name == name:
+                    for key, value in annotations.items():
+                        if value is None:
+                            pod.annotations.pop(key, None)
+                        else:
+                            pod.annotations[key] = str(value)
+                    return pod
+        return None
+
     def _record(self, request: RecordedRequest) -> int | None:
         with self._lock:
             self.requests.append(request)
@@ -284,6 +342,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._services(parts[3], query.get("labelSelector", ""))
         elif parts[:2] == ["api", "v1"] and len(parts) == 5 and parts[4] == "pods":
             self._pods(parts[3], query.get("labelSelector", ""))
+        elif parts[:2] == ["api", "v1"] and len(parts) == 6 and parts[4] == "pods":
+            self._pod_patch(method, parts[3], parts[5], body)
         elif parts[:2] == ["api", "v1"] and len(parts) == 7 and parts[6] == "portforward":
             self._portforward(parts[3], parts[5], query)
         else:
@@ -315,9 +375,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(422, _status(422, f"invalid spec.replicas {replicas!r}"))
                 return
             with self.state._lock:
+                self.state._scale_pods(namespace, name, replicas)
                 self.state.scales[key] = replicas
         with self.state._lock:
             replicas = self.state.scales[key]
+            selector = ",".join(f"{k}={v}" for k, v in self.state.selectors.get(key, {}).items())
         self._send_json(
             200,
             {
@@ -325,9 +387,22 @@ class _Handler(BaseHTTPRequestHandler):
                 "kind": "Scale",
                 "metadata": {"name": name, "namespace": namespace},
                 "spec": {"replicas": replicas},
-                "status": {"replicas": replicas},
+                "status": {"replicas": replicas, "selector": selector},
             },
         )
+
+    def _pod_patch(self, method: str, namespace: str, name: str, body: Any) -> None:
+        if method != "PATCH":
+            self._send_json(405, _status(405, "only PATCH of pods is served"))
+            return
+        if self.headers.get("Content-Type") != "application/merge-patch+json":
+            self._send_json(415, _status(415, "expected application/merge-patch+json"))
+            return
+        pod = self.state._patch_pod(namespace, name, body)
+        if pod is None:
+            self._send_json(404, _status(404, f'pods "{name}" not found'))
+        else:
+            self._send_json(200, pod.to_json(namespace))
 
     def _service(self, namespace: str, name: str) -> None:
         with self.state._lock:
@@ -462,3 +537,17 @@ def _relay(ws: socket.socket, port: int, target: tuple[str, int]) -> None:
             upstream.shutdown(socket.SHUT_RDWR)
         upstream.close()
         up.join(timeout=5)
+        _linger(ws)
+
+
+def _linger(sock: socket.socket, timeout: float = 2.0) -> None:
+    """Close gracefully: stop sending, then read until the client closes too.
+
+    Closing a socket with unread bytes sends a TCP reset, which the client's
+    port-forward thread reports as an error instead of a closed connection.
+    """
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(timeout)
+        while sock.recv(65536):
+            pass
