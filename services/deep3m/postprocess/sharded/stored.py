@@ -6,6 +6,7 @@ All documents of one labelling live under one prefix (e.g. ``jobs/<job>/labels``
     <prefix>/blocks/<block>.pieces.npz   stage (a): piece statistics
     <prefix>/blocks/<block>.pairs.npz    stage (b), per block: equivalences
     <prefix>/idmap.npz                   stage (b), once: the global id map
+    <prefix>/tables/<k>-of-<n>.npz       stage (d), per shard: part of the table
 
 Each task reads what earlier stages wrote and writes its own documents whole
 (a store write replaces a document atomically), so a task that is retried, or
@@ -38,7 +39,12 @@ from deep3m.postprocess.sharded.merge import (
     neighbour_indices,
 )
 from deep3m.postprocess.sharded.relabel import relabel_block
-from deep3m.postprocess.sharded.table import ObjectStats, reduce_objects, write_object_tables
+from deep3m.postprocess.sharded.table import (
+    ObjectStats,
+    concat_tables,
+    reduce_objects,
+    write_object_tables,
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,9 @@ class Documents:
     @property
     def id_map_key(self) -> str:
         return f"{self.prefix}/idmap.npz"
+
+    def table_part_key(self, shard: tuple[int, int]) -> str:
+        return f"{self.prefix}/tables/{int(shard[0])}-of-{int(shard[1])}.npz"
 
     def faces(self, index: Sequence[int]) -> BlockFaces:
         return BlockFaces.from_bytes(self.store.read_bytes(self.faces_key(index)))
@@ -141,6 +150,23 @@ def relabel_task(
     return {"voxels": float(core.size), "objects": float(objects)}
 
 
+def reduce_part_task(
+    docs: Documents,
+    grid_shape: Sequence[int],
+    voxel_size_nm: Sequence[float],
+    shard: tuple[int, int],
+) -> dict[str, float]:
+    """Stage (d), per shard (objects whose label is k + 1 modulo n): part of the table."""
+    stats = reduce_objects(
+        (docs.pieces(i) for i in _grid_indices(grid_shape)),
+        docs.id_map(),
+        voxel_size_nm,
+        shard=shard,
+    )
+    docs.store.write_bytes(docs.table_part_key(shard), stats.to_bytes())
+    return {"objects": float(len(stats))}
+
+
 def reduce_task(
     docs: Documents,
     grid_shape: Sequence[int],
@@ -150,12 +176,23 @@ def reduce_task(
     labels_path: str,
     volume: Box,
     window_um: float | None = None,
+    shards: int = 1,
 ) -> tuple[ObjectStats, dict[str, str]]:
-    """Stage (d): object tables (CSV, Parquet) beside the labels, and with ``window_um``
-    the density profile and size histogram; returns the table and the output keys."""
-    stats = reduce_objects(
-        (docs.pieces(i) for i in _grid_indices(grid_shape)), docs.id_map(), voxel_size_nm
-    )
+    """Stage (d), once: object tables (CSV, Parquet) beside the labels — joined from
+    the ``shards`` parts :func:`reduce_part_task` wrote, or reduced here when 1 —
+    and with ``window_um`` the density profile and size histogram; returns the
+    table and the output keys."""
+    if shards > 1:
+        stats = concat_tables(
+            [
+                ObjectStats.from_bytes(docs.store.read_bytes(docs.table_part_key((k, shards))))
+                for k in range(shards)
+            ]
+        )
+    else:
+        stats = reduce_objects(
+            (docs.pieces(i) for i in _grid_indices(grid_shape)), docs.id_map(), voxel_size_nm
+        )
     csv_key, parquet_key = write_object_tables(labels_store, labels_path, stats)
     outputs = {"objects_csv": csv_key, "objects_parquet": parquet_key}
     if window_um is not None:
