@@ -4,6 +4,7 @@ All documents of one labelling live under one prefix (e.g. ``jobs/<job>/labels``
 
     <prefix>/blocks/<block>.faces.npz    stage (a): face labels
     <prefix>/blocks/<block>.pieces.npz   stage (a): piece statistics
+    <prefix>/blocks/<block>.sizes.npz    stage (a): piece sizes and seeds (for the merge)
     <prefix>/blocks/<block>.pairs.npz    stage (b), per block: equivalences
     <prefix>/idmap.npz                   stage (b), once: the global id map
     <prefix>/tables/<k>-of-<n>.npz       stage (d), per shard: part of the table
@@ -69,6 +70,9 @@ class Documents:
     def pairs_key(self, index: Sequence[int]) -> str:
         return self._block(index, "pairs")
 
+    def sizes_key(self, index: Sequence[int]) -> str:
+        return self._block(index, "sizes")
+
     @property
     def id_map_key(self) -> str:
         return f"{self.prefix}/idmap.npz"
@@ -85,6 +89,11 @@ class Documents:
     def pairs(self, index: Sequence[int]) -> np.ndarray:
         return from_npz_bytes(self.store.read_bytes(self.pairs_key(index)), "equivalences")["pairs"]
 
+    def sizes(self, index: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Piece voxel counts and watershed seeds of one block."""
+        d = from_npz_bytes(self.store.read_bytes(self.sizes_key(index)), "piece sizes")
+        return d["counts"], d["seeds"]
+
     def id_map(self) -> IdMap:
         return IdMap.from_bytes(self.store.read_bytes(self.id_map_key))
 
@@ -100,6 +109,8 @@ def summarize_task(
     summary = summarize_block(source, index, core, labelling)
     docs.store.write_bytes(docs.faces_key(index), summary.faces.to_bytes())
     docs.store.write_bytes(docs.pieces_key(index), summary.pieces.to_bytes())
+    sizes = {"counts": summary.pieces.counts, "seeds": summary.pieces.seeds}
+    docs.store.write_bytes(docs.sizes_key(index), to_npz_bytes(sizes))
     return {"voxels": float(core.size), "pieces": float(len(summary.pieces))}
 
 
@@ -122,16 +133,16 @@ def merge_task(
     min_size_voxels: int = 0,
     watershed: bool = False,
 ) -> IdMap:
-    """Stage (b), once: the global id map from every block's counts and equivalences
-    (with ``watershed``, pieces tie by seed)."""
+    """Stage (b), once: the global id map from every block's piece sizes and
+    equivalences (with ``watershed``, pieces tie by seed); reads only small documents."""
     blocks = _grid_indices(grid_shape)
-    pieces = [docs.pieces(i) for i in blocks]
+    sizes = [docs.sizes(i) for i in blocks]
     id_map = merge_pieces(
-        [p.counts for p in pieces],
+        [counts for counts, _ in sizes],
         (docs.pairs(i) for i in blocks),
         grid_shape,
         min_size_voxels=min_size_voxels,
-        seeds=[p.seeds for p in pieces] if watershed else None,
+        seeds=[seeds for _, seeds in sizes] if watershed else None,
     )
     docs.store.write_bytes(docs.id_map_key, id_map.to_bytes())
     return id_map
