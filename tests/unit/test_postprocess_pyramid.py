@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import zarr
 from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.geometry import plan_blocks
 from deep3m.core.store import Store
-from deep3m.postprocess.pyramid import build_pyramid, downsample, plan_levels
+from deep3m.postprocess.pyramid import (
+    build_pyramid,
+    downsample,
+    plan_levels,
+    prepare_pyramid,
+    record_pyramid,
+    write_level_block,
+)
 from deep3m.testing.volumes import write_volume
 
 
@@ -108,3 +116,30 @@ def test_labels_pyramid_uses_mode_and_reruns_are_identical(tmp_path: Path) -> No
     group = zarr.open_group(store.zarr_store("volumes/l.zarr"), mode="r")
     assert sorted(group.array_keys()) == ["0", "1"]
     assert len(group.attrs["ome"]["multiscales"][0]["datasets"]) == 2
+
+
+def test_pyramid_as_per_block_tasks_equals_build_pyramid(tmp_path: Path) -> None:
+    """Prepare, every level's blocks in any order (some twice, as retried tasks), record."""
+    data = np.random.default_rng(3).random((6, 70, 90)).astype(np.float32)
+    whole, tasks = Store(f"file://{tmp_path / 'a'}"), Store(f"file://{tmp_path / 'b'}")
+    for store in (whole, tasks):
+        write_volume(store, "volumes/p.zarr", data, (3, 32, 32), voxel_size_nm=(40.0, 6.0, 6.0))
+    want = build_pyramid(whole, "volumes/p.zarr", 2)
+    plan = prepare_pyramid(tasks, "volumes/p.zarr", 2)
+    source = tasks.open_volume("volumes/p.zarr")
+    rng = np.random.default_rng(0)
+    for level in plan.levels:
+        target = tasks.open_volume("volumes/p.zarr", level.path, mode="r+", require_complete=False)
+        blocks = list(plan_blocks(target.shape, target.chunks))
+        order = [blocks[i] for i in rng.permutation(len(blocks))] + blocks[:2]
+        for block in order:
+            write_level_block(source, target, block.core, level.factor, plan.method)
+        source = target
+    assert record_pyramid(tasks, plan) == want
+    for path in want:
+        np.testing.assert_array_equal(
+            tasks.open_volume("volumes/p.zarr", path)[...],
+            whole.open_volume("volumes/p.zarr", path)[...],
+        )
+    group = lambda s: zarr.open_group(s.zarr_store("volumes/p.zarr"), mode="r").attrs["ome"]  # noqa: E731
+    assert group(tasks) == group(whole)

@@ -35,6 +35,7 @@ from deep3m.postprocess.sharded.stored import (
     Documents,
     equivalences_task,
     merge_task,
+    reduce_part_task,
     reduce_task,
     relabel_task,
     summarize_task,
@@ -318,6 +319,14 @@ def test_stored_tasks_survive_a_killed_worker(tmp_path: Path) -> None:
     assert same_partition(np.asarray(target[...]), want)
     assert outputs["objects_parquet"] == "volumes/l.objects.parquet"
     assert all(store.exists(key) for key in outputs.values())
+    for k in (2, 0, 1, 0):  # the table in three shards, one reduced twice
+        reduce_part_task(docs, plan.grid_shape, (40, 8, 8), (k, 3))
+    joined, _ = reduce_task(
+        docs, plan.grid_shape, (40, 8, 8), labels_store=store, labels_path="volumes/l.zarr",
+        volume=Box.from_shape(prob.shape), shards=3,
+    )  # fmt: skip
+    for name, column in stats.columns().items():
+        np.testing.assert_array_equal(joined.columns()[name], column)
 
 
 def test_reduce_shards_join_to_the_whole_table() -> None:

@@ -127,6 +127,90 @@ def _group_attrs(group: zarr.Group) -> dict[str, Any]:
     return dict(raw)
 
 
+@dataclass(frozen=True)
+class PyramidPlan:
+    """The levels to write for the volume at ``path`` and how to reduce to them."""
+
+    path: str
+    method: Method
+    levels: tuple[Level, ...]
+
+    def level_paths(self) -> list[str]:
+        """Array paths of every level, the full resolution first."""
+        return [FULL_RESOLUTION, *(level.path for level in self.levels)]
+
+
+def prepare_pyramid(
+    store: Store, path: str, levels: int = 0, *, method: Method | None = None
+) -> PyramidPlan:
+    """Create (or replace) the arrays of levels 1.. of the volume at ``path``, empty.
+
+    Each level is then written block by block on its own chunk grid
+    (:func:`write_level_block`), level after level, and the metadata last
+    (:func:`record_pyramid`).
+    """
+    path = check_key(path)
+    info = store.volume_info(path)
+    base = store.open_volume(path, require_complete=False)
+    group = zarr.open_group(store.zarr_store(path), mode="r+")
+    attrs = _group_attrs(group)
+    chosen = method or method_for(dict(attrs.get("deep3m") or {}), dict(attrs.get("ome") or {}))
+    plan = plan_levels(info.shape, info.voxel_size_nm, levels)
+    for level in plan:
+        chunks = tuple(min(c, s) for c, s in zip(info.chunk_shape, level.shape, strict=True))
+        group.create_array(
+            level.path, shape=level.shape, chunks=chunks, dtype=base.dtype,
+            fill_value=base.fill_value, dimension_names=("z", "y", "x"), overwrite=True,
+        )  # fmt: skip
+    return PyramidPlan(path, chosen, tuple(plan))
+
+
+def write_level_block(
+    source: Any, target: Any, core: Box, factor: Sequence[int], method: Method
+) -> None:
+    """Write ``core`` of a level from the window of the level below it that it covers."""
+    read = Box(
+        tuple(a * f for a, f in zip(core.start, factor, strict=True)),
+        tuple(b * f for b, f in zip(core.stop, factor, strict=True)),
+    ).intersect(Box.from_shape(source.shape))
+    target[core.slices()] = downsample(np.asarray(source[read.slices()]), factor, method)
+
+
+def record_pyramid(store: Store, plan: PyramidPlan) -> list[str]:
+    """Record the written levels in ``ome.multiscales`` (and drop deeper stale levels);
+    returns all level paths."""
+    path = plan.path
+    info = store.volume_info(path)
+    group = zarr.open_group(store.zarr_store(path), mode="r+")
+    ome = dict(_group_attrs(group).get("ome") or {})
+    # Levels beyond the new depth (from an earlier, deeper run) would be stale.
+    # Checked by name rather than listed: listing a group reads every child.
+    for n in range(len(plan.levels) + 1, MAX_LEVELS + 1):
+        if store.exists(f"{path}/{n}/zarr.json"):
+            store.delete(f"{path}/{n}")
+    datasets = [(FULL_RESOLUTION, info.voxel_size_nm)] + [
+        (lv.path, lv.scale_nm) for lv in plan.levels
+    ]
+    multiscales = ome_multiscales(path.rsplit("/", 1)[-1], info.voxel_size_nm, datasets)
+    for entry, level in zip(
+        multiscales["multiscales"][0]["datasets"][1:], plan.levels, strict=True
+    ):
+        entry["coordinateTransformations"].append(
+            {"type": "translation", "translation": list(level.translation_nm)}
+        )
+    if ome.get("multiscales"):
+        # Keep anything else recorded for the image (name, metadata, ...).
+        merged = dict(ome["multiscales"][0])
+        merged["datasets"] = multiscales["multiscales"][0]["datasets"]
+        merged.setdefault("axes", multiscales["multiscales"][0]["axes"])
+        ome["multiscales"] = [merged, *ome["multiscales"][1:]]
+    else:
+        ome.update(multiscales)
+    ome.setdefault("version", "0.5")
+    group.attrs["ome"] = ome
+    return plan.level_paths()
+
+
 def build_pyramid(
     store: Store,
     path: str,
@@ -142,59 +226,16 @@ def build_pyramid(
     Existing levels other than "0" are replaced, so a rerun rewrites the same
     bytes. The metadata is updated only after every level is written.
     """
-    path = check_key(path)
-    info = store.volume_info(path)
-    base = store.open_volume(path, require_complete=False)
-    group = zarr.open_group(store.zarr_store(path), mode="r+")
-    attrs = _group_attrs(group)
-    ome = dict(attrs.get("ome") or {})
-    chosen = method or method_for(dict(attrs.get("deep3m") or {}), ome)
-    plan = plan_levels(info.shape, info.voxel_size_nm, levels)
-    previous: Any = base
-    for level in plan:
-        chunks = tuple(min(c, s) for c, s in zip(info.chunk_shape, level.shape, strict=True))
-        current = group.create_array(
-            level.path, shape=level.shape, chunks=chunks, dtype=base.dtype,
-            fill_value=base.fill_value, dimension_names=("z", "y", "x"), overwrite=True,
-        )  # fmt: skip
-        _write_level(previous, current, level.factor, chosen, max_workers, cancelled, progress)
+    plan = prepare_pyramid(store, path, levels, method=method)
+    previous: Any = store.open_volume(plan.path, require_complete=False)
+    for level in plan.levels:
+        current = store.open_volume(plan.path, level.path, mode="r+", require_complete=False)
+        blocks = block_plan(current.shape, write_grid(current))
+
+        def one(block: Block, source: Any = previous, target: Any = current,
+                factor: tuple[int, int, int] = level.factor) -> None:  # fmt: skip
+            write_level_block(source, target, block.core, factor, plan.method)
+
+        map_blocks(one, blocks, max_workers=max_workers, cancelled=cancelled, progress=progress)
         previous = current
-    # Levels beyond the new depth (from an earlier, deeper run) would be stale.
-    # Checked by name rather than listed: listing a group reads every child.
-    for n in range(len(plan) + 1, MAX_LEVELS + 1):
-        if store.exists(f"{path}/{n}/zarr.json"):
-            store.delete(f"{path}/{n}")
-    datasets = [(FULL_RESOLUTION, info.voxel_size_nm)] + [(lv.path, lv.scale_nm) for lv in plan]
-    multiscales = ome_multiscales(path.rsplit("/", 1)[-1], info.voxel_size_nm, datasets)
-    for entry, level in zip(multiscales["multiscales"][0]["datasets"][1:], plan, strict=True):
-        entry["coordinateTransformations"].append(
-            {"type": "translation", "translation": list(level.translation_nm)}
-        )
-    if ome.get("multiscales"):
-        # Keep anything else recorded for the image (name, metadata, ...).
-        merged = dict(ome["multiscales"][0])
-        merged["datasets"] = multiscales["multiscales"][0]["datasets"]
-        merged.setdefault("axes", multiscales["multiscales"][0]["axes"])
-        ome["multiscales"] = [merged, *ome["multiscales"][1:]]
-    else:
-        ome.update(multiscales)
-    ome.setdefault("version", "0.5")
-    group.attrs["ome"] = ome
-    return [FULL_RESOLUTION, *(level.path for level in plan)]
-
-
-def _write_level(
-    source: Any, target: Any, factor: Sequence[int], method: Method, max_workers: int,
-    cancelled: threading.Event | None, progress: Progress | None,
-) -> None:  # fmt: skip
-    plan = block_plan(target.shape, write_grid(target))
-    source_box = Box.from_shape(source.shape)
-
-    def one(block: Block) -> None:
-        read = Box(
-            tuple(a * f for a, f in zip(block.core.start, factor, strict=True)),
-            tuple(b * f for b, f in zip(block.core.stop, factor, strict=True)),
-        ).intersect(source_box)
-        target[block.core.slices()] = downsample(np.asarray(source[read.slices()]), factor, method)
-
-    map_blocks(one, plan, max_workers=max_workers, cancelled=cancelled, progress=progress)
+    return record_pyramid(store, plan)

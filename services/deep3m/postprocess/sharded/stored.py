@@ -4,8 +4,10 @@ All documents of one labelling live under one prefix (e.g. ``jobs/<job>/labels``
 
     <prefix>/blocks/<block>.faces.npz    stage (a): face labels
     <prefix>/blocks/<block>.pieces.npz   stage (a): piece statistics
+    <prefix>/blocks/<block>.sizes.npz    stage (a): piece sizes and seeds (for the merge)
     <prefix>/blocks/<block>.pairs.npz    stage (b), per block: equivalences
     <prefix>/idmap.npz                   stage (b), once: the global id map
+    <prefix>/tables/<k>-of-<n>.npz       stage (d), per shard: part of the table
 
 Each task reads what earlier stages wrote and writes its own documents whole
 (a store write replaces a document atomically), so a task that is retried, or
@@ -38,7 +40,12 @@ from deep3m.postprocess.sharded.merge import (
     neighbour_indices,
 )
 from deep3m.postprocess.sharded.relabel import relabel_block
-from deep3m.postprocess.sharded.table import ObjectStats, reduce_objects, write_object_tables
+from deep3m.postprocess.sharded.table import (
+    ObjectStats,
+    concat_tables,
+    reduce_objects,
+    write_object_tables,
+)
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,15 @@ class Documents:
     def pairs_key(self, index: Sequence[int]) -> str:
         return self._block(index, "pairs")
 
+    def sizes_key(self, index: Sequence[int]) -> str:
+        return self._block(index, "sizes")
+
     @property
     def id_map_key(self) -> str:
         return f"{self.prefix}/idmap.npz"
+
+    def table_part_key(self, shard: tuple[int, int]) -> str:
+        return f"{self.prefix}/tables/{int(shard[0])}-of-{int(shard[1])}.npz"
 
     def faces(self, index: Sequence[int]) -> BlockFaces:
         return BlockFaces.from_bytes(self.store.read_bytes(self.faces_key(index)))
@@ -75,6 +88,11 @@ class Documents:
 
     def pairs(self, index: Sequence[int]) -> np.ndarray:
         return from_npz_bytes(self.store.read_bytes(self.pairs_key(index)), "equivalences")["pairs"]
+
+    def sizes(self, index: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Piece voxel counts and watershed seeds of one block."""
+        d = from_npz_bytes(self.store.read_bytes(self.sizes_key(index)), "piece sizes")
+        return d["counts"], d["seeds"]
 
     def id_map(self) -> IdMap:
         return IdMap.from_bytes(self.store.read_bytes(self.id_map_key))
@@ -91,6 +109,8 @@ def summarize_task(
     summary = summarize_block(source, index, core, labelling)
     docs.store.write_bytes(docs.faces_key(index), summary.faces.to_bytes())
     docs.store.write_bytes(docs.pieces_key(index), summary.pieces.to_bytes())
+    sizes = {"counts": summary.pieces.counts, "seeds": summary.pieces.seeds}
+    docs.store.write_bytes(docs.sizes_key(index), to_npz_bytes(sizes))
     return {"voxels": float(core.size), "pieces": float(len(summary.pieces))}
 
 
@@ -113,16 +133,16 @@ def merge_task(
     min_size_voxels: int = 0,
     watershed: bool = False,
 ) -> IdMap:
-    """Stage (b), once: the global id map from every block's counts and equivalences
-    (with ``watershed``, pieces tie by seed)."""
+    """Stage (b), once: the global id map from every block's piece sizes and
+    equivalences (with ``watershed``, pieces tie by seed); reads only small documents."""
     blocks = _grid_indices(grid_shape)
-    pieces = [docs.pieces(i) for i in blocks]
+    sizes = [docs.sizes(i) for i in blocks]
     id_map = merge_pieces(
-        [p.counts for p in pieces],
+        [counts for counts, _ in sizes],
         (docs.pairs(i) for i in blocks),
         grid_shape,
         min_size_voxels=min_size_voxels,
-        seeds=[p.seeds for p in pieces] if watershed else None,
+        seeds=[seeds for _, seeds in sizes] if watershed else None,
     )
     docs.store.write_bytes(docs.id_map_key, id_map.to_bytes())
     return id_map
@@ -141,6 +161,23 @@ def relabel_task(
     return {"voxels": float(core.size), "objects": float(objects)}
 
 
+def reduce_part_task(
+    docs: Documents,
+    grid_shape: Sequence[int],
+    voxel_size_nm: Sequence[float],
+    shard: tuple[int, int],
+) -> dict[str, float]:
+    """Stage (d), per shard (objects whose label is k + 1 modulo n): part of the table."""
+    stats = reduce_objects(
+        (docs.pieces(i) for i in _grid_indices(grid_shape)),
+        docs.id_map(),
+        voxel_size_nm,
+        shard=shard,
+    )
+    docs.store.write_bytes(docs.table_part_key(shard), stats.to_bytes())
+    return {"objects": float(len(stats))}
+
+
 def reduce_task(
     docs: Documents,
     grid_shape: Sequence[int],
@@ -150,12 +187,23 @@ def reduce_task(
     labels_path: str,
     volume: Box,
     window_um: float | None = None,
+    shards: int = 1,
 ) -> tuple[ObjectStats, dict[str, str]]:
-    """Stage (d): object tables (CSV, Parquet) beside the labels, and with ``window_um``
-    the density profile and size histogram; returns the table and the output keys."""
-    stats = reduce_objects(
-        (docs.pieces(i) for i in _grid_indices(grid_shape)), docs.id_map(), voxel_size_nm
-    )
+    """Stage (d), once: object tables (CSV, Parquet) beside the labels — joined from
+    the ``shards`` parts :func:`reduce_part_task` wrote, or reduced here when 1 —
+    and with ``window_um`` the density profile and size histogram; returns the
+    table and the output keys."""
+    if shards > 1:
+        stats = concat_tables(
+            [
+                ObjectStats.from_bytes(docs.store.read_bytes(docs.table_part_key((k, shards))))
+                for k in range(shards)
+            ]
+        )
+    else:
+        stats = reduce_objects(
+            (docs.pieces(i) for i in _grid_indices(grid_shape)), docs.id_map(), voxel_size_nm
+        )
     csv_key, parquet_key = write_object_tables(labels_store, labels_path, stats)
     outputs = {"objects_csv": csv_key, "objects_parquet": parquet_key}
     if window_um is not None:

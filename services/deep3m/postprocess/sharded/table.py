@@ -36,7 +36,7 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.store import Store
 from deep3m.postprocess.objects import InPhysicalUnits, csv_text
 from deep3m.postprocess.objects import table_keys as object_table_keys
-from deep3m.postprocess.sharded.block import PieceStats
+from deep3m.postprocess.sharded.block import PieceStats, from_npz_bytes, to_npz_bytes
 from deep3m.postprocess.sharded.merge import IdMap
 
 # Mean ratio of a surface's area to the area of its voxel faces (isotropic surfaces).
@@ -109,6 +109,22 @@ class ObjectStats(InPhysicalUnits):
         cols = self.columns()
         rows = zip(*(cols[c].tolist() for c in COLUMNS), strict=True)
         return csv_text(COLUMNS, rows)
+
+    _FIELDS = (
+        "labels", "volume_voxels", "centroid", "bbox_start", "bbox_stop",
+        "mean_probability", "boundary_face_area_nm2", "convex_voxels",
+    )  # fmt: skip
+
+    def to_bytes(self) -> bytes:
+        """The table as a document (a reduce shard's output)."""
+        arrays = {name: getattr(self, name) for name in self._FIELDS}
+        return to_npz_bytes({**arrays, "voxel_size_nm": np.asarray(self.voxel_size_nm)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ObjectStats:
+        d = from_npz_bytes(data, "object table")
+        vs = check_voxel_size(d["voxel_size_nm"].tolist())
+        return cls(**{name: d[name] for name in cls._FIELDS}, voxel_size_nm=vs)
 
     def to_parquet(self) -> bytes:
         import pyarrow as pa
@@ -211,11 +227,7 @@ def concat_tables(parts: Sequence[ObjectStats]) -> ObjectStats:
     order = np.argsort(labels, kind="stable")
     if len(np.unique(labels)) != len(labels):
         raise InvalidArgumentError("the tables share objects: shards overlap", field="parts")
-    fields = (
-        "labels", "volume_voxels", "centroid", "bbox_start", "bbox_stop",
-        "mean_probability", "boundary_face_area_nm2", "convex_voxels",
-    )  # fmt: skip
-    joined = {f: np.concatenate([getattr(p, f) for p in parts])[order] for f in fields}
+    joined = {f: np.concatenate([getattr(p, f) for p in parts])[order] for f in ObjectStats._FIELDS}
     return ObjectStats(**joined, voxel_size_nm=vs)
 
 
