@@ -7,9 +7,12 @@ import pytest
 from deep3m.adaptation.histogram import (
     BINS,
     HistogramReference,
+    apply_lut,
     corrected_zero_bin,
+    lut_from_counts,
     match_histogram,
     match_stack,
+    prediction_reference,
     random_histogram_matching,
     reference_histogram,
 )
@@ -87,9 +90,7 @@ def test_online_augmentation_probability() -> None:
     assert np.array_equal(never, img.astype(np.float32))
     assert always.mean() > 150
     draws = np.random.default_rng(4)
-    hits = sum(
-        random_histogram_matching(img, ref, draws, p=0.5).mean() > 150 for _ in range(200)
-    )
+    hits = sum(random_histogram_matching(img, ref, draws, p=0.5).mean() > 150 for _ in range(200))
     assert 70 < hits < 130
     with pytest.raises(InvalidArgumentError):
         random_histogram_matching(img, ref, draws, p=1.5)
@@ -112,3 +113,23 @@ def test_bad_images_are_refused(image: np.ndarray, field: str) -> None:
 def test_an_all_padding_target_is_refused() -> None:
     with pytest.raises(InvalidArgumentError, match="only padding"):
         reference_histogram(np.zeros((2, 8, 8), np.uint8))
+
+
+def test_one_volume_map_applied_block_by_block_matches_the_whole() -> None:
+    rng = np.random.default_rng(5)
+    volume = _images(rng, 70, 25, (2, 64, 64))
+    ref = reference_histogram(_images(rng, 150, 30))
+    lut = lut_from_counts(np.bincount(volume.ravel(), minlength=BINS), ref)
+    blocks = [apply_lut(volume[:, :32], lut), apply_lut(volume[:, 32:], lut)]
+    assert np.array_equal(np.concatenate(blocks, axis=1), match_histogram(volume, ref))
+
+
+def test_prediction_reference_from_a_model_card_record() -> None:
+    ref = reference_histogram(np.arange(256, dtype=np.uint8).reshape(1, 16, 16))
+    record = {"match_histogram_at_predict": True, "training_histogram": ref.to_dict()}
+    assert prediction_reference(record) == ref
+    assert prediction_reference({**record, "match_histogram_at_predict": False}) is None
+    assert prediction_reference(None) is None
+    with pytest.raises(InvalidArgumentError) as err:
+        prediction_reference({"match_histogram_at_predict": True})
+    assert err.value.field == "adaptation.training_histogram"

@@ -105,8 +105,11 @@ def test_each_method_records_candidates_and_card_fields(
 def test_histogram_matching_trains_on_target_like_source(baseline: dict) -> None:
     result = adapt(replace(TINY, method="histogram"), SOURCE, TARGET)
     matched = HistogramReference.from_dict(result.card["adaptation"]["training_histogram"])
-    plain = HistogramReference.from_dict(baseline["result"].card["adaptation"]["training_histogram"])
+    plain = HistogramReference.from_dict(
+        baseline["result"].card["adaptation"]["training_histogram"]
+    )
     target = np.asarray(TARGET.images[0])
+
     # The matched training images have the target's median grey level, not the source's.
     def median(h: HistogramReference) -> int:
         return int(np.searchsorted(h.quantiles, 0.5))

@@ -23,6 +23,7 @@ def test_degradation_is_noisy_and_blurred() -> None:
     noisy_only = degrade(flat, generator=torch.Generator().manual_seed(0), scale=1.0)
     both = degrade(flat, generator=torch.Generator().manual_seed(0))
     assert noisy_only.std() > 0.05  # σ = 0.3 · max
+
     # ×½ then back: neighbouring pixels agree more than with noise alone.
     def roughness(x: torch.Tensor) -> float:
         return float((x[..., 1:] - x[..., :-1]).abs().mean())

@@ -114,20 +114,41 @@ def reference_histogram(images: np.ndarray | Iterable[np.ndarray]) -> HistogramR
     return HistogramReference(tuple(float(c) for c in total / n_images))
 
 
-def matching_lut(image: np.ndarray, reference: HistogramReference) -> np.ndarray:
-    """The grey-level map (256 floats) that takes ``image``'s histogram onto the reference."""
-    counts = _counts(_check_image(image, "image"))
-    if counts[0] > 0:
-        if counts[0] == counts.sum():
-            counts[0] = 1.0  # an all-black image: nothing to match, zero stays zero
-        elif counts[1] > 0 and counts[2] > 0:
-            counts[0] = corrected_zero_bin(counts[1], counts[2])
+def lut_from_counts(counts: np.ndarray, reference: HistogramReference) -> np.ndarray:
+    """The grey-level map (256 float32) taking a histogram ``counts`` onto ``reference``.
+
+    For a volume predicted block by block, build the map once from the whole
+    volume's histogram and apply it to every block (:func:`apply_lut`): matching
+    each block on its own would give every block a different map, and seams.
+    """
+    c = np.asarray(counts, dtype=np.float64).copy()
+    if c.shape != (BINS,) or np.any(c < 0) or c.sum() <= 0:
+        raise InvalidArgumentError(
+            f"a histogram to match needs {BINS} non-negative counts, not all zero",
+            field="histogram",
+        )
+    if c[0] > 0:
+        if c[0] == c.sum():
+            c[0] = 1.0  # an all-black image: nothing to match, zero stays zero
+        elif c[1] > 0 and c[2] > 0:
+            c[0] = corrected_zero_bin(c[1], c[2])
         else:
-            counts[0] = 0.0
-    src_q = np.cumsum(counts) / counts.sum()
+            c[0] = 0.0
+    src_q = np.cumsum(c) / c.sum()
     lut = np.interp(src_q, reference.quantiles, np.arange(BINS, dtype=np.float64))
     lut[0] = 0.0  # padding stays padding
     return lut.astype(np.float32)
+
+
+def matching_lut(image: np.ndarray, reference: HistogramReference) -> np.ndarray:
+    """The grey-level map (256 floats) that takes ``image``'s histogram onto the reference."""
+    return lut_from_counts(_counts(_check_image(image, "image")), reference)
+
+
+def apply_lut(image: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """``lut[image]`` for 8-bit grey levels (float32 out)."""
+    arr = _check_image(image, "image")
+    return np.asarray(lut, dtype=np.float32)[arr.astype(np.int64)]
 
 
 def match_histogram(
@@ -138,8 +159,7 @@ def match_histogram(
     The result is float32 grey levels in [0, 255] (the map is continuous), or
     rounded to ``np.uint8`` when asked, e.g. to write a volume.
     """
-    arr = _check_image(image, "image")
-    out = matching_lut(arr, reference)[arr.astype(np.int64)]
+    out = apply_lut(image, matching_lut(image, reference))
     if np.dtype(dtype) == np.uint8:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
     return out.astype(dtype)
@@ -171,3 +191,16 @@ def random_histogram_matching(
     if rng.random() < p:
         return match_histogram(image, reference)
     return np.asarray(image, dtype=np.float32)
+
+
+def prediction_reference(adaptation: Mapping[str, Any] | None) -> HistogramReference | None:
+    """What prediction should match its input to, from a model card's ``adaptation``
+    record: the training histogram when the card asks for matching, else None."""
+    if not adaptation or not adaptation.get("match_histogram_at_predict"):
+        return None
+    if "training_histogram" not in adaptation:
+        raise InvalidArgumentError(
+            "the model asks for histogram matching but records no training histogram",
+            field="adaptation.training_histogram",
+        )
+    return HistogramReference.from_dict(adaptation["training_histogram"])
