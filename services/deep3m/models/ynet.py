@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from deep3m.core.errors import InvalidArgumentError
+from deep3m.models.deepem3d import check_input
 from deep3m.models.layers import scaled
 
 PAPER_FEATURE_MAPS: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -131,17 +132,7 @@ class AttentionYNet(nn.Module):
         return [self.seg_decoder, self.mask_head]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise InvalidArgumentError(
-                f"Y-Net input must be (batch, {self.in_channels}, y, x), got {tuple(x.shape)}",
-                field="input",
-            )
-        if x.shape[2] % STRIDE or x.shape[3] % STRIDE or x.shape[2] == 0 or x.shape[3] == 0:
-            raise InvalidArgumentError(
-                f"Y-Net input y/x sizes {tuple(x.shape[2:])} must be positive multiples of "
-                f"{STRIDE}",
-                field="input",
-            )
+        check_input(x, self.in_channels, STRIDE)
         skips = []
         y = x
         for block in self.encoder:

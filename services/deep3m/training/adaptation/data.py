@@ -165,3 +165,12 @@ class PatchSampler:
         x = torch.from_numpy(np.stack(xs) / SCALE).float()
         y = torch.from_numpy(np.stack(ys).astype(np.int64)) if ys else None
         return x, y
+
+    def labelled_sample(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample` for a sampler built ``with_labels``."""
+        x, y = self.sample(batch)
+        if y is None:
+            raise InvalidArgumentError(
+                f"domain {self.domain.name!r} is sampled without labels", field=self.domain.name
+            )
+        return x, y

@@ -258,20 +258,17 @@ def adapt(
         stages.append(_ssl_pretext(net, spec, source, target))
         frozen = encoder_modules(net)
         seg_lr = SSL_FINETUNE_LR
-    elif spec.method == "multitask":
-        assert isinstance(net, AttentionYNet)  # built just above
+    elif isinstance(net, AttentionYNet):  # multitask
         stages += _ynet_unsupervised(net, spec, source, target, target_hist)
         frozen = [*net.encoder, *net.reconstruction_modules()]
         seg_lr = YNET_LRS[2]
         alternate = [match_stack(s, target_hist) for s in source.images]
         alternate_p = spec.histogram_p
-    elif spec.method == "fewlabel":
-        assert base_state is not None and target_labelled is not None  # checked above
+    elif spec.method == "fewlabel" and base_state is not None and target_labelled is not None:
         load_state(net, base_state)
         train_domain = target_labelled
         sup_iterations = max(1, round(spec.iterations * spec.fewlabel_fraction))
-    elif spec.method == "supervised":
-        assert target_labelled is not None  # checked above
+    elif spec.method == "supervised" and target_labelled is not None:
         train_domain = target_labelled
     unsup_seconds = time.perf_counter() - unsup_started
 
@@ -294,8 +291,7 @@ def adapt(
     )
 
     def seg_step() -> torch.Tensor:
-        x, y = sampler.sample(spec.batch)
-        assert y is not None  # a labelled sampler
+        x, y = sampler.labelled_sample(spec.batch)
         return segmentation_loss(net, x, y)
 
     every = max(1, sup_iterations // spec.checkpoints)
