@@ -11,7 +11,6 @@ benchmarks only, never used to choose). Weights are kept in memory (and, with
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +166,3 @@ def selections(candidates: Sequence[Candidate], reference: Morphology) -> dict[s
 def load_state(net: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     net.load_state_dict(copy.deepcopy(dict(state)))
     return net
-
-
-def nan_to_none(value: float) -> float | None:
-    return None if math.isnan(value) else value

@@ -92,10 +92,6 @@ def mirror_index(i: int, n: int) -> int:
     return period - i if i >= n else i
 
 
-def to_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32) / SCALE)
-
-
 class PatchSampler:
     """Random augmented patches from one domain.
 
