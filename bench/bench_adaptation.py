@@ -28,6 +28,9 @@ table gives the target IoU of the checkpoint chosen by solidity, by the source
 validation IoU, the last, and the oracle (best target IoU), mean ± sd over seeds,
 and the wall time.
 
+Calibration measures the machine as it is: on a loaded machine ``--iterations N``
+gives the same budget every time.
+
 ``python -m bench adaptation --minutes 1 --seeds 2`` (add ``--directions
 sbem-to-sstem`` for one direction, ``--methods none histogram`` for a subset).
 """
@@ -199,6 +202,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for direction in args.directions:
         s = setup(direction, rescale=not args.no_rescale, crop=args.crop)
         iters, per_it = calibrate(base, s.source, args.minutes)
+        if args.iterations:  # a fixed budget, comparable across machines and loads
+            iters = args.iterations
         print(f"\n## {direction}: {s.note}", flush=True)
         print(
             f"supervised budget {iters} iterations ({per_it * 1000:.0f} ms each for "
@@ -305,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=float,
         default=float(os.environ.get("DEEP3M_BENCH_ADAPT_MINUTES", "1")),
         help="supervised CPU budget per method (calibrated into iterations)",
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=0, help="supervised iterations (overrides --minutes)"
     )
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS))
