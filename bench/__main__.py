@@ -1,6 +1,7 @@
 """Run the benchmarks: ``python -m bench [name ...]`` (default: all).
 
-Each ``bench/bench_<name>.py`` has a ``main()`` that prints its own table.
+Each ``bench/bench_<name>.py`` has a ``main()`` that prints its own table. Options
+after one name go to that benchmark: ``python -m bench adaptation --minutes 1``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ def available() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    names = argv or available()
+    split = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    names, options = argv[:split] or available(), argv[split:]
+    if options and len(names) != 1:
+        print("options go to one benchmark: python -m bench NAME --option …", file=sys.stderr)
+        return 2
     unknown = [n for n in names if n not in available()]
     if unknown:
         print(f"unknown benchmark(s) {unknown}; available: {available()}", file=sys.stderr)
@@ -32,7 +37,11 @@ def main(argv: list[str]) -> int:
         print(f"\n=== {name} ===", flush=True)
         started = time.monotonic()
         try:
-            importlib.import_module(f"bench.bench_{name}").main()
+            module = importlib.import_module(f"bench.bench_{name}")
+            if options:
+                module.main(options)
+            else:
+                module.main()
         except Exception as exc:  # keep going: one broken benchmark should not hide the rest
             print(f"benchmark {name} failed: {exc!r}", file=sys.stderr)
             failed.append(name)

@@ -1,0 +1,436 @@
+"""The adaptation methods as training procedures (Franco-Barranco et al. 2022).
+
+``adapt(spec, source, target, …)`` trains a segmenter for ``target`` from the
+labelled ``source`` and the target's images alone, records every checkpoint
+candidate's figures and returns the one ``spec.select_by`` chooses:
+
+- ``none``: supervised on the source (the baseline).
+- ``histogram``: supervised on the source matched offline to the target's pooled
+  histogram; the raw target is predicted.
+- ``histogram-online``: the matching as an augmentation (each patch from the
+  matched copy with probability ``histogram_p``).
+- ``translation``: a CUT (or CycleGAN) translator trained on unpaired source and
+  target patches; the segmenter trains on the translated source.
+- ``ssl``: restoration pretext on source + target patches (MSE, Adam one-cycle,
+  max lr 5e-4), then supervised fine-tuning with the encoder frozen (Adam
+  one-cycle, max lr 1e-4).
+- ``multitask``: the attention Y-Net in three stages: (1) α 0.98 MSE + β 0.02 BCE
+  on source + target (SGD 1e-3), (2) α 1, β 0 with online histogram matching
+  (Adam 2e-4), (3) α 0, β 1 on the labelled source, encoder levels and the
+  reconstruction branch frozen (Adam one-cycle, max lr 2e-4), matching kept on as
+  in the paper's code.
+- ``fewlabel``: CDeep3M's transfer learning: a trained base model fine-tuned on a
+  few labelled target slices for a tenth of the iterations (uses target labels).
+- ``supervised``: trained on the labelled target slices (the upper reference).
+
+The supervised stage has ``iterations`` for every method; unsupervised stages
+(pretext, Y-Net stages 1–2, translator) have ``unsupervised_iterations`` on top.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deep3m.adaptation.histogram import (
+    HistogramReference,
+    match_stack,
+    reference_histogram,
+)
+from deep3m.adaptation.morphology import Morphology, morphology
+from deep3m.adaptation.pretext import degrade
+from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
+from deep3m.models.registry import INPUT_MULTIPLE, check_architecture
+from deep3m.models.translation import TranslationConfig, build_translator
+from deep3m.models.ynet import AttentionYNet
+from deep3m.training.adaptation.candidates import (
+    Candidate,
+    CandidateRecorder,
+    check_selector,
+    choose,
+    load_state,
+    selections,
+)
+from deep3m.training.adaptation.data import Domain, PatchSampler
+from deep3m.training.adaptation.loops import Schedule, StageLog, run_stage
+from deep3m.training.adaptation.networks import (
+    build_segmenter,
+    encoder_modules,
+    reconstruction,
+    segmentation_loss,
+)
+from deep3m.training.adaptation.translation import train_translator, translate_stack
+
+METHODS: tuple[str, ...] = (
+    "none",
+    "histogram",
+    "histogram-online",
+    "translation",
+    "ssl",
+    "multitask",
+    "fewlabel",
+    "supervised",
+)
+LABEL_FREE: tuple[str, ...] = METHODS[:6]
+NEEDS_TARGET_LABELS: tuple[str, ...] = ("fewlabel", "supervised")
+
+SSL_PRETEXT_LR = 5e-4
+SSL_FINETUNE_LR = 1e-4
+YNET_ALPHAS = (0.98, 1.0, 0.0)
+YNET_BETAS = (0.02, 0.0, 1.0)
+YNET_LRS = (1e-3, 2e-4, 2e-4)
+
+
+@dataclass(frozen=True)
+class AdaptationSpec:
+    method: str = "none"
+    select_by: str = "solidity"
+    architecture: str = "resunet2d"
+    width: float = 0.125
+    frames: int = 1
+    iterations: int = 200
+    unsupervised_iterations: int = 200
+    batch: int = 4
+    patch: int = 128
+    lr: float = 1e-3
+    checkpoints: int = 5
+    histogram_p: float = 0.5
+    predict_histogram: bool = False
+    seed: int = 0
+    ynet_width: float = 0.5
+    ynet_dropout: bool = True
+    fewlabel_fraction: float = 0.1
+    translation: TranslationConfig = field(default_factory=TranslationConfig.cpu)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidArgumentError(
+                f"unknown adaptation {self.method!r}; choose one of {', '.join(METHODS)}",
+                field="adaptation",
+            )
+        check_selector(self.select_by)
+        check_architecture(self.architecture)
+        for name in ("iterations", "unsupervised_iterations", "batch", "checkpoints"):
+            if int(getattr(self, name)) < 1:
+                raise InvalidArgumentError(
+                    f"{name} must be >= 1, got {getattr(self, name)!r}", field=name
+                )
+        if self.patch < INPUT_MULTIPLE or self.patch % INPUT_MULTIPLE:
+            raise InvalidArgumentError(
+                f"patch must be a positive multiple of {INPUT_MULTIPLE}, got {self.patch}",
+                field="patch",
+            )
+        if not 0.0 <= self.histogram_p <= 1.0:
+            raise InvalidArgumentError(
+                f"histogram_p must be in [0, 1], got {self.histogram_p!r}", field="histogram_p"
+            )
+        if not 0.0 < self.fewlabel_fraction <= 1.0:
+            raise InvalidArgumentError(
+                f"fewlabel_fraction must be in (0, 1], got {self.fewlabel_fraction!r}",
+                field="fewlabel_fraction",
+            )
+        if self.method == "multitask" and self.frames != 1:
+            raise InvalidArgumentError(
+                "the multi-task Y-Net is a 2D network: frames must be 1", field="frames"
+            )
+
+
+@dataclass
+class AdaptationResult:
+    method: str
+    net: nn.Module
+    chosen: Candidate
+    candidates: list[Candidate]
+    reference: Morphology
+    stages: list[StageLog]
+    metrics: dict[str, Any]
+    card: dict[str, Any]
+
+
+def _uint8_levels(stacks: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+    return [np.clip(np.rint(s), 0, 255).astype(np.uint8) for s in stacks]
+
+
+def _check_domains(
+    spec: AdaptationSpec,
+    source: Domain,
+    target: Domain,
+    target_labelled: Domain | None,
+    base_state: Mapping[str, torch.Tensor] | None,
+) -> None:
+    if not source.labelled:
+        raise InvalidArgumentError(f"the source {source.name!r} needs labels", field="source")
+    small = min(target.min_size(), source.min_size())
+    if small < INPUT_MULTIPLE:
+        raise InvalidArgumentError(
+            f"slices must be at least {INPUT_MULTIPLE} px on a side, the smallest is {small}",
+            field="target" if target.min_size() < INPUT_MULTIPLE else "source",
+        )
+    if spec.method in NEEDS_TARGET_LABELS and (
+        target_labelled is None or not target_labelled.labelled
+    ):
+        raise InvalidArgumentError(
+            f"{spec.method} needs labelled target slices (target_labelled)",
+            field="target_labelled",
+        )
+    if spec.method == "fewlabel" and base_state is None:
+        raise FailedPreconditionError(
+            "fewlabel fine-tunes a trained base model: give its weights (base_state)",
+            field="base_model",
+        )
+
+
+def adapt(
+    spec: AdaptationSpec,
+    source: Domain,
+    target: Domain,
+    *,
+    source_validation: Domain | None = None,
+    target_scoring: Domain | None = None,
+    target_labelled: Domain | None = None,
+    base_state: Mapping[str, torch.Tensor] | None = None,
+    out_dir: Path | None = None,
+) -> AdaptationResult:
+    """Train ``spec.method`` for ``target`` and choose a checkpoint by ``spec.select_by``.
+
+    ``target``'s labels, if any, are never used; ``target_scoring`` (labelled)
+    only scores candidates (oracle figures); ``target_labelled`` is what
+    ``fewlabel``/``supervised`` train on.
+    """
+    _check_domains(spec, source, target, target_labelled, base_state)
+    torch.manual_seed(spec.seed)
+    reference = morphology(list(source.labels or ()), field="source.labels")
+    if reference.empty:
+        raise InvalidArgumentError(
+            f"the source labels of {source.name!r} hold no object over 10 px: no shape prior",
+            field="source.labels",
+        )
+    stages: list[StageLog] = []
+    target_hist = reference_histogram(list(target.images))
+    train_domain = source
+    alternate: list[np.ndarray] | None = None
+    alternate_p = 0.0
+    unsup_started = time.perf_counter()
+    sup_iterations = spec.iterations
+    seg_lr = spec.lr
+    frozen: list[nn.Module] = []
+    net: nn.Module
+
+    if spec.method == "multitask":
+        net = AttentionYNet(
+            spec.ynet_width, dropout=None if not spec.ynet_dropout else (0.1, 0.1, 0.2, 0.2, 0.3)
+        )
+    else:
+        net = build_segmenter(spec.architecture, frames=spec.frames, width=spec.width)
+
+    if spec.method == "histogram":
+        train_domain = source.with_images(
+            [match_stack(s, target_hist) for s in source.images], "+hm"
+        )
+    elif spec.method == "histogram-online":
+        alternate = [match_stack(s, target_hist) for s in source.images]
+        alternate_p = spec.histogram_p
+    elif spec.method == "translation":
+        translator = build_translator(spec.translation)
+        stages.append(
+            train_translator(
+                translator,
+                source,
+                target,
+                iterations=spec.unsupervised_iterations,
+                batch=spec.batch,
+                seed=spec.seed,
+            )
+        )
+        train_domain = source.with_images(
+            [translate_stack(translator, s) for s in source.images], "+translated"
+        )
+    elif spec.method == "ssl":
+        stages.append(_ssl_pretext(net, spec, source, target))
+        frozen = encoder_modules(net)
+        seg_lr = SSL_FINETUNE_LR
+    elif isinstance(net, AttentionYNet):  # multitask
+        stages += _ynet_unsupervised(net, spec, source, target, target_hist)
+        frozen = [*net.encoder, *net.reconstruction_modules()]
+        seg_lr = YNET_LRS[2]
+        alternate = [match_stack(s, target_hist) for s in source.images]
+        alternate_p = spec.histogram_p
+    elif spec.method == "fewlabel" and base_state is not None and target_labelled is not None:
+        load_state(net, base_state)
+        train_domain = target_labelled
+        sup_iterations = max(1, round(spec.iterations * spec.fewlabel_fraction))
+    elif spec.method == "supervised" and target_labelled is not None:
+        train_domain = target_labelled
+    unsup_seconds = time.perf_counter() - unsup_started
+
+    training_hist = reference_histogram(_uint8_levels(train_domain.images))
+    recorder = CandidateRecorder(
+        net,
+        target,
+        source_validation=source_validation,
+        target_scoring=target_scoring,
+        predict_histogram=training_hist if spec.predict_histogram else None,
+        out_dir=out_dir / "candidates" if out_dir is not None else None,
+    )
+    sampler = PatchSampler(
+        train_domain,
+        patch=spec.patch,
+        frames=spec.frames,
+        seed=spec.seed + 100,
+        alternate=alternate,
+        alternate_p=alternate_p,
+    )
+
+    def seg_step() -> torch.Tensor:
+        x, y = sampler.labelled_sample(spec.batch)
+        return segmentation_loss(net, x, y)
+
+    every = max(1, sup_iterations // spec.checkpoints)
+    sup_log = run_stage(
+        "segmentation",
+        seg_step,
+        train=[net],
+        frozen=frozen,
+        schedule=Schedule(sup_iterations, seg_lr),
+        checkpoint_every=every,
+        on_checkpoint=recorder,
+    )
+    stages.append(sup_log)
+    chosen, choice = choose(recorder.candidates, spec.select_by, reference)
+    load_state(net, chosen.state)
+    net.eval()
+
+    metrics = {
+        "method": spec.method,
+        "source": source.name,
+        "target": target.name,
+        "select_by": spec.select_by,
+        "spec": {k: v for k, v in asdict(spec).items() if k != "translation"}
+        | {"translation": asdict(spec.translation)},
+        "reference": reference.to_dict(),
+        "candidates": [c.figures() for c in recorder.candidates],
+        "selected": selections(recorder.candidates, reference),
+        "chosen": chosen.name,
+        "choice": choice,
+        "stages": [{k: v for k, v in asdict(s).items() if k != "losses"} for s in stages],
+        "wall_seconds": {
+            "unsupervised": unsup_seconds,
+            "supervised": sup_log.seconds,
+        },
+    }
+    card = {
+        "adaptation": {
+            "method": spec.method,
+            "target": target.name,
+            "select_by": spec.select_by,
+            "chosen_checkpoint": chosen.name,
+            "chosen_iteration": chosen.iteration,
+            "fallback": choice.get("fallback"),
+            "reference_morphology": reference.to_dict(),
+            "training_histogram": training_hist.to_dict(),
+            "match_histogram_at_predict": spec.predict_histogram,
+        }
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return AdaptationResult(
+        spec.method, net, chosen, recorder.candidates, reference, stages, metrics, card
+    )
+
+
+def _unlabelled(*domains: Domain) -> Domain:
+    images = tuple(s for d in domains for s in d.images)
+    return Domain("+".join(d.name for d in domains), images)
+
+
+def _ssl_pretext(net: nn.Module, spec: AdaptationSpec, source: Domain, target: Domain) -> StageLog:
+    """Restore clean source and target patches from noisy, ×½-resolution copies."""
+    pool = _unlabelled(source, target)
+    sampler = PatchSampler(
+        pool, patch=spec.patch, frames=spec.frames, seed=spec.seed + 200, with_labels=False
+    )
+    gen = torch.Generator().manual_seed(spec.seed)
+    centre = spec.frames // 2
+
+    def step() -> torch.Tensor:
+        clean, _ = sampler.sample(spec.batch)
+        return F.mse_loss(reconstruction(net, degrade(clean, generator=gen)), clean[:, centre])
+
+    return run_stage(
+        "ssl-pretext",
+        step,
+        train=[net],
+        schedule=Schedule(spec.unsupervised_iterations, SSL_PRETEXT_LR),
+    )
+
+
+def _ynet_unsupervised(
+    net: AttentionYNet,
+    spec: AdaptationSpec,
+    source: Domain,
+    target: Domain,
+    target_hist: HistogramReference,
+) -> list[StageLog]:
+    """Stages 1 and 2 of the Y-Net schedule (half the unsupervised budget each)."""
+    matched = [match_stack(s, target_hist) for s in source.images]
+    logs = []
+    first = max(1, spec.unsupervised_iterations // 2)
+    second = max(1, spec.unsupervised_iterations - first)
+    for stage, iters in ((0, first), (1, second)):
+        alpha, beta = YNET_ALPHAS[stage], YNET_BETAS[stage]
+        src = PatchSampler(
+            source,
+            patch=spec.patch,
+            frames=1,
+            seed=spec.seed + 300 + stage,
+            alternate=matched if stage == 1 else None,
+            alternate_p=spec.histogram_p if stage == 1 else 0.0,
+        )
+        tgt = PatchSampler(
+            target, patch=spec.patch, frames=1, seed=spec.seed + 400 + stage, with_labels=False
+        )
+        turn = [0]
+
+        def step(
+            alpha: float = alpha,
+            beta: float = beta,
+            src: PatchSampler = src,
+            tgt: PatchSampler = tgt,
+            turn: list[int] = turn,
+        ) -> torch.Tensor:
+            # One domain per batch, alternating; BCE only where labels exist.
+            turn[0] += 1
+            if turn[0] % 2:
+                x, y = src.sample(spec.batch)
+            else:
+                x, y = tgt.sample(spec.batch)
+            image, mask = net(x)
+            loss = alpha * F.mse_loss(image, x)
+            if y is not None and beta > 0:
+                loss = loss + beta * F.binary_cross_entropy_with_logits(mask[:, 0], y.float())
+            return loss
+
+        logs.append(
+            run_stage(
+                f"ynet-stage{stage + 1}",
+                step,
+                train=[net],
+                schedule=Schedule(
+                    iters,
+                    YNET_LRS[stage],
+                    optimizer="sgd" if stage == 0 else "adam",
+                    one_cycle=False,
+                ),
+            )
+        )
+    return logs
