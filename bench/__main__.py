@@ -1,6 +1,8 @@
-"""Run the benchmarks: ``python -m bench [name ...]`` (default: all).
+"""Run the benchmarks: ``python -m bench [name ...] [--option ...]`` (default: all).
 
-Each ``bench/bench_<name>.py`` has a ``main()`` that prints its own table.
+Each ``bench/bench_<name>.py`` has a ``main()`` that prints its own table. Options
+after the names (from the first ``-``) go to each named benchmark's ``main(argv)``,
+e.g. ``python -m bench accuracy --minutes 20``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ def available() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    names = argv or available()
+    first_option = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    names, options = argv[:first_option] or available(), argv[first_option:]
     unknown = [n for n in names if n not in available()]
     if unknown:
         print(f"unknown benchmark(s) {unknown}; available: {available()}", file=sys.stderr)
@@ -32,7 +35,8 @@ def main(argv: list[str]) -> int:
         print(f"\n=== {name} ===", flush=True)
         started = time.monotonic()
         try:
-            importlib.import_module(f"bench.bench_{name}").main()
+            module = importlib.import_module(f"bench.bench_{name}")
+            module.main(options) if options else module.main()
         except Exception as exc:  # keep going: one broken benchmark should not hide the rest
             print(f"benchmark {name} failed: {exc!r}", file=sys.stderr)
             failed.append(name)

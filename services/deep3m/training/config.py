@@ -26,7 +26,7 @@ adaptations:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,11 +34,62 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.models.card import check_model_id
 from deep3m.models.registry import INPUT_MULTIPLE, check_architecture, member_frames
+from deep3m.models.scaled import MAX_INPUT_SCALE
+from deep3m.training.objectives import Loss, Schedule, lr_factor
 
 INTENSITY_AUGMENTATIONS = ("contrast", "blur", "noise", "elastic")
 DEFAULT_MEMBERS = ("1fm", "3fm", "5fm")
 DEFAULT_ITERATIONS = 30000
 DEFAULT_LEARNING_RATE = {"sgd": 1e-2, "adam": 1e-3}
+
+# A recipe fills every field the caller does not give. ``cdeep3m`` is CDeep3M's
+# published recipe (above); ``default`` is the one that won the accuracy benchmark
+# (``python -m bench accuracy``; docs/ACCURACY.md has the table and the reasons).
+RECIPES: dict[str, Mapping[str, Any]] = {
+    "cdeep3m": {
+        "architecture": "deepem3d",
+        "width": 1.0,
+        "members": DEFAULT_MEMBERS,
+        "iterations": DEFAULT_ITERATIONS,
+        "batch_size": 4,
+        "patch_shape": (320, 320),
+        "accumulate_gradients": 8,
+        "validate_every": 500,
+        "optimizer": "sgd",
+        "learning_rate": 0.0,
+        "weight_decay": 5e-4,
+        "schedule": "poly",
+        "loss": "ce",
+        "class_balance": True,
+        "foreground_fraction": 0.0,
+        "input_scale": 1,
+        "cpu_bfloat16": False,
+        "channels_last": False,
+        "keep_best": False,
+    },
+    "default": {
+        "architecture": "resunet2d",
+        "width": 0.5,
+        "members": DEFAULT_MEMBERS,
+        "iterations": 6000,
+        "batch_size": 4,
+        "patch_shape": (512, 512),
+        "accumulate_gradients": 1,
+        "validate_every": 500,
+        "optimizer": "adam",
+        "learning_rate": 2e-3,
+        "weight_decay": 1e-4,
+        "schedule": "onecycle",
+        "loss": "ce_dice",
+        "class_balance": True,
+        "foreground_fraction": 0.5,
+        "input_scale": 2,
+        "cpu_bfloat16": True,
+        "channels_last": True,
+        "keep_best": True,
+    },
+}
+RECIPE_NAMES: tuple[str, ...] = tuple(RECIPES)
 
 
 class VolumeSource(BaseModel):
@@ -61,6 +112,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model_id: str
+    recipe: Literal["default", "cdeep3m"] = "default"
     images: VolumeSource
     labels: VolumeSource
     validation_images: VolumeSource | None = None
@@ -87,9 +139,33 @@ class TrainConfig(BaseModel):
     class_balance: bool = True
     intensity_augmentations: tuple[str, ...] = ()
     voxel_size_nm: tuple[float, float, float] | None = None
-    mixed_precision: bool = True  # CUDA only; CPU always trains in float32
+    mixed_precision: bool = True  # CUDA: float16 autocast
     seed: int = Field(default=0, ge=0)
     checkpoints_kept: int = Field(default=2, ge=1)
+    loss: Loss = "ce"
+    schedule: Schedule = "poly"
+    # Fraction of patches placed around a foreground voxel (the rest uniformly).
+    foreground_fraction: float = Field(default=0.0, ge=0, le=1)
+    # The network sees its input downscaled by this factor (ScaledInput).
+    input_scale: int = Field(default=1, ge=1, le=MAX_INPUT_SCALE)
+    # CPU: bfloat16 autocast (AVX-512 BF16 makes it about twice as fast).
+    cpu_bfloat16: bool = False
+    channels_last: bool = False
+    # Time budget per member (0: none); training stops at it or at ``iterations``,
+    # whichever comes first, and the schedule runs on the larger of the two fractions.
+    max_minutes: float = Field(default=0.0, ge=0, le=100_000)
+    # Keep the weights of the best validation F1, not the last.
+    keep_best: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        name = data.get("recipe", "default")
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; choose from {list(RECIPE_NAMES)}")
+        return {**RECIPES[name], **data}
 
     @field_validator("model_id")
     @classmethod
@@ -172,10 +248,12 @@ class TrainConfig(BaseModel):
     def max_frames(self) -> int:
         return max(member_frames(m) for m in self.members)
 
-    def learning_rate_at(self, iteration: int) -> float:
-        """CDeep3M's poly policy: base · (1 − iteration / total)^power."""
-        fraction = min(max(iteration, 0) / self.total_iterations, 1.0)
-        return self.base_learning_rate * (1.0 - fraction) ** self.lr_power
+    def learning_rate_at(self, iteration: int, elapsed_s: float = 0.0) -> float:
+        """base · the schedule's factor at the run's fraction (iterations or budget)."""
+        fraction = max(iteration, 0) / self.total_iterations
+        if self.max_minutes:
+            fraction = max(fraction, elapsed_s / (self.max_minutes * 60.0))
+        return self.base_learning_rate * lr_factor(self.schedule, fraction, self.lr_power)
 
     def fingerprint(self, member: str) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed by this configuration."""
@@ -193,6 +271,12 @@ class TrainConfig(BaseModel):
             "accumulate_gradients": self.accumulate_gradients,
             "optimizer": self.optimizer,
             "learning_rate": self.base_learning_rate,
+            "recipe": self.recipe,
+            "loss": self.loss,
+            "schedule": self.schedule,
+            "input_scale": self.input_scale,
+            "foreground_fraction": self.foreground_fraction,
+            "max_minutes": self.max_minutes,
             "seed": self.seed,
             "images": self.images.describe(),
             "labels": self.labels.describe(),
@@ -234,9 +318,14 @@ class TrainConfig(BaseModel):
             "voxel_size_nm": tuple(spec.voxel_size_nm),
             "num_classes": spec.num_classes,
             "seed": spec.seed,
+            "recipe": spec.recipe,
+            "max_minutes": spec.max_minutes,
+            "optimizer": spec.optimizer,
+            "loss": spec.loss,
+            "schedule": spec.schedule,
+            "input_scale": spec.input_scale,
+            "foreground_fraction": spec.foreground_fraction,
         }
-        if hasattr(spec, "optimizer"):
-            optional["optimizer"] = spec.optimizer
         values.update({k: v for k, v in optional.items() if v})
         if "voxel_size_nm" in values and len(values["voxel_size_nm"]) != 3:
             raise InvalidArgumentError(
@@ -287,7 +376,3 @@ def _invalid(exc: ValidationError) -> InvalidArgumentError:
     return InvalidArgumentError(
         "invalid training spec: " + "; ".join(problems), field=fields[0] if fields else "spec"
     )
-
-
-def parse_members(members: Sequence[str]) -> tuple[str, ...]:
-    return tuple(m.strip() for m in members if m.strip())
