@@ -26,70 +26,19 @@ adaptations:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.models.card import check_model_id
+from deep3m.models.recipes import CDEEP3M_ITERATIONS, CDEEP3M_MEMBERS, RECIPE_NAMES, RECIPES
 from deep3m.models.registry import INPUT_MULTIPLE, check_architecture, member_frames
 from deep3m.models.scaled import MAX_INPUT_SCALE
 from deep3m.training.objectives import Loss, Schedule, lr_factor
 
 INTENSITY_AUGMENTATIONS = ("contrast", "blur", "noise", "elastic")
-DEFAULT_MEMBERS = ("1fm", "3fm", "5fm")
-DEFAULT_ITERATIONS = 30000
 DEFAULT_LEARNING_RATE = {"sgd": 1e-2, "adam": 1e-3}
-
-# A recipe fills every field the caller does not give. ``cdeep3m`` is CDeep3M's
-# published recipe (above); ``default`` is the one that won the accuracy benchmark
-# (``python -m bench accuracy``; docs/ACCURACY.md has the table and the reasons).
-RECIPES: dict[str, Mapping[str, Any]] = {
-    "cdeep3m": {
-        "architecture": "deepem3d",
-        "width": 1.0,
-        "members": DEFAULT_MEMBERS,
-        "iterations": DEFAULT_ITERATIONS,
-        "batch_size": 4,
-        "patch_shape": (320, 320),
-        "accumulate_gradients": 8,
-        "validate_every": 500,
-        "optimizer": "sgd",
-        "learning_rate": 0.0,
-        "weight_decay": 5e-4,
-        "schedule": "poly",
-        "loss": "ce",
-        "class_balance": True,
-        "foreground_fraction": 0.0,
-        "input_scale": 1,
-        "cpu_bfloat16": False,
-        "channels_last": False,
-        "keep_best": False,
-    },
-    "default": {
-        "architecture": "resunet2d",
-        "width": 0.5,
-        "members": DEFAULT_MEMBERS,
-        "iterations": 6000,
-        "batch_size": 4,
-        "patch_shape": (512, 512),
-        "accumulate_gradients": 1,
-        "validate_every": 500,
-        "optimizer": "adam",
-        "learning_rate": 2e-3,
-        "weight_decay": 1e-4,
-        "schedule": "onecycle",
-        "loss": "ce_dice",
-        "class_balance": True,
-        "foreground_fraction": 0.5,
-        "input_scale": 2,
-        "cpu_bfloat16": True,
-        "channels_last": True,
-        "keep_best": True,
-    },
-}
-RECIPE_NAMES: tuple[str, ...] = tuple(RECIPES)
 
 
 class VolumeSource(BaseModel):
@@ -119,9 +68,9 @@ class TrainConfig(BaseModel):
     validation_labels: VolumeSource | None = None
     architecture: str = "deepem3d"
     width: float = Field(default=1.0, gt=0, le=8)
-    members: tuple[str, ...] = DEFAULT_MEMBERS
+    members: tuple[str, ...] = CDEEP3M_MEMBERS
     num_classes: int = Field(default=2, ge=2, le=255)
-    iterations: int = Field(default=DEFAULT_ITERATIONS, ge=1)
+    iterations: int = Field(default=CDEEP3M_ITERATIONS, ge=1)
     base_model: str = ""
     add_iterations: int = Field(default=0, ge=0)
     batch_size: int = Field(default=4, ge=1, le=1024)
@@ -285,6 +234,13 @@ class TrainConfig(BaseModel):
     @classmethod
     def create(cls, **values: Any) -> TrainConfig:
         """Build from keywords; a bad value raises InvalidArgumentError naming the field."""
+        recipe = values.get("recipe", "default")
+        if recipe not in RECIPES:
+            raise InvalidArgumentError(
+                f"invalid training spec: recipe: unknown recipe {recipe!r}; choose from "
+                f"{list(RECIPE_NAMES)}",
+                field="recipe",
+            )
         try:
             return cls(**values)
         except ValidationError as exc:

@@ -11,7 +11,6 @@ the recipe).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +23,6 @@ from deep3m.core.errors import InvalidArgumentError, NotFoundError
 from deep3m.core.store import Store
 
 PACKAGE_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "cdeep3m-mito"
-SHARED_ENV = "DEEP3M_SHARED_DATA"  # overrides <repo>/../shared/data
 VOXEL_SIZE_NM = (40.0, 5.9, 5.9)
 
 
@@ -39,9 +37,11 @@ class DemoData:
 
 
 def shared_data_root() -> Path:
-    """``<repo>/../shared/data`` for an editable checkout (or $DEEP3M_SHARED_DATA)."""
-    if os.environ.get(SHARED_ENV):
-        return Path(os.environ[SHARED_ENV])
+    """``<repo>/../shared/data`` for an editable checkout (or the ``shared_data`` setting)."""
+    from deep3m.runtime.settings import get_settings
+
+    if get_settings().shared_data:
+        return Path(get_settings().shared_data)
     # services/deep3m/training/demo_data.py → repo root is three levels up.
     return Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
 
@@ -116,23 +116,6 @@ def write_volume(
     arr[...] = data
     store.mark_complete(path)
     return path
-
-
-def stage_demo(
-    store: Store, prefix: str = "volumes/demo", data: DemoData | None = None
-) -> dict[str, str]:
-    """Write the demo's four stacks into ``store``; returns {name: volume path}."""
-    data = data or sample_paths()
-    folders = {
-        "train-images": data.train_images,
-        "train-labels": data.train_labels,
-        "val-images": data.val_images,
-        "val-labels": data.val_labels,
-    }
-    return {
-        name: write_volume(store, f"{prefix}/{name}.zarr", load_stack(folder))
-        for name, folder in folders.items()
-    }
 
 
 @dataclass(frozen=True)

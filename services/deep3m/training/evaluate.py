@@ -186,8 +186,8 @@ def select_ensemble(
             continue
         avg = sum(w * p for w, p in zip(subset, member_probabilities, strict=True))
         threshold, f1 = best_threshold(np.asarray(avg) / sum(subset), ground_truth)
-        key = (f1, int(sum(subset)))
-        if best is None or key > (best[0] + 1e-9, best[1]):
-            best = (f1, int(sum(subset)), subset, threshold)
+        count = int(sum(subset))
+        if best is None or f1 > best[0] + 1e-9 or (abs(f1 - best[0]) <= 1e-9 and count > best[1]):
+            best = (f1, count, subset, threshold)
     assert best is not None  # n >= 1
     return Selection(best[2], best[3], best[0], singles)

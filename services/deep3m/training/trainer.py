@@ -261,7 +261,9 @@ class _Run:
         self.best_iteration = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.resumed_from = 0
-        if config.channels_last:
+        # channels_last is a 4-D layout: networks with 3-D convolutions keep theirs.
+        self.channels_last = config.channels_last and all(p.ndim != 5 for p in net.parameters())
+        if self.channels_last:
             net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.net = net
         self.optimizer = make_optimizer(config, net)
@@ -453,7 +455,7 @@ class _Run:
         rng = iteration_rng(config.seed, self.rank, it)
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        memory = torch.channels_last if config.channels_last else torch.contiguous_format
+        memory = torch.channels_last if self.channels_last else torch.contiguous_format
         for micro in range(config.accumulate_gradients):
             x, y = sample_batch(
                 self.data.train,
