@@ -23,6 +23,9 @@ slices (050–059), all in one run on the same cores:
   (the model card's default).
 
 ``--candidates a,b`` picks rows (names in ``CANDIDATES``); ``--list`` lists them.
+``--tta`` then scores the last deep3m candidate at each test-time augmentation speed
+level (10: identity … 1: all 8 in-plane variations of a 1fm member), with the CPU
+seconds each level costs on the 10 validation slices.
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from deep3m.core.augmentation import (
+    SPEED_LEVELS,
+    apply_variation,
+    invert_variation,
+    member_row,
+    tta_variations,
+)
 from deep3m.core.store import Store
 from deep3m.postprocess.evaluate import EvaluateSpec, Operand, evaluate_arrays, voxel_counts
 from deep3m.training.config import TrainConfig, VolumeSource
@@ -46,6 +56,7 @@ from deep3m.training.data import (
     compute_normalization,
     iteration_rng,
     sample_batch,
+    slice_stack,
     to_classes,
 )
 from deep3m.training.demo_data import load_stack, sample_paths, write_volume
@@ -310,12 +321,46 @@ def _line(cells: Sequence[str]) -> str:
     return "| " + " | ".join(c.ljust(w) for c, (_, w) in zip(cells, HEADER, strict=True)) + " |"
 
 
-def run(names: Sequence[str], minutes: float, threads: int) -> list[dict[str, Any]]:
+def tta_probabilities(
+    net: nn.Module, volume: LabelledVolume, frames: int, level: int
+) -> np.ndarray:
+    """P(foreground) averaged over the speed level's variations, each inverted back."""
+    variations = tta_variations(level, member_row(frames))
+    out = np.zeros(volume.labels.shape, np.float32)
+    with torch.no_grad():
+        for z in range(volume.shape[0]):
+            stack = slice_stack(volume.images, z, frames)
+            for v in variations:
+                x = np.ascontiguousarray(apply_variation(stack, v, has_z=True))[None]
+                probs = torch.softmax(net(torch.from_numpy(x)).float(), dim=1)[0, 1].numpy()
+                out[z] += invert_variation(probs, v, has_z=False)
+    return out / np.float32(len(variations))
+
+
+def tta_table(net: nn.Module, frames: int, threshold: float, data: Data) -> None:
+    clock = CpuClock(torch.get_num_threads())
+    print(f"\nTest-time augmentation speed levels (threshold {threshold:.2f})")
+    print("| level | variations | F1@0 | F1@1 | objF1 | cpu s |")
+    print("|---|---|---|---|---|---|")
+    for level in sorted(SPEED_LEVELS, reverse=True):
+        t0 = clock()
+        probs = tta_probabilities(net, data.val, frames, level)
+        seconds = clock() - t0
+        m = score(probs, data.val.labels > 0, threshold)
+        n = len(tta_variations(level, member_row(frames)))
+        print(f"| {level} | {n} | {m['f1@0']:.3f} | {m['f1@1']:.3f} | {m['object_f1']:.3f} "
+              f"| {seconds:.0f} |", flush=True)  # fmt: skip
+
+
+def run(
+    names: Sequence[str], minutes: float, threads: int, *, tta: bool = False
+) -> list[dict[str, Any]]:
     torch.set_num_threads(threads)
     clock = CpuClock(threads)
     budget = minutes * 60.0
     chosen = [c for c in CANDIDATES if c.name in names]
     rows: list[dict[str, Any]] = []
+    last: tuple[nn.Module, int, float] | None = None
     with tempfile.TemporaryDirectory(prefix="deep3m-bench-acc-") as tmp:
         data = load_data(Path(tmp))
         print(f"data: {data.description}")
@@ -344,6 +389,8 @@ def run(names: Sequence[str], minutes: float, threads: int) -> list[dict[str, An
                    "threshold": threshold, "iterations": its, "cpu_s": cpu_s,
                    "wall_s": wall_s}  # fmt: skip
             rows.append(row)
+            if not cand.peer:
+                last = (net, frames, threshold)
             print(
                 _line([
                     cand.name, *(f"{m[k]:.3f}" for k in ("precision@0", "recall@0", "f1@0",
@@ -352,6 +399,8 @@ def run(names: Sequence[str], minutes: float, threads: int) -> list[dict[str, An
                 ]),
                 flush=True,
             )  # fmt: skip
+        if tta and last is not None:
+            tta_table(*last, data)
     peer = next((r for r in rows if r["name"] == "monai"), None)
     print()
     for r in rows:
@@ -375,6 +424,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"comma-separated rows (screening set: {','.join(SCREEN)})",
     )
     parser.add_argument("--list", action="store_true", help="list the candidates and exit")
+    parser.add_argument(
+        "--tta", action="store_true", help="score the last deep3m candidate at each TTA level"
+    )
     args = parser.parse_args(list(argv) if argv is not None else [])
     if args.list:
         for c in CANDIDATES:
@@ -384,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(names) - {c.name for c in CANDIDATES})
     if unknown:
         raise SystemExit(f"unknown candidate(s) {unknown}; see --list")
-    run(names, args.minutes, args.threads)
+    run(names, args.minutes, args.threads, tta=args.tta)
 
 
 if __name__ == "__main__":

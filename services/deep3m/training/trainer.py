@@ -587,11 +587,12 @@ class _Run:
         weights = ""
         extra: dict[str, Any] = {}
         if self.rank == 0:
-            if self.data.validation_source == "validation" or not config.keep_best:
-                probs = foreground_probabilities([(self.net, self.frames, 1.0)],
-                                                 self.data.validation, self.device)  # fmt: skip
-                threshold, f1 = best_threshold(probs, self.data.validation.labels > 0)
-                extra = {"threshold": threshold, "threshold_f1": f1}
+            # The threshold with the best F1 on the validation slices (the training
+            # slices when no validation volume was given: validation_source says which).
+            probs = foreground_probabilities([(self.net, self.frames, 1.0)],
+                                             self.data.validation, self.device)  # fmt: skip
+            threshold, f1 = best_threshold(probs, self.data.validation.labels > 0)
+            extra = {"threshold": threshold, "threshold_f1": f1}
             weights = save_weights(self.store, config.model_id, self.member, state)
             self.write_metrics(done, complete=True, weights=weights, extra=extra)
         return MemberResult(
