@@ -316,3 +316,29 @@ def test_volume_source_is_unchanged_by_recipes() -> None:
     src = VolumeSource(path="p")
     config = TrainConfig.create(model_id="m", images=src, labels=src, recipe="cdeep3m")
     assert config.images == src and config.recipe == "cdeep3m"
+
+
+def test_predictor_weights_members_as_the_card_says() -> None:
+    from deep3m.inference.predictor import EnsemblePredictor, whole_volume_block
+    from deep3m.models.card import MemberCard, ModelCard
+
+    torch.manual_seed(0)
+    nets = {m: build_network("resunet2d", frames=1, width=0.125).eval() for m in ("a", "b")}
+
+    def card(weights: tuple[float, float]) -> ModelCard:
+        members = tuple(
+            MemberCard(name=n, frames=1, weight=w) for n, w in zip(nets, weights, strict=True)
+        )
+        return ModelCard(id="w", architecture="resunet2d", width=0.125, members=members)
+
+    data = np.random.default_rng(0).integers(0, 255, (1, 32, 32)).astype(np.uint8)
+    block = whole_volume_block(data.shape, (0, 0, 0))
+
+    def predict(weights: tuple[float, float], members: dict[str, torch.nn.Module]) -> np.ndarray:
+        return EnsemblePredictor(card(weights), members, tta_level=10).predict_block(data, block)
+
+    only_a = predict((1.0, 1.0), {"a": nets["a"]})
+    np.testing.assert_allclose(predict((1.0, 0.0), nets), only_a, rtol=1e-6)
+    both = predict((1.0, 1.0), nets)
+    assert not np.allclose(both, only_a)
+    np.testing.assert_allclose(predict((0.0, 0.0), nets), both, rtol=1e-6)  # all 0: equal
