@@ -64,6 +64,8 @@ from deep3m.training.evaluate import foreground_probabilities
 from deep3m.training.trainer import metrics_key, train_member
 from torch import nn
 
+from bench.bench_training import monai_unet
+
 ZONES = (0, 1, 2)
 MANY = 10**7  # iterations: the budget ends every run
 
@@ -79,31 +81,22 @@ class Candidate:
     peer: bool = False
 
 
+def _deepem3d(name: str, width: float, patch: int, extra: str = "") -> Candidate:
+    """DeepEM3D 1fm with CDeep3M's solver at the old demo's short-run rate."""
+    return Candidate(
+        name,
+        f"DeepEM3D w{width:g} 1fm, SGD 5e-2 poly, balanced CE, 4×{patch}²{extra}",
+        recipe="cdeep3m",
+        overrides={"width": width, "patch_shape": (patch, patch), "accumulate_gradients": 1,
+                   "learning_rate": 5e-2},
+    )  # fmt: skip
+
+
 _DEFAULT = "resunet2d w0.5, AdamW 2e-3 one-cycle, CE+Dice, fg 0.5, x2, 4×512², bf16"
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate("monai", "MONAI UNet 16…256, 2 res units, Adam 1e-3, DiceCE, 8×256²", peer=True),
-    Candidate(
-        "cdeep3m-demo",
-        "DeepEM3D w0.125 1fm, SGD 5e-2 poly, balanced CE, 4×128² (the old demo)",
-        recipe="cdeep3m",
-        overrides={
-            "width": 0.125,
-            "patch_shape": (128, 128),
-            "accumulate_gradients": 1,
-            "learning_rate": 5e-2,
-        },
-    ),
-    Candidate(
-        "deepem3d-w0.25",
-        "DeepEM3D w0.25 1fm, SGD 5e-2 poly, balanced CE, 4×256²",
-        recipe="cdeep3m",
-        overrides={
-            "width": 0.25,
-            "patch_shape": (256, 256),
-            "accumulate_gradients": 1,
-            "learning_rate": 5e-2,
-        },
-    ),
+    _deepem3d("cdeep3m-demo", 0.125, 128, " (the old demo)"),
+    _deepem3d("deepem3d-w0.25", 0.25, 256),
     Candidate("default", _DEFAULT),
     Candidate(
         "x1-256",
@@ -196,19 +189,6 @@ class CpuClock:
 
     def __call__(self) -> float:
         return time.process_time() / self.threads
-
-
-def monai_unet() -> nn.Module:
-    from monai.networks.nets import UNet
-
-    return UNet(
-        spatial_dims=2,
-        in_channels=1,
-        out_channels=2,
-        channels=(16, 32, 64, 128, 256),
-        strides=(2, 2, 2, 2),
-        num_res_units=2,
-    )
 
 
 def train_peer(data: Data, budget_s: float, clock: Callable[[], float]) -> tuple[nn.Module, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +26,11 @@ from deep3m.v1 import common_pb2
 from safetensors.torch import load as load_safetensors
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(f"file://{tmp_path / 'store'}")
-
-
-@pytest.fixture
-def paths(store: Store) -> dict[str, str]:
-    return stage_synthetic(store)
+def staged(tmp_path: Path) -> tuple[Store, dict[str, str]]:
+    """A store holding the synthetic training and validation stacks, and their paths."""
+    store = Store(f"file://{tmp_path / 'store'}")
+    return store, stage_synthetic(store)
 
 
 def _default_tiny(
@@ -149,8 +137,9 @@ def test_schedules() -> None:
 
 
 def test_learning_rate_follows_the_larger_of_iteration_and_time_fractions(
-    paths: dict[str, str],
+    staged: tuple[Store, dict[str, str]],
 ) -> None:
+    _, paths = staged
     config = tiny_config(paths, iterations=100, max_minutes=1.0, schedule="cosine")
     base = config.base_learning_rate
     assert config.learning_rate_at(50, 0.0) == pytest.approx(base * 0.5)
@@ -210,7 +199,8 @@ def test_scaled_input_returns_full_resolution(scale: int, size: int) -> None:
     assert info.value.field == "input_scale"
 
 
-def test_channels_last_is_skipped_for_3d_convolutions(store: Store, paths: dict[str, str]) -> None:
+def test_channels_last_is_skipped_for_3d_convolutions(staged: tuple[Store, dict[str, str]]) -> None:
+    store, paths = staged
     config = _default_tiny(paths, architecture="deepem3d", members=("3fm",), iterations=2)
     assert train_member(config, "3fm", store).iterations == 2
 
@@ -228,8 +218,9 @@ def test_residual_unets_share_one_block_definition(architecture: str) -> None:
 
 
 def test_default_recipe_trains_with_bf16_channels_last_and_scaled_input(
-    store: Store, paths: dict[str, str]
+    staged: tuple[Store, dict[str, str]],
 ) -> None:
+    store, paths = staged
     config = _default_tiny(paths, iterations=40, learning_rate=1e-2, patch_shape=(48, 48))
     assert config.cpu_bfloat16 and config.channels_last and config.input_scale == 2
     events: list[ProgressEvent] = []
@@ -245,8 +236,9 @@ def test_default_recipe_trains_with_bf16_channels_last_and_scaled_input(
 
 
 def test_time_budget_stops_training_and_drives_the_schedule(
-    store: Store, paths: dict[str, str]
+    staged: tuple[Store, dict[str, str]],
 ) -> None:
+    store, paths = staged
     ticks = itertools.count()
 
     def clock() -> float:  # one "second" per reading
@@ -263,7 +255,8 @@ def test_time_budget_stops_training_and_drives_the_schedule(
     assert "f1" in result.history[-1]  # validated at the end of the budget
 
 
-def test_keep_best_keeps_the_best_validation_weights(store: Store, paths: dict[str, str]) -> None:
+def test_keep_best_keeps_the_best_validation_weights(staged: tuple[Store, dict[str, str]]) -> None:
+    store, paths = staged
     config = _default_tiny(paths, iterations=16, learning_rate=0.3, validate_every=2)
     result = train_member(config, "1fm", store)
     doc = store.read_json(metrics_key("tiny", "1fm"))
@@ -294,8 +287,9 @@ def test_best_threshold_and_ensemble_selection() -> None:
 
 
 def test_card_records_recipe_scale_threshold_and_member_weights(
-    store: Store, paths: dict[str, str]
+    staged: tuple[Store, dict[str, str]],
 ) -> None:
+    store, paths = staged
     config = _default_tiny(paths, "ens", members=("1fm", "3fm"), iterations=8)
     for member in config.members:
         train_member(config, member, store)

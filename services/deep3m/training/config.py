@@ -1,27 +1,23 @@
 """The training configuration: one frozen, validated object built from a TrainSpec.
 
-Defaults follow CDeep3M's Caffe solver (``solver.prototxt`` of the
-``inception_residual_train_prediction_*`` models) — base learning rate 1e-2,
-"poly" policy with power 0.8, momentum 0.9, weight decay 5e-4, gradient
-accumulation (``iter_size``) 8, a snapshot every 2000 iterations — with these
-adaptations:
+Every field a caller leaves unset comes from a **recipe** (``deep3m.models.recipes``):
 
-- Optimiser: SGD with momentum, exactly the Caffe settings, is the default and
-  what the demo uses. ``optimizer="adam"`` (AdamW, base learning rate 1e-3, same
-  poly decay and weight decay) is available in process (TrainConfig), not in
-  the TrainSpec. Measured on the full cdeep3m-mito set with a width-0.125
-  DeepEM3D 1fm, 600 iterations of 4 × 128² on the CPU: SGD at 1e-2 reached
-  validation F1 0.56, SGD at 5e-2 0.58, Adam at 2e-3 (about 500 iterations)
-  0.58 — no reason to leave the published solver; short runs do better with a
-  higher base rate (the demo recipe uses 5e-2).
-- Batch 4 patches of 320 × 320 (CDeep3M: 5 of 320 × 320 with ``iter_size`` 8).
-- Validation runs on whole validation slices every ``validate_every`` iterations
-  (default 500); CDeep3M scored 20 random patches every 20 iterations.
-- Iterations default to 30000 per member, CDeep3M's default training length.
-- Class balancing weights the loss by inverse class frequency (square-rooted, so
-  rare classes gain weight without swamping precision), where CDeep3M balanced
-  the classes by choosing patch centres. It matters for short runs: the same
-  600-iteration 1fm run without it reached F1 0.11 (recall 0.06) instead of 0.56.
+- ``default`` — what won ``python -m bench accuracy`` (docs/ACCURACY.md): a
+  residual 2D U-Net at width 0.5 seeing its input at half resolution, 4 patches of
+  512² (256² seen), half of them placed on foreground, class-balanced
+  cross-entropy plus Dice, AdamW 2e-3 with a one-cycle schedule, bfloat16 autocast
+  and channels_last on the CPU, the weights of the best validation F1 kept.
+- ``cdeep3m`` — CDeep3M's Caffe solver (``solver.prototxt`` of the
+  ``inception_residual_train_prediction_*`` models) and networks: DeepEM3D at full
+  width, members 1fm/3fm/5fm, SGD with momentum 0.9, base rate 1e-2, the "poly"
+  policy with power 0.8, weight decay 5e-4, gradient accumulation (``iter_size``) 8,
+  30000 iterations, last weights; batch 4 patches of 320² (CDeep3M: 5 with
+  ``iter_size`` 8); class balancing by inverse √frequency loss weights (CDeep3M
+  balanced by choosing patch centres); validation on whole slices every 500
+  iterations (CDeep3M: 20 random patches every 20).
+
+A budget can be given in minutes per member (``max_minutes``) as well as in
+iterations; whichever runs out first ends the run.
 """
 
 from __future__ import annotations
