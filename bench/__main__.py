@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench [name ...]`` (default: all).
+"""Run the benchmarks: ``python -m bench [name ...] [--option ...]`` (default: all).
 
 Each ``bench/bench_<name>.py`` has a ``main()`` that prints its own table. Options
 after one name go to that benchmark: ``python -m bench adaptation --minutes 1``.

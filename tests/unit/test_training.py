@@ -82,11 +82,12 @@ def _losses(history: tuple[object, ...] | list[object]) -> list[float]:
 # -- configuration -------------------------------------------------------------------------
 
 
-def test_spec_defaults_follow_cdeep3m_solver() -> None:
+def test_cdeep3m_recipe_follows_cdeep3m_solver() -> None:
     spec = common_pb2.TrainSpec(
         model="m",
         images=common_pb2.VolumeRef(path="volumes/i.zarr"),
         labels=common_pb2.VolumeRef(path="volumes/l.zarr"),
+        recipe="cdeep3m",
     )
     config = TrainConfig.from_spec(spec)
     assert config.optimizer == "sgd"
@@ -95,6 +96,13 @@ def test_spec_defaults_follow_cdeep3m_solver() -> None:
     assert config.accumulate_gradients == 8
     assert config.snapshot_every == 2000
     assert config.members == ("1fm", "3fm", "5fm")
+    assert (config.architecture, config.width, config.patch_shape) == ("deepem3d", 1.0, (320, 320))
+    assert (config.loss, config.schedule, config.input_scale, config.keep_best) == (
+        "ce",
+        "poly",
+        1,
+        False,
+    )
     assert config.validation_images is None
     # Poly policy: full rate at 0, (1 - 1/2)^0.8 of it half way, zero at the end.
     assert config.learning_rate_at(0) == pytest.approx(1e-2)
@@ -521,7 +529,9 @@ def test_packaged_demo_sample_and_recipe() -> None:
     )
     config = TrainConfig.from_spec(spec)
     assert config.members == DEMO_RECIPE.members and config.iterations == DEMO_RECIPE.iterations
+    assert config.recipe == DEMO_RECIPE.recipe and config.architecture == "resunet2d"
+    assert config.max_minutes * len(config.members) == pytest.approx(DEMO_RECIPE.minutes)
     half = DEMO_RECIPE.scaled(DEMO_RECIPE.minutes / 2)
-    assert half.iterations == DEMO_RECIPE.iterations // 2
+    assert half.minutes == DEMO_RECIPE.minutes / 2 and half.members == DEMO_RECIPE.members
     with pytest.raises(InvalidArgumentError):
         DEMO_RECIPE.scaled(0)

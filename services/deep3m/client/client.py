@@ -158,11 +158,21 @@ class Deep3mClient:
         voxel_size_nm: Sequence[float] = (),
         num_classes: int = 0,
         seed: int = 0,
+        recipe: str = "",
+        max_minutes: float = 0.0,
+        optimizer: str = "",
+        loss: str = "",
+        schedule: str = "",
+        input_scale: int = 0,
+        foreground_fraction: float = 0.0,
         name: str = "",
         max_attempts: int = 0,
         job_id: str = "",
     ) -> common_pb2.Job:
-        """Train model ``model`` (one task per ensemble member)."""
+        """Train model ``model`` (one task per ensemble member).
+
+        Zero/empty values take the ``recipe``'s (``default`` or ``cdeep3m``).
+        """
         train = common_pb2.TrainSpec(
             images=volume_ref(images, name="images"),
             labels=volume_ref(labels, name="labels"),
@@ -183,6 +193,13 @@ class Deep3mClient:
             voxel_size_nm=list(voxel_size_nm),
             num_classes=num_classes,
             seed=seed,
+            recipe=recipe,
+            max_minutes=max_minutes,
+            optimizer=optimizer,
+            loss=loss,
+            schedule=schedule,
+            input_scale=input_scale,
+            foreground_fraction=foreground_fraction,
         )
         if validation_images is not None:
             train.validation_images.CopyFrom(

@@ -2,7 +2,8 @@
 
 For a block read with its halo, every ensemble member predicts the core slices
 under each variation its speed-level row lists; predictions are mapped back
-(de-augmented), averaged over the variations, then over the members.
+(de-augmented), averaged over the variations, then over the members (weighted by
+the card's member weights, which validation chose).
 
 Seamlessness: y/x are padded *after* the data only (mirror), so the network's
 pooling grid starts at the read box's origin. A block whose core starts on a
@@ -139,6 +140,10 @@ class EnsemblePredictor:
             row = name if name in MEMBERS else member_row(frames)
             plan.append(_Member(name, net, frames, tta_variations(self.tta_level, row)))
         self._members: tuple[_Member, ...] = tuple(plan)
+        # Ensemble weights chosen on validation (model card); members asked for but all
+        # weighted 0 are averaged equally rather than refused.
+        weights = [card.member(m.name).weight for m in plan]
+        self._weights = tuple(weights) if sum(weights) > 0 else tuple(1.0 for _ in plan)
 
     @property
     def member_names(self) -> tuple[str, ...]:
@@ -205,13 +210,15 @@ class EnsemblePredictor:
         with torch.inference_mode():
             data = torch.from_numpy(np.ascontiguousarray(stack)).to(self.device)
             total = torch.zeros((z_out, *stack.shape[1:]), dtype=torch.float32, device=self.device)
-            for member in self._members:
+            for member, weight in zip(self._members, self._weights, strict=True):
+                if weight <= 0:
+                    continue
                 acc = torch.zeros_like(total)
                 for v in member.variations:
                     pred = self._predict_variation(member, data, v, before, after, cancelled)
                     acc += invert_variation(pred, v)
-                total += acc / len(member.variations)
-            total /= len(self._members)
+                total += acc * (weight / len(member.variations))
+            total /= sum(self._weights)
             out = total[:, :y, :x].cpu().numpy()
         return np.ascontiguousarray(out, dtype=np.float32)
 

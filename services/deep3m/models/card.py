@@ -44,6 +44,8 @@ class MemberCard(BaseModel):
     frames: int = Field(ge=1)
     weights: str = ""  # path relative to the model folder; empty until trained
     iterations: int = 0
+    # Weight in the ensemble average, chosen on validation (0: left out of the merge).
+    weight: float = Field(default=1.0, ge=0)
     metrics: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("frames")
@@ -73,6 +75,11 @@ class ModelCard(BaseModel):
     halo: tuple[int, int, int] = (2, 32, 32)
     # Input y/x sizes must be multiples of this (the network's total stride).
     input_multiple: int = Field(default=16, ge=1)
+    # The networks see their input downscaled by this factor (ScaledInput).
+    input_scale: int = Field(default=1, ge=1)
+    # Foreground probability threshold chosen on the validation slices: the default of
+    # labelling and evaluation with this model.
+    threshold: float = Field(default=0.5, gt=0, lt=1)
     iterations: int = 0
     base_model: str = ""
     training: dict[str, Any] = Field(default_factory=dict)
@@ -195,7 +202,11 @@ def load_member(
 
     m = card.member(member)
     net = build_network(
-        card.architecture, frames=m.frames, width=card.width, num_classes=card.num_classes
+        card.architecture,
+        frames=m.frames,
+        width=card.width,
+        num_classes=card.num_classes,
+        input_scale=card.input_scale,
     )
     state = load_state_dict(store, card, member)
     try:

@@ -3,8 +3,8 @@
 ``build_network(architecture, frames=, width=, num_classes=)`` returns a module
 whose ``forward`` maps float32 ``(B, frames, Y, X)`` to logits
 ``(B, num_classes, Y, X)`` for the centre slice; Y and X must be multiples of
-``INPUT_MULTIPLE``. ``width=DEFAULT_WIDTH`` (1.0) gives the published channel
-counts; tests and laptop runs use small multipliers such as 0.125.
+``INPUT_MULTIPLE`` (also with an ``input_scale``). ``width=DEFAULT_WIDTH`` (1.0)
+gives the published channel counts; tests and laptop runs use small multipliers such as 0.125.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.models.deepem3d import TOTAL_STRIDE, DeepEM3D
 from deep3m.models.resunet import ResUNet2D, ResUNet3D
+from deep3m.models.scaled import MAX_INPUT_SCALE, ScaledInput
 
 INPUT_MULTIPLE = TOTAL_STRIDE
 DEFAULT_WIDTH = 1.0
@@ -57,9 +58,18 @@ def member_frames(member: str) -> int:
 
 
 def build_network(
-    architecture: str, *, frames: int, width: float = DEFAULT_WIDTH, num_classes: int = 2
+    architecture: str,
+    *,
+    frames: int,
+    width: float = DEFAULT_WIDTH,
+    num_classes: int = 2,
+    input_scale: int = 1,
 ) -> nn.Module:
-    """A freshly initialised network (train mode)."""
+    """A freshly initialised network (train mode).
+
+    ``input_scale`` > 1 wraps it in ``ScaledInput``: it sees its input downscaled by
+    that factor and returns full-resolution logits (the model card records it).
+    """
     builder = _BUILDERS[check_architecture(architecture)]
     if not isinstance(frames, int) or frames < 1 or frames % 2 == 0 or frames > MAX_FRAMES:
         raise InvalidArgumentError(
@@ -73,7 +83,13 @@ def build_network(
         raise InvalidArgumentError(
             f"num_classes must be at least 2, got {num_classes!r}", field="num_classes"
         )
-    return builder(frames, float(width), num_classes)
+    if not isinstance(input_scale, int) or not 1 <= input_scale <= MAX_INPUT_SCALE:
+        raise InvalidArgumentError(
+            f"input_scale must be an integer from 1 to {MAX_INPUT_SCALE}, got {input_scale!r}",
+            field="input_scale",
+        )
+    net = builder(frames, float(width), num_classes)
+    return ScaledInput(net, input_scale) if input_scale > 1 else net
 
 
 def parameter_count(net: nn.Module) -> int:

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # Set it when several workers share one machine, as under `deep3m up`.
     torch_threads: int = Field(default=0, ge=0)
     max_region_voxels: int = Field(default=64 * 1024 * 1024, ge=1)
+    # Folder of the shared sample data (cdeep3m-mito, …) the demo trains on; empty:
+    # ``<repo>/../shared/data`` of an editable checkout.
+    shared_data: str = ""
 
     # Autoscaling without KEDA: the scheduler scales worker Deployments itself.
     autoscale_enabled: bool = False

@@ -54,6 +54,8 @@ def tiny_config(paths: dict[str, str], model_id: str = "tiny", **overrides: Any)
     """A configuration that trains in well under a second per member on a CPU."""
     values: dict[str, Any] = {
         "model_id": model_id,
+        # CDeep3M's recipe: the plainest code path (no input scaling, autocast, Dice).
+        "recipe": "cdeep3m",
         "images": VolumeSource(path=paths["images"]),
         "labels": VolumeSource(path=paths["labels"]),
         "architecture": "deepem3d",

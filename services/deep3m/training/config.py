@@ -1,43 +1,39 @@
 """The training configuration: one frozen, validated object built from a TrainSpec.
 
-Defaults follow CDeep3M's Caffe solver (``solver.prototxt`` of the
-``inception_residual_train_prediction_*`` models) — base learning rate 1e-2,
-"poly" policy with power 0.8, momentum 0.9, weight decay 5e-4, gradient
-accumulation (``iter_size``) 8, a snapshot every 2000 iterations — with these
-adaptations:
+Every field a caller leaves unset comes from a **recipe** (``deep3m.models.recipes``):
 
-- Optimiser: SGD with momentum, exactly the Caffe settings, is the default and
-  what the demo uses. ``optimizer="adam"`` (AdamW, base learning rate 1e-3, same
-  poly decay and weight decay) is available in process (TrainConfig), not in
-  the TrainSpec. Measured on the full cdeep3m-mito set with a width-0.125
-  DeepEM3D 1fm, 600 iterations of 4 × 128² on the CPU: SGD at 1e-2 reached
-  validation F1 0.56, SGD at 5e-2 0.58, Adam at 2e-3 (about 500 iterations)
-  0.58 — no reason to leave the published solver; short runs do better with a
-  higher base rate (the demo recipe uses 5e-2).
-- Batch 4 patches of 320 × 320 (CDeep3M: 5 of 320 × 320 with ``iter_size`` 8).
-- Validation runs on whole validation slices every ``validate_every`` iterations
-  (default 500); CDeep3M scored 20 random patches every 20 iterations.
-- Iterations default to 30000 per member, CDeep3M's default training length.
-- Class balancing weights the loss by inverse class frequency (square-rooted, so
-  rare classes gain weight without swamping precision), where CDeep3M balanced
-  the classes by choosing patch centres. It matters for short runs: the same
-  600-iteration 1fm run without it reached F1 0.11 (recall 0.06) instead of 0.56.
+- ``default`` — what won ``python -m bench accuracy`` (docs/ACCURACY.md): a
+  residual 2D U-Net at width 0.5 seeing its input at half resolution, 4 patches of
+  512² (256² seen), half of them placed on foreground, class-balanced
+  cross-entropy plus Dice, AdamW 2e-3 with a one-cycle schedule, bfloat16 autocast
+  and channels_last on the CPU, the weights of the best validation F1 kept.
+- ``cdeep3m`` — CDeep3M's Caffe solver (``solver.prototxt`` of the
+  ``inception_residual_train_prediction_*`` models) and networks: DeepEM3D at full
+  width, members 1fm/3fm/5fm, SGD with momentum 0.9, base rate 1e-2, the "poly"
+  policy with power 0.8, weight decay 5e-4, gradient accumulation (``iter_size``) 8,
+  30000 iterations, last weights; batch 4 patches of 320² (CDeep3M: 5 with
+  ``iter_size`` 8); class balancing by inverse √frequency loss weights (CDeep3M
+  balanced by choosing patch centres); validation on whole slices every 500
+  iterations (CDeep3M: 20 random patches every 20).
+
+A budget can be given in minutes per member (``max_minutes``) as well as in
+iterations; whichever runs out first ends the run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.models.card import check_model_id
+from deep3m.models.recipes import CDEEP3M_ITERATIONS, CDEEP3M_MEMBERS, RECIPE_NAMES, RECIPES
 from deep3m.models.registry import INPUT_MULTIPLE, check_architecture, member_frames
+from deep3m.models.scaled import MAX_INPUT_SCALE
+from deep3m.training.objectives import Loss, Schedule, lr_factor
 
 INTENSITY_AUGMENTATIONS = ("contrast", "blur", "noise", "elastic")
-DEFAULT_MEMBERS = ("1fm", "3fm", "5fm")
-DEFAULT_ITERATIONS = 30000
 DEFAULT_LEARNING_RATE = {"sgd": 1e-2, "adam": 1e-3}
 
 
@@ -61,15 +57,16 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model_id: str
+    recipe: Literal["default", "cdeep3m"] = "default"
     images: VolumeSource
     labels: VolumeSource
     validation_images: VolumeSource | None = None
     validation_labels: VolumeSource | None = None
     architecture: str = "deepem3d"
     width: float = Field(default=1.0, gt=0, le=8)
-    members: tuple[str, ...] = DEFAULT_MEMBERS
+    members: tuple[str, ...] = CDEEP3M_MEMBERS
     num_classes: int = Field(default=2, ge=2, le=255)
-    iterations: int = Field(default=DEFAULT_ITERATIONS, ge=1)
+    iterations: int = Field(default=CDEEP3M_ITERATIONS, ge=1)
     base_model: str = ""
     add_iterations: int = Field(default=0, ge=0)
     batch_size: int = Field(default=4, ge=1, le=1024)
@@ -87,9 +84,33 @@ class TrainConfig(BaseModel):
     class_balance: bool = True
     intensity_augmentations: tuple[str, ...] = ()
     voxel_size_nm: tuple[float, float, float] | None = None
-    mixed_precision: bool = True  # CUDA only; CPU always trains in float32
+    mixed_precision: bool = True  # CUDA: float16 autocast
     seed: int = Field(default=0, ge=0)
     checkpoints_kept: int = Field(default=2, ge=1)
+    loss: Loss = "ce"
+    schedule: Schedule = "poly"
+    # Fraction of patches placed around a foreground voxel (the rest uniformly).
+    foreground_fraction: float = Field(default=0.0, ge=0, le=1)
+    # The network sees its input downscaled by this factor (ScaledInput).
+    input_scale: int = Field(default=1, ge=1, le=MAX_INPUT_SCALE)
+    # CPU: bfloat16 autocast (AVX-512 BF16 makes it about twice as fast).
+    cpu_bfloat16: bool = False
+    channels_last: bool = False
+    # Time budget per member (0: none); training stops at it or at ``iterations``,
+    # whichever comes first, and the schedule runs on the larger of the two fractions.
+    max_minutes: float = Field(default=0.0, ge=0, le=100_000)
+    # Keep the weights of the best validation F1, not the last.
+    keep_best: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        name = data.get("recipe", "default")
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; choose from {list(RECIPE_NAMES)}")
+        return {**RECIPES[name], **data}
 
     @field_validator("model_id")
     @classmethod
@@ -172,10 +193,12 @@ class TrainConfig(BaseModel):
     def max_frames(self) -> int:
         return max(member_frames(m) for m in self.members)
 
-    def learning_rate_at(self, iteration: int) -> float:
-        """CDeep3M's poly policy: base · (1 − iteration / total)^power."""
-        fraction = min(max(iteration, 0) / self.total_iterations, 1.0)
-        return self.base_learning_rate * (1.0 - fraction) ** self.lr_power
+    def learning_rate_at(self, iteration: int, elapsed_s: float = 0.0) -> float:
+        """base · the schedule's factor at the run's fraction (iterations or budget)."""
+        fraction = max(iteration, 0) / self.total_iterations
+        if self.max_minutes:
+            fraction = max(fraction, elapsed_s / (self.max_minutes * 60.0))
+        return self.base_learning_rate * lr_factor(self.schedule, fraction, self.lr_power)
 
     def fingerprint(self, member: str) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed by this configuration."""
@@ -193,6 +216,12 @@ class TrainConfig(BaseModel):
             "accumulate_gradients": self.accumulate_gradients,
             "optimizer": self.optimizer,
             "learning_rate": self.base_learning_rate,
+            "recipe": self.recipe,
+            "loss": self.loss,
+            "schedule": self.schedule,
+            "input_scale": self.input_scale,
+            "foreground_fraction": self.foreground_fraction,
+            "max_minutes": self.max_minutes,
             "seed": self.seed,
             "images": self.images.describe(),
             "labels": self.labels.describe(),
@@ -201,6 +230,13 @@ class TrainConfig(BaseModel):
     @classmethod
     def create(cls, **values: Any) -> TrainConfig:
         """Build from keywords; a bad value raises InvalidArgumentError naming the field."""
+        recipe = values.get("recipe", "default")
+        if recipe not in RECIPES:
+            raise InvalidArgumentError(
+                f"invalid training spec: recipe: unknown recipe {recipe!r}; choose from "
+                f"{list(RECIPE_NAMES)}",
+                field="recipe",
+            )
         try:
             return cls(**values)
         except ValidationError as exc:
@@ -234,9 +270,14 @@ class TrainConfig(BaseModel):
             "voxel_size_nm": tuple(spec.voxel_size_nm),
             "num_classes": spec.num_classes,
             "seed": spec.seed,
+            "recipe": spec.recipe,
+            "max_minutes": spec.max_minutes,
+            "optimizer": spec.optimizer,
+            "loss": spec.loss,
+            "schedule": spec.schedule,
+            "input_scale": spec.input_scale,
+            "foreground_fraction": spec.foreground_fraction,
         }
-        if hasattr(spec, "optimizer"):
-            optional["optimizer"] = spec.optimizer
         values.update({k: v for k, v in optional.items() if v})
         if "voxel_size_nm" in values and len(values["voxel_size_nm"]) != 3:
             raise InvalidArgumentError(
@@ -287,7 +328,3 @@ def _invalid(exc: ValidationError) -> InvalidArgumentError:
     return InvalidArgumentError(
         "invalid training spec: " + "; ".join(problems), field=fields[0] if fields else "spec"
     )
-
-
-def parse_members(members: Sequence[str]) -> tuple[str, ...]:
-    return tuple(m.strip() for m in members if m.strip())

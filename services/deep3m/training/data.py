@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -101,6 +102,11 @@ class LabelledVolume:
         z, y, x = self.images.shape
         return int(z), int(y), int(x)
 
+    @cached_property
+    def foreground_voxels(self) -> np.ndarray:
+        """Flat indices of the foreground (non-zero) labels, for foreground-aware sampling."""
+        return np.flatnonzero(self.labels)
+
 
 def frame_indices(z: int, frames: int, depth: int) -> np.ndarray:
     """Slices ``z − frames//2 … z + frames//2``, mirrored at the volume's ends."""
@@ -167,13 +173,26 @@ def sample_patch(
     patch: tuple[int, int],
     augment: bool = True,
     intensity: Sequence[str] = (),
+    foreground_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One (frames, py, px) image patch and its (py, px) centre-slice labels."""
+    """One (frames, py, px) image patch and its (py, px) centre-slice labels.
+
+    With probability ``foreground_fraction`` the patch is placed around a random
+    foreground voxel (anywhere in the patch, not only its centre), else uniformly.
+    """
     depth, height, width = volume.shape
     py, px = patch
-    z = int(rng.integers(depth))
-    y0 = int(rng.integers(height - py + 1))
-    x0 = int(rng.integers(width - px + 1))
+    centred = foreground_fraction > 0 and rng.random() < foreground_fraction
+    fg = volume.foreground_voxels if centred else None
+    if fg is not None and fg.size:
+        fz, cy, cx = np.unravel_index(int(fg[rng.integers(fg.size)]), volume.shape)
+        z = int(fz)
+        y0 = int(np.clip(cy - rng.integers(py), 0, height - py))
+        x0 = int(np.clip(cx - rng.integers(px), 0, width - px))
+    else:
+        z = int(rng.integers(depth))
+        y0 = int(rng.integers(height - py + 1))
+        x0 = int(rng.integers(width - px + 1))
     idx = frame_indices(z, frames, depth)
     x = volume.images[idx, y0 : y0 + py, x0 : x0 + px]
     y = volume.labels[z, y0 : y0 + py, x0 : x0 + px]
@@ -206,10 +225,19 @@ def sample_batch(
     patch: tuple[int, int],
     augment: bool = True,
     intensity: Sequence[str] = (),
+    foreground_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``batch`` patches: images (B, frames, py, px) float32, labels (B, py, px) int64."""
     pairs = [
-        sample_patch(volume, rng, frames=frames, patch=patch, augment=augment, intensity=intensity)
+        sample_patch(
+            volume,
+            rng,
+            frames=frames,
+            patch=patch,
+            augment=augment,
+            intensity=intensity,
+            foreground_fraction=foreground_fraction,
+        )
         for _ in range(batch)
     ]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

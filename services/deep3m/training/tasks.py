@@ -29,7 +29,7 @@ from deep3m.runtime.task import TaskContext, TaskResult
 from deep3m.training.config import TrainConfig
 from deep3m.training.data import LabelledVolume, Normalization, read_volume, to_classes
 from deep3m.training.distributed import train_member_distributed, visible_gpus
-from deep3m.training.evaluate import evaluate_ensemble
+from deep3m.training.evaluate import evaluate_ensemble, foreground_probabilities, select_ensemble
 from deep3m.training.trainer import (
     MemberResult,
     completed_member,
@@ -193,12 +193,13 @@ def assemble_card(
             name=m,
             frames=config.frames(m),
             weights=str(docs[m]["weights"]),
-            iterations=base_iterations + int(docs[m]["iterations"]),
+            iterations=base_iterations + int(docs[m].get("iteration", docs[m]["iterations"])),
             metrics={k: float(v) for k, v in docs[m].get("final", {}).items()},
         )
         for m in config.members
     )
     metrics: dict[str, float] = {}
+    threshold = 0.5
     if score:
         dev = device or torch.device("cpu")
         nets = []
@@ -208,6 +209,7 @@ def assemble_card(
                 frames=m.frames,
                 width=config.width,
                 num_classes=config.num_classes,
+                input_scale=config.input_scale,
             )
             from safetensors.torch import load as load_safetensors
 
@@ -216,6 +218,14 @@ def assemble_card(
             nets.append((net.to(dev).eval(), m.frames))
         volume = _validation_volume(config, store, norm, roots)
         metrics = {f"ensemble_{k}": v for k, v in evaluate_ensemble(nets, volume, dev).items()}
+        probs = [foreground_probabilities([(n, f, 1.0)], volume, dev) for n, f in nets]
+        chosen = select_ensemble(probs, volume.labels > 0)
+        threshold = chosen.threshold
+        metrics["selected_f1"] = chosen.f1
+        metrics["selected_threshold"] = chosen.threshold
+        members = tuple(
+            m.model_copy(update={"weight": w}) for m, w in zip(members, chosen.weights, strict=True)
+        )
     voxel = first.get("voxel_size_nm") or [1.0, 1.0, 1.0]
     max_frames = max(m.frames for m in members)
     card = ModelCard(
@@ -229,7 +239,9 @@ def assemble_card(
         voxel_size_nm=(float(voxel[0]), float(voxel[1]), float(voxel[2])),
         halo=(max_frames // 2, HALO_YX, HALO_YX),
         input_multiple=INPUT_MULTIPLE,
-        iterations=base_iterations + config.total_iterations,
+        input_scale=config.input_scale,
+        threshold=threshold,
+        iterations=max(m.iterations for m in members),
         base_model=config.base_model,
         training={
             "images": config.images.describe(),
@@ -241,9 +253,21 @@ def assemble_card(
             if config.validation_labels
             else "",
             "validation_source": str(first.get("validation_source", "")),
+            "recipe": config.recipe,
+            "architecture": config.architecture,
             "optimizer": config.optimizer,
             "learning_rate": config.base_learning_rate,
-            "lr_policy": f"poly (power {config.lr_power})",
+            "lr_policy": config.schedule
+            + (f" (power {config.lr_power})" if config.schedule == "poly" else ""),
+            "schedule": config.schedule,
+            "loss": config.loss,
+            "class_balance": config.class_balance,
+            "foreground_fraction": config.foreground_fraction,
+            "input_scale": config.input_scale,
+            "cpu_bfloat16": config.cpu_bfloat16,
+            "channels_last": config.channels_last,
+            "keep_best": config.keep_best,
+            "max_minutes": config.max_minutes,
             "momentum": config.momentum,
             "weight_decay": config.weight_decay,
             "batch_size": config.batch_size,

@@ -9,10 +9,25 @@ samples are drawn from an RNG seeded by the iteration number, continues exactly
 as an uninterrupted run would. Every ``validate_every`` iterations it scores the
 validation slices and publishes a ProgressEvent with iteration, loss, val_loss,
 precision, recall, f1 and jaccard, and rewrites ``metrics.json`` and
-``validation.png``. At the end it writes ``weights.safetensors``.
+``validation.png``. At the end it writes ``weights.safetensors``: the last weights,
+or with ``keep_best`` those of the best validation F1 (kept as ``best.safetensors``
+while training), and in ``metrics.json`` the probability threshold that scores
+best on the validation slices.
+
+A budget in minutes (``max_minutes``) ends the run at that time (or at
+``iterations``, whichever comes first); the learning-rate schedule then runs on the
+larger of the two fractions. The clock is injectable (``clock=``): the accuracy
+benchmark passes process CPU time so that candidates sharing a busy machine get
+equal compute. A run resumed under a time budget carries its elapsed time over,
+but its samples after the resume follow the iteration count, not the clock.
+
+The run is a sequence of steps on ``_Run``: ``restore`` (from the newest
+snapshot), ``step`` (one optimiser step), ``report`` (loss, iterations/s, ETA,
+validation), ``snapshot`` and ``finish``.
 
 Devices: CUDA with float16 autocast and a gradient scaler when available (and
-``mixed_precision``), else float32 on the CPU. When ``torch.distributed`` is
+``mixed_precision``); on the CPU float32, or bfloat16 autocast with
+``cpu_bfloat16``; ``channels_last`` memory format when asked. When ``torch.distributed`` is
 initialised the network is wrapped in DistributedDataParallel; each rank draws
 its own samples, rank 0 alone writes to the store.
 """
@@ -30,7 +45,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from deep3m.core.errors import CancelledError, FailedPreconditionError
@@ -51,7 +65,8 @@ from deep3m.training.data import (
     sample_batch,
     to_classes,
 )
-from deep3m.training.evaluate import evaluate
+from deep3m.training.evaluate import best_threshold, evaluate, foreground_probabilities
+from deep3m.training.objectives import training_loss
 from deep3m.training.plots import validation_plot
 from deep3m.training.validate import CheckedInputs, check_training_inputs, resolve_source
 
@@ -150,7 +165,7 @@ def load_training_set(
 
 
 def make_optimizer(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
-    lr = config.learning_rate_at(0)
+    lr = config.learning_rate_at(0, 0.0)
     if config.optimizer == "adam":
         return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(
@@ -160,7 +175,7 @@ def make_optimizer(config: TrainConfig, net: nn.Module) -> torch.optim.Optimizer
 
 def member_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Class-weighted softmax cross-entropy (Caffe's SoftmaxWithLoss, balanced)."""
-    return F.cross_entropy(logits.float(), labels, weight=weights)
+    return training_loss("ce", logits, labels, weights)
 
 
 def initial_network(
@@ -173,6 +188,7 @@ def initial_network(
         frames=config.frames(member),
         width=config.width,
         num_classes=config.num_classes,
+        input_scale=config.input_scale,
     )
     if config.base_model:
         card = checked.base_card if checked is not None and checked.base_card else None
@@ -202,8 +218,16 @@ def _agree_int(value: int, device: torch.device, op: Any = None) -> int:
     return int(t.item())
 
 
+def best_key(model_id: str, member: str) -> str:
+    return f"{member_dir(model_id, member)}/best.safetensors"
+
+
+def _cpu_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in net.state_dict().items()}
+
+
 class _Run:
-    """State of one member's training run (keeps ``train_member`` readable)."""
+    """One member's training run, in steps: restore, step, report, snapshot, finish."""
 
     def __init__(
         self,
@@ -212,8 +236,10 @@ class _Run:
         store: Store,
         device: torch.device,
         data: TrainingSet,
+        net: nn.Module,
         observer: Observer | None,
         job_id: str,
+        clock: Callable[[], float],
     ) -> None:
         self.config = config
         self.member = member
@@ -226,9 +252,49 @@ class _Run:
         self.rank, self.world = _rank_world()
         self.history: list[dict[str, float]] = []
         self.started = time.monotonic()
+        self.clock = clock
+        self.clock_started = clock()
+        self.elapsed_before = 0.0  # budget time spent before a resume
         self.use_amp = device.type == "cuda" and config.mixed_precision
         self.weights = torch.tensor(data.class_weights, device=device)
+        self.best_f1 = -1.0
+        self.best_iteration = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.resumed_from = 0
+        # channels_last is a 4-D layout: networks with 3-D convolutions keep theirs.
+        self.channels_last = config.channels_last and all(p.ndim != 5 for p in net.parameters())
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.net = net
+        self.optimizer = make_optimizer(config, net)
+        self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
+        self.model: nn.Module = net
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
 
+            self.model = DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.model.train()
+
+    # -- time and budget --------------------------------------------------------
+    def elapsed(self) -> float:
+        return self.elapsed_before + self.clock() - self.clock_started
+
+    def out_of_time(self) -> bool:
+        budget = self.config.max_minutes * 60.0
+        over = bool(budget) and self.elapsed() >= budget
+        # Under DDP every rank stops at the same iteration: rank 0's clock decides.
+        return bool(_agree_int(int(over), self.device))
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.use_amp:
+            return torch.autocast("cuda", dtype=torch.float16)
+        if self.device.type == "cpu" and self.config.cpu_bfloat16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- events and documents ---------------------------------------------------
     def publish(
         self, iteration: int, metrics: Mapping[str, float], message: str, eta_s: float = 0.0
     ) -> None:
@@ -257,14 +323,16 @@ class _Run:
                 "mean": self.data.normalization.mean,
                 "std": self.data.normalization.std,
             },
+            "elapsed_s": self.elapsed(),
+            "best_f1": self.best_f1,
+            "best_iteration": self.best_iteration,
         }
 
     def write_metrics(
-        self, iteration: int, complete: bool, weights: str = "", resumed_from: int = 0
+        self, iteration: int, complete: bool, weights: str = "", extra: Mapping[str, Any] = {}
     ) -> None:
         if self.rank != 0:
             return
-        final = self.final_metrics()
         self.store.write_json(
             metrics_key(self.config.model_id, self.member),
             {
@@ -274,7 +342,7 @@ class _Run:
                 "iterations": self.config.total_iterations,
                 "complete": complete,
                 "weights": weights,
-                "final": final,
+                "final": self.final_metrics(),
                 "history": self.history,
                 "normalization": {
                     "mean": self.data.normalization.mean,
@@ -284,9 +352,12 @@ class _Run:
                 "validation_source": self.data.validation_source,
                 "voxel_size_nm": list(self.data.voxel_size_nm),
                 "fingerprint": self.config.fingerprint(self.member),
-                "resumed_from": resumed_from,
+                "resumed_from": self.resumed_from,
                 "world_size": self.world,
                 "device": self.device.type,
+                "best_iteration": self.best_iteration,
+                "elapsed_s": self.elapsed(),
+                **extra,
             },
         )
         title = (
@@ -298,10 +369,244 @@ class _Run:
         )
 
     def final_metrics(self) -> dict[str, float]:
+        """The latest figures; with ``keep_best``, validation figures of the kept weights."""
         out: dict[str, float] = {}
         for h in self.history:
             out.update({k: v for k, v in h.items() if k != "lr"})
+        if self.config.keep_best and self.best_iteration:
+            for h in self.history:
+                if int(h.get("iteration", -1)) == self.best_iteration and "f1" in h:
+                    out.update({k: h[k] for k in VALIDATION_KEYS if k in h})
         return out
+
+    # -- steps ------------------------------------------------------------------
+    def restore(self, resume: bool) -> int:
+        """The iteration to start from: the newest snapshot's, or 0."""
+        config, store, member = self.config, self.store, self.member
+        if not resume:
+            if self.rank == 0:
+                ckpt.delete_checkpoints(store, config.model_id, member)
+                if store.exists(best_key(config.model_id, member)):
+                    store.delete(best_key(config.model_id, member))
+            return 0
+        latest = ckpt.latest_checkpoint(store, config.model_id, member) if self.rank == 0 else None
+        start = _agree_int(latest if latest is not None else -1, self.device)
+        if start < 0:
+            return 0
+        snap = ckpt.load_checkpoint(store, config.model_id, member, start)
+        if snap.meta.get("fingerprint") != config.fingerprint(member):
+            raise FailedPreconditionError(
+                f"{store.key_url(ckpt.checkpoint_dir(config.model_id, member))} holds "
+                "snapshots of a different training configuration; train under another "
+                "model id or delete that folder",
+                field="model",
+            )
+        self.net.load_state_dict(snap.model, strict=True)
+        self.optimizer.load_state_dict(snap.optimizer)
+        if self.scaler is not None and snap.scaler:
+            self.scaler.load_state_dict(snap.scaler)
+        _restore_rng(snap.rng)
+        self.history = [dict(h) for h in snap.history]
+        self.elapsed_before = float(snap.meta.get("elapsed_s", 0.0))
+        self.best_f1 = float(snap.meta.get("best_f1", -1.0))
+        self.best_iteration = int(snap.meta.get("best_iteration", 0))
+        if self.best_iteration and store.exists(best_key(config.model_id, member)):
+            from safetensors.torch import load as load_safetensors
+
+            self.best_state = load_safetensors(store.read_bytes(best_key(config.model_id, member)))
+        log.info(
+            "resuming from snapshot",
+            extra={"model": config.model_id, "member": member, "iteration": start},
+        )
+        self.resumed_from = start
+        return start
+
+    def snapshot(self, iteration: int) -> None:
+        if self.rank != 0:
+            return
+        config = self.config
+        ckpt.save_checkpoint(
+            self.store,
+            config.model_id,
+            self.member,
+            ckpt.Checkpoint(
+                iteration=iteration,
+                model=self.net.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                rng={"torch": torch.get_rng_state()},
+                history=tuple(self.history),
+                meta=self.meta(),
+            ),
+        )
+        ckpt.prune_checkpoints(self.store, config.model_id, self.member, config.checkpoints_kept)
+        self.publish(
+            iteration,
+            {"snapshot_iteration": float(iteration)},
+            f"{self.member}: snapshot at iteration {iteration}",
+        )
+
+    def step(self, it: int) -> tuple[float, float]:
+        """One optimiser step (with gradient accumulation); returns (loss, lr)."""
+        config = self.config
+        lr = config.learning_rate_at(it, self.elapsed())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        rng = iteration_rng(config.seed, self.rank, it)
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        memory = torch.channels_last if self.channels_last else torch.contiguous_format
+        for micro in range(config.accumulate_gradients):
+            x, y = sample_batch(
+                self.data.train,
+                rng,
+                batch=config.batch_size,
+                frames=self.frames,
+                patch=config.patch_shape,
+                intensity=config.intensity_augmentations,
+                foreground_fraction=config.foreground_fraction,
+            )
+            xt = torch.from_numpy(x).to(self.device, non_blocking=True)
+            xt = xt.contiguous(memory_format=memory)
+            yt = torch.from_numpy(y).to(self.device, non_blocking=True)
+            last = micro == config.accumulate_gradients - 1
+            with _maybe_no_sync(self.model, self.world > 1 and not last):
+                with self.autocast():
+                    logits = self.model(xt)
+                loss = (
+                    training_loss(config.loss, logits, yt, self.weights)
+                    / config.accumulate_gradients
+                )
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            step_loss += float(loss.detach().item())
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return step_loss, lr
+
+    def validate(self, done: int) -> dict[str, float]:
+        """Validation figures; keeps the weights when they are the best so far."""
+        scores = evaluate(self.net, self.data.validation, self.frames, self.device)
+        if scores["f1"] > self.best_f1:
+            self.best_f1, self.best_iteration = scores["f1"], done
+            if self.config.keep_best:
+                from safetensors.torch import save as save_safetensors
+
+                self.best_state = _cpu_state(self.net)
+                self.store.write_bytes(
+                    best_key(self.config.model_id, self.member),
+                    save_safetensors(self.best_state),
+                )
+        return scores
+
+    def loop(self, start: int, cancelled: threading.Event | None) -> int:
+        """Steps from ``start`` until the iterations or the time budget run out."""
+        from deep3m.runtime.metrics import TRAINING_ITERATIONS
+
+        config, total = self.config, self.config.total_iterations
+        interval_loss, interval_n = 0.0, 0
+        interval_started = time.monotonic()
+        samples_per_iteration = config.batch_size * config.accumulate_gradients * self.world
+        done = start
+        for it in range(start, total):
+            stop = cancelled is not None and cancelled.is_set()
+            if _agree_int(int(stop), self.device, op=dist.ReduceOp.MAX if self.world > 1 else None):
+                self.snapshot(it)
+                self.write_metrics(it, complete=False)
+                raise CancelledError(
+                    f"training of {config.model_id}/{self.member} cancelled at "
+                    f"iteration {it}; it resumes from there",
+                    field="job",
+                )
+            step_loss, lr = self.step(it)
+            if self.rank == 0:
+                TRAINING_ITERATIONS.inc()
+            done = it + 1
+            interval_loss += step_loss
+            interval_n += 1
+            final = done == total or self.out_of_time()
+            validate_now = done % config.validate_every == 0 or final
+            if done % config.log_every == 0 or validate_now:
+                seconds = max(time.monotonic() - interval_started, 1e-9)
+                self.report(done, interval_loss / interval_n, lr, interval_n, seconds,
+                            samples_per_iteration, validate_now)  # fmt: skip
+                interval_loss, interval_n = 0.0, 0
+                interval_started = time.monotonic()
+            if final:
+                break
+            if done % config.snapshot_every == 0:
+                self.snapshot(done)
+        return done
+
+    def report(
+        self, done: int, loss: float, lr: float, steps: int, seconds: float,
+        samples_per_iteration: int, validate_now: bool,
+    ) -> None:  # fmt: skip
+        """History entry and progress event: loss, iterations/s, ETA, validation."""
+        config, total = self.config, self.config.total_iterations
+        per_step = seconds / steps
+        eta = per_step * (total - done)
+        if config.max_minutes:
+            eta = min(eta, max(config.max_minutes * 60.0 - self.elapsed(), 0.0))
+        entry: dict[str, float] = {
+            "iteration": float(done),
+            "loss": loss,
+            "lr": lr,
+            "samples_per_second": steps * samples_per_iteration / seconds,
+            "iterations_per_second": steps / seconds,
+            "elapsed_seconds": self.elapsed(),
+        }
+        message = f"{self.member}: iteration {done}/{total}, loss {loss:.4f}"
+        if validate_now and self.rank == 0:
+            scores = self.validate(done)
+            entry.update(scores)
+            message += f", val F1 {scores['f1']:.3f}"
+        self.history.append(entry)
+        # Every event carries the latest validation figures (``latest_f1`` …) so a
+        # progress display need not remember them; validation events also the bare keys.
+        latest: dict[str, float] = {}
+        for h in self.history:
+            if "f1" in h:
+                latest = {f"latest_{k}": h[k] for k in VALIDATION_KEYS if k in h}
+                latest["latest_validation_iteration"] = h["iteration"]
+        self.publish(done, {**latest, **entry}, message, eta)
+        if validate_now:
+            self.write_metrics(done, complete=False)
+
+    def finish(self, done: int) -> MemberResult:
+        """Write the kept weights and the validation-chosen threshold."""
+        config = self.config
+        if config.keep_best and self.best_state is not None:
+            self.net.load_state_dict(self.best_state, strict=True)
+        state = _cpu_state(self.net)
+        weights = ""
+        extra: dict[str, Any] = {}
+        if self.rank == 0:
+            # The threshold with the best F1 on the validation slices (the training
+            # slices when no validation volume was given: validation_source says which).
+            probs = foreground_probabilities([(self.net, self.frames, 1.0)],
+                                             self.data.validation, self.device)  # fmt: skip
+            threshold, f1 = best_threshold(probs, self.data.validation.labels > 0)
+            extra = {"threshold": threshold, "threshold_f1": f1}
+            weights = save_weights(self.store, config.model_id, self.member, state)
+            self.write_metrics(done, complete=True, weights=weights, extra=extra)
+        return MemberResult(
+            member=self.member,
+            frames=self.frames,
+            iterations=done,
+            weights=weights,
+            metrics=self.final_metrics(),
+            history=tuple(self.history),
+            normalization=self.data.normalization,
+            resumed_from=self.resumed_from,
+            seconds=time.monotonic() - self.started,
+            state_dict=state,
+        )
 
 
 def _restore_rng(state: Mapping[str, torch.Tensor]) -> None:
@@ -334,7 +639,7 @@ def result_from_store(
     return MemberResult(
         member=member,
         frames=config.frames(member),
-        iterations=int(doc["iterations"]),
+        iterations=int(doc["iteration"]),
         weights=str(doc["weights"]),
         metrics=dict(doc.get("final", {})),
         history=tuple(doc.get("history", ())),
@@ -367,6 +672,7 @@ def train_member(
     device: torch.device | str | None = None,
     roots: StoreRoots | None = None,
     job_id: str = "",
+    clock: Callable[[], float] = time.monotonic,
 ) -> MemberResult:
     """Train (or fine-tune, or resume) one member; returns its result once written.
 
@@ -383,7 +689,7 @@ def train_member(
             field="member",
         )
     dev = pick_device(device)
-    rank, world = _rank_world()
+    _, world = _rank_world()
     if resume and world == 1:
         finished = completed_member(store, config, member)
         if finished is not None:
@@ -392,166 +698,7 @@ def train_member(
     checked = check_training_inputs(config, store, roots=roots)
     data = load_training_set(config, store, checked, roots=roots)
     net = initial_network(config, member, store, checked).to(dev)
-    optimizer = make_optimizer(config, net)
-    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and config.mixed_precision else None
-    run = _Run(config, member, store, dev, data, observer, job_id)
-
-    start = 0
-    if resume:
-        latest = ckpt.latest_checkpoint(store, config.model_id, member) if rank == 0 else None
-        start = _agree_int(latest if latest is not None else -1, dev)
-        if start >= 0:
-            snap = ckpt.load_checkpoint(store, config.model_id, member, start)
-            if snap.meta.get("fingerprint") != config.fingerprint(member):
-                raise FailedPreconditionError(
-                    f"{store.key_url(ckpt.checkpoint_dir(config.model_id, member))} holds "
-                    "snapshots of a different training configuration; train under another "
-                    "model id or delete that folder",
-                    field="model",
-                )
-            net.load_state_dict(snap.model, strict=True)
-            optimizer.load_state_dict(snap.optimizer)
-            if scaler is not None and snap.scaler:
-                scaler.load_state_dict(snap.scaler)
-            _restore_rng(snap.rng)
-            run.history = [dict(h) for h in snap.history]
-            log.info(
-                "resuming from snapshot",
-                extra={"model": config.model_id, "member": member, "iteration": start},
-            )
-        else:
-            start = 0
-    elif rank == 0:
-        ckpt.delete_checkpoints(store, config.model_id, member)
-    resumed_from = start
-
-    model: nn.Module = net
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-    model.train()
-    total = config.total_iterations
-    autocast = (
-        torch.autocast("cuda", dtype=torch.float16) if run.use_amp else contextlib.nullcontext()
-    )
-
-    def snapshot(iteration: int) -> None:
-        if rank != 0:
-            return
-        rng = {"torch": torch.get_rng_state()}
-        ckpt.save_checkpoint(
-            store,
-            config.model_id,
-            member,
-            ckpt.Checkpoint(
-                iteration=iteration,
-                model=net.state_dict(),
-                optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else None,
-                rng=rng,
-                history=tuple(run.history),
-                meta=run.meta(),
-            ),
-        )
-        ckpt.prune_checkpoints(store, config.model_id, member, config.checkpoints_kept)
-        run.publish(
-            iteration,
-            {"snapshot_iteration": float(iteration)},
-            f"{member}: snapshot at iteration {iteration}",
-        )
-
-    from deep3m.runtime.metrics import TRAINING_ITERATIONS
-
-    interval_loss = 0.0
-    interval_n = 0
-    interval_started = time.monotonic()
-    samples_per_iteration = config.batch_size * config.accumulate_gradients * world
-    for it in range(start, total):
-        stop = cancelled is not None and cancelled.is_set()
-        if _agree_int(int(stop), dev, op=dist.ReduceOp.MAX if world > 1 else None):
-            snapshot(it)
-            run.write_metrics(it, complete=False, resumed_from=resumed_from)
-            raise CancelledError(
-                f"training of {config.model_id}/{member} cancelled at "
-                f"iteration {it}; it resumes from there",
-                field="job",
-            )
-        lr = config.learning_rate_at(it)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        rng = iteration_rng(config.seed, rank, it)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in range(config.accumulate_gradients):
-            x, y = sample_batch(
-                data.train,
-                rng,
-                batch=config.batch_size,
-                frames=run.frames,
-                patch=config.patch_shape,
-                intensity=config.intensity_augmentations,
-            )
-            xt = torch.from_numpy(x).to(dev, non_blocking=True)
-            yt = torch.from_numpy(y).to(dev, non_blocking=True)
-            last = micro == config.accumulate_gradients - 1
-            with _maybe_no_sync(model, world > 1 and not last):
-                with autocast:
-                    loss = member_loss(model(xt), yt, run.weights) / config.accumulate_gradients
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            step_loss += float(loss.detach().item())
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if rank == 0:
-            TRAINING_ITERATIONS.inc()
-        done = it + 1
-        interval_loss += step_loss
-        interval_n += 1
-        validate_now = done % config.validate_every == 0 or done == total
-        if done % config.log_every == 0 or validate_now:
-            seconds = max(time.monotonic() - interval_started, 1e-9)
-            entry: dict[str, float] = {
-                "iteration": float(done),
-                "loss": interval_loss / interval_n,
-                "lr": lr,
-                "samples_per_second": interval_n * samples_per_iteration / seconds,
-            }
-            eta = seconds / interval_n * (total - done)
-            message = f"{member}: iteration {done}/{total}, loss {entry['loss']:.4f}"
-            if validate_now and rank == 0:
-                scores = evaluate(net, data.validation, run.frames, dev)
-                entry.update(scores)
-                message += f", val F1 {scores['f1']:.3f}"
-            run.history.append(entry)
-            run.publish(done, entry, message, eta)
-            if validate_now:
-                run.write_metrics(done, complete=False, resumed_from=resumed_from)
-            interval_loss, interval_n = 0.0, 0
-            interval_started = time.monotonic()
-        if done % config.snapshot_every == 0 and done < total:
-            snapshot(done)
-
-    state = {k: v.detach().to("cpu") for k, v in net.state_dict().items()}
-    weights = ""
-    if rank == 0:
-        weights = save_weights(store, config.model_id, member, state)
-        run.write_metrics(total, complete=True, weights=weights, resumed_from=resumed_from)
-    seconds = time.monotonic() - run.started
-    return MemberResult(
-        member=member,
-        frames=run.frames,
-        iterations=total,
-        weights=weights,
-        metrics=run.final_metrics(),
-        history=tuple(run.history),
-        normalization=data.normalization,
-        resumed_from=resumed_from,
-        seconds=seconds,
-        state_dict=state,
-    )
+    run = _Run(config, member, store, dev, data, net, observer, job_id, clock)
+    start = run.restore(resume)
+    done = run.loop(start, cancelled)
+    return run.finish(done)
