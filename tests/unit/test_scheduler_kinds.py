@@ -15,6 +15,7 @@ from deep3m.core.errors import (
 from deep3m.core.geometry import plan_blocks
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
+from deep3m.models.recipes import recipe_defaults
 from deep3m.runtime.settings import Settings
 from deep3m.scheduler import kinds
 from deep3m.scheduler.kinds import KINDS, KindContext, VolumeFacts, check_job_id, job_kind
@@ -266,8 +267,14 @@ def train(**fields: object) -> common_pb2.JobSpec:
 def test_train_validation_and_member_tasks(ctx: KindContext, store: Store) -> None:
     write_volume(store, "volumes/labels.zarr", np.zeros(SHAPE, np.uint8))
     prepared = kinds.validate(train(), ctx)
-    assert list(prepared.resolved.spec.train.members) == ["1fm", "3fm", "5fm"]
-    assert prepared.resolved.spec.train.architecture == "deepem3d"
+    # Unset fields come from the default recipe, so the check sees what will run.
+    default = recipe_defaults("")
+    assert list(prepared.resolved.spec.train.members) == list(default["members"])
+    assert prepared.resolved.spec.train.architecture == default["architecture"]
+    cdeep3m = kinds.validate(train(recipe="cdeep3m"), ctx).resolved.spec.train
+    assert (cdeep3m.architecture, list(cdeep3m.members)) == ("deepem3d", ["1fm", "3fm", "5fm"])
+    only_arch = kinds.validate(train(architecture="resunet3d"), ctx).resolved.spec.train
+    assert list(only_arch.members) == ["1fm"]  # another architecture: its own members
     plan = KINDS["train"].plan(0, prepared.resolved)
     assert plan is not None and plan.role == "training"
     assert [plan.task(n).id for n in range(plan.n_tasks)] == ["train/1fm", "train/3fm", "train/5fm"]
@@ -394,8 +401,11 @@ def test_a_patch_larger_than_the_image_is_clipped_with_a_note(
     fits = kinds.validate(small_train(members=["1fm"], patch_shape=[32, 32]), ctx)
     assert fits.notes == ()
     assert list(fits.resolved.spec.train.patch_shape) == [32, 32]
+    # An unset patch is the recipe's, clipped the same way.
     unset = kinds.validate(small_train(members=["1fm"]), ctx)
-    assert list(unset.resolved.spec.train.patch_shape) == []  # the trainer's default applies
+    assert list(unset.resolved.spec.train.patch_shape) == [32, 32]
+    (note,) = unset.notes
+    assert "clipped to the image" in note
 
 
 @pytest.mark.parametrize(
@@ -420,6 +430,15 @@ def test_a_patch_larger_than_the_image_is_clipped_with_a_note(
         ({"voxel_size_nm": [40.0, 6.0]}, "voxel_size_nm"),
         ({"patch_shape": [100, 96]}, "patch_shape"),
         ({"patch_shape": [0, 96]}, "patch_shape"),
+        ({"recipe": "fastest"}, "recipe"),
+        ({"loss": "hinge"}, "loss"),
+        ({"optimizer": "lbfgs"}, "optimizer"),
+        ({"schedule": "step"}, "schedule"),
+        ({"max_minutes": float("nan")}, "max_minutes"),
+        ({"max_minutes": -1.0}, "max_minutes"),
+        ({"input_scale": 9}, "input_scale"),
+        ({"foreground_fraction": 1.5}, "foreground_fraction"),
+        ({"foreground_fraction": float("nan")}, "foreground_fraction"),
     ],
 )
 def test_absurd_training_numbers_are_refused_naming_the_field(
@@ -440,3 +459,14 @@ def test_the_scheduler_copies_of_network_facts_match_the_models() -> None:
     assert set(train_kind.ARCHITECTURES) == set(registry.ARCHITECTURES)
     for name in ("1fm", "3fm", "5fm", "7fm"):
         assert train_kind.member_frames(name) == registry.member_frames(name)
+    from typing import get_args
+
+    from deep3m.models.scaled import MAX_INPUT_SCALE
+    from deep3m.training import config, objectives
+
+    assert train_kind.MAX_INPUT_SCALE == MAX_INPUT_SCALE
+    assert train_kind.CHOICES["loss"] == get_args(objectives.Loss)
+    assert train_kind.CHOICES["schedule"] == get_args(objectives.Schedule)
+    assert train_kind.CHOICES["optimizer"] == get_args(
+        config.TrainConfig.model_fields["optimizer"].annotation
+    )

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 
 from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from deep3m.models.recipes import RECIPE_NAMES, recipe_defaults
 from deep3m.scheduler.kinds.base import (
     JobKind,
     KindContext,
@@ -35,6 +36,15 @@ DEFAULT_MEMBERS: Mapping[str, tuple[str, ...]] = {
     "resunet2d": ("1fm",),
     "resunet3d": ("1fm",),
 }
+# Choices of the training configuration (deep3m.training.config.TrainConfig); a unit
+# test keeps them equal to its Literal types. "" chooses the recipe's value.
+CHOICES: Mapping[str, tuple[str, ...]] = {
+    "optimizer": ("sgd", "adam"),
+    "loss": ("ce", "ce_dice"),
+    "schedule": ("poly", "cosine", "onecycle"),
+}
+MAX_INPUT_SCALE = 4  # deep3m.models.scaled.MAX_INPUT_SCALE
+MAX_MINUTES = 100_000
 _MEMBER_NAME = re.compile(r"^([1-9][0-9]?)fm$")
 MAX_COUNT = 10**9  # iterations and intervals: more would run for years
 # Upper bounds of the training configuration (deep3m.training.config.TrainConfig).
@@ -70,6 +80,34 @@ def check_numbers(t: common_pb2.TrainSpec) -> None:
                 f"{name} must be a number in 0..{limit:g} (0 chooses the default), got {value}",
                 field=name,
             )
+    for name, allowed in CHOICES.items():
+        value = getattr(t, name)
+        if value and value not in allowed:
+            raise InvalidArgumentError(
+                f"{name} must be one of {', '.join(allowed)}, got {value[:64]!r}", field=name
+            )
+    if t.recipe and t.recipe not in RECIPE_NAMES:
+        raise InvalidArgumentError(
+            f"recipe must be one of {', '.join(RECIPE_NAMES)}, got {t.recipe[:64]!r}",
+            field="recipe",
+        )
+    if not math.isfinite(t.max_minutes) or not 0 <= t.max_minutes <= MAX_MINUTES:
+        raise InvalidArgumentError(
+            f"max_minutes must be a number in 0..{MAX_MINUTES} (0: no time budget), "
+            f"got {t.max_minutes}",
+            field="max_minutes",
+        )
+    if not 0 <= t.input_scale <= MAX_INPUT_SCALE:
+        raise InvalidArgumentError(
+            f"input_scale must be 1..{MAX_INPUT_SCALE} (0 chooses the recipe's), "
+            f"got {t.input_scale}",
+            field="input_scale",
+        )
+    if not math.isfinite(t.foreground_fraction) or not 0 <= t.foreground_fraction <= 1:
+        raise InvalidArgumentError(
+            f"foreground_fraction must be in 0..1, got {t.foreground_fraction}",
+            field="foreground_fraction",
+        )
     if t.num_classes == 1:
         raise InvalidArgumentError(
             f"num_classes must be >= 2, got {t.num_classes}", field="num_classes"
@@ -151,18 +189,25 @@ class TrainKind(JobKind):
                 raise NotFoundError(
                     f"base_model {t.base_model!r} not found in {store.url}", field="base_model"
                 )
-        architecture = t.architecture or "deepem3d"
+        check_numbers(t)
+        # Unset fields come from the recipe, so a plain submission trains the benchmarked
+        # default (models.recipes) and the checks below see what will really run.
+        recipe = recipe_defaults(t.recipe)
+        architecture = t.architecture or str(recipe["architecture"])
         if architecture not in ARCHITECTURES:
             raise InvalidArgumentError(
                 f"architecture must be one of {', '.join(ARCHITECTURES)}, got {t.architecture!r}",
                 field="architecture",
             )
-        members = tuple(t.members) or DEFAULT_MEMBERS[architecture]
+        members = tuple(t.members) or (
+            tuple(recipe["members"])
+            if architecture == recipe["architecture"]
+            else DEFAULT_MEMBERS[architecture]
+        )
         for m in members:
             member_frames(m)
         if len(set(members)) != len(members):
             raise InvalidArgumentError(f"members {list(members)} repeat a name", field="members")
-        check_numbers(t)
         volumes: dict[str, VolumeFacts] = {}
         for name in ("images", "labels", "validation_images", "validation_labels"):
             ref = getattr(t, name)
@@ -186,7 +231,8 @@ class TrainKind(JobKind):
                     field=labels,
                 )
             check_members_fit(members, volumes[images], images, getattr(t, images))
-        patch, note = clip_patch(tuple(int(s) for s in t.patch_shape), volumes["images"])
+        asked_patch = tuple(int(s) for s in t.patch_shape) or tuple(recipe["patch_shape"])
+        patch, note = clip_patch(asked_patch, volumes["images"])
         resolved = self.resolved_spec(spec)
         resolved.train.architecture = architecture
         replace_repeated(resolved.train.members, members)
