@@ -24,6 +24,7 @@ from deep3m.runtime.task import TaskContext, TaskResult
 from deep3m.runtime.worker import Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.jobs import Grant, JobError
+from deep3m.scheduler.persistence import JobStore
 from deep3m.testing.scheduler import (
     ManualClock,
     SchedulerProcess,
@@ -118,7 +119,7 @@ def test_sigkill_mid_job_resumes_without_redoing_or_losing_blocks(
 
             client.submit(predict_spec("volumes/out.zarr"), job_id="disturbed")
             assert handler.in_flight.wait(WAIT_S)
-            done_before = set(store.list("jobs/disturbed/done/predict"))
+            done_before = set(JobStore(store).done_tasks("disturbed", "predict").tolist())
             proc.kill()  # SIGKILL, mid-job: some blocks done, some running, some pending
             assert 0 < len(done_before) < N_BLOCKS
 
@@ -139,11 +140,11 @@ def test_sigkill_mid_job_resumes_without_redoing_or_losing_blocks(
     plan_ids = {f"predict/b{z}-{y}-{x}" for z in range(4) for y in range(2) for x in range(2)}
     assert set(calls) == plan_ids
     # Blocks whose completion was recorded before the kill were not redone.
-    done_ids = {f"predict/b{n // 4}-{(n // 2) % 2}-{n % 2}" for n in map(int, done_before)}
+    done_ids = {f"predict/b{n // 4}-{(n // 2) % 2}-{n % 2}" for n in done_before}
     assert {t: calls[t] for t in done_ids} == dict.fromkeys(done_ids, 1)
     # Only tasks running at the kill can have run twice; capacity is 2.
     assert sum(calls.values()) <= N_BLOCKS + 2
-    assert len(store.list("jobs/disturbed/done/predict")) == N_BLOCKS
+    assert JobStore(store).done_tasks("disturbed", "predict").size == N_BLOCKS
     np.testing.assert_array_equal(
         store.open_volume("volumes/out.zarr")[...], store.open_volume("volumes/reference.zarr")[...]
     )

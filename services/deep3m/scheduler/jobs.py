@@ -114,6 +114,9 @@ class Job:
     session_tasks: int = 0
     session_voxels: float = 0.0
     final_message: str = ""
+    # A stage's end or the job's result is being persisted (outside the scheduler's lock).
+    advancing: bool = False
+    finishing: bool = False
 
     @property
     def id(self) -> str:
