@@ -55,7 +55,43 @@ NAIVE_SAMPLE = 100_000
 
 
 # -- worker processes --------------------------------------------------------------
-def _batched_worker(address: str, worker: str, seconds: float, barrier: Barrier) -> int:
+def _lease(stub: scheduler_pb2_grpc.SchedulerStub, worker: str, n: int) -> list[Any]:
+    reply = stub.LeaseTasks(
+        scheduler_pb2.LeaseTasksRequest(
+            worker_id=worker, role="inference", max_tasks=n, lease_seconds=60
+        ),
+        timeout=10,
+    )
+    return list(reply.leases)
+
+
+def _complete_batch(stub: scheduler_pb2_grpc.SchedulerStub, worker: str) -> int:
+    request = scheduler_pb2.CompleteTasksRequest(worker_id=worker)
+    for lease in _lease(stub, worker, BATCH):
+        request.completions.add(lease_id=lease.lease_id).metrics["voxels"] = 4096.0
+    if not request.completions:
+        return 0
+    results = stub.CompleteTasks(request, timeout=10).results
+    return sum(1 for r in results if not r.error.code)
+
+
+def _complete_one(stub: scheduler_pb2_grpc.SchedulerStub, worker: str) -> int:
+    count = 0
+    for lease in _lease(stub, worker, 1):
+        request = scheduler_pb2.CompleteTaskRequest(lease_id=lease.lease_id, worker_id=worker)
+        request.metrics["voxels"] = 4096.0
+        stub.CompleteTask(request, timeout=10)
+        count += 1
+    return count
+
+
+def _drive(
+    address: str,
+    worker: str,
+    seconds: float,
+    barrier: Barrier,
+    step: Callable[[scheduler_pb2_grpc.SchedulerStub, str], int],
+) -> int:
     with grpc.insecure_channel(address) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         grpc.channel_ready_future(channel).result(timeout=30)
@@ -63,43 +99,16 @@ def _batched_worker(address: str, worker: str, seconds: float, barrier: Barrier)
         count = 0
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
-            reply = stub.LeaseTasks(
-                scheduler_pb2.LeaseTasksRequest(
-                    worker_id=worker, role="inference", max_tasks=BATCH, lease_seconds=60
-                ),
-                timeout=10,
-            )
-            request = scheduler_pb2.CompleteTasksRequest(worker_id=worker)
-            for lease in reply.leases:
-                request.completions.add(lease_id=lease.lease_id).metrics["voxels"] = 4096.0
-            if request.completions:
-                results = stub.CompleteTasks(request, timeout=10).results
-                count += sum(1 for r in results if not r.error.code)
+            count += step(stub, worker)
         return count
+
+
+def _batched_worker(address: str, worker: str, seconds: float, barrier: Barrier) -> int:
+    return _drive(address, worker, seconds, barrier, _complete_batch)
 
 
 def _scheduler_worker(address: str, worker: str, seconds: float, barrier: Barrier) -> int:
-    with grpc.insecure_channel(address) as channel:
-        stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        grpc.channel_ready_future(channel).result(timeout=30)
-        barrier.wait()
-        count = 0
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            reply = stub.LeaseTasks(
-                scheduler_pb2.LeaseTasksRequest(
-                    worker_id=worker, role="inference", max_tasks=1, lease_seconds=60
-                ),
-                timeout=10,
-            )
-            for lease in reply.leases:
-                request = scheduler_pb2.CompleteTaskRequest(
-                    lease_id=lease.lease_id, worker_id=worker
-                )
-                request.metrics["voxels"] = 4096.0
-                stub.CompleteTask(request, timeout=10)
-                count += 1
-        return count
+    return _drive(address, worker, seconds, barrier, _complete_one)
 
 
 def _echo_worker(address: str, worker: str, seconds: float, barrier: Barrier) -> int:
