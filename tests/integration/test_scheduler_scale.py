@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,15 @@ import pytest
 from deep3m.core.errors import FailedPreconditionError, UnavailableError
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port
+from deep3m.runtime.interceptor import ErrorMappingInterceptor
+from deep3m.runtime.scheduler_client import GrpcSchedulerClient
 from deep3m.runtime.server import create_server
 from deep3m.runtime.settings import Settings
 from deep3m.scheduler.app import SchedulerApp
 from deep3m.scheduler.app import build as build_scheduler
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.persistence import FINISHED_KEY, JobStore
+from deep3m.scheduler.service import SchedulerServicer
 from deep3m.testing.scheduler import ManualClock, predict_spec, save_test_model, write_volume
 from deep3m.v1 import scheduler_pb2, scheduler_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -346,3 +350,34 @@ def test_finished_jobs_are_indexed_loaded_when_asked_and_pruned(settings: Settin
     assert JobStore(store).listed_job_ids() == [running]
     assert again.list_jobs() and [j.id for j in again.list_jobs()] == [running]
     assert store.read_json(FINISHED_KEY)["jobs"] == {}
+
+
+class WithoutBatches(SchedulerServicer):
+    """A scheduler of an earlier version: no ``CompleteTasks``."""
+
+    def CompleteTasks(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return scheduler_pb2_grpc.SchedulerServicer.CompleteTasks(self, request, context)
+
+
+def test_a_worker_completes_one_by_one_against_a_scheduler_without_batches(
+    settings: Settings,
+) -> None:
+    scheduler = Scheduler(settings)
+    scheduler.recover()
+    job_id = submit(scheduler)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorMappingInterceptor()]
+    )
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(WithoutBatches(scheduler), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = GrpcSchedulerClient(f"127.0.0.1:{port}")
+    try:
+        leases = client.lease("w", "inference", 3, 30.0, timeout=5.0)
+        batch = [(lease.lease_id, {"voxels": 1.0}, {}) for lease in leases]
+        outcomes = client.complete_many("w", [*batch, ("forged", {}, {})], timeout=5.0)
+    finally:
+        client.close()
+        server.stop(0).wait()
+    assert outcomes[:3] == [None] * 3 and isinstance(outcomes[3], FailedPreconditionError)
+    assert scheduler.get(job_id).stages[0].tasks_done == 3

@@ -144,7 +144,7 @@ class Job:
     def task_id(self, stage: str, task: int) -> str:
         for plan in reversed(self.stages):
             if plan.name == stage:
-                return plan.task(task).id
+                return plan.task_id(task)
         return f"{stage}/{task}"
 
     def record_completion(
