@@ -211,9 +211,9 @@ class Scheduler:
         def one(job_id: str) -> JobDocuments | None:
             try:
                 return load_job(self.jobs_store, job_id, self.context)
-            except NotFoundError:  # a folder without job.json: not a job (yet)
-                return None
             except Deep3mError as exc:
+                if isinstance(exc, NotFoundError) and exc.field == "job_id":
+                    return None  # a folder without job.json: not a job (yet)
                 log.error("cannot resume job %s: %s", job_id, exc.message, extra={"job_id": job_id})
                 return None
 

@@ -142,13 +142,6 @@ class JobStore:
         return f"{JOBS_PREFIX}/{check_job_id(job_id)}"
 
     # -- jobs -----------------------------------------------------------------
-    def job_ids(self) -> list[str]:
-        return [
-            j
-            for j in self.store.list(JOBS_PREFIX)
-            if self.store.exists(f"{JOBS_PREFIX}/{j}/job.json")
-        ]
-
     def listed_job_ids(self) -> list[str]:
         """Every folder under ``jobs/``, without checking each (one listing)."""
         return self.store.list(JOBS_PREFIX)
