@@ -1,8 +1,9 @@
 """Durability: a scheduler killed mid-job resumes every job from the store.
 
 The first test is the done-criterion: ``deep3m serve scheduler`` runs as a real
-subprocess, is killed with SIGKILL while a job is half done, and is started
-again on the same port; the workers (in this process) carry on. The others
+subprocess, is killed with SIGKILL twice while a job is under way, and is
+started again on the same port each time; the workers (in this process) carry
+on, and the output equals an undisturbed run's. The others
 rebuild a ``Scheduler`` in-process from the same store with a controlled clock.
 """
 
@@ -24,6 +25,7 @@ from deep3m.runtime.task import TaskContext, TaskResult
 from deep3m.runtime.worker import Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.jobs import Grant, JobError
+from deep3m.scheduler.persistence import JobStore
 from deep3m.testing.scheduler import (
     ManualClock,
     SchedulerProcess,
@@ -58,11 +60,20 @@ class GatedDoubler:
         with self._lock:
             self.calls[(job, ctx.task.id)] += 1
             n = sum(c for (j, _), c in self.calls.items() if j == job)
+            gate = self.gate
         if job == self.gated_job and n >= self.gate_after:
             self.in_flight.set()
-            if not self.gate.wait(WAIT_S):
+            if not gate.wait(WAIT_S):
                 raise TimeoutError("gate never opened")
         return TaskResult(metrics={"voxels": double_block(self.store, ctx.lease)})
+
+    def rearm(self, gate_after: int) -> threading.Event:
+        """Gate again from the ``gate_after``-th call on; returns the previous gate (to open)."""
+        with self._lock:
+            previous, self.gate = self.gate, threading.Event()
+            self.gate_after = gate_after
+            self.in_flight.clear()
+        return previous
 
 
 def finalize(ctx: TaskContext) -> TaskResult:
@@ -118,11 +129,21 @@ def test_sigkill_mid_job_resumes_without_redoing_or_losing_blocks(
 
             client.submit(predict_spec("volumes/out.zarr"), job_id="disturbed")
             assert handler.in_flight.wait(WAIT_S)
-            done_before = set(store.list("jobs/disturbed/done/predict"))
+            done_before = set(JobStore(store).done_tasks("disturbed", "predict").tolist())
             proc.kill()  # SIGKILL, mid-job: some blocks done, some running, some pending
             assert 0 < len(done_before) < N_BLOCKS
 
             proc.start()  # same store, same port
+            # Let the job go on until more blocks are done, then kill it again.
+            first_gate = handler.rearm(gate_after=11)
+            first_gate.set()
+            assert handler.in_flight.wait(WAIT_S)
+            done_mid = set(JobStore(store).done_tasks("disturbed", "predict").tolist())
+            calls_mid = Counter(handler.calls)
+            proc.kill()
+            assert done_before < done_mid and len(done_mid) < N_BLOCKS
+
+            proc.start()
             handler.gate.set()
             job = client.wait("disturbed", WAIT_S)
     finally:
@@ -138,12 +159,14 @@ def test_sigkill_mid_job_resumes_without_redoing_or_losing_blocks(
     assert len(calls) == N_BLOCKS  # nothing lost
     plan_ids = {f"predict/b{z}-{y}-{x}" for z in range(4) for y in range(2) for x in range(2)}
     assert set(calls) == plan_ids
-    # Blocks whose completion was recorded before the kill were not redone.
-    done_ids = {f"predict/b{n // 4}-{(n // 2) % 2}-{n % 2}" for n in map(int, done_before)}
+    # Blocks whose completion was recorded before a kill were not redone after it.
+    done_ids = {f"predict/b{n // 4}-{(n // 2) % 2}-{n % 2}" for n in done_before}
     assert {t: calls[t] for t in done_ids} == dict.fromkeys(done_ids, 1)
-    # Only tasks running at the kill can have run twice; capacity is 2.
-    assert sum(calls.values()) <= N_BLOCKS + 2
-    assert len(store.list("jobs/disturbed/done/predict")) == N_BLOCKS
+    mid_ids = {f"predict/b{n // 4}-{(n // 2) % 2}-{n % 2}" for n in done_mid}
+    assert {t: calls[t] for t in mid_ids} == {t: calls_mid[("disturbed", t)] for t in mid_ids}
+    # Only tasks running at a kill can have run twice; capacity is 2, two kills.
+    assert sum(calls.values()) <= N_BLOCKS + 4
+    assert JobStore(store).done_tasks("disturbed", "predict").size == N_BLOCKS
     np.testing.assert_array_equal(
         store.open_volume("volumes/out.zarr")[...], store.open_volume("volumes/reference.zarr")[...]
     )

@@ -33,6 +33,7 @@ from deep3m.runtime.task import TaskContext, TaskHandler, TaskResult
 from deep3m.runtime.worker import Worker
 from deep3m.scheduler.app import SchedulerApp
 from deep3m.scheduler.core import Scheduler
+from deep3m.scheduler.persistence import JobStore
 from deep3m.testing.scheduler import ManualClock, double_block, save_test_model, write_volume
 from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from prometheus_client import REGISTRY
@@ -216,8 +217,8 @@ def test_predict_job_runs_to_completion_and_streams_progress(env: Env) -> None:
     assert env.client.queue_stats()["inference"] == {"pending": 0, "leased": 0}
     assert [j.id for j in env.client.jobs(states=["SUCCEEDED"])] == [job_id]
     assert env.client.jobs(states=["RUNNING"]) == []
-    # The job's records are in the store: spec, one record per block, the result.
-    assert len(env.store.list(f"jobs/{job_id}/done/predict")) == N_BLOCKS
+    # The job's records are in the store: spec, a record of every block, the result.
+    assert JobStore(env.store).done_tasks(job_id, "predict").tolist() == list(range(N_BLOCKS))
     assert env.store.read_json(f"jobs/{job_id}/result.json")["state"] == "SUCCEEDED"
 
 
@@ -470,4 +471,7 @@ def test_stopping_a_worker_hands_unfinished_tasks_back(env: Env) -> None:
     stage = env.client.get(job_id).stages[0]
     assert (stage.tasks_leased, stage.tasks_done) == (0, 0)
     assert env.client.queue_stats()["inference"]["pending"] == N_BLOCKS
-    assert env.scheduler.queue.attempts(job_id, "predict", 0) == 1  # failed as retryable
+    # Given back, not failed: no attempt counted, leasable again at once (no backoff).
+    assert env.scheduler.queue.attempts(job_id, "predict", 0) == 0
+    (again,) = env.scheduler.lease("next", "inference", 1)
+    assert again.task.id == "predict/b0-0-0"

@@ -470,3 +470,21 @@ def test_the_scheduler_copies_of_network_facts_match_the_models() -> None:
     assert train_kind.CHOICES["optimizer"] == get_args(
         config.TrainConfig.model_fields["optimizer"].annotation
     )
+
+
+@pytest.mark.parametrize(
+    "layout, params",
+    [
+        ("blocks", {"volume_shape": [5, 70, 33], "block_shape": [2, 32, 16], "halo": [0, 4, 4]}),
+        ("zranges", {"volume_shape": [10, 8, 8], "slices": 4}),
+        ("members", {"members": ["1fm", "3fm"]}),
+        ("single", {}),
+    ],
+)
+def test_a_task_id_is_that_of_the_task(layout: str, params: dict[str, object]) -> None:
+    plan = StagePlan(0, "s", "inference", layout, params)
+    assert [plan.task_id(n) for n in range(plan.n_tasks)] == [
+        plan.task(n).id for n in range(plan.n_tasks)
+    ]
+    with pytest.raises(InvalidArgumentError, match="task number"):
+        plan.task_id(plan.n_tasks)

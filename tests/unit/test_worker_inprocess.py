@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.errors import Deep3mError, InvalidArgumentError, UnavailableError
 from deep3m.core.events import ProgressEvent
 from deep3m.core.store import Store
+from deep3m.runtime.scheduler_client import Completion
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import TaskContext, TaskHandler, TaskResult
 from deep3m.runtime.worker import Worker
@@ -252,3 +253,84 @@ def test_run_once_drives_a_whole_job_in_the_calling_thread(env: Env) -> None:
         env.store.open_volume("volumes/out.zarr")[:],
         env.store.open_volume("volumes/in.zarr")[:] * 2.0,
     )
+
+
+def test_completions_finishing_while_one_is_sent_go_together_in_the_next_call() -> None:
+    from deep3m.core.errors import FailedPreconditionError
+    from deep3m.runtime.worker import CompletionBatcher
+
+    calls: list[list[str]] = []
+    first_sent = threading.Event()
+    release_first = threading.Event()
+
+    def send(batch: Sequence[Completion]) -> list[Deep3mError | None]:
+        calls.append([lease_id for lease_id, _, _ in batch])
+        if len(calls) == 1:
+            first_sent.set()
+            assert release_first.wait(WAIT_S)
+        return [FailedPreconditionError("stale") if lid == "stale" else None for lid in calls[-1]]
+
+    batcher = CompletionBatcher(send)
+    errors: dict[str, BaseException] = {}
+
+    def complete(lease_id: str) -> None:
+        try:
+            batcher.complete((lease_id, {}, {}))
+        except Deep3mError as exc:
+            errors[lease_id] = exc
+
+    first = threading.Thread(target=complete, args=("a",))
+    first.start()
+    assert first_sent.wait(WAIT_S)
+    rest = [threading.Thread(target=complete, args=(x,)) for x in ("b", "stale", "c")]
+    for t in rest:
+        t.start()
+    # All three are queued behind the call in flight before it returns.
+    deadline = time.monotonic() + WAIT_S
+    while len(batcher._waiting) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    release_first.set()
+    for t in (first, *rest):
+        t.join(WAIT_S)
+    assert calls[0] == ["a"]
+    assert sorted(calls[1]) == ["b", "c", "stale"] and len(calls) == 2
+    assert list(errors) == ["stale"] and isinstance(errors["stale"], FailedPreconditionError)
+
+
+class HungHeartbeats(InProcessSchedulerClient):
+    """A worker's client whose renewals never reach the scheduler (a hung worker)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        super().__init__(scheduler)
+        self.unblock = threading.Event()
+
+    def renew(self, *args: object, **kwargs: object) -> tuple[float, bool]:
+        self.unblock.wait(WAIT_S)
+        raise UnavailableError("heartbeats hung", field="address")
+
+
+def test_a_hung_worker_loses_its_task_and_its_late_completion_is_refused(env: Env) -> None:
+    gate = Gate(env.store)
+    client = HungHeartbeats(env.scheduler)
+    hung = Worker(env.settings, "inference", {"predict": gate}, worker_id="hung", client=client)
+    job_id = env.submit()
+    env.scheduler.start()  # the reaper expires the lease that is never renewed
+    hung.start()
+    try:
+        gate.wait_entered(2)
+        taken: dict[str, str] = {}
+        deadline = time.monotonic() + WAIT_S
+        while len(taken) < 4 and time.monotonic() < deadline:  # two fresh, two taken over
+            env.scheduler.expire_leases()
+            for g in env.scheduler.lease("other", "inference", 4, lease_seconds=60.0):
+                taken[g.task.id] = g.lease_id
+        assert len(taken) == 4
+        gate.open.set()
+    finally:
+        client.unblock.set()
+        hung.stop(grace=10.0)
+    assert hung.completed == 0  # both completions came too late and were refused
+    assert env.scheduler.get(job_id).stages[0].tasks_done == 0
+    outcomes = env.scheduler.complete_many("other", [(lid, {}, {}) for lid in taken.values()])
+    assert outcomes == [None] * 4
+    assert env.scheduler.get(job_id).stages[0].tasks_done == 4

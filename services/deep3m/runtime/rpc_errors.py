@@ -20,6 +20,7 @@ from deep3m.core.errors import (
     UnavailableError,
 )
 from deep3m.runtime.interceptor import error_detail
+from deep3m.v1 import common_pb2
 
 _BY_CODE: dict[grpc.StatusCode, type[Deep3mError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
@@ -58,3 +59,9 @@ def from_rpc_error(err: grpc.RpcError, *, address: str = "") -> Deep3mError:
         message = f"{address}: {message}"
         field = "address"
     return cls(message, field=field)
+
+
+def from_error_detail(detail: common_pb2.ErrorDetail) -> Deep3mError:
+    """The domain error an ``ErrorDetail`` names (one item of a batch reply)."""
+    code = grpc.StatusCode.__members__.get(detail.code, grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(code, Deep3mError)(detail.message or detail.code, field=detail.field)

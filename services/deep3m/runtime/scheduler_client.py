@@ -11,13 +11,14 @@ else (stale lease, unknown task) means the outcome is no longer ours to report.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 import grpc
 
+from deep3m.core.errors import Deep3mError
 from deep3m.runtime.channel import CHANNEL_OPTIONS
-from deep3m.runtime.rpc_errors import from_rpc_error
+from deep3m.runtime.rpc_errors import from_error_detail, from_rpc_error, status_code
 from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 # Reconnect quickly after a scheduler restart (gRPC's default backoff grows to 120 s).
@@ -29,6 +30,8 @@ WORKER_CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
 )
 
 T = TypeVar("T")
+# One completion of a batch: (lease id, metrics, outputs).
+Completion = tuple[str, Mapping[str, float], Mapping[str, str]]
 
 
 class SchedulerClient(Protocol):
@@ -61,6 +64,15 @@ class SchedulerClient(Protocol):
         timeout: float,
     ) -> None: ...
 
+    def complete_many(
+        self, worker_id: str, completions: Sequence[Completion], *, timeout: float
+    ) -> list[Deep3mError | None]:
+        """One outcome per completion, in order: None when recorded, else its error.
+
+        Raises (for all of them) when the call itself fails, e.g. unreachable.
+        """
+        ...
+
     def fail(
         self,
         lease_id: str,
@@ -71,6 +83,10 @@ class SchedulerClient(Protocol):
         timeout: float,
     ) -> bool:
         """True when the task will not be retried."""
+        ...
+
+    def release(self, lease_id: str, worker_id: str, *, timeout: float) -> None:
+        """Give an unfinished task back (shutting down): no attempt is counted."""
         ...
 
     def close(self) -> None: ...
@@ -129,6 +145,35 @@ class GrpcSchedulerClient:
         request.outputs.update({k: str(v) for k, v in outputs.items()})
         self._call(lambda: self._stub.CompleteTask(request, timeout=timeout))
 
+    def complete_many(
+        self, worker_id: str, completions: Sequence[Completion], *, timeout: float
+    ) -> list[Deep3mError | None]:
+        request = scheduler_pb2.CompleteTasksRequest(worker_id=worker_id)
+        for lease_id, metrics, outputs in completions:
+            item = request.completions.add(lease_id=lease_id)
+            item.metrics.update({k: float(v) for k, v in metrics.items()})
+            item.outputs.update({k: str(v) for k, v in outputs.items()})
+        try:
+            reply = self._stub.CompleteTasks(request, timeout=timeout)
+        except grpc.RpcError as err:
+            if status_code(err) != grpc.StatusCode.UNIMPLEMENTED:
+                raise from_rpc_error(err, address=self.address) from err
+            return self._complete_each(worker_id, completions, timeout=timeout)
+        return [from_error_detail(r.error) if r.error.code else None for r in reply.results]
+
+    def _complete_each(
+        self, worker_id: str, completions: Sequence[Completion], *, timeout: float
+    ) -> list[Deep3mError | None]:
+        """A scheduler without ``CompleteTasks`` (an older version): one call each."""
+        out: list[Deep3mError | None] = []
+        for lease_id, metrics, outputs in completions:
+            try:
+                self.complete(lease_id, worker_id, metrics, outputs, timeout=timeout)
+                out.append(None)
+            except Deep3mError as exc:
+                out.append(exc)
+        return out
+
     def fail(
         self,
         lease_id: str,
@@ -142,6 +187,12 @@ class GrpcSchedulerClient:
             lease_id=lease_id, worker_id=worker_id, error=error, retryable=retryable
         )
         return bool(self._call(lambda: self._stub.FailTask(request, timeout=timeout)).quarantined)
+
+    def release(self, lease_id: str, worker_id: str, *, timeout: float) -> None:
+        request = scheduler_pb2.FailTaskRequest(
+            lease_id=lease_id, worker_id=worker_id, release=True, retryable=True
+        )
+        self._call(lambda: self._stub.FailTask(request, timeout=timeout))
 
     def close(self) -> None:
         if self._own_channel:

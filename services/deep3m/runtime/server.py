@@ -161,8 +161,11 @@ def create_server(
     after the server answers, and health reports SERVING only then.
     """
     app = app or load_app(role, settings)
+    # Long-lived streams (an app's ``stream_threads``, capped by the app) get threads
+    # beyond ``max_workers``, so unary calls and health checks always find one free.
+    threads = max_workers + int(getattr(app, "stream_threads", 0))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{role}-rpc"),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"{role}-rpc"),
         interceptors=[ErrorMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),

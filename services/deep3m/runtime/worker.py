@@ -2,9 +2,11 @@
 
 A ``Worker`` leases up to ``worker_capacity`` tasks of its role from the
 scheduler, runs each with the handler registered for the task's stage, and
-completes or fails it. A heartbeat thread renews every lease at about a third
-of its length; a renew that answers *cancelled* (or finds the lease taken
-over) sets ``ctx.cancelled``, which handlers check between steps.
+completes or fails it. Completions that finish while another is being sent
+go together in the next ``CompleteTasks`` call (one call, one store write, for
+many tasks). A heartbeat thread renews every lease at about a third of its
+length; a renew that answers *cancelled* (or finds the lease taken over) sets
+``ctx.cancelled``, which handlers check between steps.
 
 The scheduler is reached through a ``SchedulerClient``: gRPC by default, or a
 scheduler in the same process (``deep3m.scheduler.inprocess``). Failures: a
@@ -25,7 +27,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -35,6 +37,7 @@ from deep3m.core.errors import CancelledError, Deep3mError, InvalidArgumentError
 from deep3m.core.retry import Backoff
 from deep3m.runtime.scheduler_client import (
     WORKER_CHANNEL_OPTIONS,
+    Completion,
     GrpcSchedulerClient,
     SchedulerClient,
 )
@@ -49,6 +52,60 @@ log = logging.getLogger("deep3m.worker")
 
 MIN_RENEW_INTERVAL_S = 0.05
 MAX_UNREACHABLE_BACKOFF_S = 2.0
+MAX_COMPLETIONS_PER_CALL = 256
+
+
+@dataclass
+class _Pending:
+    completion: Completion
+    done: bool = False
+    error: BaseException | None = None
+
+
+class CompletionBatcher:
+    """Completions from many threads share calls: whoever finds no call in flight
+    sends everything waiting (no timer: a lone completion goes at once)."""
+
+    def __init__(
+        self,
+        send: Callable[[Sequence[Completion]], Sequence[Deep3mError | None]],
+        limit: int = MAX_COMPLETIONS_PER_CALL,
+    ) -> None:
+        self._send = send
+        self._limit = limit
+        self._changed = threading.Condition()
+        self._waiting: list[_Pending] = []
+        self._sending = False
+
+    def complete(self, completion: Completion) -> None:
+        """Returns once recorded; raises the error of this completion (or of the call)."""
+        item = _Pending(completion)
+        with self._changed:
+            self._waiting.append(item)
+            while not item.done:
+                if self._sending:
+                    self._changed.wait()
+                    continue
+                self._sending = True
+                batch, self._waiting = self._waiting[: self._limit], self._waiting[self._limit :]
+                self._changed.release()
+                try:
+                    self._deliver(batch)
+                finally:
+                    self._changed.acquire()
+                    self._sending = False
+                    self._changed.notify_all()
+        if item.error is not None:
+            raise item.error
+
+    def _deliver(self, batch: list[_Pending]) -> None:
+        try:
+            errors: Sequence[BaseException | None] = self._send([p.completion for p in batch])
+        except Exception as exc:  # the call failed: the same error for every completion
+            errors = [exc] * len(batch)
+        for pending, error in zip(batch, errors, strict=True):
+            pending.error = error
+            pending.done = True
 
 
 @dataclass
@@ -114,6 +171,9 @@ class Worker:
         self._loop_thread: threading.Thread | None = None
         self._hb_thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._completions = CompletionBatcher(
+            lambda batch: self._client.complete_many(self.worker_id, batch, timeout=self._timeout)
+        )
         self.completed = 0
         self.failed = 0
 
@@ -135,7 +195,7 @@ class Worker:
         )
 
     def stop(self, grace: float) -> None:
-        """Stop leasing; let running tasks finish within ``grace`` s, then fail them (retryable)."""
+        """Stop leasing; let running tasks finish within ``grace`` s, then give them back."""
         self._stop.set()
         with self._changed:
             self._changed.notify_all()
@@ -150,18 +210,11 @@ class Worker:
         for active in leftover:
             active.ctx.cancelled.set()
             active.abandoned.set()
-            error = common_pb2.ErrorDetail(
-                code="UNAVAILABLE",
-                task_id=active.ctx.task.id,
-                message=f"worker {self.worker_id} shut down before the task finished",
-            )
+            # Given back, not failed: a worker going away (spot interruption, scale-down)
+            # is not the task's fault, so no attempt is counted and no one waits for expiry.
             with contextlib.suppress(Deep3mError):  # else the lease expires instead
-                self._client.fail(
-                    active.ctx.lease.lease_id,
-                    self.worker_id,
-                    error,
-                    True,
-                    timeout=min(self._timeout, 5.0),
+                self._client.release(
+                    active.ctx.lease.lease_id, self.worker_id, timeout=min(self._timeout, 5.0)
                 )
         self._hb_stop.set()
         self._hb_wake.set()
@@ -336,9 +389,7 @@ class Worker:
         lease_id = ctx.lease.lease_id
         if outcome.complete and outcome.result is not None:
             result = outcome.result
-            self._client.complete(
-                lease_id, self.worker_id, result.metrics, result.outputs, timeout=self._timeout
-            )
+            self._completions.complete((lease_id, result.metrics, result.outputs))
             self.completed += 1
             return
         error = outcome.error or common_pb2.ErrorDetail(code="INTERNAL", task_id=ctx.task.id)

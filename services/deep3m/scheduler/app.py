@@ -1,7 +1,10 @@
 """The scheduler role: the Scheduler service, its lease reaper, and the autoscaler.
 
-Jobs are recovered from the store in ``build``, before the server binds its
-port, so no request ever sees a half-loaded scheduler.
+The server binds its port first, health answering NOT_SERVING; jobs are then
+recovered from the store in ``start`` (requests meanwhile get UNAVAILABLE, which
+workers and clients retry), and health turns SERVING once recovery has ended.
+WatchJob streams run on threads of their own (``stream_threads``), which the
+server adds to its pool for unary calls.
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ class SchedulerApp:
         self.settings = settings
         self.scheduler = scheduler
         self.autoscaler: Any = None
+        self.stream_threads = settings.max_watch_streams
 
     def register(self, server: grpc.Server) -> None:
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(
-            SchedulerServicer(self.scheduler), server
+            SchedulerServicer(self.scheduler, max_watchers=self.stream_threads), server
         )
 
     def start(self) -> None:
+        self.scheduler.recover()
         self.scheduler.start()
         if self.settings.autoscale_enabled:
             from deep3m.scheduler.autoscaler import Autoscaler
@@ -57,5 +62,5 @@ class SchedulerApp:
 
 def build(settings: Settings) -> SchedulerApp:
     scheduler = Scheduler(settings)
-    scheduler.recover()
+    scheduler.begin_recovery()
     return SchedulerApp(settings, scheduler)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from deep3m.core.errors import Deep3mError
 from deep3m.runtime.progress_proto import state_to_proto
 from deep3m.scheduler.jobs import Grant, JobError, JobView
 from deep3m.scheduler.kinds.base import VolumeFacts
-from deep3m.v1 import common_pb2
+from deep3m.v1 import common_pb2, scheduler_pb2
 
 
 def error_to_proto(error: JobError) -> common_pb2.ErrorDetail:
@@ -71,3 +74,19 @@ def grant_to_proto(grant: Grant) -> common_pb2.TaskLease:
     for name, facts in grant.volumes.items():
         lease.volumes[name].CopyFrom(volume_to_proto(facts))
     return lease
+
+
+def completions_to_proto(
+    completions: Sequence[scheduler_pb2.TaskCompletion], errors: Sequence[Deep3mError | None]
+) -> scheduler_pb2.CompleteTasksResponse:
+    """One result per completion, in order; an error only where it was not recorded."""
+    reply = scheduler_pb2.CompleteTasksResponse()
+    for completion, error in zip(completions, errors, strict=True):
+        result = reply.results.add(lease_id=completion.lease_id)
+        if error is not None:
+            result.error.CopyFrom(
+                common_pb2.ErrorDetail(
+                    code=error.grpc_code_name, message=error.message, field=error.field
+                )
+            )
+    return reply

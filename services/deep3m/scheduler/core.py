@@ -9,16 +9,26 @@ Job states: PENDING (submitted, nothing leased yet) → RUNNING → SUCCEEDED,
 FAILED (a task was quarantined: the error lists the task ids and messages) or
 CANCELLED. A completion is acknowledged only once its record is in the store;
 a restarted scheduler resumes every unfinished job from there (``recovery``).
+
+No store I/O happens under the scheduler's lock, so a slow store never holds up
+leases and renewals: a method decides under the lock, queues the writes it
+implies (a cancel marker, a stage's end and the next plan, a quarantine
+record, a result) and runs them after releasing it, on the calling thread,
+before it returns. Finished jobs are indexed (``persistence.FINISHED_KEY``);
+after a restart they are loaded only when asked for, and pruned once older
+than ``finished_job_retention_days``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from deep3m.core.errors import (
@@ -29,6 +39,7 @@ from deep3m.core.errors import (
     UnavailableError,
 )
 from deep3m.core.events import JOB_STATES, EventBus, ProgressEvent, Subscription
+from deep3m.core.executor import bounded_map
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.runtime import metrics as m
@@ -36,9 +47,9 @@ from deep3m.runtime.settings import ROLES, Settings
 from deep3m.scheduler import kinds
 from deep3m.scheduler.jobs import Grant, Job, JobError, JobView
 from deep3m.scheduler.kinds.refs import create_outputs, remove_outputs
-from deep3m.scheduler.persistence import JobRecord, JobStore, spec_to_json
+from deep3m.scheduler.persistence import READ_THREADS, JobRecord, JobStore, spec_to_json
 from deep3m.scheduler.queue import Lease, StageCounts, TaskQueue
-from deep3m.scheduler.recovery import recover_job
+from deep3m.scheduler.recovery import JobDocuments, load_job, rebuild_job
 from deep3m.scheduler.stages import StagePlan
 
 if TYPE_CHECKING:
@@ -52,11 +63,18 @@ QUARANTINE_LIMIT = 16
 MIN_LEASE_S = 0.2
 MAX_LEASE_S = 3600.0
 MAX_TASKS_PER_LEASE = 256
+MAX_COMPLETIONS_PER_CALL = 1024
+# Finished jobs past their retention are looked for this often.
+PRUNE_INTERVAL_S = 3600.0
 # Labelled children looked up once: these gauges change on every lease and completion.
 _QUEUE_GAUGES = {
     role: (m.TASKS_PENDING.labels(role=role), m.TASKS_LEASED.labels(role=role))
     for role in WORKER_ROLES
 }
+
+
+# One completion of a batch: (lease id, metrics, outputs).
+Completion = tuple[str, Mapping[str, float] | None, Mapping[str, str] | None]
 
 
 def _describe(exc: Exception) -> tuple[str, str]:
@@ -98,45 +116,178 @@ class Scheduler:
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        # Store writes decided under the lock, run by the same thread after it.
+        self._local = threading.local()
+        # Finished jobs known from the index, loaded on first use: id → index entry.
+        self._unloaded: dict[str, dict[str, Any]] = {}
+        self._recovering = False
+        self._recovered = False
+        self._next_prune = 0.0
 
     # -- lifecycle ----------------------------------------------------------------
+    def begin_recovery(self) -> None:
+        """Answer UNAVAILABLE (retry) to every request until ``recover`` has finished."""
+        self._recovering = True
+
+    def _check_ready(self) -> None:
+        if self._recovering:
+            raise UnavailableError(
+                "the scheduler is still recovering jobs from the store; retry shortly",
+                field="scheduler",
+            )
+
     def recover(self) -> int:
-        """Rebuild every job from the store; returns how many were resumed."""
+        """Rebuild every job from the store; returns how many were resumed.
+
+        Finished jobs in the index are not read (they load when asked for);
+        every other job is read in parallel, then rebuilt under the lock.
+        """
+        if self._recovered:  # once per instance: a second pass would find nothing new
+            self._recovering = False
+            return 0
+        self._recovering = True
+        try:
+            resumed = self._recover()
+            self._recovered = True
+            return resumed
+        finally:
+            self._recovering = False
+
+    def _recover(self) -> int:
         now = self.clock()
         # Workers that held leases before a restart get this long to renew and
         # adopt them before their tasks are handed to anyone else.
         hold_until = now + min(self.settings.lease_seconds / 2, 30.0)
+        earlier = self.jobs_store.register_epoch(self.queue.epoch)
+        index = self.jobs_store.finished_index()
+        listed = self.jobs_store.listed_job_ids()
+        with self._lock:
+            self.queue.allow_adoption_from(earlier)
+            known = set(self._jobs)
+            for job_id in listed:
+                if job_id in index and job_id not in known:
+                    self._unloaded[job_id] = index[job_id]
+        todo = [j for j in listed if j not in index and j not in known]
+        loaded = self._load_all(todo)
+        finished = {
+            job_id: self._index_entry(docs.record, docs.result)
+            for job_id, docs in loaded.items()
+            if docs.result is not None
+        }
+        if finished:  # jobs finished before the index existed
+            self.jobs_store.index_finished(finished)
         resumed = 0
         with self._lock:
-            self.queue.allow_adoption_from(self.jobs_store.register_epoch(self.queue.epoch))
-            for job_id in self.jobs_store.job_ids():
-                if job_id in self._jobs:
-                    continue
-                try:
-                    got = recover_job(
-                        self.jobs_store, self.queue, job_id, now, hold_until, self.context
-                    )
-                except Deep3mError as exc:
-                    log.error(
-                        "cannot resume job %s: %s", job_id, exc.message, extra={"job_id": job_id}
-                    )
-                    continue
-                job = got.job
-                self._jobs[job_id] = job
-                if got.action == "cancelled":
-                    self._finish(job, "CANCELLED", "cancelled")
-                elif got.action == "plan_first":
-                    self._start_next_stage(job, 0, now)
-                    resumed += 1
-                elif got.action == "resume":
-                    self._emit(job, message=got.message)
-                    self._check_stage(job, now)
-                    resumed += 1
+            for job_id in todo:
+                docs = loaded.get(job_id)
+                if docs is not None and job_id not in self._jobs:
+                    resumed += self._resume(docs, now, hold_until)
             self._update_gauges()
             self._update_job_gauge()
+        self._run_deferred()
         if resumed:
             log.info("resumed %d job(s)", resumed, extra={"jobs": resumed})
         return resumed
+
+    def _resume(self, docs: JobDocuments, now: float, hold_until: float) -> bool:
+        """Put a job read from the store back in memory and queue (caller holds the lock);
+        True when it is resumed (not finished)."""
+        got = rebuild_job(docs, self.queue, now, hold_until)
+        job = got.job
+        self._jobs[job.id] = job
+        if got.action == "cancelled":
+            self._finish(job, "CANCELLED", "cancelled")
+        elif got.action == "plan_first":
+            job.advancing = True
+            self._defer(functools.partial(self._advance, job, None, 0, now))
+        elif got.action == "resume":
+            self._emit(job, message=got.message)
+            self._check_stage(job, now)
+        return got.action in ("plan_first", "resume")
+
+    def _load_all(self, job_ids: Sequence[str]) -> dict[str, JobDocuments]:
+        """The documents of ``job_ids``, read in parallel; unreadable jobs are logged, skipped."""
+
+        def one(job_id: str) -> JobDocuments | None:
+            try:
+                return load_job(self.jobs_store, job_id, self.context)
+            except Deep3mError as exc:
+                if isinstance(exc, NotFoundError) and exc.field == "job_id":
+                    return None  # a folder without job.json: not a job (yet)
+                log.error("cannot resume job %s: %s", job_id, exc.message, extra={"job_id": job_id})
+                return None
+
+        out: dict[str, JobDocuments] = {}
+        for i, docs in bounded_map(one, job_ids, min(READ_THREADS, len(job_ids))):
+            if docs is not None:
+                out[job_ids[i]] = docs
+        return out
+
+    @staticmethod
+    def _index_entry(record: JobRecord, result: Mapping[str, Any] | None) -> dict[str, Any]:
+        result = result or {}
+        return {
+            "state": str(result.get("state", "FAILED")),
+            "created_unix_s": record.created_unix_s,
+            "finished_unix_s": float(result.get("finished_unix_s", record.created_unix_s)),
+        }
+
+    def _load_finished(self, job_ids: Iterable[str]) -> None:
+        """Load indexed finished jobs that are not in memory yet (outside the lock)."""
+        with self._lock:
+            wanted = [j for j in job_ids if j in self._unloaded]
+        if not wanted:
+            return
+
+        def one(job_id: str) -> JobDocuments | None:
+            try:
+                record = self.jobs_store.load_job(job_id)
+                result = self.jobs_store.load_result(job_id)
+                if result is None:  # indexed, yet its result is gone: resume it after all
+                    return load_job(self.jobs_store, job_id, self.context)
+            except Deep3mError as exc:
+                log.error("cannot load finished job %s: %s", job_id, exc.message)
+                return None
+            return JobDocuments(record, result)
+
+        got: dict[str, JobDocuments] = {}
+        for i, docs in bounded_map(one, wanted, min(READ_THREADS, len(wanted))):
+            if docs is not None:
+                got[wanted[i]] = docs
+        now = self.clock()
+        with self._lock:
+            for job_id, docs in got.items():
+                if self._unloaded.pop(job_id, None) is not None and job_id not in self._jobs:
+                    self._resume(docs, now, now)
+            self._update_gauges()
+            self._update_job_gauge()
+        self._run_deferred()
+
+    def prune_finished(self) -> int:
+        """Delete the jobs that finished more than the retention period ago; returns how many."""
+        days = self.settings.finished_job_retention_days
+        if days <= 0:
+            return 0
+        cutoff = self.clock() - days * 86400.0
+        old = [
+            job_id
+            for job_id, entry in self.jobs_store.finished_index().items()
+            if float(entry.get("finished_unix_s", 0.0)) < cutoff
+        ]
+        if not old:
+            return 0
+        with self._lock:
+            for job_id in old:
+                self._unloaded.pop(job_id, None)
+                job = self._jobs.get(job_id)
+                if job is not None and job.terminal:
+                    del self._jobs[job_id]
+            self._update_job_gauge()
+        for job_id in old:
+            self.jobs_store.delete_job(job_id)
+        self.jobs_store.index_finished({}, removed=old)
+        log.info("pruned %d finished job(s)", len(old), extra={"jobs": len(old)})
+        return len(old)
 
     def start(self) -> None:
         """Start the background reaper that re-queues expired leases."""
@@ -162,6 +313,12 @@ class Scheduler:
                 self.expire_leases()
             except Exception:  # keep reaping; the next round retries
                 log.exception("lease reaper round failed")
+            if time.monotonic() >= self._next_prune and not self._recovering:
+                self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+                try:
+                    self.prune_finished()
+                except Exception:  # the next round retries
+                    log.exception("pruning finished jobs failed")
             with self._lock:
                 deadline = self.queue.next_deadline()
             wait = 1.0 if deadline is None else min(1.0, max(0.01, deadline - self.clock()))
@@ -170,9 +327,11 @@ class Scheduler:
     # -- jobs -----------------------------------------------------------------------
     def submit(self, spec: common_pb2.JobSpec, job_id: str = "") -> JobView:
         """Validate, create outputs, persist and queue a job; same id and spec: a no-op."""
+        self._check_ready()
         kind = kinds.job_kind(spec)
         if job_id:
             kinds.check_job_id(job_id)
+            self._load_finished([job_id])
         with self._lock:
             if job_id and job_id in self._jobs:
                 existing = self._jobs[job_id]
@@ -241,6 +400,8 @@ class Scheduler:
                 "job submitted",
                 extra={"job_id": job_id, "kind": kind.name, "tasks": first.n_tasks},
             )
+        self._run_deferred()
+        with self._lock:
             return self._view(job)
 
     def _get(self, job_id: str) -> Job:
@@ -250,6 +411,8 @@ class Scheduler:
         return job
 
     def get(self, job_id: str) -> JobView:
+        self._check_ready()
+        self._load_finished([job_id])
         with self._lock:
             return self._view(self._get(job_id))
 
@@ -261,6 +424,22 @@ class Scheduler:
             raise InvalidArgumentError(f"unknown job state(s) {sorted(unknown)}", field="states")
         if limit < 0:
             raise InvalidArgumentError(f"limit must be >= 0, got {limit}", field="limit")
+        self._check_ready()
+        with self._lock:
+            # Finished jobs not loaded yet are chosen by their index entry first.
+            keys = [
+                (float(e.get("created_unix_s", 0.0)), job_id)
+                for job_id, e in self._unloaded.items()
+                if not wanted or e.get("state") in wanted
+            ]
+            keys += [
+                (j.record.created_unix_s, j.id)
+                for j in self._jobs.values()
+                if not wanted or j.state in wanted
+            ]
+            keys.sort(reverse=True)
+            chosen = [job_id for _, job_id in (keys[:limit] if limit else keys)]
+        self._load_finished(chosen)
         with self._lock:
             jobs = sorted(
                 (j for j in self._jobs.values() if not wanted or j.state in wanted),
@@ -271,16 +450,26 @@ class Scheduler:
 
     def cancel(self, job_id: str) -> JobView:
         """Cancel a job: pending tasks dropped, running ones told at their next heartbeat."""
+        self._check_ready()
+        self._load_finished([job_id])
         with self._lock:
             job = self._get(job_id)
-            if not job.terminal:
-                self.jobs_store.mark_cancelled(job_id)
+            if job.terminal or job.finishing:
+                return self._view(job)
+        # The marker is durable before anyone is told (a restart keeps it cancelled).
+        self.jobs_store.mark_cancelled(job_id)
+        with self._lock:
+            if not job.terminal and not job.finishing:
                 running = len(self.queue.cancel_job(job_id))
                 self._finish(job, "CANCELLED", f"cancelled; {running} running task(s) told to stop")
+        self._run_deferred()
+        with self._lock:
             return self._view(job)
 
     def watch(self, job_id: str) -> tuple[ProgressEvent, Subscription | None]:
         """The job's current state and, unless it has ended, a subscription to what follows."""
+        self._check_ready()
+        self._load_finished([job_id])
         with self._lock:
             job = self._get(job_id)
             if job.terminal:
@@ -313,6 +502,7 @@ class Scheduler:
             raise InvalidArgumentError(
                 f"max_tasks must be 0..{MAX_TASKS_PER_LEASE}, got {max_tasks}", field="max_tasks"
             )
+        self._check_ready()
         now = self.clock()
         with self._lock:
             leases = self.queue.lease(
@@ -340,6 +530,7 @@ class Scheduler:
         metrics: Mapping[str, float] | None = None,
     ) -> tuple[float, bool]:
         """Extend a lease, passing on the task's progress; returns (new deadline, cancelled)."""
+        self._check_ready()
         now = self.clock()
         with self._lock:
             lease = self.queue.renew(lease_id, worker_id, now)
@@ -361,50 +552,133 @@ class Scheduler:
         outputs: Mapping[str, str] | None = None,
     ) -> None:
         """Record a completion; acknowledged only once persisted. Stale leases are refused."""
-        metrics = dict(metrics or {})
-        outputs = dict(outputs or {})
+        (error,) = self.complete_many(worker_id, [(lease_id, metrics, outputs)])
+        if error is not None:
+            raise error
+
+    def complete_many(
+        self, worker_id: str, completions: Sequence[Completion]
+    ) -> list[Deep3mError | None]:
+        """Record many completions of one worker; one outcome per completion, in order.
+
+        ``None`` means recorded (persisted); otherwise the error that one
+        completion alone would have raised (stale lease, cancelled job,
+        UNAVAILABLE when the store refused the write). The records of one
+        stage are written as one document.
+        """
+        if not worker_id:
+            raise InvalidArgumentError("worker_id is empty", field="worker_id")
+        if len(completions) > MAX_COMPLETIONS_PER_CALL:
+            raise InvalidArgumentError(
+                f"at most {MAX_COMPLETIONS_PER_CALL} completions per call, got {len(completions)}",
+                field="completions",
+            )
+        self._check_ready()
+        now = self.clock()
+        results: list[Deep3mError | None] = [None] * len(completions)
+        groups: dict[tuple[str, str], list[tuple[int, Lease, str, dict[str, Any]]]] = defaultdict(
+            list
+        )
+        with self._lock:
+            for i, (lease_id, metrics, outputs) in enumerate(completions):
+                try:
+                    lease = self.queue.complete(lease_id, worker_id, now)
+                except Deep3mError as exc:
+                    results[i] = exc
+                    continue
+                job = self._jobs[lease.job_id]
+                task_id = job.task_id(lease.stage, lease.task)
+                record = {
+                    "task_id": task_id,
+                    "worker_id": worker_id,
+                    "attempt": lease.attempt,
+                    "finished_unix_s": now,
+                    "metrics": dict(metrics or {}),
+                    "outputs": dict(outputs or {}),
+                }
+                groups[(lease.job_id, lease.stage)].append((i, lease, task_id, record))
+        persisted = []
+        for (job_id, stage), items in groups.items():
+            try:
+                self.jobs_store.mark_done_batch(
+                    job_id, stage, {lease.task: record for _, lease, _, record in items}
+                )
+            except Exception as exc:
+                with self._lock:
+                    for _, lease, _, _ in items:
+                        self.queue.revert(lease)
+                log.exception("cannot record %d completion(s) of job %s", len(items), job_id)
+                for i, _, task_id, _ in items:
+                    results[i] = UnavailableError(
+                        f"cannot record the completion of task {task_id} in the store: {exc}",
+                        field="store",
+                    )
+                continue
+            persisted.append((job_id, items))
+        if persisted:
+            with self._lock:
+                for job_id, items in persisted:
+                    self._confirm(self._jobs[job_id], items, now)
+            self._run_deferred()
+        return results
+
+    def _confirm(
+        self, job: Job, items: Sequence[tuple[int, Lease, str, dict[str, Any]]], now: float
+    ) -> None:
+        """Persisted completions of one stage of ``job`` become done (caller holds the lock)."""
+        role = items[0][1].role
+        stage = items[0][1].stage
+        total_voxels = 0.0
+        for _, lease, task_id, record in items:
+            self.queue.confirm(lease)
+            metrics = record["metrics"]
+            voxels = float(metrics.get("voxels", 0.0))
+            total_voxels += voxels
+            m.TASK_SECONDS.labels(role=role).observe(max(0.0, now - lease.leased_at))
+            if job.terminal or job.finishing:
+                continue
+            job.record_completion(now, voxels, metrics, record["outputs"])
+            self._refresh_counts(job, stage)
+            self._emit(job, task_id=task_id, metrics={"voxels": voxels} if voxels else None)
+        m.TASKS_COMPLETED.labels(role=role).inc(len(items))
+        if total_voxels > 0:
+            m.VOXELS_PROCESSED.labels(role=role).inc(total_voxels)
+        if job.terminal or job.finishing:
+            return
+        current = job.current
+        self._check_stage(job, now)
+        # A finished stage may have started the next one, of another role.
+        self._update_gauges(role if job.current is current else None)
+
+    def release(self, lease_id: str, worker_id: str) -> None:
+        """The worker gives the task back unfinished: re-queued at once, no attempt counted."""
+        self._check_ready()
         now = self.clock()
         with self._lock:
-            lease = self.queue.complete(lease_id, worker_id, now)
-            job = self._jobs[lease.job_id]
-            task_id = job.task_id(lease.stage, lease.task)
-        record = {
-            "task_id": task_id,
-            "worker_id": worker_id,
-            "attempt": lease.attempt,
-            "finished_unix_s": now,
-            "metrics": metrics,
-            "outputs": outputs,
-        }
-        try:
-            self.jobs_store.mark_done(lease.job_id, lease.stage, lease.task, record)
-        except Exception as exc:
-            with self._lock:
-                self.queue.revert(lease)
-            log.exception("cannot record completion of %s", task_id)
-            raise UnavailableError(
-                f"cannot record the completion of task {task_id} in the store: {exc}", field="store"
-            ) from exc
-        with self._lock:
-            self.queue.confirm(lease)
-            voxels = float(metrics.get("voxels", 0.0))
-            m.TASKS_COMPLETED.labels(role=lease.role).inc()
-            m.TASK_SECONDS.labels(role=lease.role).observe(max(0.0, now - lease.leased_at))
-            if voxels > 0:
-                m.VOXELS_PROCESSED.labels(role=lease.role).inc(voxels)
-            if job.terminal:
-                return
-            job.record_completion(now, voxels, metrics, outputs)
-            self._refresh_counts(job, lease.stage)
-            self._emit(job, task_id=task_id, metrics={"voxels": voxels} if voxels else None)
-            stage = job.current
-            self._check_stage(job, now)
-            # A finished stage may have started the next one, of another role.
-            self._update_gauges(lease.role if job.current is stage else None)
+            lease = self.queue.release(lease_id, worker_id, now)
+            job = self._jobs.get(lease.job_id)
+            if job is not None and not job.terminal:
+                self._refresh_counts(job, lease.stage)
+                self._emit(
+                    job,
+                    task_id=job.task_id(lease.stage, lease.task),
+                    message=f"worker {worker_id!r} gave task "
+                    f"{job.task_id(lease.stage, lease.task)} back; re-queued",
+                )
+            self._update_gauges(lease.role)
 
     def fail(self, lease_id: str, worker_id: str, error: JobError, retryable: bool) -> bool:
         """Record a failed attempt; returns True when the task will not be retried."""
+        self._check_ready()
         now = self.clock()
+        try:
+            return self._fail(lease_id, worker_id, error, retryable, now)
+        finally:
+            self._run_deferred()
+
+    def _fail(
+        self, lease_id: str, worker_id: str, error: JobError, retryable: bool, now: float
+    ) -> bool:
         with self._lock:
             outcome = self.queue.fail(lease_id, worker_id, retryable, error.message, now)
             if outcome.dropped:
@@ -463,7 +737,8 @@ class Scheduler:
                     self._emit(job, task_id=task_id, message=message + "; re-queued")
             if expired:
                 self._update_gauges()
-            return len(expired)
+        self._run_deferred()
+        return len(expired)
 
     # -- statistics -------------------------------------------------------------------
     def queue_stats(self) -> dict[str, tuple[int, int]]:
@@ -513,26 +788,68 @@ class Scheduler:
         )
         self._check_stage(job, now)
 
-    def _start_next_stage(self, job: Job, index: int, now: float) -> None:
+    # -- store writes outside the lock --------------------------------------------------
+    def _defer(self, step: Callable[[], None]) -> None:
+        """Run ``step`` (store I/O) once this thread has released the lock."""
+        pending: list[Callable[[], None]] | None = getattr(self._local, "steps", None)
+        if pending is None:
+            pending = self._local.steps = []
+        pending.append(step)
+
+    def _run_deferred(self) -> None:
+        """Run this thread's deferred steps, in order (they may defer more); lock not held."""
+        pending: list[Callable[[], None]] | None = getattr(self._local, "steps", None)
+        while pending:
+            step = pending.pop(0)
+            try:
+                step()
+            except Exception:  # each step handles its own failures; never lose the rest
+                log.exception("a deferred scheduler step failed")
+
+    def _advance(self, job: Job, finished: StagePlan | None, index: int, now: float) -> None:
+        """Seal the finished stage, plan and persist stage ``index`` (no lock held)."""
+        kind = kinds.get_kind(job.record.kind)
+        if finished is not None:
+            try:
+                kind.on_stage_finished(finished, job.record.resolution, self.context, job.id)
+            except Exception as exc:
+                _, message = _describe(exc)
+                log.exception("finishing stage %s of job %s failed", finished.name, job.id)
+                with self._lock:
+                    job.advancing = False
+                    job.add_error(
+                        JobError("INTERNAL", f"finishing stage {finished.name!r}: {message}")
+                    )
+                    self._finish(
+                        job, "FAILED", f"finishing stage {finished.name!r} failed: {message}"
+                    )
+                return
         try:
-            plan = kinds.get_kind(job.record.kind).plan(index, job.record.resolution)
+            plan = kind.plan(index, job.record.resolution)
             if plan is not None:
                 self.jobs_store.save_stage(job.id, plan)
         except Exception as exc:
             code, message = _describe(exc)
             log.exception("cannot plan stage %d of job %s", index, job.id)
-            job.add_error(JobError(code, f"planning stage {index} failed: {message}"))
-            self._finish(job, "FAILED", f"planning stage {index} failed: {message}")
+            with self._lock:
+                job.advancing = False
+                job.add_error(JobError(code, f"planning stage {index} failed: {message}"))
+                self._finish(job, "FAILED", f"planning stage {index} failed: {message}")
             return
-        if plan is None:
-            self._finish(job, "SUCCEEDED", "all stages done")
-            return
-        self._add_stage(job, plan, now)
+        with self._lock:
+            job.advancing = False
+            if job.terminal or job.finishing:
+                return
+            if plan is None:
+                self._finish(job, "SUCCEEDED", "all stages done")
+            else:
+                self._add_stage(job, plan, now)
+            self._update_gauges()
 
     def _check_stage(self, job: Job, now: float) -> None:
         """Advance, fail or finish the job once its current stage has settled."""
         plan = job.current
-        if plan is None or job.terminal:
+        if plan is None or job.terminal or job.finishing or job.advancing:
             return
         counts = self._refresh_counts(job, plan.name)
         if counts.quarantined and (counts.settled or counts.quarantined >= QUARANTINE_LIMIT):
@@ -550,17 +867,8 @@ class Scheduler:
             return
         if counts.done < counts.total:
             return
-        try:
-            kinds.get_kind(job.record.kind).on_stage_finished(
-                plan, job.record.resolution, self.context, job.id
-            )
-        except Exception as exc:
-            _, message = _describe(exc)
-            log.exception("finishing stage %s of job %s failed", plan.name, job.id)
-            job.add_error(JobError("INTERNAL", f"finishing stage {plan.name!r}: {message}"))
-            self._finish(job, "FAILED", f"finishing stage {plan.name!r} failed: {message}")
-            return
-        self._start_next_stage(job, plan.index + 1, now)
+        job.advancing = True
+        self._defer(lambda: self._advance(job, plan, plan.index + 1, now))
 
     def _quarantine(
         self,
@@ -582,10 +890,15 @@ class Scheduler:
             "worker_id": lease.worker_id,
             "unix_s": now,
         }
-        try:
-            self.jobs_store.save_quarantine(job.id, lease.stage, lease.task, record)
-        except Exception:  # the job still fails now; only a restart would retry the task
-            log.exception("cannot persist the quarantine of %s", task_id)
+
+        def persist() -> None:
+            try:
+                self.jobs_store.save_quarantine(job.id, lease.stage, lease.task, record)
+            except Exception:  # the job still fails now; only a restart would retry the task
+                log.exception("cannot persist the quarantine of %s", task_id)
+
+        # Before the job's result, which a failing stage writes next.
+        self._defer(persist)
         job.add_error(JobError(code, message, task_id=task_id))
         self._refresh_counts(job, lease.stage)
         self._emit(
@@ -611,22 +924,35 @@ class Scheduler:
         self._update_job_gauge()
 
     def _finish(self, job: Job, state: str, message: str) -> None:
+        """End the job: its tasks leave the queue now; it turns ``state`` once the result is
+        persisted (outside the lock), so no one sees an end that a restart would undo."""
+        if job.finishing or job.terminal:
+            return
+        job.finishing = True
         now = self.clock()
         plan = job.current
         if plan is not None:
             self._refresh_counts(job, plan.name)
         self.queue.cancel_job(job.id)
         self.queue.remove_job(job.id)
-        job.state = state
-        job.updated = now
         job.final_message = message
+        document = job.result_document(now)
+        document["state"] = state
+        self._defer(lambda: self._finished(job, state, message, document))
+
+    def _finished(self, job: Job, state: str, message: str, document: dict[str, Any]) -> None:
         try:
-            self.jobs_store.save_result(job.id, job.result_document(now))
+            self.jobs_store.save_result(job.id, document)
+            self.jobs_store.index_finished({job.id: self._index_entry(job.record, document)})
         except Exception:  # still finished here; a restart would resume it
             log.exception("cannot persist the result of job %s", job.id)
-        error = message if state == "FAILED" else ""
-        self._emit(job, message=message, error=error)
-        self._update_job_gauge()
+        with self._lock:
+            job.finishing = False
+            job.state = state
+            job.updated = float(document["finished_unix_s"])
+            error = message if state == "FAILED" else ""
+            self._emit(job, message=message, error=error)
+            self._update_job_gauge()
         log.info("job finished", extra={"job_id": job.id, "state": state, "detail": message})
 
     def _emit(self, job: Job, **kwargs: Any) -> None:
@@ -647,5 +973,9 @@ class Scheduler:
         by_state = dict.fromkeys(JOB_STATES, 0)
         for job in self._jobs.values():
             by_state[job.state] += 1
+        for entry in self._unloaded.values():
+            state = str(entry.get("state", ""))
+            if state in by_state:
+                by_state[state] += 1
         for state, n in by_state.items():
             m.JOBS.labels(state=state).set(n)

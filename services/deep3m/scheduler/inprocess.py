@@ -8,8 +8,9 @@ converter as the servicer's, so handlers see identical ``TaskLease`` protos.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from deep3m.core.errors import Deep3mError
 from deep3m.scheduler.convert import error_from_proto, grant_to_proto
 from deep3m.scheduler.core import Scheduler
 from deep3m.v1 import common_pb2
@@ -55,6 +56,15 @@ class InProcessSchedulerClient:
     ) -> None:
         self.scheduler.complete(lease_id, worker_id, metrics, outputs)
 
+    def complete_many(
+        self,
+        worker_id: str,
+        completions: Sequence[tuple[str, Mapping[str, float], Mapping[str, str]]],
+        *,
+        timeout: float,
+    ) -> list[Deep3mError | None]:
+        return self.scheduler.complete_many(worker_id, completions)
+
     def fail(
         self,
         lease_id: str,
@@ -65,6 +75,9 @@ class InProcessSchedulerClient:
         timeout: float,
     ) -> bool:
         return self.scheduler.fail(lease_id, worker_id, error_from_proto(error), retryable)
+
+    def release(self, lease_id: str, worker_id: str, *, timeout: float) -> None:
+        self.scheduler.release(lease_id, worker_id)
 
     def close(self) -> None:
         """Nothing to release: the scheduler outlives its workers."""

@@ -114,6 +114,9 @@ class Job:
     session_tasks: int = 0
     session_voxels: float = 0.0
     final_message: str = ""
+    # A stage's end or the job's result is being persisted (outside the scheduler's lock).
+    advancing: bool = False
+    finishing: bool = False
 
     @property
     def id(self) -> str:
@@ -141,7 +144,7 @@ class Job:
     def task_id(self, stage: str, task: int) -> str:
         for plan in reversed(self.stages):
             if plan.name == stage:
-                return plan.task(task).id
+                return plan.task_id(task)
         return f"{stage}/{task}"
 
     def record_completion(

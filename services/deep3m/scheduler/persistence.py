@@ -4,16 +4,20 @@
 jobs/<job>/job.json                  immutable: spec as submitted, resolved spec and
                                      volumes, outputs
 jobs/<job>/stages/<index>.json       immutable stage plan (a formula, not a task list)
-jobs/<job>/done/<stage>/<task>       one small record per completed task
+jobs/<job>/done/<stage>/<task>       the record of a task completed alone
+jobs/<job>/done/<stage>/batch-<id>   the records of tasks completed together
 jobs/<job>/quarantine/<stage>/<task> the error of a task given up on
 jobs/<job>/cancelled                 cancel marker
 jobs/<job>/result.json               final state, errors, outputs, metrics
 scheduler/epochs.json                the latest scheduler instances (lease adoption)
+scheduler/finished.json              index of finished jobs (id, state, times)
 ```
 
 Each document is written whole (rename on ``file://``, one PUT on S3), so a
 reader never sees half of one. Completion records are idempotent: a retried
-task writes the same key. A job with ``result.json`` is finished; any other
+task writes the same key, and a task named in several batches is done once.
+A batch of completions is one object, so a worker completing many tasks per
+call costs one write, not one per task. A job with ``result.json`` is finished; any other
 job is rebuilt on start from these documents, so completed tasks are not
 redone and nothing is lost. Submitting writes two documents whatever the job
 size: the plan is a formula.
@@ -22,8 +26,10 @@ size: the plan is a formula.
 from __future__ import annotations
 
 import json
+import secrets
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +37,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from deep3m.core.errors import InvalidArgumentError, NotFoundError
+from deep3m.core.executor import bounded_map
 from deep3m.core.store import Store
 from deep3m.scheduler.kinds.base import Resolved, VolumeFacts, check_job_id, job_kind
 from deep3m.scheduler.stages import StagePlan
@@ -39,6 +46,10 @@ from deep3m.v1 import common_pb2
 FORMAT_VERSION = 1
 JOBS_PREFIX = "jobs"
 EPOCHS_KEY = "scheduler/epochs.json"
+FINISHED_KEY = "scheduler/finished.json"
+BATCH_PREFIX = "batch-"
+# Reading many small documents from an object store is latency-bound: in parallel.
+READ_THREADS = 16
 # Leases older than the last few restarts have long expired; no need to adopt them.
 KEEP_EPOCHS = 16
 
@@ -123,18 +134,17 @@ class JobStore:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._index_lock = threading.Lock()
+        self._finished: dict[str, dict[str, Any]] | None = None
 
     @staticmethod
     def _job(job_id: str) -> str:
         return f"{JOBS_PREFIX}/{check_job_id(job_id)}"
 
     # -- jobs -----------------------------------------------------------------
-    def job_ids(self) -> list[str]:
-        return [
-            j
-            for j in self.store.list(JOBS_PREFIX)
-            if self.store.exists(f"{JOBS_PREFIX}/{j}/job.json")
-        ]
+    def listed_job_ids(self) -> list[str]:
+        """Every folder under ``jobs/``, without checking each (one listing)."""
+        return self.store.list(JOBS_PREFIX)
 
     def has_job(self, job_id: str) -> bool:
         return self.store.exists(f"{self._job(job_id)}/job.json")
@@ -174,12 +184,45 @@ class JobStore:
             json.dumps(dict(record), sort_keys=True).encode(),
         )
 
+    def mark_done_batch(
+        self, job_id: str, stage: str, records: Mapping[int, Mapping[str, Any]]
+    ) -> None:
+        """The records of several tasks of one stage, as one object."""
+        if len(records) == 1:
+            ((task, record),) = records.items()
+            self.mark_done(job_id, stage, task, record)
+            return
+        name = f"{BATCH_PREFIX}{time.time_ns():x}-{secrets.token_hex(4)}"
+        body = {str(task): dict(rec) for task, rec in records.items()}
+        self.store.write_bytes(
+            f"{self._job(job_id)}/done/{stage}/{name}",
+            json.dumps({"records": body}, sort_keys=True).encode(),
+        )
+
+    def _batches(self, job_id: str, stage: str, names: Iterable[str]) -> list[dict[str, Any]]:
+        prefix = f"{self._job(job_id)}/done/{stage}"
+        keys = [f"{prefix}/{n}" for n in names if n.startswith(BATCH_PREFIX)]
+        out: list[dict[str, Any]] = [{}] * len(keys)
+        for i, raw in bounded_map(self.store.read_bytes, keys, min(READ_THREADS, len(keys))):
+            out[i] = dict(json.loads(raw)["records"])
+        return out
+
     def done_tasks(self, job_id: str, stage: str) -> np.ndarray:
         names = self.store.list(f"{self._job(job_id)}/done/{stage}")
-        return np.fromiter((int(n) for n in names if n.isdigit()), dtype=np.int64)
+        tasks = {int(n) for n in names if n.isdigit()}
+        for batch in self._batches(job_id, stage, names):
+            tasks.update(int(t) for t in batch)
+        return np.fromiter(sorted(tasks), dtype=np.int64, count=len(tasks))
 
     def done_record(self, job_id: str, stage: str, task: int) -> dict[str, Any]:
-        return dict(json.loads(self.store.read_bytes(f"{self._job(job_id)}/done/{stage}/{task}")))
+        prefix = f"{self._job(job_id)}/done/{stage}"
+        names = self.store.list(prefix)
+        if str(task) in names:
+            return dict(json.loads(self.store.read_bytes(f"{prefix}/{task}")))
+        for batch in self._batches(job_id, stage, names):
+            if str(task) in batch:
+                return dict(batch[str(task)])
+        raise NotFoundError(f"no completion record of task {task} of {prefix}", field="task")
 
     def save_quarantine(
         self, job_id: str, stage: str, task: int, record: Mapping[str, Any]
@@ -216,6 +259,28 @@ class JobStore:
 
     def save_result(self, job_id: str, result: Mapping[str, Any]) -> None:
         self.store.write_json(f"{self._job(job_id)}/result.json", dict(result))
+
+    # -- the index of finished jobs ------------------------------------------------
+    def finished_index(self) -> dict[str, dict[str, Any]]:
+        """job id → {state, created_unix_s, finished_unix_s} of every indexed finished job."""
+        with self._index_lock:
+            if self._finished is None:
+                data = self.store.read_json(FINISHED_KEY) if self.store.exists(FINISHED_KEY) else {}
+                jobs = data.get("jobs", {}) if isinstance(data, dict) else {}
+                self._finished = {str(k): dict(v) for k, v in jobs.items()}
+            return dict(self._finished)
+
+    def index_finished(
+        self, entries: Mapping[str, Mapping[str, Any]], removed: Iterable[str] = ()
+    ) -> None:
+        """Add (or drop) finished jobs in the index; one write of the whole index."""
+        self.finished_index()
+        with self._index_lock:
+            assert self._finished is not None  # loaded just above
+            self._finished.update({k: dict(v) for k, v in entries.items()})
+            for job_id in removed:
+                self._finished.pop(job_id, None)
+            self.store.write_json(FINISHED_KEY, {"jobs": self._finished})
 
     def load_result(self, job_id: str) -> dict[str, Any] | None:
         key = f"{self._job(job_id)}/result.json"

@@ -446,6 +446,19 @@ class TaskQueue:
             st.state[lease.task] = LEASED
             self._leases[lease.lease_id] = lease
 
+    def release(self, lease_id: str, worker_id: str, now: float) -> Lease:
+        """The worker gives the task back unfinished (it is shutting down): the task is
+        leasable again at once, first in line, and no attempt is counted."""
+        lease = self._held(lease_id, worker_id, now)
+        st = self._release(lease)
+        if st is not None and st.state[lease.task] == LEASED:
+            st.state[lease.task] = PENDING
+            st.leased -= 1
+            if not (lease.cancelled or st.cancelled):
+                st.pending += 1
+                st.ready.appendleft((lease.task, int(st.attempts[lease.task])))
+        return lease
+
     def fail(
         self, lease_id: str, worker_id: str, retryable: bool, error: str, now: float
     ) -> FailOutcome:

@@ -4,24 +4,37 @@ Domain errors raised here become gRPC statuses in the shared interceptor.
 ``WatchJob`` sends the job's current state first, then every event of that
 job, and ends at a terminal state or when the client goes away (the RPC's
 termination callback closes the subscription, which wakes the blocked
-iterator; nothing polls).
+iterator; nothing polls). At most ``max_watchers`` streams are served at once
+(RESOURCE_EXHAUSTED beyond, which clients retry); the server gives them threads
+of their own, so they never hold the threads unary calls and health checks use.
+
+``CompleteTasks`` answers each completion of a batch on its own.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import grpc
 
+from deep3m.core.errors import ResourceExhaustedError
 from deep3m.runtime.progress_proto import event_to_proto, state_from_proto
-from deep3m.scheduler.convert import error_from_proto, grant_to_proto, job_to_proto
+from deep3m.scheduler.convert import (
+    completions_to_proto,
+    error_from_proto,
+    grant_to_proto,
+    job_to_proto,
+)
 from deep3m.scheduler.core import Scheduler
 from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, *, max_watchers: int = 128) -> None:
         self.scheduler = scheduler
+        self.max_watchers = max_watchers
+        self._watch_slots = threading.BoundedSemaphore(max_watchers)
 
     def SubmitJob(
         self, request: scheduler_pb2.SubmitJobRequest, context: grpc.ServicerContext
@@ -46,6 +59,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return job_to_proto(self.scheduler.cancel(request.job_id))
 
     def WatchJob(
+        self, request: scheduler_pb2.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.ProgressEvent]:
+        if not self._watch_slots.acquire(blocking=False):
+            raise ResourceExhaustedError(
+                f"{self.max_watchers} job watchers are connected already; retry later",
+                field="max_watch_streams",
+            )
+        try:
+            yield from self._watch(request, context)
+        finally:
+            self._watch_slots.release()
+
+    def _watch(
         self, request: scheduler_pb2.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[common_pb2.ProgressEvent]:
         first, sub = self.scheduler.watch(request.job_id)
@@ -92,9 +118,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
         return scheduler_pb2.CompleteTaskResponse()
 
+    def CompleteTasks(
+        self, request: scheduler_pb2.CompleteTasksRequest, context: grpc.ServicerContext
+    ) -> scheduler_pb2.CompleteTasksResponse:
+        errors = self.scheduler.complete_many(
+            request.worker_id,
+            [(c.lease_id, dict(c.metrics), dict(c.outputs)) for c in request.completions],
+        )
+        return completions_to_proto(request.completions, errors)
+
     def FailTask(
         self, request: scheduler_pb2.FailTaskRequest, context: grpc.ServicerContext
     ) -> scheduler_pb2.FailTaskResponse:
+        if request.release:
+            self.scheduler.release(request.lease_id, request.worker_id)
+            return scheduler_pb2.FailTaskResponse(quarantined=False)
         quarantined = self.scheduler.fail(
             request.lease_id, request.worker_id, error_from_proto(request.error), request.retryable
         )

@@ -103,6 +103,17 @@ class StagePlan:
             return TaskSpec(n, f"{self.name}/{member}", None, {"member": member})
         return TaskSpec(0, f"{self.name}/0")
 
+    def task_id(self, n: int) -> str:
+        """``task(n).id`` without computing the task (completions only need the id)."""
+        if not 0 <= n < self.n_tasks:
+            return self.task(n).id  # raises, naming the range
+        if self.layout == "blocks":
+            _, gy, gx = self._grid
+            return f"{self.name}/b{n // (gy * gx)}-{(n // gx) % gy}-{n % gx}"
+        if self.layout == "zranges":
+            return f"{self.name}/b{n}-0-0"
+        return self.task(n).id
+
     def to_json(self) -> dict[str, Any]:
         return {
             "index": self.index,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from deep3m.v1 import common_pb2 as deep3m_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x65\x65p3m/v1/scheduler.proto\x12\tdeep3m.v1\x1a\x16\x64\x65\x65p3m/v1/common.proto\"D\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.deep3m.v1.JobSpec\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"E\n\x0fListJobsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.deep3m.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\x05\"0\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.deep3m.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"^\n\x11LeaseTasksRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x11\n\tmax_tasks\x18\x03 \x01(\x05\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\":\n\x12LeaseTasksResponse\x12$\n\x06leases\x18\x01 \x03(\x0b\x32\x14.deep3m.v1.TaskLease\"d\n\x11RenewLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x18.deep3m.v1.ProgressEvent\"@\n\x12RenewLeaseResponse\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x01 \x01(\x01\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"\x96\x02\n\x13\x43ompleteTaskRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12<\n\x07metrics\x18\x03 \x03(\x0b\x32+.deep3m.v1.CompleteTaskRequest.MetricsEntry\x12<\n\x07outputs\x18\x04 \x03(\x0b\x32+.deep3m.v1.CompleteTaskRequest.OutputsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x14\x43ompleteTaskResponse\"p\n\x0f\x46\x61ilTaskRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.deep3m.v1.ErrorDetail\x12\x11\n\tretryable\x18\x04 \x01(\x08\"\'\n\x10\x46\x61ilTaskResponse\x12\x13\n\x0bquarantined\x18\x01 \x01(\x08\"\x16\n\x14GetQueueStatsRequest\":\n\tRoleQueue\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x0e\n\x06leased\x18\x03 \x01(\x03\"1\n\nQueueStats\x12#\n\x05roles\x18\x01 \x03(\x0b\x32\x14.deep3m.v1.RoleQueue2\xb1\x05\n\tScheduler\x12\x38\n\tSubmitJob\x12\x1b.deep3m.v1.SubmitJobRequest\x1a\x0e.deep3m.v1.Job\x12\x32\n\x06GetJob\x12\x18.deep3m.v1.GetJobRequest\x1a\x0e.deep3m.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.deep3m.v1.ListJobsRequest\x1a\x1b.deep3m.v1.ListJobsResponse\x12\x38\n\tCancelJob\x12\x1b.deep3m.v1.CancelJobRequest\x1a\x0e.deep3m.v1.Job\x12\x42\n\x08WatchJob\x12\x1a.deep3m.v1.WatchJobRequest\x1a\x18.deep3m.v1.ProgressEvent0\x01\x12I\n\nLeaseTasks\x12\x1c.deep3m.v1.LeaseTasksRequest\x1a\x1d.deep3m.v1.LeaseTasksResponse\x12I\n\nRenewLease\x12\x1c.deep3m.v1.RenewLeaseRequest\x1a\x1d.deep3m.v1.RenewLeaseResponse\x12O\n\x0c\x43ompleteTask\x12\x1e.deep3m.v1.CompleteTaskRequest\x1a\x1f.deep3m.v1.CompleteTaskResponse\x12\x43\n\x08\x46\x61ilTask\x12\x1a.deep3m.v1.FailTaskRequest\x1a\x1b.deep3m.v1.FailTaskResponse\x12G\n\rGetQueueStats\x12\x1f.deep3m.v1.GetQueueStatsRequest\x1a\x15.deep3m.v1.QueueStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x65\x65p3m/v1/scheduler.proto\x12\tdeep3m.v1\x1a\x16\x64\x65\x65p3m/v1/common.proto\"D\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.deep3m.v1.JobSpec\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"E\n\x0fListJobsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.deep3m.v1.JobState\x12\r\n\x05limit\x18\x02 \x01(\x05\"0\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.deep3m.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"^\n\x11LeaseTasksRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x11\n\tmax_tasks\x18\x03 \x01(\x05\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\":\n\x12LeaseTasksResponse\x12$\n\x06leases\x18\x01 \x03(\x0b\x32\x14.deep3m.v1.TaskLease\"d\n\x11RenewLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x18.deep3m.v1.ProgressEvent\"@\n\x12RenewLeaseResponse\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x01 \x01(\x01\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"\x96\x02\n\x13\x43ompleteTaskRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12<\n\x07metrics\x18\x03 \x03(\x0b\x32+.deep3m.v1.CompleteTaskRequest.MetricsEntry\x12<\n\x07outputs\x18\x04 \x03(\x0b\x32+.deep3m.v1.CompleteTaskRequest.OutputsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x14\x43ompleteTaskResponse\"\xf4\x01\n\x0eTaskCompletion\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x37\n\x07metrics\x18\x02 \x03(\x0b\x32&.deep3m.v1.TaskCompletion.MetricsEntry\x12\x37\n\x07outputs\x18\x03 \x03(\x0b\x32&.deep3m.v1.TaskCompletion.OutputsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Y\n\x14\x43ompleteTasksRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12.\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x19.deep3m.v1.TaskCompletion\"K\n\x10\x43ompletionResult\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.deep3m.v1.ErrorDetail\"E\n\x15\x43ompleteTasksResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.deep3m.v1.CompletionResult\"\x81\x01\n\x0f\x46\x61ilTaskRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.deep3m.v1.ErrorDetail\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12\x0f\n\x07release\x18\x32 \x01(\x08\"\'\n\x10\x46\x61ilTaskResponse\x12\x13\n\x0bquarantined\x18\x01 \x01(\x08\"\x16\n\x14GetQueueStatsRequest\":\n\tRoleQueue\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x0e\n\x06leased\x18\x03 \x01(\x03\"1\n\nQueueStats\x12#\n\x05roles\x18\x01 \x03(\x0b\x32\x14.deep3m.v1.RoleQueue2\x85\x06\n\tScheduler\x12\x38\n\tSubmitJob\x12\x1b.deep3m.v1.SubmitJobRequest\x1a\x0e.deep3m.v1.Job\x12\x32\n\x06GetJob\x12\x18.deep3m.v1.GetJobRequest\x1a\x0e.deep3m.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.deep3m.v1.ListJobsRequest\x1a\x1b.deep3m.v1.ListJobsResponse\x12\x38\n\tCancelJob\x12\x1b.deep3m.v1.CancelJobRequest\x1a\x0e.deep3m.v1.Job\x12\x42\n\x08WatchJob\x12\x1a.deep3m.v1.WatchJobRequest\x1a\x18.deep3m.v1.ProgressEvent0\x01\x12I\n\nLeaseTasks\x12\x1c.deep3m.v1.LeaseTasksRequest\x1a\x1d.deep3m.v1.LeaseTasksResponse\x12I\n\nRenewLease\x12\x1c.deep3m.v1.RenewLeaseRequest\x1a\x1d.deep3m.v1.RenewLeaseResponse\x12O\n\x0c\x43ompleteTask\x12\x1e.deep3m.v1.CompleteTaskRequest\x1a\x1f.deep3m.v1.CompleteTaskResponse\x12R\n\rCompleteTasks\x12\x1f.deep3m.v1.CompleteTasksRequest\x1a .deep3m.v1.CompleteTasksResponse\x12\x43\n\x08\x46\x61ilTask\x12\x1a.deep3m.v1.FailTaskRequest\x1a\x1b.deep3m.v1.FailTaskResponse\x12G\n\rGetQueueStats\x12\x1f.deep3m.v1.GetQueueStatsRequest\x1a\x15.deep3m.v1.QueueStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPLETETASKREQUEST_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_COMPLETETASKREQUEST_OUTPUTSENTRY']._loaded_options = None
   _globals['_COMPLETETASKREQUEST_OUTPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_TASKCOMPLETION_METRICSENTRY']._loaded_options = None
+  _globals['_TASKCOMPLETION_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_TASKCOMPLETION_OUTPUTSENTRY']._loaded_options = None
+  _globals['_TASKCOMPLETION_OUTPUTSENTRY']._serialized_options = b'8\001'
   _globals['_SUBMITJOBREQUEST']._serialized_start=64
   _globals['_SUBMITJOBREQUEST']._serialized_end=132
   _globals['_GETJOBREQUEST']._serialized_start=134
@@ -64,16 +68,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPLETETASKREQUEST_OUTPUTSENTRY']._serialized_end=962
   _globals['_COMPLETETASKRESPONSE']._serialized_start=964
   _globals['_COMPLETETASKRESPONSE']._serialized_end=986
-  _globals['_FAILTASKREQUEST']._serialized_start=988
-  _globals['_FAILTASKREQUEST']._serialized_end=1100
-  _globals['_FAILTASKRESPONSE']._serialized_start=1102
-  _globals['_FAILTASKRESPONSE']._serialized_end=1141
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1143
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1165
-  _globals['_ROLEQUEUE']._serialized_start=1167
-  _globals['_ROLEQUEUE']._serialized_end=1225
-  _globals['_QUEUESTATS']._serialized_start=1227
-  _globals['_QUEUESTATS']._serialized_end=1276
-  _globals['_SCHEDULER']._serialized_start=1279
-  _globals['_SCHEDULER']._serialized_end=1968
+  _globals['_TASKCOMPLETION']._serialized_start=989
+  _globals['_TASKCOMPLETION']._serialized_end=1233
+  _globals['_TASKCOMPLETION_METRICSENTRY']._serialized_start=868
+  _globals['_TASKCOMPLETION_METRICSENTRY']._serialized_end=914
+  _globals['_TASKCOMPLETION_OUTPUTSENTRY']._serialized_start=916
+  _globals['_TASKCOMPLETION_OUTPUTSENTRY']._serialized_end=962
+  _globals['_COMPLETETASKSREQUEST']._serialized_start=1235
+  _globals['_COMPLETETASKSREQUEST']._serialized_end=1324
+  _globals['_COMPLETIONRESULT']._serialized_start=1326
+  _globals['_COMPLETIONRESULT']._serialized_end=1401
+  _globals['_COMPLETETASKSRESPONSE']._serialized_start=1403
+  _globals['_COMPLETETASKSRESPONSE']._serialized_end=1472
+  _globals['_FAILTASKREQUEST']._serialized_start=1475
+  _globals['_FAILTASKREQUEST']._serialized_end=1604
+  _globals['_FAILTASKRESPONSE']._serialized_start=1606
+  _globals['_FAILTASKRESPONSE']._serialized_end=1645
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1647
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1669
+  _globals['_ROLEQUEUE']._serialized_start=1671
+  _globals['_ROLEQUEUE']._serialized_end=1729
+  _globals['_QUEUESTATS']._serialized_start=1731
+  _globals['_QUEUESTATS']._serialized_end=1780
+  _globals['_SCHEDULER']._serialized_start=1783
+  _globals['_SCHEDULER']._serialized_end=2556
 # @@protoc_insertion_point(module_scope)

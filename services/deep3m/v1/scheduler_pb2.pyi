@@ -113,17 +113,65 @@ class CompleteTaskResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class TaskCompletion(_message.Message):
+    __slots__ = ("lease_id", "metrics", "outputs")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    metrics: _containers.ScalarMap[str, float]
+    outputs: _containers.ScalarMap[str, str]
+    def __init__(self, lease_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., outputs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CompleteTasksRequest(_message.Message):
+    __slots__ = ("worker_id", "completions")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    completions: _containers.RepeatedCompositeFieldContainer[TaskCompletion]
+    def __init__(self, worker_id: _Optional[str] = ..., completions: _Optional[_Iterable[_Union[TaskCompletion, _Mapping]]] = ...) -> None: ...
+
+class CompletionResult(_message.Message):
+    __slots__ = ("lease_id", "error")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    error: _common_pb2.ErrorDetail
+    def __init__(self, lease_id: _Optional[str] = ..., error: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ...) -> None: ...
+
+class CompleteTasksResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[CompletionResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[CompletionResult, _Mapping]]] = ...) -> None: ...
+
 class FailTaskRequest(_message.Message):
-    __slots__ = ("lease_id", "worker_id", "error", "retryable")
+    __slots__ = ("lease_id", "worker_id", "error", "retryable", "release")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RETRYABLE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     worker_id: str
     error: _common_pb2.ErrorDetail
     retryable: bool
-    def __init__(self, lease_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., error: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ..., retryable: _Optional[bool] = ...) -> None: ...
+    release: bool
+    def __init__(self, lease_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., error: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ..., retryable: _Optional[bool] = ..., release: _Optional[bool] = ...) -> None: ...
 
 class FailTaskResponse(_message.Message):
     __slots__ = ("quarantined",)

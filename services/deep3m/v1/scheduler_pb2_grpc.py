@@ -76,6 +76,11 @@ class SchedulerStub:
                 request_serializer=deep3m_dot_v1_dot_scheduler__pb2.CompleteTaskRequest.SerializeToString,
                 response_deserializer=deep3m_dot_v1_dot_scheduler__pb2.CompleteTaskResponse.FromString,
                 _registered_method=True)
+        self.CompleteTasks = channel.unary_unary(
+                '/deep3m.v1.Scheduler/CompleteTasks',
+                request_serializer=deep3m_dot_v1_dot_scheduler__pb2.CompleteTasksRequest.SerializeToString,
+                response_deserializer=deep3m_dot_v1_dot_scheduler__pb2.CompleteTasksResponse.FromString,
+                _registered_method=True)
         self.FailTask = channel.unary_unary(
                 '/deep3m.v1.Scheduler/FailTask',
                 request_serializer=deep3m_dot_v1_dot_scheduler__pb2.FailTaskRequest.SerializeToString,
@@ -141,6 +146,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompleteTasks(self, request, context):
+        """Many completions of one worker in one call; each is answered on its own
+        (one stale lease does not refuse the others), each only once persisted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FailTask(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -196,6 +209,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.CompleteTask,
                     request_deserializer=deep3m_dot_v1_dot_scheduler__pb2.CompleteTaskRequest.FromString,
                     response_serializer=deep3m_dot_v1_dot_scheduler__pb2.CompleteTaskResponse.SerializeToString,
+            ),
+            'CompleteTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteTasks,
+                    request_deserializer=deep3m_dot_v1_dot_scheduler__pb2.CompleteTasksRequest.FromString,
+                    response_serializer=deep3m_dot_v1_dot_scheduler__pb2.CompleteTasksResponse.SerializeToString,
             ),
             'FailTask': grpc.unary_unary_rpc_method_handler(
                     servicer.FailTask,
@@ -425,6 +443,33 @@ class Scheduler:
             '/deep3m.v1.Scheduler/CompleteTask',
             deep3m_dot_v1_dot_scheduler__pb2.CompleteTaskRequest.SerializeToString,
             deep3m_dot_v1_dot_scheduler__pb2.CompleteTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deep3m.v1.Scheduler/CompleteTasks',
+            deep3m_dot_v1_dot_scheduler__pb2.CompleteTasksRequest.SerializeToString,
+            deep3m_dot_v1_dot_scheduler__pb2.CompleteTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
