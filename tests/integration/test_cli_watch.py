@@ -60,3 +60,58 @@ def test_watch_prints_training_progress_as_json_lines(tmp_path: Path) -> None:
     assert training[-1]["iterations_per_second"] > 0
     assert training[-1]["eta_seconds"] is not None
     assert events[-1]["state"] == "SUCCEEDED"
+
+
+def test_train_flags_reach_the_job_and_bad_values_are_refused_at_submission(
+    tmp_path: Path,
+) -> None:
+    store = Store(f"file://{tmp_path / 'store'}")
+    paths = stage_synthetic(store)
+    common = ["train", paths["images"], paths["labels"], "--no-wait"]
+    with roles_in_process(store.url) as address:  # a scheduler alone: submission only
+        cli = ["--scheduler", address, "--output", "json"]
+        refused = CliRunner().invoke(app, [*cli, *common, "--model", "m0", "--recipe", "fastest"])
+        assert refused.exit_code != 0
+        assert "recipe" in refused.output and "fastest" in refused.output
+        bad_fraction = CliRunner().invoke(
+            app, [*cli, *common, "--model", "m0", "--foreground-fraction", "2"]
+        )
+        assert bad_fraction.exit_code != 0 and "foreground_fraction" in bad_fraction.output
+        result = CliRunner().invoke(
+            app,
+            [
+                *cli,
+                *common,
+                "--model",
+                "m1",
+                "--recipe",
+                "cdeep3m",
+                "--minutes",
+                "0.5",
+                "--loss",
+                "ce_dice",
+                "--schedule",
+                "cosine",
+                "--optimizer",
+                "adam",
+                "--input-scale",
+                "2",
+                "--foreground-fraction",
+                "0.25",
+                "--members",
+                "1fm",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        job_id = json.loads(result.stdout)["id"]
+        with Deep3mClient(address) as client:
+            spec = client.get(job_id).spec.train
+            client.cancel(job_id)
+    assert (spec.recipe, spec.max_minutes, spec.loss, spec.schedule) == (
+        "cdeep3m",
+        0.5,
+        "ce_dice",
+        "cosine",
+    )
+    assert (spec.optimizer, spec.input_scale, spec.foreground_fraction) == ("adam", 2, 0.25)
+    assert spec.architecture == "deepem3d" and list(spec.members) == ["1fm"]

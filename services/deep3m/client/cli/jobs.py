@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from deep3m.client.cli.app import app, client, error, fail, out, state
+from deep3m.client.cli.app import app, client, console, error, fail, out, state
 from deep3m.client.cli.output import follow, job_dict, print_job, render_jobs
 from deep3m.client.client import Deep3mClient
 from deep3m.client.region import parse_region
@@ -48,7 +48,14 @@ def names(text: str) -> list[str]:
     return [m for m in text.split(",") if m]
 
 
-def finish(c: Deep3mClient, job_id: str, wait: bool) -> None:
+def finish(c: Deep3mClient, submitted: common_pb2.Job | str, wait: bool) -> None:
+    """Follow (or show) a job; a submitted job's notes first (e.g. a clipped patch)."""
+    if isinstance(submitted, str):
+        job_id = submitted
+    else:
+        job_id = submitted.id
+        for note in submitted.notes:
+            console.print(f"note: {note}", markup=False, highlight=False)
     job = follow(c, job_id) if wait else c.get(job_id)
     print_job(job, line=wait)
     if wait and job.state != common_pb2.JOB_STATE_SUCCEEDED:
@@ -75,7 +82,7 @@ def ingest(
             chunk_shape=shape(chunk_shape, "chunk-shape"),
             shard_shape=shape(shard_shape, "shard-shape"),
         )
-        finish(c, job.id, wait)
+        finish(c, job, wait)
 
 
 @app.command()
@@ -104,7 +111,7 @@ def predict(
             postprocess=postprocess,
             threshold=threshold,
         )
-        finish(c, job.id, wait)
+        finish(c, job, wait)
 
 
 @app.command()
@@ -114,10 +121,32 @@ def train(
     model: str = typer.Option(..., "--model", help="Id of the model to create."),
     validation_images: str = typer.Option("", help="Validation image volume."),
     validation_labels: str = typer.Option("", help="Validation label volume."),
-    architecture: str = typer.Option("deepem3d", help="deepem3d, resunet2d or resunet3d."),
-    width: float = typer.Option(1.0, help="Channel width multiplier."),
-    members: str = typer.Option("1fm,3fm,5fm", help="Comma-separated ensemble members."),
-    iterations: int = typer.Option(0, help="Iterations per member (0: default)."),
+    recipe: str = typer.Option(
+        "",
+        help="Training recipe: 'default' (the benchmarked winner, docs/ACCURACY.md) or "
+        "'cdeep3m' (CDeep3M's published recipe). Options left unset take the recipe's.",
+    ),
+    architecture: str = typer.Option("", help="deepem3d, resunet2d or resunet3d (recipe's)."),
+    width: float = typer.Option(0.0, help="Channel width multiplier (0: the recipe's)."),
+    members: str = typer.Option(
+        "", help="Comma-separated ensemble members, e.g. 1fm,3fm (the recipe's)."
+    ),
+    iterations: int = typer.Option(0, help="Iterations per member (0: the recipe's)."),
+    minutes: float = typer.Option(
+        0.0,
+        help="Time budget per member in minutes; training stops at the budget or the "
+        "iterations, whichever comes first (0: no time budget).",
+    ),
+    optimizer: str = typer.Option("", help="sgd or adam (the recipe's)."),
+    loss: str = typer.Option("", help="ce or ce_dice (the recipe's)."),
+    schedule: str = typer.Option("", help="poly, cosine or onecycle (the recipe's)."),
+    learning_rate: float = typer.Option(0.0, help="Base learning rate (0: the recipe's)."),
+    input_scale: int = typer.Option(
+        0, help="Train and predict at 1/N of the image resolution, 1..4 (0: the recipe's)."
+    ),
+    foreground_fraction: float = typer.Option(
+        0.0, help="Share of patches centred on foreground, 0..1 (0: the recipe's)."
+    ),
     base_model: str = typer.Option("", "--base-model", help="Fine-tune from this model."),
     add_iterations: int = typer.Option(
         0, "--add-iterations", help="Fine-tuning iterations on top of the base."
@@ -136,16 +165,24 @@ def train(
             model=model,
             validation_images=volume_ref(validation_images) if validation_images else None,
             validation_labels=volume_ref(validation_labels) if validation_labels else None,
+            recipe=recipe,
             architecture=architecture,
             width=width,
-            members=names(members),
+            members=names(members) if members else (),
             iterations=iterations,
+            max_minutes=minutes,
+            optimizer=optimizer,
+            loss=loss,
+            schedule=schedule,
+            learning_rate=learning_rate,
+            input_scale=input_scale,
+            foreground_fraction=foreground_fraction,
             base_model=base_model,
             add_iterations=add_iterations,
             batch_size=batch_size,
             patch_shape=shape(patch_shape, "patch-shape"),
         )
-        finish(c, job.id, wait)
+        finish(c, job, wait)
 
 
 @app.command()
