@@ -22,10 +22,8 @@ import pytest
 from deep3m.client.client import Deep3mClient
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port, wait_serving
-from deep3m.models.card import MemberCard, ModelCard, save_model
-from deep3m.models.registry import build_network
 from deep3m.postprocess.sharded.table import table_keys
-from deep3m.testing.scheduler import roles_in_process, write_volume
+from deep3m.testing.scheduler import roles_in_process, save_random_model, write_volume
 from deep3m.testing.volumes import same_partition, smooth_field
 from deep3m.v1 import common_pb2
 from PIL import Image
@@ -144,20 +142,12 @@ def _real_slices() -> np.ndarray:
     return np.stack([np.asarray(Image.open(f))[200:296, 300:428] for f in files]).astype(np.uint8)
 
 
-def _random_model(store: Store, model_id: str) -> None:
-    net = build_network("deepem3d", frames=1, width=0.0625)
-    card = ModelCard(
-        id=model_id, width=0.0625, halo=(0, 16, 16), members=(MemberCard(name="1fm", frames=1),)
-    )
-    save_model(store, card, {"1fm": net.state_dict()})
-
-
 def test_predict_then_sharded_postprocess_on_real_slices(
     client: Deep3mClient, store_url: str
 ) -> None:
     store = Store(store_url)
     write_volume(store, "volumes/em/img.zarr", _real_slices(), chunk_shape=(2, 32, 32))
-    _random_model(store, "tiny")
+    save_random_model(store, "tiny", frames=1, halo=(0, 16, 16))
     block = [2, 32, 64]
     first = _succeeded(
         client,
@@ -237,3 +227,26 @@ def test_a_postprocess_worker_killed_mid_stage_changes_nothing(
     ):
         assert store.read_bytes(out_key) == store.read_bytes(ref_key)
     check_labels(store, "volumes/kill/out.zarr", prob, 0.5)
+
+
+def test_submit_label_from_the_cli_follows_every_stage(address: str, store_url: str) -> None:
+    import json
+
+    from deep3m.client.cli import app
+    from typer.testing import CliRunner
+
+    store = Store(store_url)
+    prob = smooth_field((4, 64, 64), seed=9)
+    write_volume(store, "volumes/cli/prob.zarr", prob, chunk_shape=(2, 32, 32))
+    result = CliRunner().invoke(
+        app,
+        ["--scheduler", address, "--output", "json", "submit-label", "volumes/cli/prob.zarr",
+         "--threshold", "0.6", "--block-shape", "2,32,32", "--name", "cells"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    *events, final = [json.loads(line) for line in result.stdout.splitlines()]
+    assert final["state"] == "JOB_STATE_SUCCEEDED"
+    assert {"summarize", "equivalences", "merge", "relabel", "reduce"} <= {
+        e.get("stage") for e in events
+    }
+    check_labels(store, "volumes/cli/prob.zarr/labels/cells", prob, 0.6)
