@@ -5,6 +5,10 @@ one core (``sched_setaffinity``) and taking one task at a time, label a stored
 probability volume of many blocks: threshold + connected components joined
 across blocks + object table (+ the label pyramid), measured from submit to the
 job's end, so scheduling, leases and store I/O are included. Start-up is not.
+Every block passes through three per-block stages, so a job of B blocks is
+about 3B + 4 + table_shards tasks, each a lease, a completion record in the
+store and a worker poll: with small blocks that round trip, not the labelling,
+sets the rate.
 """
 
 from __future__ import annotations
