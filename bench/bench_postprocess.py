@@ -12,11 +12,20 @@ object table, and (for labelling) three passes over the blocks; the baselines
 do none of that. Times are medians of REPEATS runs after one warm-up run;
 peak memory is the largest numpy allocation footprint traced by tracemalloc
 during one extra run.
+
+``python -m bench.bench_postprocess cluster [size]`` runs the sharded stages as a
+``label`` job instead (:mod:`bench.sharded_cluster`): the masks cropped to
+20 x size x size (default 512) in chunks of 4 x 128 x 128 (many blocks), on 1 and
+2 postprocess worker processes pinned to one core each, beside whole-volume
+``scipy.ndimage.label`` and ``cc3d.connected_components`` in memory (one run
+each: the job rows include a process-level scheduler round trip per task).
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -105,5 +114,63 @@ def main() -> None:
             )
 
 
+def cluster(size: int = 512) -> None:
+    import cc3d
+
+    from bench.sharded_cluster import label_job_seconds
+
+    loaded = mito_masks()
+    if loaded is None:
+        return
+    prob = np.ascontiguousarray(loaded[1][:, :size, :size])
+    voxels = prob.size
+
+    def once(run: Callable[[], int]) -> tuple[float, int]:
+        started = time.perf_counter()
+        found = run()
+        return time.perf_counter() - started, found
+
+    with tempfile.TemporaryDirectory(prefix="deep3m-bench-") as tmp:
+        store = Store(f"file://{tmp}")
+        chunks = (4, 128, 128)
+        arr = store.create_volume(
+            "volumes/p.zarr", prob.shape, "float32", voxel_size_nm=(40, 6, 6),
+            chunk_shape=chunks, attributes={"kind": "probabilities"},
+        )  # fmt: skip
+        arr[:] = prob
+        store.mark_complete("volumes/p.zarr")
+        blocks = int(np.prod([-(-s // c) for s, c in zip(prob.shape, chunks, strict=True)]))
+        print(f"volume {prob.shape} = {voxels / 1e6:.1f} Mvoxels, {blocks} blocks of {chunks}")
+        rows = [
+            ("scipy.ndimage.label, in memory (baseline)",
+             once(lambda: int(ndimage.label(prob >= 0.5)[1]))),
+            ("cc3d.connected_components, in memory",
+             once(lambda: int(cc3d.connected_components(prob >= 0.5, connectivity=6).max()))),
+        ]  # fmt: skip
+        for workers in (1, 2):
+            seconds, job = label_job_seconds(
+                store.url, "volumes/p.zarr", workers, chunks, tag=f"w{workers}"
+            )
+            rows.append(
+                (
+                    f"label job, {workers} worker process(es) x 1 core",
+                    (seconds, int(job.metrics["objects"])),
+                )
+            )
+        base = rows[0][1][0]
+        print(f"{'':48s} {'seconds':>8s} {'Mvox/s':>8s} {'x baseline':>10s} {'objects':>8s}")
+        for name, (seconds, found) in rows:
+            print(
+                f"{name:48s} {seconds:8.2f} {voxels / seconds / 1e6:8.2f} "
+                f"{base / seconds:10.3f} {found:8d}"
+            )
+        counts = {found for _, (_, found) in rows}
+        if len(counts) != 1:
+            raise RuntimeError(f"object counts differ between rows: {rows}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["cluster"]:
+        cluster(*(int(a) for a in sys.argv[2:3]))
+    else:
+        main()

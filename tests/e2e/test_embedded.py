@@ -21,9 +21,8 @@ import pytest
 from deep3m.client.client import Deep3mClient
 from deep3m.core.store import Store
 from deep3m.launcher.local import LocalCluster, LocalClusterSpec
-from deep3m.models.card import MemberCard, ModelCard, load_card, save_model
-from deep3m.models.registry import build_network
-from deep3m.testing.scheduler import write_volume
+from deep3m.models.card import load_card
+from deep3m.testing.scheduler import save_random_model, write_volume
 from deep3m.v1 import common_pb2
 
 pytestmark = pytest.mark.slow
@@ -106,14 +105,6 @@ def test_ingest_train_predict(cluster: LocalCluster, client: Deep3mClient) -> No
     assert float(prob.std()) > 0.0
 
 
-def _random_model(store: Store, model_id: str) -> None:
-    net = build_network("deepem3d", frames=3, width=0.0625)
-    card = ModelCard(
-        id=model_id, width=0.0625, halo=(1, 32, 32), members=(MemberCard(name="3fm", frames=3),)
-    )
-    save_model(store, card, {"3fm": net.state_dict()})
-
-
 def test_inference_worker_killed_mid_job(
     cluster: LocalCluster, client: Deep3mClient, tmp_path: Path
 ) -> None:
@@ -121,7 +112,7 @@ def test_inference_worker_killed_mid_job(
     rng = np.random.default_rng(0)
     data = rng.integers(0, 255, size=(8, 256, 256), dtype=np.uint8)
     write_volume(store, "volumes/kill/in.zarr", data, chunk_shape=(2, 64, 64))
-    _random_model(store, "kill-model")
+    save_random_model(store, "kill-model")
 
     reference = client.predict(
         "volumes/kill/in.zarr", "kill-model", "volumes/kill/ref.zarr", block_shape=[2, 64, 64]

@@ -134,6 +134,39 @@ class Deep3mClient:
         )
         return self.submit(spec, job_id)
 
+    def label(
+        self,
+        input: Volume,
+        *,
+        output: Volume | None = None,
+        threshold: float = 0.0,
+        connectivity: int = 0,
+        min_size_voxels: int = 0,
+        watershed: bool = False,
+        label_name: str = "",
+        block_shape: Sequence[int] = (),
+        name: str = "",
+        max_attempts: int = 0,
+        job_id: str = "",
+    ) -> common_pb2.Job:
+        """Label the probability (or mask) volume ``input`` on the postprocess workers:
+        labels in ``<input>/labels/<label_name>`` (or ``output``) and an object table."""
+        spec = common_pb2.JobSpec(
+            name=name,
+            max_attempts=max_attempts,
+            label=common_pb2.LabelSpec(
+                input=volume_ref(input, name="input"),
+                output=volume_ref(output, name="output") if output is not None else None,
+                threshold=threshold,
+                connectivity=connectivity,
+                min_size_voxels=min_size_voxels,
+                watershed=watershed,
+                name=label_name,
+                block_shape=list(block_shape),
+            ),
+        )
+        return self.submit(spec, job_id)
+
     def train(
         self,
         images: Volume,

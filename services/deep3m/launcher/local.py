@@ -35,6 +35,41 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_serving(
+    address: str, proc: subprocess.Popen[bytes], timeout_s: float, role: str, *, log: str = ""
+) -> None:
+    """Until the server of ``proc`` at ``address`` reports SERVING; UnavailableError
+    naming ``role`` when it exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc.poll() is not None:
+                raise UnavailableError(
+                    f"the {role} process exited with code {proc.returncode} during start-up"
+                    + (f"; see {log}" if log else ""),
+                    field=role,
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UnavailableError(
+                    f"the {role} server did not become ready in {timeout_s:.0f} s", field=role
+                )
+            try:
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service=""),
+                    timeout=min(2.0, remaining),
+                    wait_for_ready=True,
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            # Not ready yet: the next Check blocks on the channel, so this loop
+            # does not spin; a short pause avoids hammering a starting server.
+            time.sleep(0.1)
+
+
 @dataclass(frozen=True)
 class LocalClusterSpec:
     store_url: str = DEFAULT_STORE
@@ -127,35 +162,8 @@ class LocalCluster:
             raise
 
     def wait_serving(self, role: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address(role)) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                proc = self.processes[role]
-                if proc.poll() is not None:
-                    raise UnavailableError(
-                        f"the {role} process exited with code {proc.returncode} during start-up"
-                        + (f"; see {self.spec.log_dir}/{role}.log" if self.spec.log_dir else ""),
-                        field=role,
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise UnavailableError(
-                        f"the {role} server did not become ready in {timeout_s:.0f} s", field=role
-                    )
-                try:
-                    reply = stub.Check(
-                        health_pb2.HealthCheckRequest(service=""),
-                        timeout=min(2.0, remaining),
-                        wait_for_ready=True,
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                # Not ready yet: the next Check blocks on the channel, so this loop
-                # does not spin; a short pause avoids hammering a starting server.
-                time.sleep(0.1)
+        log = f"{self.spec.log_dir}/{role}.log" if self.spec.log_dir else ""
+        wait_serving(self.address(role), self.processes[role], timeout_s, role, log=log)
 
     def running(self) -> dict[str, bool]:
         return {role: proc.poll() is None for role, proc in self.processes.items()}

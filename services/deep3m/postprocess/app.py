@@ -1,4 +1,5 @@
-"""The postprocess role: the ``Postprocess`` service plus a worker for ``finalize`` tasks."""
+"""The postprocess role: the ``Postprocess`` service plus a worker for ``finalize`` tasks
+and the sharded labelling stages."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import grpc
 
 from deep3m.core.locations import StoreRoots
+from deep3m.postprocess.labelling_tasks import labelling_handlers
 from deep3m.postprocess.service import SERVICE_NAME, PostprocessServicer
 from deep3m.postprocess.tasks import handle_finalize_predict
 from deep3m.runtime.server import WorkerRoleApp
@@ -20,7 +22,11 @@ class PostprocessApp(WorkerRoleApp):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(
-            settings, {"finalize": functools.partial(handle_finalize_predict, settings=settings)}
+            settings,
+            {
+                "finalize": functools.partial(handle_finalize_predict, settings=settings),
+                **labelling_handlers(settings),
+            },
         )
         # Blockwise passes are numpy/scipy and zarr I/O, which release the GIL.
         block_threads = max(1, min(4, os.cpu_count() or 1))

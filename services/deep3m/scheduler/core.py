@@ -755,7 +755,7 @@ class Scheduler:
 
     # -- internals (caller holds the lock) ---------------------------------------------
     def _view(self, job: Job) -> JobView:
-        return job.view(kinds.get_kind(job.record.kind).stages)
+        return job.view(kinds.get_kind(job.record.kind).stages_for(job.record.resolution))
 
     def _grant(self, job: Job, lease: Lease) -> Grant:
         plan = job.current

@@ -15,7 +15,7 @@ from typing import Any
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.geometry import Block, BlockPlan, Box
 
-LAYOUTS = ("blocks", "zranges", "members", "single")
+LAYOUTS = ("blocks", "zranges", "members", "shards", "single")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class StagePlan:
     - ``blocks``: ``params`` volume_shape, block_shape, halo → one task per core block;
     - ``zranges``: volume_shape, slices → one task per z-range (whole y, x);
     - ``members``: members → one task per ensemble member;
+    - ``shards``: shards → one task per part ``k`` of ``shards`` (params shard, shards);
     - ``single``: one task.
     """
 
@@ -77,6 +78,8 @@ class StagePlan:
             return -(-int(self.params["volume_shape"][0]) // int(self.params["slices"]))
         if self.layout == "members":
             return len(self.params["members"])
+        if self.layout == "shards":
+            return int(self.params["shards"])
         return 1
 
     def task(self, n: int) -> TaskSpec:
@@ -101,6 +104,11 @@ class StagePlan:
         if self.layout == "members":
             member = str(self.params["members"][n])
             return TaskSpec(n, f"{self.name}/{member}", None, {"member": member})
+        if self.layout == "shards":
+            shards = str(int(self.params["shards"]))
+            return TaskSpec(
+                n, f"{self.name}/{n}-of-{shards}", None, {"shard": str(n), "shards": shards}
+            )
         return TaskSpec(0, f"{self.name}/0")
 
     def task_id(self, n: int) -> str:

@@ -65,6 +65,26 @@ def save_test_model(
     save_card(store, card)
 
 
+def save_random_model(
+    store: Store,
+    model_id: str,
+    *,
+    frames: int = 3,
+    halo: tuple[int, int, int] = (1, 32, 32),
+    width: float = 0.0625,
+) -> None:
+    """A tiny untrained DeepEM3D model with one ``<frames>fm`` member, weights included."""
+    from deep3m.models.card import MemberCard, ModelCard, save_model
+    from deep3m.models.registry import build_network
+
+    net = build_network("deepem3d", frames=frames, width=width)
+    member = f"{frames}fm"
+    card = ModelCard(
+        id=model_id, width=width, halo=halo, members=(MemberCard(name=member, frames=frames),)
+    )
+    save_model(store, card, {member: net.state_dict()})
+
+
 class ManualClock:
     """A clock for a ``Scheduler`` that moves only when the test sets ``now``."""
 

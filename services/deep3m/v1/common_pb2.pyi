@@ -65,7 +65,7 @@ class IngestSpec(_message.Message):
     def __init__(self, source: _Optional[str] = ..., output: _Optional[_Union[VolumeRef, _Mapping]] = ..., voxel_size_nm: _Optional[_Iterable[float]] = ..., chunk_shape: _Optional[_Iterable[int]] = ..., shard_shape: _Optional[_Iterable[int]] = ..., slices_per_task: _Optional[int] = ...) -> None: ...
 
 class PredictSpec(_message.Message):
-    __slots__ = ("input", "model", "output", "tta_level", "members", "block_shape", "halo", "postprocess", "threshold")
+    __slots__ = ("input", "model", "output", "tta_level", "members", "block_shape", "halo", "postprocess", "threshold", "labelling")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class PredictSpec(_message.Message):
     HALO_FIELD_NUMBER: _ClassVar[int]
     POSTPROCESS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    LABELLING_FIELD_NUMBER: _ClassVar[int]
     input: VolumeRef
     model: str
     output: VolumeRef
@@ -84,7 +85,8 @@ class PredictSpec(_message.Message):
     halo: _containers.RepeatedScalarFieldContainer[int]
     postprocess: bool
     threshold: float
-    def __init__(self, input: _Optional[_Union[VolumeRef, _Mapping]] = ..., model: _Optional[str] = ..., output: _Optional[_Union[VolumeRef, _Mapping]] = ..., tta_level: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., block_shape: _Optional[_Iterable[int]] = ..., halo: _Optional[_Iterable[int]] = ..., postprocess: _Optional[bool] = ..., threshold: _Optional[float] = ...) -> None: ...
+    labelling: LabelSpec
+    def __init__(self, input: _Optional[_Union[VolumeRef, _Mapping]] = ..., model: _Optional[str] = ..., output: _Optional[_Union[VolumeRef, _Mapping]] = ..., tta_level: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., block_shape: _Optional[_Iterable[int]] = ..., halo: _Optional[_Iterable[int]] = ..., postprocess: _Optional[bool] = ..., threshold: _Optional[float] = ..., labelling: _Optional[_Union[LabelSpec, _Mapping]] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
     __slots__ = ("images", "labels", "validation_images", "validation_labels", "model", "architecture", "width", "members", "iterations", "base_model", "add_iterations", "batch_size", "patch_shape", "validate_every", "snapshot_every", "intensity_augmentations", "learning_rate", "accumulate_gradients", "voxel_size_nm", "num_classes", "seed", "recipe", "max_minutes", "optimizer", "loss", "schedule", "input_scale", "foreground_fraction")
@@ -146,19 +148,43 @@ class TrainSpec(_message.Message):
     foreground_fraction: float
     def __init__(self, images: _Optional[_Union[VolumeRef, _Mapping]] = ..., labels: _Optional[_Union[VolumeRef, _Mapping]] = ..., validation_images: _Optional[_Union[VolumeRef, _Mapping]] = ..., validation_labels: _Optional[_Union[VolumeRef, _Mapping]] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., width: _Optional[float] = ..., members: _Optional[_Iterable[str]] = ..., iterations: _Optional[int] = ..., base_model: _Optional[str] = ..., add_iterations: _Optional[int] = ..., batch_size: _Optional[int] = ..., patch_shape: _Optional[_Iterable[int]] = ..., validate_every: _Optional[int] = ..., snapshot_every: _Optional[int] = ..., intensity_augmentations: _Optional[_Iterable[str]] = ..., learning_rate: _Optional[float] = ..., accumulate_gradients: _Optional[int] = ..., voxel_size_nm: _Optional[_Iterable[float]] = ..., num_classes: _Optional[int] = ..., seed: _Optional[int] = ..., recipe: _Optional[str] = ..., max_minutes: _Optional[float] = ..., optimizer: _Optional[str] = ..., loss: _Optional[str] = ..., schedule: _Optional[str] = ..., input_scale: _Optional[int] = ..., foreground_fraction: _Optional[float] = ...) -> None: ...
 
+class LabelSpec(_message.Message):
+    __slots__ = ("input", "output", "threshold", "connectivity", "min_size_voxels", "watershed", "name", "block_shape", "table_shards")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIVITY_FIELD_NUMBER: _ClassVar[int]
+    MIN_SIZE_VOXELS_FIELD_NUMBER: _ClassVar[int]
+    WATERSHED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TABLE_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    input: VolumeRef
+    output: VolumeRef
+    threshold: float
+    connectivity: int
+    min_size_voxels: int
+    watershed: bool
+    name: str
+    block_shape: _containers.RepeatedScalarFieldContainer[int]
+    table_shards: int
+    def __init__(self, input: _Optional[_Union[VolumeRef, _Mapping]] = ..., output: _Optional[_Union[VolumeRef, _Mapping]] = ..., threshold: _Optional[float] = ..., connectivity: _Optional[int] = ..., min_size_voxels: _Optional[int] = ..., watershed: _Optional[bool] = ..., name: _Optional[str] = ..., block_shape: _Optional[_Iterable[int]] = ..., table_shards: _Optional[int] = ...) -> None: ...
+
 class JobSpec(_message.Message):
-    __slots__ = ("name", "predict", "train", "ingest", "max_attempts")
+    __slots__ = ("name", "predict", "train", "ingest", "label", "max_attempts")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PREDICT_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     INGEST_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     predict: PredictSpec
     train: TrainSpec
     ingest: IngestSpec
+    label: LabelSpec
     max_attempts: int
-    def __init__(self, name: _Optional[str] = ..., predict: _Optional[_Union[PredictSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., ingest: _Optional[_Union[IngestSpec, _Mapping]] = ..., max_attempts: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., predict: _Optional[_Union[PredictSpec, _Mapping]] = ..., train: _Optional[_Union[TrainSpec, _Mapping]] = ..., ingest: _Optional[_Union[IngestSpec, _Mapping]] = ..., label: _Optional[_Union[LabelSpec, _Mapping]] = ..., max_attempts: _Optional[int] = ...) -> None: ...
 
 class StageStatus(_message.Message):
     __slots__ = ("name", "role", "tasks_total", "tasks_done", "tasks_leased", "tasks_quarantined")

@@ -1,4 +1,4 @@
-"""Job commands: submit (ingest, predict, train), follow, list, cancel, and predict a region."""
+"""Job commands: submit (ingest, predict, train, label), follow, list, cancel; predict a region."""
 
 from __future__ import annotations
 
@@ -94,7 +94,10 @@ def predict(
     members: str = typer.Option("", help="Comma-separated members; default all."),
     block_shape: str = typer.Option("", help="z,y,x core block shape."),
     halo: str = typer.Option("", help="z,y,x halo."),
-    postprocess: bool = typer.Option(False, help="Threshold, label and tabulate objects."),
+    postprocess: bool = typer.Option(
+        False,
+        help="Then threshold, label and tabulate objects, sharded over the postprocess workers.",
+    ),
     threshold: float = typer.Option(0.5, help="Foreground threshold for --postprocess."),
     wait: bool = typer.Option(True, help="Follow the job until it ends."),
 ) -> None:
@@ -112,6 +115,36 @@ def predict(
             threshold=threshold,
         )
         finish(c, job, wait)
+
+
+@app.command("submit-label")
+def submit_label(
+    input: str = typer.Argument(..., help="Probability or mask volume path in the store."),
+    output: str = typer.Option(
+        "", "--output", help="Labels volume path; default <input>/labels/<name>."
+    ),
+    threshold: float = typer.Option(0.5, help="Foreground probability, (0, 1]."),
+    connectivity: int = typer.Option(1, help="1: faces, 2: +edges, 3: +corners."),
+    min_size: int = typer.Option(0, "--min-size", min=0, help="Drop objects below this (voxels)."),
+    watershed: bool = typer.Option(False, help="Split touching objects (distance watershed)."),
+    name: str = typer.Option("segmentation", "--name", help="Label image name."),
+    block_shape: str = typer.Option("", help="z,y,x block of one labelling task."),
+    wait: bool = typer.Option(True, help="Follow the job until it ends."),
+) -> None:
+    """Label a volume on the cluster: its blocks sharded over the postprocess workers
+    (summarize, equivalences, merge, relabel, reduce, pyramid); `deep3m label` runs locally."""
+    with client() as c:
+        job = c.label(
+            volume_ref(input),
+            output=volume_ref(output) if output else None,
+            threshold=threshold,
+            connectivity=connectivity,
+            min_size_voxels=min_size,
+            watershed=watershed,
+            label_name=name,
+            block_shape=shape(block_shape, "block-shape"),
+        )
+        finish(c, job.id, wait)
 
 
 @app.command()

@@ -22,11 +22,14 @@ from deep3m.scheduler.kinds.base import (
     job_kind,
 )
 from deep3m.scheduler.kinds.ingest import IngestKind
+from deep3m.scheduler.kinds.label import LabelKind
 from deep3m.scheduler.kinds.predict import PredictKind
 from deep3m.scheduler.kinds.train import TrainKind
 from deep3m.v1 import common_pb2
 
-KINDS: Mapping[str, JobKind] = {k.name: k for k in (PredictKind(), TrainKind(), IngestKind())}
+KINDS: Mapping[str, JobKind] = {
+    k.name: k for k in (PredictKind(), TrainKind(), IngestKind(), LabelKind())
+}
 
 
 def get_kind(name: str) -> JobKind:

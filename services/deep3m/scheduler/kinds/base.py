@@ -39,7 +39,7 @@ def job_kind(spec: common_pb2.JobSpec) -> str:
     kind = spec.WhichOneof("kind")
     if kind is None:
         raise InvalidArgumentError(
-            "the job spec names no kind: set predict, train or ingest", field="spec"
+            "the job spec names no kind: set predict, train, ingest or label", field="spec"
         )
     return str(kind)
 
@@ -143,14 +143,20 @@ class JobKind(ABC):
     def validate(self, spec: common_pb2.JobSpec, ctx: KindContext) -> PreparedJob:
         """Check ``spec`` before anything exists; every error names the offending field."""
 
+    def stages_for(self, resolved: Resolved) -> tuple[StageDef, ...]:
+        """The stages of one job (a kind whose stages depend on its spec overrides this)."""
+        del resolved
+        return self.stages
+
     def plan(self, index: int, resolved: Resolved) -> StagePlan | None:
         """Stage ``index`` as a formula, from the resolved job alone; None past the end.
 
         The default plans one task; kinds override for their parallel stages.
         """
-        if index >= len(self.stages):
+        stages = self.stages_for(resolved)
+        if index >= len(stages):
             return None
-        sdef = self.stages[index]
+        sdef = stages[index]
         return StagePlan(index, sdef.name, sdef.role, "single")
 
     def on_stage_finished(

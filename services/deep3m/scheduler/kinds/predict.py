@@ -1,4 +1,6 @@
-"""Prediction jobs: ``predict`` (inference, one task per core block), ``finalize`` (postprocess).
+"""Prediction jobs: ``predict`` (inference, one task per core block), then ``finalize``
+(postprocess) — or, with ``postprocess``, the sharded labelling stages of
+:mod:`.labelling` into the label image ``<output>/labels/<name>``.
 
 The output is a float32 probability volume created at submit, its chunks (or
 shards) aligned with the blocks so exactly one task owns each chunk.
@@ -20,6 +22,12 @@ from deep3m.scheduler.kinds.base import (
     Resolved,
     VolumeFacts,
     replace_repeated,
+)
+from deep3m.scheduler.kinds.labelling import (
+    LABELLING_STAGES,
+    labels_volume,
+    plan_labelling,
+    resolve_labelling,
 )
 from deep3m.scheduler.kinds.refs import (
     check_same_array,
@@ -64,6 +72,10 @@ def default_block(shape: Sequence[int], grid: Sequence[int]) -> tuple[int, ...]:
 class PredictKind(JobKind):
     name = "predict"
     stages = (StageDef("predict", "inference"), StageDef("finalize", "postprocess"))
+    labelled_stages = (StageDef("predict", "inference"), *LABELLING_STAGES)
+
+    def stages_for(self, resolved: Resolved) -> tuple[StageDef, ...]:
+        return self.labelled_stages if resolved.spec.predict.postprocess else self.stages
 
     def validate(self, spec: common_pb2.JobSpec, ctx: KindContext) -> PreparedJob:
         from deep3m.core.augmentation import IDENTITY_LEVEL, SPEED_LEVELS
@@ -134,14 +146,38 @@ class PredictKind(JobKind):
                 field="block_shape",
             )
         threshold = p.threshold
+        resolved = self.resolved_spec(spec)
+        r = resolved.predict
+        labels: dict[str, VolumeFacts] = {}
         if p.postprocess:
             threshold = threshold or DEFAULT_THRESHOLD
             if not 0.0 < threshold < 1.0:
                 raise InvalidArgumentError(
                     f"threshold must lie in (0, 1), got {p.threshold}", field="threshold"
                 )
-        resolved = self.resolved_spec(spec)
-        r = resolved.predict
+            given = common_pb2.LabelSpec()
+            given.CopyFrom(p.labelling)
+            given.threshold = threshold
+            if not given.block_shape:
+                replace_repeated(given.block_shape, block)
+            labelling = resolve_labelling(
+                given, shape=shape, grid=grid, default_block=block, prefix="labelling."
+            )
+            labels_key = f"{out_key}/labels/{labelling.name}"
+            labelling.input.CopyFrom(p.output)
+            labelling.output.CopyFrom(
+                common_pb2.VolumeRef(store_url=p.output.store_url, path=labels_key)
+            )
+            r.labelling.CopyFrom(labelling)
+            # Inside the output group: free unless the output is being resumed.
+            _, _, labels_existing = output_location(ctx.roots, labelling.output, "output")
+            new_labels, labels["labels"] = labels_volume(
+                out_store, labels_key, labels_existing,
+                shape=shape, chunk_shape=grid, shard_shape=None,
+                voxel_size_nm=info.voxel_size_nm, source=out_store.key_url(out_key),
+                field="output",
+            )  # fmt: skip
+            volumes = (*volumes, *new_labels)
         r.tta_level = tta_level
         r.threshold = threshold
         replace_repeated(r.members, members)
@@ -159,13 +195,25 @@ class PredictKind(JobKind):
         return PreparedJob(
             self.name,
             Resolved(
-                resolved, {"input": facts(in_store, in_key, p.input.array, info), "output": output}
+                resolved,
+                {
+                    "input": facts(in_store, in_key, p.input.array, info),
+                    "output": output,
+                    **labels,
+                },
             ),
-            {"probabilities": out_store.key_url(out_key)},
+            {
+                "probabilities": out_store.key_url(out_key),
+                **({"labels": out_store.key_url(labels["labels"].path)} if labels else {}),
+            },
             volumes,
         )
 
     def plan(self, index: int, resolved: Resolved) -> StagePlan | None:
+        if index != 0 and resolved.spec.predict.postprocess:
+            return plan_labelling(
+                index, 1, resolved.volume("labels"), resolved.spec.predict.labelling
+            )
         if index != 0:
             return super().plan(index, resolved)
         p = resolved.spec.predict

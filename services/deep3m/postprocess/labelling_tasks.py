@@ -1,0 +1,247 @@
+"""Worker handlers for the sharded labelling stages of ``label`` and ``predict`` jobs.
+
+Each handler is a thin body over :mod:`deep3m.postprocess.sharded.stored`: the
+lease names the job (its resolved spec: ``label``, or ``predict.labelling``),
+the source volume (``input`` for label jobs, the probabilities ``output`` for
+predict jobs) and the ``labels`` volume created at submit. The stages' small
+documents live under ``jobs/<job>/labelling`` in the default store; every task
+rewrites the same bytes when repeated, so a retried or re-leased task is
+harmless.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.geometry import Box
+from deep3m.core.locations import StoreRoots
+from deep3m.core.store import Store
+from deep3m.postprocess.foreground import volume_kind
+from deep3m.postprocess.label_image import mark_label_image, register_label_image
+from deep3m.postprocess.labels import LabelSpec
+from deep3m.postprocess.pyramid import build_pyramid
+from deep3m.postprocess.sharded.block import Labelling
+from deep3m.postprocess.sharded.pipeline import labelling_for
+from deep3m.postprocess.sharded.stored import (
+    Documents,
+    equivalences_task,
+    merge_task,
+    reduce_part_task,
+    reduce_task,
+    relabel_task,
+    summarize_task,
+)
+from deep3m.runtime.settings import Settings
+from deep3m.runtime.task import TaskContext, TaskHandler, TaskResult
+from deep3m.v1 import common_pb2
+
+
+def documents_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/labelling"
+
+
+@dataclass(frozen=True)
+class LabellingJob:
+    """What every labelling task of one job needs, from its lease."""
+
+    spec: common_pb2.LabelSpec
+    source_store: Store
+    source: common_pb2.ResolvedVolume
+    labels_store: Store
+    labels: common_pb2.ResolvedVolume
+    docs: Documents
+    # Predict jobs also get a pyramid of their probabilities.
+    pyramid_source: bool
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return tuple(int(b) for b in self.spec.block_shape)
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(
+            -(-int(s) // b) for s, b in zip(self.labels.shape, self.block_shape, strict=True)
+        )
+
+    @property
+    def voxel_size_nm(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.labels.voxel_size_nm)
+
+    @property
+    def in_image(self) -> bool:
+        """The labels are the label image ``<source>/labels/<name>`` of the source group."""
+        return self.labels.store_url == self.source.store_url and self.labels.path == (
+            f"{self.source.path}/labels/{self.spec.name}"
+        )
+
+    def label_spec(self) -> LabelSpec:
+        return LabelSpec(
+            threshold=self.spec.threshold,
+            connectivity=self.spec.connectivity,
+            min_size_voxels=int(self.spec.min_size_voxels),
+            watershed=self.spec.watershed,
+        )
+
+    def labelling(self) -> Labelling:
+        info = self.source_store.volume_info(self.source.path, self.source.array)
+        kind = volume_kind(info.dtype, info.attributes)
+        return labelling_for(self.label_spec(), kind, self.voxel_size_nm)
+
+    def open_source(self) -> Any:
+        return self.source_store.open_volume(self.source.path, self.source.array)
+
+    def open_labels(self) -> Any:
+        return self.labels_store.open_volume(self.labels.path, mode="r+", require_complete=False)
+
+    def block(self, task: common_pb2.Task) -> tuple[tuple[int, ...], Box]:
+        """The block index and core box of a per-block task."""
+        core = task.block.core
+        if len(core.start) != 3 or len(core.stop) != 3:
+            raise InvalidArgumentError(
+                f"labelling task {task.id!r} carries no 3-D block", field="task.block"
+            )
+        box = Box(tuple(int(v) for v in core.start), tuple(int(v) for v in core.stop))
+        index = tuple(a // b for a, b in zip(box.start, self.block_shape, strict=True))
+        return index, box
+
+
+def labelling_job(lease: common_pb2.TaskLease, roots: StoreRoots) -> LabellingJob:
+    spec = lease.spec
+    which = spec.WhichOneof("kind")
+    if which == "label":
+        label, source_name = spec.label, "input"
+    elif which == "predict" and spec.predict.postprocess:
+        label, source_name = spec.predict.labelling, "output"
+    else:
+        raise InvalidArgumentError(
+            f"task {lease.task.id!r} of stage {lease.task.stage} needs a label job or a predict "
+            f"job with postprocess, got a {which or 'empty'} job spec",
+            field="spec",
+        )
+    for name in (source_name, "labels"):
+        if name not in lease.volumes:
+            raise InvalidArgumentError(
+                f"task {lease.task.id!r} carries no resolved {name!r} volume; resubmit the job",
+                field=name,
+            )
+    if len(label.block_shape) != 3:
+        raise InvalidArgumentError(
+            f"the job's labelling block_shape {list(label.block_shape)} is not resolved",
+            field="block_shape",
+        )
+    source, labels = lease.volumes[source_name], lease.volumes["labels"]
+    return LabellingJob(
+        label,
+        roots.store(source.store_url, field=f"{source_name}.store_url"),
+        source,
+        roots.store(labels.store_url, field="labels.store_url"),
+        labels,
+        Documents(roots.store(), documents_prefix(lease.task.job_id)),
+        pyramid_source=which == "predict",
+    )
+
+
+def summarize(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    index, core = job.block(ctx.task)
+    return TaskResult(
+        metrics=summarize_task(job.docs, job.open_source(), index, core, job.labelling())
+    )
+
+
+def equivalences(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    index, core = job.block(ctx.task)
+    metrics = equivalences_task(job.docs, index, job.grid_shape, job.spec.connectivity)
+    return TaskResult(metrics={**metrics, "voxels": float(core.size)})
+
+
+def merge(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    del ctx
+    id_map = merge_task(
+        job.docs,
+        job.grid_shape,
+        min_size_voxels=int(job.spec.min_size_voxels),
+        watershed=job.spec.watershed,
+    )
+    return TaskResult(
+        metrics={"objects": float(id_map.object_count), "equivalences": float(id_map.equivalences)}
+    )
+
+
+def relabel(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    index, core = job.block(ctx.task)
+    metrics = relabel_task(
+        job.docs, job.open_source(), job.open_labels(), index, core, job.labelling()
+    )
+    return TaskResult(metrics=metrics)
+
+
+def reduce_part(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    params = ctx.task.params
+    try:
+        shard = (int(params["shard"]), int(params["shards"]))
+    except (KeyError, ValueError) as exc:
+        raise InvalidArgumentError(
+            f"task {ctx.task.id!r} needs integer params shard and shards, got {dict(params)}",
+            field="task.params",
+        ) from exc
+    return TaskResult(metrics=reduce_part_task(job.docs, job.grid_shape, job.voxel_size_nm, shard))
+
+
+def reduce(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    """The tables beside the labels, then the labels sealed (label image marked, complete)."""
+    del ctx
+    store, path = job.labels_store, job.labels.path
+    stats, keys = reduce_task(
+        job.docs, job.grid_shape, job.voxel_size_nm,
+        labels_store=store, labels_path=path,
+        volume=Box.from_shape(tuple(int(s) for s in job.labels.shape)),
+        shards=max(1, int(job.spec.table_shards)),
+    )  # fmt: skip
+    if job.in_image:
+        register_label_image(store, job.source.path, job.spec.name)
+        mark_label_image(store, path)
+    store.mark_complete(
+        path, object_count=len(stats), threshold=job.spec.threshold,
+        watershed=job.spec.watershed, min_size_voxels=int(job.spec.min_size_voxels),
+        connectivity=job.spec.connectivity,
+    )  # fmt: skip
+    outputs = {name: store.key_url(key) for name, key in keys.items()}
+    outputs["labels"] = store.key_url(path)
+    return TaskResult(
+        metrics={"objects": float(len(stats)), "threshold": float(job.spec.threshold)},
+        outputs=outputs,
+    )
+
+
+def pyramid(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    levels = build_pyramid(job.labels_store, job.labels.path, cancelled=ctx.cancelled)
+    if job.pyramid_source:
+        source_levels = build_pyramid(job.source_store, job.source.path, cancelled=ctx.cancelled)
+        levels = max(levels, source_levels, key=len)
+    return TaskResult(metrics={"pyramid_levels": float(len(levels))})
+
+
+Body = Callable[[LabellingJob, TaskContext], TaskResult]
+BODIES: Mapping[str, Body] = {
+    "summarize": summarize,
+    "equivalences": equivalences,
+    "merge": merge,
+    "relabel": relabel,
+    "reduce_parts": reduce_part,
+    "reduce": reduce,
+    "pyramid": pyramid,
+}
+
+
+def _run(body: Body, roots: StoreRoots, ctx: TaskContext) -> TaskResult:
+    return body(labelling_job(ctx.lease, roots), ctx)
+
+
+def labelling_handlers(settings: Settings) -> dict[str, TaskHandler]:
+    """Stage → handler, for the postprocess role's worker."""
+    roots = StoreRoots.from_settings(settings)
+    return {stage: functools.partial(_run, body, roots) for stage, body in BODIES.items()}

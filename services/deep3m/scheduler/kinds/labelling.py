@@ -1,0 +1,157 @@
+"""The sharded labelling stages a job runs on the postprocess workers.
+
+Both ``label`` jobs and ``predict`` jobs with ``postprocess`` run them, after
+their own stages: ``summarize`` (per block: threshold, local components, face
+and piece documents) → ``equivalences`` (per block: pairs across its upper
+seams) → ``merge`` (once: the global id map) → ``relabel`` (per block: the
+label chunks) → ``reduce_parts`` (a few shards of the object table) →
+``reduce`` (once: the tables, the label image sealed) → ``pyramid`` (once:
+multiscale levels of the probabilities and labels). Blocks lie on the labels
+volume's write grid, so each task writes chunks no other task touches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError
+from deep3m.core.geometry import plan_blocks
+from deep3m.core.store import Store, VolumeInfo
+from deep3m.scheduler.kinds.base import NewVolume, VolumeFacts, replace_repeated
+from deep3m.scheduler.kinds.refs import check_same_array, shape3
+from deep3m.scheduler.stages import StageDef, StagePlan
+from deep3m.v1 import common_pb2
+
+ROLE = "postprocess"
+LABELLING_STAGES: tuple[StageDef, ...] = tuple(
+    StageDef(name, ROLE)
+    for name in (
+        "summarize",
+        "equivalences",
+        "merge",
+        "relabel",
+        "reduce_parts",
+        "reduce",
+        "pyramid",
+    )
+)
+PER_BLOCK = frozenset({"summarize", "equivalences", "relabel"})
+LABELS_DTYPE = "uint32"
+DEFAULT_LABEL_NAME = "segmentation"
+DEFAULT_THRESHOLD = 0.5
+# Each part re-reads every block's piece statistics: a few parts spread the
+# reduction without multiplying those reads much.
+MAX_TABLE_SHARDS = 8
+BLOCKS_PER_TABLE_SHARD = 64
+
+
+def table_shards(n_blocks: int) -> int:
+    return max(2, min(MAX_TABLE_SHARDS, -(-n_blocks // BLOCKS_PER_TABLE_SHARD)))
+
+
+def resolve_labelling(
+    given: common_pb2.LabelSpec,
+    *,
+    shape: Sequence[int],
+    grid: Sequence[int],
+    default_block: Sequence[int],
+    prefix: str = "",
+) -> common_pb2.LabelSpec:
+    """``given`` with defaults filled in and every number checked; fields named ``prefix``+name."""
+    out = common_pb2.LabelSpec()
+    out.CopyFrom(given)
+    out.threshold = given.threshold or DEFAULT_THRESHOLD
+    if not 0.0 < out.threshold <= 1.0:
+        raise InvalidArgumentError(
+            f"threshold must lie in (0, 1], got {given.threshold}", field=f"{prefix}threshold"
+        )
+    out.connectivity = given.connectivity or 1
+    if out.connectivity not in (1, 2, 3):
+        raise InvalidArgumentError(
+            f"connectivity must be 1, 2 or 3, got {given.connectivity}",
+            field=f"{prefix}connectivity",
+        )
+    if not 0 <= given.min_size_voxels <= 10**15:
+        raise InvalidArgumentError(
+            f"min_size_voxels must be 0..10^15, got {given.min_size_voxels}",
+            field=f"{prefix}min_size_voxels",
+        )
+    out.name = given.name or DEFAULT_LABEL_NAME
+    if "/" in out.name or out.name in (".", ".."):
+        raise InvalidArgumentError(
+            f"label name {out.name!r} must be one path segment", field=f"{prefix}name"
+        )
+    block = (
+        shape3(given.block_shape, f"{prefix}block_shape", minimum=1)
+        if given.block_shape
+        else tuple(default_block)
+    )
+    plan = plan_blocks(shape, block, (0, 0, 0), grid=grid)  # names block_shape when misaligned
+    replace_repeated(out.block_shape, block)
+    if not 0 <= given.table_shards <= 1024:
+        raise InvalidArgumentError(
+            f"table_shards must be 0..1024, got {given.table_shards}",
+            field=f"{prefix}table_shards",
+        )
+    out.table_shards = given.table_shards or table_shards(len(plan))
+    return out
+
+
+def labels_volume(
+    store: Store,
+    key: str,
+    existing: VolumeInfo | None,
+    *,
+    shape: Sequence[int],
+    chunk_shape: Sequence[int],
+    shard_shape: Sequence[int] | None,
+    voxel_size_nm: Sequence[float],
+    source: str,
+    field: str,
+) -> tuple[tuple[NewVolume, ...], VolumeFacts]:
+    """The labels volume a job writes: created at submit, or an identical earlier one reused."""
+    grid = tuple(int(g) for g in (shard_shape or chunk_shape))
+    new: tuple[NewVolume, ...] = ()
+    if existing is not None:
+        if existing.attributes.get("kind") != "labels":
+            raise AlreadyExistsError(
+                f"{store.key_url(key)} exists and is not a labels volume; choose another output",
+                field=field,
+            )
+        check_same_array(
+            store, key, existing, field, shape=shape, dtype=LABELS_DTYPE,
+            chunks=chunk_shape, shards=shard_shape,
+        )  # fmt: skip
+    else:
+        new = (
+            NewVolume(
+                store, key, tuple(shape), LABELS_DTYPE, tuple(voxel_size_nm),
+                tuple(chunk_shape), tuple(shard_shape) if shard_shape else None,
+                attributes={"kind": "labels", "source": source},
+            ),
+        )  # fmt: skip
+    facts = VolumeFacts(
+        store.url, key, "", tuple(int(s) for s in shape), LABELS_DTYPE, grid,
+        tuple(float(v) for v in voxel_size_nm),
+    )  # fmt: skip
+    return new, facts
+
+
+def plan_labelling(
+    index: int, first: int, labels: VolumeFacts, spec: common_pb2.LabelSpec
+) -> StagePlan | None:
+    """Stage ``index`` of a job whose labelling stages start at index ``first``."""
+    k = index - first
+    if not 0 <= k < len(LABELLING_STAGES):
+        return None
+    sdef = LABELLING_STAGES[k]
+    if sdef.name in PER_BLOCK:
+        params = {
+            "volume_shape": list(labels.shape),
+            "block_shape": [int(b) for b in spec.block_shape],
+            "halo": [0, 0, 0],
+        }
+        return StagePlan(index, sdef.name, sdef.role, "blocks", params)
+    if sdef.name == "reduce_parts":
+        return StagePlan(index, sdef.name, sdef.role, "shards", {"shards": spec.table_shards})
+    return StagePlan(index, sdef.name, sdef.role, "single")

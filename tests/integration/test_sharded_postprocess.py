@@ -1,0 +1,252 @@
+"""Sharded postprocess through the real services: a scheduler, an inference server and
+two postprocess servers (each with its worker) on loopback, driven by the Python client.
+
+Covers: ``predict`` with ``postprocess`` on real EM slices and the standalone ``label``
+job; labels equal a whole-volume ``scipy.ndimage.label`` of the thresholded
+probabilities up to id order, the object table equals a direct numpy computation,
+and both postprocess workers took part.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from deep3m.client.client import Deep3mClient
+from deep3m.core.store import Store
+from deep3m.launcher.local import free_port, wait_serving
+from deep3m.postprocess.sharded.table import table_keys
+from deep3m.testing.scheduler import roles_in_process, save_random_model, write_volume
+from deep3m.testing.volumes import same_partition, smooth_field
+from deep3m.v1 import common_pb2
+from PIL import Image
+from scipy import ndimage
+
+pytestmark = pytest.mark.slow
+
+IMAGES = (
+    Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cdeep3m-mito" / "training"
+).resolve() / "images"
+VOXEL_SIZE_NM = (40.0, 6.0, 6.0)  # write_volume's
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"file://{tmp_path_factory.mktemp('sharded')}/store"
+
+
+@pytest.fixture(scope="module")
+def address(store_url: str) -> Iterator[str]:
+    roles = ("inference", "postprocess", "postprocess")
+    with roles_in_process(store_url, *roles, worker_capacity=1, lease_seconds=3.0) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(address: str) -> Iterator[Deep3mClient]:
+    with Deep3mClient(address, timeout_s=30) as c:
+        yield c
+
+
+def _succeeded(client: Deep3mClient, job: common_pb2.Job) -> common_pb2.Job:
+    final = client.wait(job.id, 300)
+    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, [
+        (e.task_id, e.message) for e in final.errors
+    ]
+    return final
+
+
+def _workers_of(store: Store, job_id: str, stage: str) -> set[str]:
+    import json
+
+    prefix = f"jobs/{job_id}/done/{stage}"
+    return {
+        str(json.loads(store.read_bytes(f"{prefix}/{n}"))["worker_id"]) for n in store.list(prefix)
+    }
+
+
+def check_objects(store: Store, labels_path: str, labels: np.ndarray, prob: np.ndarray) -> int:
+    """The stored object table against numpy over the labels as written; returns its length."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(store.read_bytes(table_keys(labels_path)[1]))).to_pydict()
+    ids = np.arange(1, int(labels.max()) + 1)
+    assert table["label"] == ids.tolist()
+    counts = ndimage.sum_labels(np.ones_like(labels), labels, ids)
+    np.testing.assert_array_equal(table["volume_voxels"], counts)
+    centroids = np.asarray(ndimage.center_of_mass(np.ones_like(labels), labels, ids))
+    for axis, name in enumerate("zyx"):
+        np.testing.assert_allclose(table[f"centroid_{name}_voxels"], centroids[:, axis])
+        np.testing.assert_allclose(
+            table[f"centroid_{name}_nm"], centroids[:, axis] * VOXEL_SIZE_NM[axis]
+        )
+    boxes = ndimage.find_objects(labels)
+    for axis, name in enumerate("zyx"):
+        np.testing.assert_array_equal(table[f"bbox_{name}0_voxels"], [b[axis].start for b in boxes])
+        np.testing.assert_array_equal(table[f"bbox_{name}1_voxels"], [b[axis].stop for b in boxes])
+    mean = ndimage.mean(prob, labels, ids)
+    np.testing.assert_allclose(table["mean_probability"], mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        table["volume_nm3"], counts * float(np.prod(VOXEL_SIZE_NM)), rtol=1e-9
+    )
+    return len(ids)
+
+
+def check_labels(store: Store, labels_path: str, prob: np.ndarray, threshold: float) -> None:
+    labels = np.asarray(store.open_volume(labels_path)[:])
+    want, n = ndimage.label(prob >= threshold)
+    assert n > 3  # several objects, so the joins across blocks are exercised
+    assert same_partition(labels, want)
+    assert int(labels.max()) == n  # consecutive ids
+    assert check_objects(store, labels_path, labels, prob) == n
+    info = store.volume_info(labels_path)
+    assert info.complete and info.attributes["object_count"] == n
+
+
+def test_label_job_shards_over_two_postprocess_workers(
+    client: Deep3mClient, store_url: str
+) -> None:
+    store = Store(store_url)
+    prob = smooth_field((6, 64, 96), seed=3)
+    write_volume(store, "volumes/label/prob.zarr", prob, chunk_shape=(2, 32, 32))
+    job = _succeeded(
+        client, client.label("volumes/label/prob.zarr", threshold=0.55, block_shape=[2, 32, 32])
+    )
+    labels_path = "volumes/label/prob.zarr/labels/segmentation"
+    assert job.outputs["labels"] == store.key_url(labels_path)
+    assert job.outputs["objects_parquet"] == store.key_url(table_keys(labels_path)[1])
+    check_labels(store, labels_path, prob, 0.55)
+    stages = {s.name: (s.tasks_done, s.tasks_total) for s in job.stages}
+    assert stages["summarize"] == stages["relabel"] == (3 * 2 * 3, 3 * 2 * 3)
+    assert stages["merge"] == stages["reduce"] == (1, 1)
+    # Both workers took tasks (18 blocks, one task at a time each).
+    assert len(_workers_of(store, job.id, "summarize") | _workers_of(store, job.id, "relabel")) == 2
+    # The label image is registered in its image; the pyramid stage ran (a volume this
+    # small keeps level 0 only).
+    ome = store.read_json("volumes/label/prob.zarr/labels/zarr.json")["attributes"]["ome"]
+    assert ome["labels"] == ["segmentation"]
+    assert stages["pyramid"] == (1, 1) and job.metrics["pyramid_levels"] == 1.0
+
+
+def _real_slices() -> np.ndarray:
+    if not IMAGES.is_dir():
+        pytest.skip(f"real EM slices missing at {IMAGES}")
+    files = sorted(IMAGES.glob("*.png"))[:4]
+    return np.stack([np.asarray(Image.open(f))[200:296, 300:428] for f in files]).astype(np.uint8)
+
+
+def test_predict_then_sharded_postprocess_on_real_slices(
+    client: Deep3mClient, store_url: str
+) -> None:
+    store = Store(store_url)
+    write_volume(store, "volumes/em/img.zarr", _real_slices(), chunk_shape=(2, 32, 32))
+    save_random_model(store, "tiny", frames=1, halo=(0, 16, 16))
+    block = [2, 32, 64]
+    first = _succeeded(
+        client,
+        client.predict("volumes/em/img.zarr", "tiny", "volumes/em/p0.zarr", block_shape=block),
+    )
+    assert [s.name for s in first.stages] == ["predict", "finalize"]
+    # A threshold that cuts the random network's output into several objects.
+    p0 = np.asarray(store.open_volume("volumes/em/p0.zarr")[:])
+    threshold = float(np.round(np.quantile(p0, 0.75), 4))
+    assert 0.0 < threshold < 1.0
+
+    job = client.predict(
+        "volumes/em/img.zarr", "tiny", "volumes/em/p.zarr",
+        block_shape=block, postprocess=True, threshold=threshold,
+    )  # fmt: skip
+    seen = {event.stage for event in client.watch(job.id, timeout_s=300)}
+    final = _succeeded(client, job)
+    names = [s.name for s in final.stages]
+    assert names == ["predict", "summarize", "equivalences", "merge", "relabel",
+                     "reduce_parts", "reduce", "pyramid"]  # fmt: skip
+    # One progress stream followed prediction and every postprocess stage.
+    assert {"predict", "summarize", "relabel", "reduce"} <= seen
+    prob = np.asarray(store.open_volume("volumes/em/p.zarr")[:])
+    labels_path = "volumes/em/p.zarr/labels/segmentation"
+    check_labels(store, labels_path, prob, np.float32(threshold).item())
+    assert final.outputs["labels"] == store.key_url(labels_path)
+    assert final.metrics["objects"] == float(ndimage.label(prob >= np.float32(threshold))[1])
+    assert store.read_json(f"{labels_path}/zarr.json")["attributes"]["ome"]["multiscales"]
+
+
+def test_a_postprocess_worker_killed_mid_stage_changes_nothing(
+    client: Deep3mClient, address: str, store_url: str, tmp_path: Path
+) -> None:
+    store = Store(store_url)
+    prob = smooth_field((8, 64, 128), seed=5)
+    write_volume(store, "volumes/kill/prob.zarr", prob, chunk_shape=(2, 32, 32))
+    reference = client.label(
+        "volumes/kill/prob.zarr", output="volumes/kill/ref.zarr", block_shape=[2, 32, 32]
+    )
+    _succeeded(client, reference)
+
+    # A third worker in its own process, to be killed with SIGKILL while the relabel
+    # stage runs; the tasks it held come back when their leases expire.
+    port = free_port()
+    env = {
+        **os.environ,
+        "DEEP3M_STORE_URL": store_url, "DEEP3M_GRPC_PORT": str(port), "DEEP3M_HOST": "127.0.0.1",
+        "DEEP3M_METRICS_PORT": "0", "DEEP3M_SCHEDULER_ADDRESS": address,
+        "DEEP3M_WORKER_ID": "doomed-postprocess", "DEEP3M_LEASE_SECONDS": "3",
+        "DEEP3M_POLL_INTERVAL_SECONDS": "0.05",
+    }  # fmt: skip
+    with open(tmp_path / "doomed.log", "wb") as log:
+        doomed = subprocess.Popen(
+            [sys.executable, "-m", "deep3m.client.cli", "serve", "postprocess"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_serving(f"127.0.0.1:{port}", doomed, 120, "postprocess")
+        job = client.label(
+            "volumes/kill/prob.zarr", output="volumes/kill/out.zarr", block_shape=[2, 32, 32]
+        )
+        for event in client.watch(job.id, timeout_s=300):
+            if event.stage == "relabel" and 0 < event.tasks_done < event.tasks_total:
+                break
+        doomed.send_signal(signal.SIGKILL)
+        assert doomed.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+            doomed.wait(timeout=30)
+    _succeeded(client, job)
+    assert "doomed-postprocess" in _workers_of(store, job.id, "summarize")
+    got = np.asarray(store.open_volume("volumes/kill/out.zarr")[:])
+    np.testing.assert_array_equal(got, np.asarray(store.open_volume("volumes/kill/ref.zarr")[:]))
+    for ref_key, out_key in zip(
+        table_keys("volumes/kill/ref.zarr"), table_keys("volumes/kill/out.zarr"), strict=True
+    ):
+        assert store.read_bytes(out_key) == store.read_bytes(ref_key)
+    check_labels(store, "volumes/kill/out.zarr", prob, 0.5)
+
+
+def test_submit_label_from_the_cli_follows_every_stage(address: str, store_url: str) -> None:
+    import json
+
+    from deep3m.client.cli import app
+    from typer.testing import CliRunner
+
+    store = Store(store_url)
+    prob = smooth_field((4, 64, 64), seed=9)
+    write_volume(store, "volumes/cli/prob.zarr", prob, chunk_shape=(2, 32, 32))
+    result = CliRunner().invoke(
+        app,
+        ["--scheduler", address, "--output", "json", "submit-label", "volumes/cli/prob.zarr",
+         "--threshold", "0.6", "--block-shape", "2,32,32", "--name", "cells"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    *events, final = [json.loads(line) for line in result.stdout.splitlines()]
+    assert final["state"] == "JOB_STATE_SUCCEEDED"
+    assert {"summarize", "equivalences", "merge", "relabel", "reduce"} <= {
+        e.get("stage") for e in events
+    }
+    check_labels(store, "volumes/cli/prob.zarr/labels/cells", prob, 0.6)
