@@ -65,6 +65,18 @@ class UnavailableError(Deep3mError):
     retryable = True
 
 
+class UnauthenticatedError(Deep3mError):
+    """The caller presented no credentials, or credentials this server does not know."""
+
+    grpc_code_name = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(Deep3mError):
+    """The caller is known but may not do this (a client leasing, a worker of another role)."""
+
+    grpc_code_name = "PERMISSION_DENIED"
+
+
 class CancelledError(Deep3mError):
     """The job was cancelled while the work was running."""
 

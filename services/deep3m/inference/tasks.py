@@ -18,13 +18,13 @@ import numpy as np
 
 from deep3m.core.augmentation import IDENTITY_LEVEL
 from deep3m.core.errors import CancelledError, InvalidArgumentError
-from deep3m.core.geometry import Block, Box, read_padded
+from deep3m.core.geometry import Block, Box, grid_cells, read_padded
 from deep3m.core.locations import StoreRoots
 from deep3m.inference.cache import DevicePool, ModelCache
 from deep3m.inference.predictor import EnsemblePredictor, inference_devices
 from deep3m.runtime.metrics import INFERENCE_PHASE_SECONDS
 from deep3m.runtime.settings import Settings, get_settings
-from deep3m.runtime.task import TaskContext, TaskResult
+from deep3m.runtime.task import CHUNKS_WRITTEN, TaskContext, TaskResult
 from deep3m.v1 import common_pb2
 
 
@@ -147,6 +147,7 @@ class PredictTaskHandler:
         INFERENCE_PHASE_SECONDS.labels(phase="write").observe(t3 - t2)
         return {
             "voxels": float(block.core.size),
+            CHUNKS_WRITTEN: float(grid_cells(block.core, grid)),
             "seconds": t3 - started,
             "read_seconds": t1 - t0,
             "predict_seconds": t2 - t1,

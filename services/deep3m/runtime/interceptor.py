@@ -5,7 +5,8 @@ status with the message (and a rich ``ErrorDetail`` naming the field). A call
 to a downstream service that failed as UNAVAILABLE or DEADLINE_EXCEEDED becomes
 UNAVAILABLE (worth retrying). Anything else becomes INTERNAL with a generic
 message; the traceback goes to the log. A servicer that aborts the context
-itself keeps its status.
+itself keeps its status. Every request is first held to the limits of
+``deep3m.runtime.limits`` (string lengths, list sizes, finite numbers).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
 from deep3m.core.errors import Deep3mError, UnavailableError
+from deep3m.runtime.limits import check_request
 from deep3m.runtime.metrics import RPC_ERRORS
 
 log = logging.getLogger("deep3m.rpc")
@@ -107,6 +109,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
             def call(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
+                    check_request(request)
                     return fn(request, context)
                 except Exception as exc:  # the one place errors become statuses
                     if _already_aborted(context):
@@ -119,6 +122,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         def wrap_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
             def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
+                    check_request(request)
                     yield from fn(request, context)
                 except Exception as exc:
                     if _already_aborted(context):

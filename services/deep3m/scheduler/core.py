@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from deep3m.core.errors import (
     AlreadyExistsError,
     Deep3mError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
@@ -37,7 +38,7 @@ from deep3m.scheduler import kinds
 from deep3m.scheduler.jobs import Grant, Job, JobError, JobView
 from deep3m.scheduler.kinds.refs import create_outputs, remove_outputs
 from deep3m.scheduler.persistence import JobRecord, JobStore, spec_to_json
-from deep3m.scheduler.queue import Lease, StageCounts, TaskQueue
+from deep3m.scheduler.queue import Lease, StageCounts, TaskQueue, parse_lease_id
 from deep3m.scheduler.recovery import recover_job
 from deep3m.scheduler.stages import StagePlan
 
@@ -253,8 +254,10 @@ class Scheduler:
         with self._lock:
             return self._view(self._get(job_id))
 
-    def list_jobs(self, states: Sequence[str] = (), limit: int = 0) -> list[JobView]:
-        """Jobs, newest first, optionally only those in ``states``."""
+    def list_jobs(
+        self, states: Sequence[str] = (), limit: int = 0, offset: int = 0
+    ) -> list[JobView]:
+        """Jobs, newest first, optionally only those in ``states``; ``offset`` skips some."""
         wanted = {s.upper() for s in states}
         unknown = wanted - set(JOB_STATES)
         if unknown:
@@ -267,6 +270,7 @@ class Scheduler:
                 key=lambda j: (j.record.created_unix_s, j.id),
                 reverse=True,
             )
+            jobs = jobs[max(0, offset) :]
             return [self._view(j) for j in (jobs[:limit] if limit else jobs)]
 
     def cancel(self, job_id: str) -> JobView:
@@ -331,6 +335,19 @@ class Scheduler:
                 self._update_gauges(role)
             return out
 
+    def lease_role(self, lease_id: str) -> str | None:
+        """The role whose task ``lease_id`` names; None for a lease of no known job."""
+        named = parse_lease_id(lease_id)
+        if named is None:
+            return None
+        with self._lock:
+            job = self._jobs.get(named[0])
+        if job is None:
+            return None
+        return next(
+            (s.role for s in kinds.get_kind(job.record.kind).stages if s.name == named[1]), None
+        )
+
     def renew(
         self,
         lease_id: str,
@@ -368,6 +385,13 @@ class Scheduler:
             lease = self.queue.complete(lease_id, worker_id, now)
             job = self._jobs[lease.job_id]
             task_id = job.task_id(lease.stage, lease.task)
+            refused = self._refuse_completion(job, lease, metrics)
+            if refused:
+                self.queue.revert(lease)
+        if refused:
+            # Counted as a failed attempt: retried, then quarantined, never done.
+            self.fail(lease_id, worker_id, JobError("FAILED_PRECONDITION", refused), True)
+            raise FailedPreconditionError(f"task {task_id}: {refused}", field="metrics")
         record = {
             "task_id": task_id,
             "worker_id": worker_id,
@@ -479,6 +503,14 @@ class Scheduler:
         return {role: c[1] for role, c in self.queue_stats().items()}
 
     # -- internals (caller holds the lock) ---------------------------------------------
+    def _refuse_completion(self, job: Job, lease: Lease, metrics: Mapping[str, float]) -> str:
+        plan = job.current
+        if plan is None or plan.name != lease.stage:
+            return ""
+        return kinds.get_kind(job.record.kind).check_completion(
+            plan, lease.task, metrics, job.record.resolution
+        )
+
     def _view(self, job: Job) -> JobView:
         return job.view(kinds.get_kind(job.record.kind).stages)
 

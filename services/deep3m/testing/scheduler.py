@@ -20,8 +20,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deep3m.core.errors import UnavailableError
-from deep3m.core.geometry import Box
+from deep3m.core.geometry import Box, grid_cells
 from deep3m.core.store import Store
+from deep3m.runtime.task import CHUNKS_WRITTEN
 from deep3m.v1 import common_pb2
 
 
@@ -104,6 +105,17 @@ def double_block(store: Store, lease: common_pb2.TaskLease) -> float:
     target = store.open_volume(spec.output.path, mode="r+", require_complete=False)
     target[box.slices()] = np.asarray(source[box.slices()], np.float32) * 2
     return float(box.size)
+
+
+def lease_cells(lease: common_pb2.TaskLease) -> float:
+    """Output chunks (write-grid cells) the leased predict block owns."""
+    core = lease.task.block.core
+    return float(grid_cells(Box(tuple(core.start), tuple(core.stop)), lease.volumes["output"].grid))
+
+
+def double_block_metrics(store: Store, lease: common_pb2.TaskLease) -> dict[str, float]:
+    """``double_block``, reported as a predict task's completion metrics."""
+    return {"voxels": double_block(store, lease), CHUNKS_WRITTEN: lease_cells(lease)}
 
 
 @dataclass

@@ -7,6 +7,8 @@ tasks never share a chunk.
 
 from __future__ import annotations
 
+import math
+
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.store import DEFAULT_CHUNK_SHAPE
 from deep3m.scheduler.kinds.base import (
@@ -63,6 +65,16 @@ class IngestKind(JobKind):
             shape = tuple(int(s) for s in src.shape)
             dtype = str(src.dtype)
             source_voxel = src.voxel_size_nm
+        if (
+            not i.voxel_size_nm
+            and source_voxel
+            and not all(math.isfinite(v) and v > 0 for v in source_voxel)
+        ):
+            raise InvalidArgumentError(
+                f"the source's header gives voxel size {list(source_voxel)}, which is not 3 "
+                "positive finite sizes; set voxel_size_nm (--voxel-size) explicitly",
+                field="voxel_size_nm",
+            )
         voxel = tuple(i.voxel_size_nm) or tuple(source_voxel or (1.0, 1.0, 1.0))
         chunks = tuple(min(c, s) for c, s in zip(chunks_in, shape, strict=True))
         shards: tuple[int, ...] | None = None

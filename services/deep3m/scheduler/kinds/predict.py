@@ -7,11 +7,12 @@ shards) aligned with the blocks so exactly one task owns each chunk.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from deep3m.core.errors import InvalidArgumentError
-from deep3m.core.geometry import plan_blocks
+from deep3m.core.geometry import grid_cells, plan_blocks
 from deep3m.core.store import DEFAULT_CHUNK_SHAPE
+from deep3m.runtime.task import CHUNKS_WRITTEN
 from deep3m.scheduler.kinds.base import (
     JobKind,
     KindContext,
@@ -183,6 +184,23 @@ class PredictKind(JobKind):
                 "halo": list(plan.halo),
             },
         )
+
+    def check_completion(
+        self, plan: StagePlan, task: int, metrics: Mapping[str, float], resolved: Resolved
+    ) -> str:
+        if plan.name != "predict":
+            return ""
+        block = plan.task(task).block
+        if block is None:
+            return ""
+        expected = grid_cells(block.core, resolved.volume("output").grid)
+        reported = metrics.get(CHUNKS_WRITTEN)
+        if reported is None or not math.isfinite(reported) or int(reported) != expected:
+            return (
+                f"the worker reported {CHUNKS_WRITTEN}={reported!r} but block {block.id} owns "
+                f"{expected} output chunk(s); the completion does not count"
+            )
+        return ""
 
     def on_stage_finished(
         self, plan: StagePlan, resolved: Resolved, ctx: KindContext, job_id: str
