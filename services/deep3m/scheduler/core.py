@@ -503,6 +503,20 @@ class Scheduler:
         return {role: c[1] for role, c in self.queue_stats().items()}
 
     # -- internals (caller holds the lock) ---------------------------------------------
+    def _unrecorded(self, job: Job, plan: StagePlan) -> str:
+        """The final check before a stage's outputs are sealed: every task has its
+        (verified) completion record in the store; why not, else ""."""
+        try:
+            recorded = len(set(self.jobs_store.done_tasks(job.id, plan.name).tolist()))
+        except Exception as exc:  # an unreadable store seals nothing
+            return f"cannot list the completion records: {_describe(exc)[1]}"
+        if recorded < plan.n_tasks:
+            return (
+                f"only {recorded} of {plan.n_tasks} task(s) have a completion record in the "
+                "store; the output is not marked complete"
+            )
+        return ""
+
     def _refuse_completion(self, job: Job, lease: Lease, metrics: Mapping[str, float]) -> str:
         plan = job.current
         if plan is None or plan.name != lease.stage:
@@ -581,6 +595,11 @@ class Scheduler:
             )
             return
         if counts.done < counts.total:
+            return
+        missing = self._unrecorded(job, plan)
+        if missing:
+            job.add_error(JobError("DATA_LOSS", missing))
+            self._finish(job, "FAILED", f"finishing stage {plan.name!r}: {missing}")
             return
         try:
             kinds.get_kind(job.record.kind).on_stage_finished(
