@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 from deep3m.client.client import Deep3mClient
-from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError
 from deep3m.core.geometry import grid_cells
 from deep3m.core.store import Store
 from deep3m.runtime.healthcheck import check_health
@@ -220,3 +220,21 @@ def test_listing_pages_its_replies(server: RunningServer) -> None:
             assert error_detail(err).field == "page_token"
         assert {j.id for j in client.jobs()} == ids
         assert len(client.jobs(limit=3)) == 3
+
+
+def test_one_job_per_output_and_no_urls_as_paths(server: RunningServer, tmp_path: Path) -> None:
+    with Deep3mClient(server.address) as client:
+        first = client.predict("volumes/in.zarr", "m1", "volumes/out.zarr", halo=[0, 4, 4])
+        for overwrite in (False, True):
+            with pytest.raises(AlreadyExistsError, match=f"being written by job '{first.id}'"):
+                client.predict(
+                    "volumes/in.zarr", "m1", "volumes/out.zarr", halo=[0, 4, 4], overwrite=overwrite
+                )
+        client.cancel(first.id)
+        # Cancelled: its incomplete output no longer blocks a new job.
+        second = client.predict("volumes/in.zarr", "m1", "volumes/out.zarr", halo=[0, 4, 4])
+        assert second.state == common_pb2.JOB_STATE_PENDING
+        with pytest.raises(InvalidArgumentError, match="is a URL") as err:
+            client.predict("volumes/in.zarr", "m1", "s3://other-bucket/x.zarr")
+        assert err.value.field == "output.path"
+    assert not (tmp_path / "store" / "s3:").exists()

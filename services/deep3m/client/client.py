@@ -137,6 +137,7 @@ class Deep3mClient:
         halo: Sequence[int] = (),
         postprocess: bool = False,
         threshold: float = 0.0,
+        overwrite: bool = False,
         name: str = "",
         max_attempts: int = 0,
         job_id: str = "",
@@ -155,6 +156,7 @@ class Deep3mClient:
                 halo=list(halo),
                 postprocess=postprocess,
                 threshold=threshold,
+                overwrite=overwrite,
             ),
         )
         return self.submit(spec, job_id)
@@ -230,6 +232,7 @@ class Deep3mClient:
         chunk_shape: Sequence[int] = (),
         shard_shape: Sequence[int] = (),
         slices_per_task: int = 0,
+        overwrite: bool = False,
         name: str = "",
         max_attempts: int = 0,
         job_id: str = "",
@@ -245,6 +248,7 @@ class Deep3mClient:
                 chunk_shape=list(chunk_shape),
                 shard_shape=list(shard_shape),
                 slices_per_task=slices_per_task,
+                overwrite=overwrite,
             ),
         )
         return self.submit(spec, job_id)

@@ -8,6 +8,12 @@ an internal error whose details stay in the log.
 from __future__ import annotations
 
 
+def clip(value: object, limit: int = 64) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages echo what they refuse, briefly."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class Deep3mError(Exception):
     """Base of all domain errors.
 

@@ -28,6 +28,7 @@ from deep3m.core.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    clip,
 )
 
 SUPPORTED_SCHEMES = ("file", "s3", "memory")
@@ -57,10 +58,16 @@ def normalize_url(url: str) -> str:
 def check_key(key: str) -> str:
     """A relative key inside the store: no absolute paths, no ``..`` escapes."""
     if key.startswith("/") or "\\" in key:
-        raise InvalidArgumentError(f"store path {key!r} must be relative", field="path")
+        raise InvalidArgumentError(f"store path {clip(key)} must be relative", field="path")
     parts = [p for p in key.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
-        raise InvalidArgumentError(f"store path {key!r} leaves the store root", field="path")
+        raise InvalidArgumentError(f"store path {clip(key)} leaves the store root", field="path")
+    if parts and parts[0].endswith(":"):
+        # "s3://bucket/x.zarr" as a path would become a local folder named "s3:".
+        raise InvalidArgumentError(
+            f"store path {clip(key)} is a URL; give it as the store URL, not as a store path",
+            field="path",
+        )
     return "/".join(parts)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.errors import InvalidArgumentError, clip
 
 MAX_STRING_CHARS = 1024
 MAX_NAME_CHARS = 256
@@ -29,12 +29,6 @@ MAX_DEPTH = 8
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
 _LONG_TEXT = frozenset({"message"})
 _FREE_FLOAT_MAPS = frozenset({"metrics"})
-
-
-def clip(value: object, limit: int = 64) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for error messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 _INDEX = re.compile(r"\[[^\]]*\]")

@@ -36,6 +36,7 @@ from deep3m.runtime import metrics as m
 from deep3m.runtime.settings import ROLES, Settings
 from deep3m.scheduler import kinds
 from deep3m.scheduler.jobs import Grant, Job, JobError, JobView
+from deep3m.scheduler.kinds import VolumeFacts
 from deep3m.scheduler.kinds.refs import create_outputs, remove_outputs
 from deep3m.scheduler.persistence import JobRecord, JobStore, spec_to_json
 from deep3m.scheduler.queue import Lease, StageCounts, TaskQueue, parse_lease_id
@@ -58,6 +59,11 @@ _QUEUE_GAUGES = {
     role: (m.TASKS_PENDING.labels(role=role), m.TASKS_LEASED.labels(role=role))
     for role in WORKER_ROLES
 }
+
+
+def _output_of(volumes: Mapping[str, VolumeFacts]) -> tuple[str, str] | None:
+    out = volumes.get("output")
+    return None if out is None else (out.store_url, out.path)
 
 
 def _describe(exc: Exception) -> tuple[str, str]:
@@ -96,6 +102,7 @@ class Scheduler:
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         self._reserved: set[str] = set()
+        self._writing: set[tuple[str, str] | None] = set()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
@@ -204,6 +211,36 @@ class Scheduler:
                 field="job_id",
             )
         prepared = kinds.validate(spec, self.context)
+        target = _output_of(prepared.resolved.volumes)
+        with self._lock:
+            self._claim_output(target)
+        try:
+            return self._create(spec, job_id, prepared)
+        finally:
+            with self._lock:
+                self._writing.discard(target)
+
+    def _claim_output(self, target: tuple[str, str] | None) -> None:
+        """One job per output at a time: refuse an output a live job writes."""
+        if target is None:
+            return
+        where = f"{target[0].rstrip('/')}/{target[1]}"
+        for other in self._jobs.values():
+            if not other.terminal and _output_of(other.record.volumes) == target:
+                raise AlreadyExistsError(
+                    f"output {where} is being written by job {other.id!r} "
+                    f"({other.state.lower()}); wait for it or cancel it",
+                    field="output",
+                )
+        if target in self._writing:
+            raise AlreadyExistsError(
+                f"output {where} is named by another job being submitted", field="output"
+            )
+        self._writing.add(target)
+
+    def _create(
+        self, spec: common_pb2.JobSpec, job_id: str, prepared: kinds.PreparedJob
+    ) -> JobView:
         kind = kinds.get_kind(prepared.kind)
         now = self.clock()
         record = JobRecord(

@@ -16,10 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.errors import InvalidArgumentError, clip
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
-from deep3m.runtime.limits import clip
 from deep3m.scheduler.stages import StageDef, StagePlan
 from deep3m.v1 import common_pb2
 
@@ -111,6 +110,8 @@ class NewVolume:
     chunk_shape: tuple[int, ...]
     shard_shape: tuple[int, ...] | None = None
     attributes: Mapping[str, Any] = field(default_factory=dict)
+    # An old volume at the key is deleted first (overwrite, or a failed job's debris).
+    replace: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class KindContext:
     roots: StoreRoots
     max_region_voxels: int = 64 * 1024 * 1024
     restrict_local_inputs: bool = False
+    # Re-validating a job already submitted (recovery): its own output is expected.
+    resume: bool = False
 
 
 class JobKind(ABC):

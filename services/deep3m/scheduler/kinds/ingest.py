@@ -22,6 +22,7 @@ from deep3m.scheduler.kinds.base import (
 )
 from deep3m.scheduler.kinds.refs import (
     check_same_array,
+    existing_output,
     mark_output_complete,
     output_location,
     shape3,
@@ -95,7 +96,10 @@ class IngestKind(JobKind):
                 field="slices_per_task",
             )
         volumes: tuple[NewVolume, ...] = ()
-        if existing is not None:
+        action = existing_output(
+            out_store, out_key, existing, "output", overwrite=i.overwrite, ctx=ctx
+        )
+        if action == "reuse" and existing is not None:
             check_same_array(
                 out_store,
                 out_key,
@@ -117,6 +121,7 @@ class IngestKind(JobKind):
                     chunks,
                     shards,
                     {"kind": "image", "source": i.source},
+                    replace=action == "replace",
                 ),
             )
         resolved = self.resolved_spec(spec)

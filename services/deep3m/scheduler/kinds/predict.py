@@ -24,6 +24,7 @@ from deep3m.scheduler.kinds.base import (
 )
 from deep3m.scheduler.kinds.refs import (
     check_same_array,
+    existing_output,
     facts,
     input_volume,
     mark_output_complete,
@@ -100,7 +101,10 @@ class PredictKind(JobKind):
             )
         requested = shape3(p.block_shape, "block_shape", minimum=1) if p.block_shape else None
         volumes: tuple[NewVolume, ...] = ()
-        if existing is not None:
+        action = existing_output(
+            out_store, out_key, existing, "output", overwrite=p.overwrite, ctx=ctx
+        )
+        if action == "reuse" and existing is not None:
             check_same_array(
                 out_store, out_key, existing, "output", shape=shape, dtype=PROBABILITY_DTYPE
             )
@@ -124,6 +128,7 @@ class PredictKind(JobKind):
                         "model": p.model,
                         "input": in_store.key_url(in_key),
                     },
+                    replace=action == "replace",
                 ),
             )
         plan_blocks(shape, block, halo, grid=grid)  # InvalidArgumentError names block_shape
