@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,9 @@ def store(tmp_path: Path) -> Store:
 
 @pytest.fixture
 def ctx(store: Store) -> KindContext:
-    return KindContext(StoreRoots.from_settings(Settings(store_url=store.url)))
+    # Sources come from the tests' temporary folders and the shared data.
+    roots = f"file://{tempfile.gettempdir()},file://{DATA.resolve()}"
+    return KindContext(StoreRoots.from_settings(Settings(store_url=store.url, input_roots=roots)))
 
 
 def predict(**fields: object) -> common_pb2.JobSpec:

@@ -27,6 +27,7 @@ from deep3m.core.store import normalize_url
 from deep3m.runtime.settings import DEFAULT_PORTS, ROLES
 
 DEFAULT_STORE = "./deep3m-data"
+SAMPLE_ROOT = "file://" + str(Path(__file__).resolve().parents[1] / "data")
 
 
 def free_port() -> int:
@@ -96,6 +97,10 @@ class LocalCluster:
                     {"DEEP3M_WORKER_CAPACITY": compute_capacity}
                     if role in ("training", "inference")
                     else {}
+                ),
+                # Inputs are confined to the roots: the packaged sample is one.
+                "DEEP3M_INPUT_ROOTS": ",".join(
+                    r for r in (os.environ.get("DEEP3M_INPUT_ROOTS", ""), SAMPLE_ROOT) if r
                 ),
                 **self.spec.extra_env,
                 "DEEP3M_STORE_URL": self.store_url,

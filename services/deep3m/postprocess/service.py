@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import fsspec
 import grpc
 
-from deep3m.core.errors import Deep3mError, InvalidArgumentError
-from deep3m.core.locations import StoreRoots
-from deep3m.core.store import Store
+from deep3m.core.errors import AlreadyExistsError, Deep3mError, InvalidArgumentError, clip
+from deep3m.core.locations import RESERVED_PREFIXES, StoreRoots
+from deep3m.core.store import Store, check_key
 from deep3m.postprocess.evaluate import EvaluateSpec, Operand, evaluate_arrays
 from deep3m.postprocess.export import FORMATS, export_overlay, export_volume
 from deep3m.postprocess.foreground import check_threshold, volume_kind
@@ -143,13 +145,39 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
             )
         return postprocess_pb2.BuildPyramidResponse(arrays=arrays)
 
-    def _destination(self, destination: str) -> str:
-        if not destination.strip():
+    def _destination(self, destination: str, overwrite: bool) -> str:
+        """Where an export may write: under a root, never over the service's own
+        documents, and over an existing file or folder only with ``overwrite``."""
+        destination = destination.strip()
+        if not destination:
             raise InvalidArgumentError("destination is empty", field="destination")
-        if "://" in destination or self.restrict_local:
-            # Writes go only where the service may write: under a store root.
-            return self.roots.check_url(destination, field="destination")
-        return destination
+        store = self.roots.store()
+        if "://" not in destination and not destination.startswith(("/", "~")):
+            # A relative destination is a place in the default store, never the cwd.
+            try:
+                url = store.key_url(check_key(destination))
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(exc.message, field="destination") from None
+        elif "://" in destination or self.restrict_local:
+            url = self.roots.check_url(destination, field="destination")
+        else:  # an operator widened local paths (DEEP3M_RESTRICT_LOCAL_INPUTS=false)
+            url = "file://" + str(Path(destination).expanduser().resolve())
+        inside = url.removeprefix(store.url.rstrip("/") + "/")
+        if inside != url and inside.split("/", 1)[0] in RESERVED_PREFIXES:
+            raise InvalidArgumentError(
+                f"destination {clip(destination)} lies in the store's reserved "
+                f"{inside.split('/', 1)[0]}/ folder",
+                field="destination",
+            )
+        fs, path = fsspec.core.url_to_fs(
+            url, **(dict(self.roots.storage_options) if url.startswith("s3://") else {})
+        )
+        if not overwrite and fs.exists(path):
+            raise AlreadyExistsError(
+                f"destination {clip(destination)} already exists; set overwrite to replace it",
+                field="destination",
+            )
+        return url
 
     def Export(self, request: Any, context: grpc.ServicerContext) -> Any:
         fmt = request.format.lower()
@@ -158,7 +186,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
                 f"format must be one of {', '.join(FORMATS)}, got {request.format!r}",
                 field="format",
             )
-        destination = self._destination(request.destination)
+        destination = self._destination(request.destination, request.overwrite)
         options = dict(self.roots.storage_options) if destination.startswith("s3://") else None
         if fmt == "overlay":
             if not request.image.path:

@@ -20,7 +20,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
-from deep3m.core.errors import Deep3mError, UnavailableError
+from deep3m.core.errors import Deep3mError, InvalidArgumentError, UnavailableError
 from deep3m.runtime.limits import check_request
 from deep3m.runtime.metrics import RPC_ERRORS
 
@@ -95,6 +95,35 @@ def _already_aborted(context: grpc.ServicerContext) -> bool:
     return code is not None and code != grpc.StatusCode.OK
 
 
+class _Undecodable:
+    """A request whose bytes do not parse: refused as INVALID_ARGUMENT, not INTERNAL."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # gRPC would answer INTERNAL
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _check(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgumentError(
+            f"the request is not a valid message of its type: {request.error}"[:200],
+            field="request",
+        )
+    check_request(request)
+
+
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
     def intercept_service(
         self,
@@ -109,7 +138,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
             def call(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
-                    check_request(request)
+                    _check(request)
                     return fn(request, context)
                 except Exception as exc:  # the one place errors become statuses
                     if _already_aborted(context):
@@ -122,7 +151,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         def wrap_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
             def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
-                    check_request(request)
+                    _check(request)
                     yield from fn(request, context)
                 except Exception as exc:
                     if _already_aborted(context):
@@ -133,7 +162,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
             return call
 
         kwargs = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:

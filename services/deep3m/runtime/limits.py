@@ -56,6 +56,8 @@ def _check_scalar(fd: FieldDescriptor, value: Any, path: str) -> None:
                 f"{path} is {len(value)} characters long; at most {limit} are allowed",
                 field=_field(path),
             )
+        if "\x00" in value:  # no path, id or URL holds one; file APIs choke on it
+            raise InvalidArgumentError(f"{path} contains a NUL character", field=_field(path))
     elif fd.type == FieldDescriptor.TYPE_BYTES:
         if len(value) > MAX_MESSAGE_CHARS:
             raise InvalidArgumentError(

@@ -62,10 +62,11 @@ class Settings(BaseSettings):
 
     # Store
     store_url: str = "file://./deep3m-data"
-    # Extra URL prefixes (besides store_url) that inputs may be read from;
-    # comma-separated. Local paths are allowed unless restrict_local_inputs.
+    # Extra URL prefixes (besides store_url) that inputs may be read from and
+    # exports written to; comma-separated. Local paths must lie under one of the
+    # roots too; restrict_local_inputs=false lets an operator allow any local path.
     input_roots: str = ""
-    restrict_local_inputs: bool = False
+    restrict_local_inputs: bool = True
     s3_endpoint_url: str = ""
     s3_region: str = ""
     # Empty: the standard AWS credential chain (env, profile, IRSA, Pod Identity).

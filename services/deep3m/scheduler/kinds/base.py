@@ -132,7 +132,7 @@ class KindContext:
 
     roots: StoreRoots
     max_region_voxels: int = 64 * 1024 * 1024
-    restrict_local_inputs: bool = False
+    restrict_local_inputs: bool = True
     # Re-validating a job already submitted (recovery): its own output is expected.
     resume: bool = False
 

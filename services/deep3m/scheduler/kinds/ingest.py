@@ -37,11 +37,8 @@ class IngestKind(JobKind):
 
     def validate(self, spec: common_pb2.JobSpec, ctx: KindContext) -> PreparedJob:
         i = spec.ingest
-        if not i.source.strip():
-            raise InvalidArgumentError("source is empty", field="source")
-        # URLs must lie under a configured root; local paths too when restricted.
-        if "://" in i.source or ctx.restrict_local_inputs:
-            ctx.roots.check_url(i.source, field="source")
+        # URLs and local paths must lie under a configured root (unless widened).
+        ctx.roots.check_source(i.source, restrict_local=ctx.restrict_local_inputs, field="source")
         if i.voxel_size_nm and (len(i.voxel_size_nm) != 3 or min(i.voxel_size_nm) <= 0):
             raise InvalidArgumentError(
                 f"voxel_size_nm must be 3 positive sizes (z, y, x), got {list(i.voxel_size_nm)}",
