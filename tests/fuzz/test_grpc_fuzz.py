@@ -45,7 +45,7 @@ ROLE_OF = {
     "Postprocess": "postprocess",
 }
 FUZZ = settings(
-    max_examples=int(os.environ.get("DEEP3M_FUZZ_EXAMPLES", "12")),
+    max_examples=int(os.environ.get("DEEP3M_FUZZ_EXAMPLES", "40")),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

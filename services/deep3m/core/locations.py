@@ -52,8 +52,6 @@ class StoreRoots:
     def check_source(self, source: str, *, restrict_local: bool, field: str) -> str:
         """An input (path or URL) under a root; local paths may be anywhere only when
         ``restrict_local`` is off."""
-        from pathlib import Path
-
         from deep3m.core.imageio import source_path
 
         source = source.strip()
@@ -62,8 +60,8 @@ class StoreRoots:
         if "://" in source:
             self.check_url(source_path(source), field=field)
         elif restrict_local:
-            local = Path(source_path(source)).expanduser().resolve()
-            self.check_url(f"file://{local}", field=field)
+            # normalize_url resolves "~", ".." and links before the comparison.
+            self.check_url(f"file://{source_path(source)}", field=field)
         return source
 
     def store(self, url: str = "", *, field: str = "store_url") -> Store:

@@ -42,7 +42,12 @@ def normalize_url(url: str) -> str:
     """Canonical form of a store URL: scheme, no trailing slash, absolute files."""
     if "://" not in url:
         url = "file://" + url
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+    except ValueError as exc:  # e.g. an unbalanced "[" read as an IPv6 host
+        raise InvalidArgumentError(
+            f"store URL {clip(url)} does not parse: {exc}", field="store_url"
+        ) from None
     if parsed.scheme not in SUPPORTED_SCHEMES:
         raise InvalidArgumentError(
             f"unsupported store URL scheme {parsed.scheme!r} in {url!r}; "
@@ -51,7 +56,12 @@ def normalize_url(url: str) -> str:
         )
     if parsed.scheme == "file":
         local = url[len("file://") :]
-        return "file://" + str(Path(local).expanduser().resolve())
+        try:
+            return "file://" + str(Path(local).expanduser().resolve())
+        except (RuntimeError, OSError, ValueError) as exc:  # "~nobody", loops, ...
+            raise InvalidArgumentError(
+                f"store URL {clip(url)} names no usable local path: {exc}", field="store_url"
+            ) from None
     return url.rstrip("/")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -18,7 +17,7 @@ import grpc
 
 from deep3m.core.errors import AlreadyExistsError, Deep3mError, InvalidArgumentError, clip
 from deep3m.core.locations import RESERVED_PREFIXES, StoreRoots
-from deep3m.core.store import Store, check_key
+from deep3m.core.store import Store, check_key, normalize_url
 from deep3m.postprocess.evaluate import EvaluateSpec, Operand, evaluate_arrays
 from deep3m.postprocess.export import FORMATS, export_overlay, export_volume
 from deep3m.postprocess.foreground import check_threshold, volume_kind
@@ -161,7 +160,8 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
         elif "://" in destination or self.restrict_local:
             url = self.roots.check_url(destination, field="destination")
         else:  # an operator widened local paths (DEEP3M_RESTRICT_LOCAL_INPUTS=false)
-            url = "file://" + str(Path(destination).expanduser().resolve())
+            with _naming("destination"):
+                url = normalize_url(f"file://{destination}")
         inside = url.removeprefix(store.url.rstrip("/") + "/")
         if inside != url and inside.split("/", 1)[0] in RESERVED_PREFIXES:
             raise InvalidArgumentError(
