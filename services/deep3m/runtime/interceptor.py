@@ -20,7 +20,12 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
-from deep3m.core.errors import Deep3mError, InvalidArgumentError, UnavailableError
+from deep3m.core.errors import (
+    Deep3mError,
+    InvalidArgumentError,
+    UnavailableError,
+    storage_access_error,
+)
 from deep3m.runtime.limits import check_request
 from deep3m.runtime.metrics import RPC_ERRORS
 
@@ -44,6 +49,9 @@ def _status_for(exc: Deep3mError) -> status_pb2.Status:
 def _as_domain_error(exc: BaseException) -> Deep3mError | None:
     if isinstance(exc, Deep3mError):
         return exc
+    access = storage_access_error(exc)
+    if access is not None:
+        return access
     if (
         isinstance(exc, grpc.RpcError)
         and isinstance(exc, grpc.Call)
