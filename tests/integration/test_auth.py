@@ -19,7 +19,6 @@ from deep3m.core.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from deep3m.core.store import Store
 from deep3m.runtime.auth import TokenTable, read_token_dir
 from deep3m.runtime.channel import ChannelSecurity
 from deep3m.runtime.credentials import Credentials, generate_credentials
@@ -27,9 +26,7 @@ from deep3m.runtime.healthcheck import check_health
 from deep3m.runtime.scheduler_client import GrpcSchedulerClient
 from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
-from deep3m.scheduler.app import SchedulerApp
-from deep3m.scheduler.core import Scheduler
-from deep3m.testing.scheduler import lease_cells, save_test_model, write_volume
+from deep3m.testing.scheduler import lease_cells, serve_scheduler
 from deep3m.v1 import common_pb2
 
 TIMEOUT = 10.0
@@ -73,14 +70,7 @@ def secured(tmp_path: Path) -> Iterator[Secured]:
         rpc_timeout_seconds=TIMEOUT,
         **values,  # type: ignore[arg-type]
     )
-    store = Store(settings.store_url)
-    write_volume(store, "volumes/in.zarr", np.zeros((2, 32, 32), np.uint8))
-    save_test_model(store, "m1")
-    scheduler = Scheduler(settings)
-    scheduler.recover()
-    server = create_server(
-        "scheduler", settings, app=SchedulerApp(settings, scheduler), port=0, host="127.0.0.1"
-    )
+    server = serve_scheduler(settings, np.zeros((2, 32, 32), np.uint8))
     try:
         yield Secured(creds, server, settings)
     finally:

@@ -19,16 +19,16 @@ from deep3m.core.geometry import grid_cells
 from deep3m.core.store import Store
 from deep3m.runtime.healthcheck import check_health
 from deep3m.runtime.interceptor import error_detail
-from deep3m.runtime.server import RunningServer, create_server
+from deep3m.runtime.server import RunningServer
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import CHUNKS_WRITTEN
-from deep3m.scheduler.app import SchedulerApp
 from deep3m.scheduler.core import Scheduler
 from deep3m.testing.scheduler import (
     ManualClock,
     lease_cells,
     predict_spec,
     save_test_model,
+    serve_scheduler,
     write_volume,
 )
 from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -44,14 +44,7 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
         metrics_port=0,
         retry_backoff_seconds=0.0,
     )
-    store = Store(settings.store_url)
-    write_volume(store, "volumes/in.zarr", np.ones((2, 64, 64), np.uint8))
-    save_test_model(store, "m1")
-    scheduler = Scheduler(settings)
-    scheduler.recover()
-    running = create_server(
-        "scheduler", settings, app=SchedulerApp(settings, scheduler), port=0, host="127.0.0.1"
-    )
+    running = serve_scheduler(settings, np.ones((2, 64, 64), np.uint8))
     try:
         yield running
     finally:

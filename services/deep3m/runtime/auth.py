@@ -30,6 +30,7 @@ from typing import Any, Literal
 import grpc
 
 from deep3m.core.errors import InvalidArgumentError
+from deep3m.runtime.interceptor import rewrap_handler
 from deep3m.runtime.settings import ROLES, Settings
 
 log = logging.getLogger("deep3m.auth")
@@ -259,19 +260,7 @@ def _with_principal(
 
         return call
 
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
-    if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **kwargs)
-    return handler
+    return rewrap_handler(handler, unary, stream)
 
 
 def server_interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:

@@ -132,6 +132,33 @@ def _check(request: Any) -> None:
     check_request(request)
 
 
+Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def rewrap_handler(
+    handler: grpc.RpcMethodHandler,
+    unary: Wrap,
+    stream: Wrap,
+    *,
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour wrapped: ``unary`` for single replies, ``stream``
+    for streamed ones (the server interceptors' one way to decorate a method)."""
+    kwargs = {
+        "request_deserializer": request_deserializer or handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **kwargs)
+    return handler
+
+
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
     def intercept_service(
         self,
@@ -169,18 +196,9 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
 
             return call
 
-        kwargs = {
-            "request_deserializer": _tolerant(handler.request_deserializer),
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kwargs)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                wrap_stream(handler.stream_stream), **kwargs
-            )
-        return handler
+        return rewrap_handler(
+            handler,
+            wrap_unary,
+            wrap_stream,
+            request_deserializer=_tolerant(handler.request_deserializer),
+        )

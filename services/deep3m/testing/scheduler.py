@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -24,6 +25,10 @@ from deep3m.core.geometry import Box, grid_cells
 from deep3m.core.store import Store
 from deep3m.runtime.task import CHUNKS_WRITTEN
 from deep3m.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from deep3m.runtime.server import RunningServer
+    from deep3m.runtime.settings import Settings
 
 
 def write_volume(
@@ -116,6 +121,23 @@ def lease_cells(lease: common_pb2.TaskLease) -> float:
 def double_block_metrics(store: Store, lease: common_pb2.TaskLease) -> dict[str, float]:
     """``double_block``, reported as a predict task's completion metrics."""
     return {"voxels": double_block(store, lease), CHUNKS_WRITTEN: lease_cells(lease)}
+
+
+def serve_scheduler(settings: Settings, data: np.ndarray) -> RunningServer:
+    """A scheduler server on a loopback port over a store holding ``volumes/in.zarr``
+    (``data``) and the model ``m1``; the caller stops it."""
+    from deep3m.runtime.server import create_server
+    from deep3m.scheduler.app import SchedulerApp
+    from deep3m.scheduler.core import Scheduler
+
+    store = Store(settings.store_url)
+    write_volume(store, "volumes/in.zarr", data)
+    save_test_model(store, "m1")
+    scheduler = Scheduler(settings)
+    scheduler.recover()
+    return create_server(
+        "scheduler", settings, app=SchedulerApp(settings, scheduler), port=0, host="127.0.0.1"
+    )
 
 
 @dataclass
