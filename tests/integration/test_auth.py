@@ -19,6 +19,7 @@ from deep3m.core.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from deep3m.core.store import Store
 from deep3m.runtime.auth import TokenTable, read_token_dir
 from deep3m.runtime.channel import ChannelSecurity
 from deep3m.runtime.credentials import Credentials, generate_credentials
@@ -26,7 +27,9 @@ from deep3m.runtime.healthcheck import check_health
 from deep3m.runtime.scheduler_client import GrpcSchedulerClient
 from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
-from deep3m.testing.scheduler import lease_cells, serve_scheduler
+from deep3m.runtime.task import TaskContext, TaskResult
+from deep3m.runtime.worker import Worker
+from deep3m.testing.scheduler import double_block_metrics, lease_cells, serve_scheduler
 from deep3m.v1 import common_pb2
 
 TIMEOUT = 10.0
@@ -201,3 +204,36 @@ def test_generated_credentials_are_reused_and_private(tmp_path: Path) -> None:
     assert first.key_file.stat().st_mode & 0o077 == 0
     assert (first.token_dir / "client").stat().st_mode & 0o077 == 0
     assert first.worker_env("inference")["DEEP3M_AUTH_TOKEN_FILE"].endswith("worker-inference")
+
+
+def test_real_workers_run_a_job_over_mutual_tls_with_their_tokens(secured: Secured) -> None:
+    store = Store(secured.settings.store_url)
+
+    def predict(ctx: TaskContext) -> TaskResult:
+        return TaskResult(metrics=double_block_metrics(store, ctx.lease))
+
+    def settings_of(role: str) -> Settings:
+        env = secured.creds.worker_env(role)
+        values = {k.removeprefix("DEEP3M_").lower(): v for k, v in env.items()}
+        return secured.settings.model_copy(
+            update={
+                **values,
+                "scheduler_address": secured.server.address,
+                "poll_interval_seconds": 0.05,
+            }
+        )
+
+    workers = [
+        Worker(settings_of("inference"), "inference", {"predict": predict}),
+        Worker(settings_of("postprocess"), "postprocess", {"finalize": lambda ctx: TaskResult()}),
+    ]
+    for w in workers:
+        w.start()
+    try:
+        with secured.client(secured.creds.client_token) as client:
+            job = client.wait(submit(client).id, timeout_s=60)
+    finally:
+        for w in workers:
+            w.stop(grace=2.0)
+    assert job.state == common_pb2.JOB_STATE_SUCCEEDED, job.errors
+    assert store.volume_info("volumes/out.zarr").complete
