@@ -19,7 +19,7 @@ from deep3m.core.geometry import grid_cells
 from deep3m.core.store import Store
 from deep3m.runtime.healthcheck import check_health
 from deep3m.runtime.interceptor import error_detail
-from deep3m.runtime.server import RunningServer
+from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import CHUNKS_WRITTEN
 from deep3m.scheduler.core import Scheduler
@@ -31,7 +31,7 @@ from deep3m.testing.scheduler import (
     serve_scheduler,
     write_volume,
 )
-from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, tiling_pb2, tiling_pb2_grpc
 
 N_BLOCKS = 4  # (2, 64, 64) in blocks of (2, 32, 32)
 
@@ -231,3 +231,22 @@ def test_one_job_per_output_and_no_urls_as_paths(server: RunningServer, tmp_path
             client.predict("volumes/in.zarr", "m1", "s3://other-bucket/x.zarr")
         assert err.value.field == "output.path"
     assert not (tmp_path / "store" / "s3:").exists()
+
+
+@pytest.mark.parametrize("array", ["../../..", "0/../..", "labels/../../x", "/etc", "a//b"])
+def test_array_names_that_leave_their_volume_are_invalid_not_internal(
+    tmp_path: Path, array: str
+) -> None:
+    settings = Settings(store_url=f"file://{tmp_path}/store", metrics_port=0, worker_enabled=False)
+    write_volume(Store(settings.store_url), "volumes/in.zarr", np.zeros((2, 8, 8), np.uint8))
+    running = create_server("tiling", settings, port=0, host="127.0.0.1")
+    try:
+        channel, _ = stub_for(running)
+        with channel:
+            describe = tiling_pb2_grpc.TilingStub(channel).Describe
+            ref = common_pb2.VolumeRef(path="volumes/in.zarr", array=array)
+            err = rpc_error(lambda: describe(tiling_pb2.DescribeRequest(volume=ref), timeout=10))
+    finally:
+        running.stop(grace=1.0)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert error_detail(err).field.endswith("array")

@@ -388,6 +388,13 @@ class Store:
 
     def _array_in(self, group: zarr.Group, path: str, array: str) -> zarr.Array:
         name = array or FULL_RESOLUTION
+        if name.startswith("/") or any(p in ("", ".", "..") for p in name.split("/")):
+            # zarr raises a bare ValueError on these; the array stays inside its volume.
+            raise InvalidArgumentError(
+                f"array {clip(name)} must be a name inside the volume (no '/', '.' or '..' "
+                "segments)",
+                field="array",
+            )
         try:
             arr = group[name]
         except KeyError as exc:
