@@ -6,6 +6,7 @@ built on ``cryptography``); the server runs with mutual TLS and bearer tokens.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,3 +238,25 @@ def test_real_workers_run_a_job_over_mutual_tls_with_their_tokens(secured: Secur
             w.stop(grace=2.0)
     assert job.state == common_pb2.JOB_STATE_SUCCEEDED, job.errors
     assert store.volume_info("volumes/out.zarr").complete
+
+
+def test_a_rotated_token_folder_takes_effect_without_a_restart(secured: Secured) -> None:
+    folder = secured.creds.token_dir
+    stamp = folder.stat().st_mtime_ns
+
+    def changed() -> None:
+        # Distinct stamps even within one timestamp tick, as a Secret's swap gives.
+        nonlocal stamp
+        stamp += 1_000_000_000
+        os.utime(folder, ns=(stamp, stamp))
+
+    with secured.client("bob-token") as bob:
+        with pytest.raises(UnauthenticatedError):
+            bob.jobs()
+        (folder / "client-bob").write_text("bob-token")
+        changed()
+        assert bob.jobs() == []
+        (folder / "client-bob").unlink()
+        changed()
+        with pytest.raises(UnauthenticatedError):
+            bob.jobs()

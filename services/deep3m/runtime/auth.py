@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,10 +182,41 @@ def _allowed(principal: Principal, method: str) -> bool:
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Authenticates every RPC but health checks and records the caller for the servicer."""
+    """Authenticates every RPC but health checks and records the caller for the servicer.
 
-    def __init__(self, tokens: TokenTable) -> None:
+    With a token folder, the table is read again whenever the folder changes: a
+    rotated Kubernetes Secret (its ``..data`` link swapped) takes effect without
+    a restart. ``settings`` None: ``tokens`` is fixed.
+    """
+
+    def __init__(self, tokens: TokenTable, settings: Settings | None = None) -> None:
         self.tokens = tokens
+        self._settings = settings
+        self._folder = (
+            Path(settings.auth_token_dir) if settings and settings.auth_token_dir else None
+        )
+        self._stamp = self._folder_stamp()
+        self._lock = threading.Lock()
+
+    def _folder_stamp(self) -> int:
+        try:
+            return self._folder.stat().st_mtime_ns if self._folder is not None else 0
+        except OSError:
+            return 0
+
+    def _current_tokens(self) -> TokenTable:
+        if self._folder is None or self._settings is None:
+            return self.tokens
+        stamp = self._folder_stamp()
+        if stamp != self._stamp:
+            with self._lock:
+                try:
+                    self.tokens = TokenTable.from_settings(self._settings)
+                    log.info("auth tokens reloaded", extra={"tokens": len(self.tokens)})
+                except (OSError, InvalidArgumentError):  # half-written: keep the old table
+                    log.exception("cannot reload the auth tokens; keeping the previous ones")
+                self._stamp = stamp
+        return self.tokens
 
     def intercept_service(
         self,
@@ -200,7 +232,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 grpc.StatusCode.UNAUTHENTICATED,
                 "this server requires a bearer token (DEEP3M_AUTH_TOKEN or --token)",
             )
-        principal = self.tokens.lookup(token)
+        principal = self._current_tokens().lookup(token)
         if principal is None:
             log.warning("unknown token", extra={"method": method})
             return _deny(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
@@ -274,7 +306,7 @@ def server_interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
             "DEEP3M_AUTH_CLIENT_TOKENS / DEEP3M_AUTH_WORKER_TOKENS or DEEP3M_AUTH_TOKEN_DIR",
             field="DEEP3M_AUTH_ENABLED",
         )
-    return [AuthInterceptor(tokens)]
+    return [AuthInterceptor(tokens, settings)]
 
 
 def require_worker_of(role: str) -> None:
