@@ -304,7 +304,7 @@ def test_export(store: Store, stub: postprocess_pb2_grpc.PostprocessStub, tmp_pa
     put(store, "volumes/img.zarr", image, kind="image")
     reply = stub.Export(
         postprocess_pb2.ExportRequest(
-            volume=ref("volumes/p.zarr"), destination=str(tmp_path / "tif"), format="tiff"
+            volume=ref("volumes/p.zarr"), destination="exports/tif", format="tiff"
         ),
         timeout=WAIT_S,
     )
@@ -314,7 +314,7 @@ def test_export(store: Store, stub: postprocess_pb2_grpc.PostprocessStub, tmp_pa
         postprocess_pb2.ExportRequest(
             volume=ref("volumes/p.zarr"),
             image=ref("volumes/img.zarr"),
-            destination=str(tmp_path / "overlay"),
+            destination="exports/overlay",
             format="overlay",
             slices=[1, 2],
         ),
@@ -356,16 +356,49 @@ def test_export_errors(store: Store, stub: postprocess_pb2_grpc.PostprocessStub,
     )
     expect_error(
         stub.Export,
-        request(volume=ref("volumes/p.zarr"), destination=str(tmp_path), format="overlay"),
+        request(volume=ref("volumes/p.zarr"), destination="exports/o", format="overlay"),
         grpc.StatusCode.INVALID_ARGUMENT,
         "image.path",
     )
     expect_error(
         stub.Export,
-        request(volume=ref("volumes/q.zarr"), destination=str(tmp_path), format="tiff"),
+        request(volume=ref("volumes/q.zarr"), destination="exports/q", format="tiff"),
         grpc.StatusCode.NOT_FOUND,
         "volume.path",
     )
+
+
+def test_exports_stay_inside_the_roots_and_never_overwrite(
+    store: Store, stub: postprocess_pb2_grpc.PostprocessStub, tmp_path: Path
+) -> None:
+    put(store, "volumes/p.zarr", probabilities((2, 8, 8)))
+    outside = tmp_path / "outside"
+    for destination in (
+        str(outside / "x"),  # absolute, outside every root
+        f"file://{outside}/y",
+        "../outside/z",  # relative paths are store paths: no escaping it
+        f"{store.url}/../outside/w",
+        "jobs/stolen",  # the scheduler's own documents
+        f"{store.url}/models/m/weights",
+    ):
+        expect_error(
+            stub.Export,
+            postprocess_pb2.ExportRequest(
+                volume=ref("volumes/p.zarr"), destination=destination, format="tiff"
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "destination",
+        )
+    assert not outside.exists() and not store.exists("jobs")
+    request = postprocess_pb2.ExportRequest(
+        volume=ref("volumes/p.zarr"), destination="exports/p.tif", format="tiff"
+    )
+    (first,) = stub.Export(request, timeout=WAIT_S).files
+    before = Path(first).read_bytes()
+    expect_error(stub.Export, request, grpc.StatusCode.ALREADY_EXISTS, "destination")
+    assert Path(first).read_bytes() == before
+    request.overwrite = True
+    assert list(stub.Export(request, timeout=WAIT_S).files) == [first]
 
 
 class OneFinalizeTask(scheduler_pb2_grpc.SchedulerServicer):

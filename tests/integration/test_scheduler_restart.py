@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from deep3m.client.client import Deep3mClient
 from deep3m.core.errors import FailedPreconditionError
+from deep3m.core.geometry import grid_cells
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port
 from deep3m.runtime.settings import Settings
-from deep3m.runtime.task import TaskContext, TaskResult
+from deep3m.runtime.task import CHUNKS_WRITTEN, TaskContext, TaskResult
 from deep3m.runtime.worker import Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.jobs import Grant, JobError
@@ -29,7 +30,7 @@ from deep3m.scheduler.persistence import JobStore
 from deep3m.testing.scheduler import (
     ManualClock,
     SchedulerProcess,
-    double_block,
+    double_block_metrics,
     save_test_model,
     write_volume,
 )
@@ -65,7 +66,7 @@ class GatedDoubler:
             self.in_flight.set()
             if not gate.wait(WAIT_S):
                 raise TimeoutError("gate never opened")
-        return TaskResult(metrics={"voxels": double_block(self.store, ctx.lease)})
+        return TaskResult(metrics=double_block_metrics(self.store, ctx.lease))
 
     def rearm(self, gate_after: int) -> threading.Event:
         """Gate again from the ``gate_after``-th call on; returns the previous gate (to open)."""
@@ -198,7 +199,10 @@ def fresh(settings: Settings, clock: ManualClock) -> Scheduler:
 
 
 def finish(s: Scheduler, lease: Grant, worker: str = "w") -> None:
-    s.complete(lease.lease_id, worker, {"voxels": 1.0})
+    """Complete a task as a worker that wrote every chunk its block owns."""
+    assert lease.task.block is not None
+    cells = grid_cells(lease.task.block.core, lease.volumes["output"].grid)
+    s.complete(lease.lease_id, worker, {"voxels": 1.0, CHUNKS_WRITTEN: float(cells)})
 
 
 @pytest.fixture

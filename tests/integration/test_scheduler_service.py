@@ -29,12 +29,18 @@ from deep3m.core.store import Store
 from deep3m.runtime.rpc_errors import from_rpc_error
 from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
-from deep3m.runtime.task import TaskContext, TaskHandler, TaskResult
+from deep3m.runtime.task import CHUNKS_WRITTEN, TaskContext, TaskHandler, TaskResult
 from deep3m.runtime.worker import Worker
 from deep3m.scheduler.app import SchedulerApp
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.persistence import JobStore
-from deep3m.testing.scheduler import ManualClock, double_block, save_test_model, write_volume
+from deep3m.testing.scheduler import (
+    ManualClock,
+    double_block_metrics,
+    lease_cells,
+    save_test_model,
+    write_volume,
+)
 from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from prometheus_client import REGISTRY
 
@@ -58,7 +64,7 @@ class DoubleBlocks:
             self.calls[ctx.task.id] += 1
         if self.before is not None:
             self.before(ctx)
-        return TaskResult(metrics={"voxels": double_block(self.store, ctx.lease)})
+        return TaskResult(metrics=double_block_metrics(self.store, ctx.lease))
 
 
 def finalize(ctx: TaskContext) -> TaskResult:
@@ -284,7 +290,7 @@ def test_progress_reported_by_a_handler_reaches_watchers(env: Env) -> None:
     def long_task(ctx: TaskContext) -> TaskResult:
         ctx.report({"iteration": 5.0, "loss": 0.25}, "iteration 5")
         assert seen.wait(WAIT_S)  # the watcher saw it through the next heartbeat
-        return TaskResult()
+        return TaskResult(metrics=double_block_metrics(env.store, ctx.lease))
 
     def on_event(event: ProgressEvent) -> None:
         if event.metrics.get("iteration") == 5.0:
@@ -412,7 +418,9 @@ def test_a_stale_completion_never_overwrites_the_newer_one(tmp_path: Path) -> No
         assert renew.deadline_unix_s == clock.now + 1.5 and not renew.cancelled
         stub.CompleteTask(
             scheduler_pb2.CompleteTaskRequest(
-                lease_id=new.lease_id, worker_id="fast", metrics={"voxels": 7.0}
+                lease_id=new.lease_id,
+                worker_id="fast",
+                metrics={"voxels": 7.0, CHUNKS_WRITTEN: lease_cells(new)},
             ),
             timeout=5,
         )

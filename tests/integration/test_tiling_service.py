@@ -48,6 +48,9 @@ def make_settings(store_url: str, **extra: object) -> Settings:
         "worker_enabled": False,
         "metrics_port": 0,
         "host": "127.0.0.1",
+        # These tests ingest from their temporary folders; the confinement of
+        # local paths is tested with it on (test_restricted_local_inputs_...).
+        "restrict_local_inputs": False,
     }
     values.update(extra)
     return Settings(**values)  # type: ignore[arg-type]

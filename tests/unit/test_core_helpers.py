@@ -84,3 +84,21 @@ def test_backoff_jitter_stays_within_its_band() -> None:
 def test_backoff_refuses_nonsense() -> None:
     with pytest.raises(ValueError, match="initial_s"):
         Backoff(initial_s=0.0)
+
+
+def test_missing_store_credentials_are_named_not_internal() -> None:
+    from botocore.exceptions import NoCredentialsError
+    from deep3m.core.errors import FailedPreconditionError, storage_access_error
+
+    try:
+        try:
+            raise NoCredentialsError()
+        except NoCredentialsError as inner:
+            raise OSError("s3fs gave up") from inner
+    except OSError as exc:
+        err = storage_access_error(exc)
+    assert isinstance(err, FailedPreconditionError)
+    assert "DEEP3M_S3_ACCESS_KEY_ID" in err.message and err.field == "store_url"
+    denied = storage_access_error(PermissionError("AccessDenied: bucket x"))
+    assert denied is not None and "AccessDenied" in denied.message
+    assert storage_access_error(ValueError("unrelated")) is None

@@ -121,3 +121,19 @@ def test_card_round_trip_loads_the_same_network(tmp_path: object) -> None:
             again = load_member(store, loaded, m)
             xm = x[:, 1:2] if m == "1fm" else x
             assert torch.equal(again(xm), net(xm))
+
+
+def test_weights_that_are_not_safetensors_are_one_clear_error(tmp_path: object) -> None:
+    store = Store(f"file://{tmp_path}")
+    net = build_network("deepem3d", frames=1, width=TINY)
+    card = save_model(
+        store,
+        ModelCard(id="net", width=TINY, members=(MemberCard(name="1fm", frames=1),)),
+        {"1fm": net.state_dict()},
+    )
+    key = "models/net/1fm/weights.safetensors"
+    store.write_bytes(key, b"\x80\x04PK pickled, not safetensors" * 10)  # e.g. a torch.save file
+    with pytest.raises(InvalidArgumentError, match="not a valid safetensors file") as err:
+        load_member(store, card, "1fm")
+    assert err.value.field == key and not err.value.retryable
+    assert store.key_url(key) in err.value.message

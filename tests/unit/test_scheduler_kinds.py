@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,9 @@ def store(tmp_path: Path) -> Store:
 
 @pytest.fixture
 def ctx(store: Store) -> KindContext:
-    return KindContext(StoreRoots.from_settings(Settings(store_url=store.url)))
+    # Sources come from the tests' temporary folders and the shared data.
+    roots = f"file://{tempfile.gettempdir()},file://{DATA.resolve()}"
+    return KindContext(StoreRoots.from_settings(Settings(store_url=store.url, input_roots=roots)))
 
 
 def predict(**fields: object) -> common_pb2.JobSpec:
@@ -96,9 +100,12 @@ def test_predict_plan_matches_the_block_grid(ctx: KindContext, store: Store) -> 
     assert store.volume_info("volumes/out.zarr").complete
 
 
-def test_an_identical_existing_output_is_accepted(ctx: KindContext, store: Store) -> None:
+def test_an_identical_existing_output_is_reused_when_resuming(
+    ctx: KindContext, store: Store
+) -> None:
     first = kinds.validate(predict(block_shape=[4, 64, 64]), ctx)
     create_outputs(first.volumes, "job-1")
+    ctx = dataclasses.replace(ctx, resume=True)
     again = kinds.validate(predict(), ctx)
     assert again.volumes == ()  # resume: nothing to create
     # Default (8, 1024, 1024) on the existing 64-voxel grid, no bigger than the volume needs.
@@ -108,9 +115,29 @@ def test_an_identical_existing_output_is_accepted(ctx: KindContext, store: Store
     assert err.value.field == "block_shape"
 
 
+def test_a_complete_output_is_replaced_only_with_overwrite(ctx: KindContext, store: Store) -> None:
+    first = kinds.validate(predict(block_shape=[4, 64, 64]), ctx)
+    create_outputs(first.volumes, "job-1")
+    store.write_json("volumes/out.zarr/labels/zarr.json", {"stale": True})
+    # An incomplete output is a failed job's debris: a retry replaces it.
+    retry = kinds.validate(predict(), ctx)
+    assert [v.replace for v in retry.volumes] == [True]
+    store.mark_complete("volumes/out.zarr")
+    with pytest.raises(AlreadyExistsError, match=r"complete volume \(job 'job-1', model") as err:
+        kinds.validate(predict(), ctx)
+    assert err.value.field == "output" and "--overwrite" in err.value.message
+    replaced = kinds.validate(predict(overwrite=True), ctx)
+    create_outputs(replaced.volumes, "job-2")
+    info = store.volume_info("volumes/out.zarr")
+    assert not info.complete and info.attributes["job"] == "job-2"
+    assert not store.exists("volumes/out.zarr/labels/zarr.json")  # stale labels went too
+
+
 def test_an_output_holding_a_different_array_is_refused(ctx: KindContext, store: Store) -> None:
     write_volume(store, "volumes/other.zarr", np.zeros((10, 100, 120), np.uint8))
-    with pytest.raises(AlreadyExistsError, match=r"volumes/other\.zarr.*dtype uint8") as err:
+    with pytest.raises(
+        AlreadyExistsError, match=r"volumes/other\.zarr already holds a complete volume"
+    ) as err:
         kinds.validate(predict(output=common_pb2.VolumeRef(path="volumes/other.zarr")), ctx)
     assert err.value.field == "output"
     store.write_json("volumes/notes/readme.json", {"x": 1})

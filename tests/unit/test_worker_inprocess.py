@@ -18,14 +18,20 @@ import numpy as np
 import pytest
 from deep3m.core.errors import Deep3mError, InvalidArgumentError, UnavailableError
 from deep3m.core.events import ProgressEvent
+from deep3m.core.geometry import grid_cells
 from deep3m.core.store import Store
 from deep3m.runtime.scheduler_client import Completion
 from deep3m.runtime.settings import Settings
-from deep3m.runtime.task import TaskContext, TaskHandler, TaskResult
+from deep3m.runtime.task import CHUNKS_WRITTEN, TaskContext, TaskHandler, TaskResult
 from deep3m.runtime.worker import Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.inprocess import InProcessSchedulerClient
-from deep3m.testing.scheduler import double_block, predict_spec, save_test_model, write_volume
+from deep3m.testing.scheduler import (
+    double_block_metrics,
+    predict_spec,
+    save_test_model,
+    write_volume,
+)
 
 SHAPE = (4, 32, 32)
 BLOCK = (1, 32, 32)  # 4 blocks
@@ -64,7 +70,7 @@ class Gate:
                 if ctx.cancelled.is_set():
                     self.cancel_seen.set()
                     return TaskResult()
-            return TaskResult(metrics={"voxels": double_block(self.store, ctx.lease)})
+            return TaskResult(metrics=double_block_metrics(self.store, ctx.lease))
         finally:
             with self._lock:
                 self.running -= 1
@@ -184,7 +190,9 @@ def test_a_lease_taken_over_is_refused_and_its_result_not_counted(env: Env) -> N
     assert worker.completed == 0
     stage = env.scheduler.get(job_id).stages[0]
     assert (stage.tasks_done, stage.tasks_leased) == (0, 1)
-    env.scheduler.complete(grant.lease_id, "other", {"voxels": 1.0})
+    assert grant.task.block is not None
+    cells = grid_cells(grant.task.block.core, grant.volumes["output"].grid)
+    env.scheduler.complete(grant.lease_id, "other", {"voxels": 1.0, CHUNKS_WRITTEN: cells})
     assert env.scheduler.get(job_id).stages[0].tasks_done == 1
 
 
@@ -235,7 +243,7 @@ def test_run_once_drives_a_whole_job_in_the_calling_thread(env: Env) -> None:
 
     def predict(ctx: TaskContext) -> TaskResult:
         seen.append(threading.current_thread().name)
-        return TaskResult(metrics={"voxels": double_block(env.store, ctx.lease)})
+        return TaskResult(metrics=double_block_metrics(env.store, ctx.lease))
 
     inference = env.worker("inference", {"predict": predict}, worker_capacity=4)
     postprocess = env.worker("postprocess", {"finalize": lambda ctx: TaskResult()})

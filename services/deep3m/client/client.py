@@ -30,6 +30,7 @@ import grpc
 from deep3m.core.errors import InvalidArgumentError, UnavailableError
 from deep3m.core.events import ProgressEvent
 from deep3m.core.retry import Backoff
+from deep3m.runtime.channel import ChannelSecurity, open_channel
 from deep3m.runtime.progress_proto import (
     TERMINAL_STATES,
     event_from_proto,
@@ -41,6 +42,7 @@ from deep3m.runtime.worker import WORKER_CHANNEL_OPTIONS
 from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 Volume = str | common_pb2.VolumeRef
+PAGE_SIZE = 200  # jobs per ListJobs reply
 
 
 def volume_ref(volume: Volume, *, name: str = "volume") -> common_pb2.VolumeRef:
@@ -62,14 +64,38 @@ def is_terminal(job: common_pb2.Job) -> bool:
 class Deep3mClient:
     """A connection to the scheduler at ``address`` (``host:port``)."""
 
-    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 30.0,
+        token: str = "",
+        tls: bool = False,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
+        server_name: str = "",
+        security: ChannelSecurity | None = None,
+    ) -> None:
+        """``token``: the bearer token (client kind); ``tls``: verify the server against
+        ``ca_file`` (default: the system roots), presenting ``cert_file``/``key_file``
+        for mutual TLS. ``security`` gives all of these at once
+        (``ChannelSecurity.from_settings(settings)``)."""
         if not address or ":" not in address:
             raise InvalidArgumentError(f"address {address!r} must be host:port", field="address")
         if timeout_s <= 0:
             raise InvalidArgumentError(f"timeout_s must be > 0, got {timeout_s}", field="timeout_s")
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=list(WORKER_CHANNEL_OPTIONS))
+        security = security or ChannelSecurity(
+            token=token,
+            tls=tls or bool(ca_file or cert_file),
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            server_name=server_name,
+        )
+        self._channel = open_channel(address, security, options=WORKER_CHANNEL_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
 
     # -- plumbing -----------------------------------------------------------------------
@@ -112,6 +138,7 @@ class Deep3mClient:
         halo: Sequence[int] = (),
         postprocess: bool = False,
         threshold: float = 0.0,
+        overwrite: bool = False,
         name: str = "",
         max_attempts: int = 0,
         job_id: str = "",
@@ -130,6 +157,7 @@ class Deep3mClient:
                 halo=list(halo),
                 postprocess=postprocess,
                 threshold=threshold,
+                overwrite=overwrite,
             ),
         )
         return self.submit(spec, job_id)
@@ -255,6 +283,7 @@ class Deep3mClient:
         chunk_shape: Sequence[int] = (),
         shard_shape: Sequence[int] = (),
         slices_per_task: int = 0,
+        overwrite: bool = False,
         name: str = "",
         max_attempts: int = 0,
         job_id: str = "",
@@ -270,6 +299,7 @@ class Deep3mClient:
                 chunk_shape=list(chunk_shape),
                 shard_shape=list(shard_shape),
                 slices_per_task=slices_per_task,
+                overwrite=overwrite,
             ),
         )
         return self.submit(spec, job_id)
@@ -278,11 +308,22 @@ class Deep3mClient:
         return self._call(self._stub.GetJob, scheduler_pb2.GetJobRequest(job_id=job_id))
 
     def jobs(self, states: Iterable[str] = (), limit: int = 0) -> list[common_pb2.Job]:
-        """Jobs, newest first; ``states`` like ``("RUNNING", "PENDING")`` filters."""
-        request = scheduler_pb2.ListJobsRequest(
-            states=[state_to_proto(s) for s in states], limit=limit
-        )
-        return list(self._call(self._stub.ListJobs, request).jobs)
+        """Jobs, newest first; ``states`` like ``("RUNNING", "PENDING")`` filters.
+
+        ``limit`` 0 means all of them, fetched page by page.
+        """
+        out: list[common_pb2.Job] = []
+        token = ""
+        while True:
+            want = min(limit - len(out), PAGE_SIZE) if limit else PAGE_SIZE
+            request = scheduler_pb2.ListJobsRequest(
+                states=[state_to_proto(s) for s in states], limit=want, page_token=token
+            )
+            reply = self._call(self._stub.ListJobs, request)
+            out.extend(reply.jobs)
+            token = reply.next_page_token
+            if not token or (limit and len(out) >= limit):
+                return out
 
     def cancel(self, job_id: str) -> common_pb2.Job:
         return self._call(self._stub.CancelJob, scheduler_pb2.CancelJobRequest(job_id=job_id))

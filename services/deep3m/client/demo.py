@@ -8,6 +8,7 @@ validation slices, and score them against their labels.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,14 @@ def run_demo(
     recipe = DEMO_RECIPE.scaled(budget_minutes) if budget_minutes else DEMO_RECIPE
     run_id = time.strftime("%Y%m%d-%H%M%S")
     model_id = f"demo-{run_id}"
-    cluster = LocalCluster(LocalClusterSpec(store_url=str(root), log_dir=root / "logs"))
+    sources = [data.train_images, data.train_labels, data.val_images, data.val_labels]
+    cluster = LocalCluster(
+        LocalClusterSpec(
+            store_url=str(root),
+            log_dir=root / "logs",
+            input_roots=(os.path.commonpath([str(Path(p).resolve()) for p in sources]),),
+        )
+    )
     console.print(
         "starting the embedded services (scheduler, tiling, training, inference, postprocess)…"
     )

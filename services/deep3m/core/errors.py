@@ -8,6 +8,41 @@ an internal error whose details stay in the log.
 from __future__ import annotations
 
 
+def clip(value: object, limit: int = 64) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages echo what they refuse, briefly."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError"})
+
+
+def storage_access_error(exc: BaseException) -> Deep3mError | None:
+    """A domain error for an object store that refused us for want of credentials.
+
+    botocore raises ``NoCredentialsError`` deep inside s3fs; s3fs turns an
+    ``AccessDenied`` into ``PermissionError``. Both are a setup problem to name,
+    not an internal error (matched by class name: core does not import botocore).
+    """
+    chain: BaseException | None = exc
+    while chain is not None:
+        if type(chain).__name__ in _NO_CREDENTIALS:
+            return FailedPreconditionError(
+                "the object store asked for credentials and none were found: set "
+                "DEEP3M_S3_ACCESS_KEY_ID and DEEP3M_S3_SECRET_ACCESS_KEY (or AWS_* variables, "
+                "a profile, IRSA)",
+                field="store_url",
+            )
+        if isinstance(chain, PermissionError):
+            return FailedPreconditionError(
+                f"the store refused access: {str(chain)[:200]}; check the credentials and "
+                "the bucket policy",
+                field="store_url",
+            )
+        chain = chain.__cause__ or chain.__context__
+    return None
+
+
 class Deep3mError(Exception):
     """Base of all domain errors.
 
@@ -63,6 +98,18 @@ class UnavailableError(Deep3mError):
 
     grpc_code_name = "UNAVAILABLE"
     retryable = True
+
+
+class UnauthenticatedError(Deep3mError):
+    """The caller presented no credentials, or credentials this server does not know."""
+
+    grpc_code_name = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(Deep3mError):
+    """The caller is known but may not do this (a client leasing, a worker of another role)."""
+
+    grpc_code_name = "PERMISSION_DENIED"
 
 
 class CancelledError(Deep3mError):

@@ -9,6 +9,7 @@ the halo is cropped away after processing.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -256,3 +257,11 @@ def check_core_aligned(
                 f"{what}: tasks would share chunks",
                 field=field,
             )
+
+
+def grid_cells(box: Box, grid: Sequence[int]) -> int:
+    """How many cells of a chunk (or shard) grid the box touches."""
+    return math.prod(
+        max(0, -(-int(b) // g) - int(a) // g)
+        for a, b, g in zip(box.start, box.stop, grid, strict=True)
+    )

@@ -14,6 +14,10 @@ from typing import Any
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.store import Store, check_key, normalize_url
 
+# Folders of the default store that hold the services' own documents: no request
+# may write into them (exports, outputs).
+RESERVED_PREFIXES = frozenset({"jobs", "scheduler", "models", "healthcheck"})
+
 
 @dataclass(frozen=True)
 class StoreRoots:
@@ -43,6 +47,21 @@ class StoreRoots:
         raise InvalidArgumentError(
             f"{url!r} is outside the configured store roots ({', '.join(self.urls)})", field=field
         )
+
+    def check_source(self, source: str, *, restrict_local: bool, field: str) -> str:
+        """An input (path or URL) under a root; local paths may be anywhere only when
+        ``restrict_local`` is off."""
+        from deep3m.core.imageio import source_path
+
+        source = source.strip()
+        if not source:
+            raise InvalidArgumentError(f"{field} is empty", field=field)
+        if "://" in source:
+            self.check_url(source_path(source), field=field)
+        elif restrict_local:
+            # normalize_url resolves "~", ".." and links before the comparison.
+            self.check_url(f"file://{source_path(source)}", field=field)
+        return source
 
     def store(self, url: str = "", *, field: str = "store_url") -> Store:
         """The store for ``url`` (default store when empty), checked against the roots."""

@@ -17,10 +17,10 @@ import numpy as np
 
 from deep3m.core.augmentation import IDENTITY_LEVEL
 from deep3m.core.errors import CancelledError, InvalidArgumentError
-from deep3m.core.geometry import Block, Box, check_core_aligned
+from deep3m.core.geometry import Block, Box, check_core_aligned, grid_cells
 from deep3m.inference.setup import PredictorSetup
 from deep3m.runtime.metrics import INFERENCE_PHASE_SECONDS
-from deep3m.runtime.task import TaskContext, TaskResult
+from deep3m.runtime.task import CHUNKS_WRITTEN, TaskContext, TaskResult
 from deep3m.v1 import common_pb2
 
 
@@ -108,6 +108,7 @@ class PredictTaskHandler(PredictorSetup):
         INFERENCE_PHASE_SECONDS.labels(phase="write").observe(write_seconds)
         return {
             "voxels": float(block.core.size),
+            CHUNKS_WRITTEN: float(grid_cells(block.core, grid)),
             "seconds": time.perf_counter() - started,
             "read_seconds": predicted.read_seconds,
             "predict_seconds": predicted.predict_seconds,

@@ -27,6 +27,7 @@ from deep3m.core.store import normalize_url
 from deep3m.runtime.settings import DEFAULT_PORTS, ROLES, Settings
 
 DEFAULT_STORE = "./deep3m-data"
+SAMPLE_ROOT = "file://" + str(Path(__file__).resolve().parents[1] / "data")
 
 
 def free_port() -> int:
@@ -79,6 +80,9 @@ class LocalClusterSpec:
     metrics: bool = False
     log_dir: Path | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # Folders inputs may be read from, besides DEEP3M_INPUT_ROOTS, the packaged
+    # sample and the folder `deep3m up` was started in (a laptop user's own data).
+    input_roots: tuple[str, ...] = ()
 
 
 class LocalCluster:
@@ -132,6 +136,13 @@ class LocalCluster:
                     {"DEEP3M_WORKER_CAPACITY": str(compute_capacity)}
                     if role in ("training", "inference")
                     else {}
+                ),
+                # Inputs are confined to the roots: the operator's, the spec's, the
+                # packaged sample and the working folder.
+                "DEEP3M_INPUT_ROOTS": ",".join(
+                    dict.fromkeys(
+                        (*given.input_roots, *self.spec.input_roots, SAMPLE_ROOT, os.getcwd())
+                    )
                 ),
                 **self.spec.extra_env,
                 "DEEP3M_STORE_URL": self.store_url,

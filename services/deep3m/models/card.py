@@ -190,8 +190,20 @@ def load_state_dict(store: Store, card: ModelCard, member: str) -> dict[str, tor
         raise NotFoundError(
             f"member {member!r} of model {card.id!r} has no weights yet", field="members"
         )
-    key = f"models/{card.id}/{m.weights}"
-    return load_safetensors(store.read_bytes(key))
+    return read_safetensors(store, f"models/{card.id}/{m.weights}")
+
+
+def read_safetensors(store: Store, key: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; anything else is one clear, non-retryable error."""
+    data = store.read_bytes(key)
+    try:
+        return load_safetensors(data)
+    except Exception as exc:  # the parser's errors name no file
+        raise InvalidArgumentError(
+            f"{store.key_url(key)} is not a valid safetensors file ({exc}); weights are "
+            "loaded only from safetensors",
+            field=key,
+        ) from None
 
 
 def load_member(

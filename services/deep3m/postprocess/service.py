@@ -12,11 +12,12 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import fsspec
 import grpc
 
-from deep3m.core.errors import Deep3mError, InvalidArgumentError
-from deep3m.core.locations import StoreRoots
-from deep3m.core.store import Store
+from deep3m.core.errors import AlreadyExistsError, Deep3mError, InvalidArgumentError, clip
+from deep3m.core.locations import RESERVED_PREFIXES, StoreRoots
+from deep3m.core.store import Store, check_key, normalize_url
 from deep3m.postprocess.evaluate import (
     EvaluateSpec,
     Operand,
@@ -114,7 +115,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
         truth, truth_attrs = self._open(request.ground_truth, "ground_truth")
         overlays = None
         if request.overlays:
-            destination = self._destination(request.overlays, field="overlays")
+            destination = self._destination(request.overlays, overwrite=True, field="overlays")
             image = self._open(request.image, "image")[0] if request.image.path else None
             overlays = OverlayRequest(
                 destination, image, list(request.overlay_slices) or None,
@@ -158,13 +159,40 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
             )
         return postprocess_pb2.BuildPyramidResponse(arrays=arrays)
 
-    def _destination(self, destination: str, *, field: str = "destination") -> str:
-        if not destination.strip():
+    def _destination(self, destination: str, *, overwrite: bool, field: str = "destination") -> str:
+        """Where an export may write: under a root, never over the service's own
+        documents, and over an existing file or folder only with ``overwrite``."""
+        destination = destination.strip()
+        if not destination:
             raise InvalidArgumentError(f"{field} is empty", field=field)
-        if "://" in destination or self.restrict_local:
-            # Writes go only where the service may write: under a store root.
-            return self.roots.check_url(destination, field=field)
-        return destination
+        store = self.roots.store()
+        if "://" not in destination and not destination.startswith(("/", "~")):
+            # A relative destination is a place in the default store, never the cwd.
+            try:
+                url = store.key_url(check_key(destination))
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(exc.message, field=field) from None
+        elif "://" in destination or self.restrict_local:
+            url = self.roots.check_url(destination, field=field)
+        else:  # an operator widened local paths (DEEP3M_RESTRICT_LOCAL_INPUTS=false)
+            with _naming(field):
+                url = normalize_url(f"file://{destination}")
+        inside = url.removeprefix(store.url.rstrip("/") + "/")
+        if inside != url and inside.split("/", 1)[0] in RESERVED_PREFIXES:
+            raise InvalidArgumentError(
+                f"{field} {clip(destination)} lies in the store's reserved "
+                f"{inside.split('/', 1)[0]}/ folder",
+                field=field,
+            )
+        fs, path = fsspec.core.url_to_fs(
+            url, **(dict(self.roots.storage_options) if url.startswith("s3://") else {})
+        )
+        if not overwrite and fs.exists(path):
+            raise AlreadyExistsError(
+                f"{field} {clip(destination)} already exists; set overwrite to replace it",
+                field=field,
+            )
+        return url
 
     def _storage_options(self, destination: str) -> dict[str, Any] | None:
         return dict(self.roots.storage_options) if destination.startswith("s3://") else None
@@ -176,7 +204,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
                 f"format must be one of {', '.join(FORMATS)}, got {request.format!r}",
                 field="format",
             )
-        destination = self._destination(request.destination)
+        destination = self._destination(request.destination, overwrite=request.overwrite)
         options = self._storage_options(destination)
         if fmt == "overlay":
             if not request.image.path:

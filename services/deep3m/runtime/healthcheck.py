@@ -18,18 +18,26 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deep3m.core.errors import Deep3mError, UnavailableError
+from deep3m.runtime.channel import ChannelSecurity, open_channel
 from deep3m.runtime.settings import Settings
 
 # Probe objects live here; each run deletes its own.
 PROBE_PREFIX = "healthcheck"
 
 
-def check_health(address: str, *, service: str = "", timeout_s: float = 5.0) -> str:
+def check_health(
+    address: str,
+    *,
+    service: str = "",
+    timeout_s: float = 5.0,
+    security: ChannelSecurity | None = None,
+) -> str:
     """The health status name (``"SERVING"``, ...) that ``address`` reports for ``service``.
 
     Raises ``UnavailableError`` naming the address when it cannot be asked.
     """
-    with grpc.insecure_channel(address) as channel:
+    # Over TLS when the server has it on (the probe itself needs no token).
+    with open_channel(address, security, options=()) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -90,7 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok = True
     for address in addresses:
         try:
-            status = check_health(address, service=args.service, timeout_s=args.timeout)
+            status = check_health(
+                address,
+                service=args.service,
+                timeout_s=args.timeout,
+                security=ChannelSecurity.from_settings(settings),
+            )
         except Deep3mError as exc:
             print(f"FAIL {exc}", file=sys.stderr)
             ok = False

@@ -5,7 +5,8 @@ status with the message (and a rich ``ErrorDetail`` naming the field). A call
 to a downstream service that failed as UNAVAILABLE or DEADLINE_EXCEEDED becomes
 UNAVAILABLE (worth retrying). Anything else becomes INTERNAL with a generic
 message; the traceback goes to the log. A servicer that aborts the context
-itself keeps its status.
+itself keeps its status. Every request is first held to the limits of
+``deep3m.runtime.limits`` (string lengths, list sizes, finite numbers).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
-from deep3m.core.errors import Deep3mError, UnavailableError
+from deep3m.core.errors import (
+    Deep3mError,
+    InvalidArgumentError,
+    UnavailableError,
+    storage_access_error,
+)
+from deep3m.runtime.limits import check_request
 from deep3m.runtime.metrics import RPC_ERRORS
 
 log = logging.getLogger("deep3m.rpc")
@@ -42,6 +49,9 @@ def _status_for(exc: Deep3mError) -> status_pb2.Status:
 def _as_domain_error(exc: BaseException) -> Deep3mError | None:
     if isinstance(exc, Deep3mError):
         return exc
+    access = storage_access_error(exc)
+    if access is not None:
+        return access
     if (
         isinstance(exc, grpc.RpcError)
         and isinstance(exc, grpc.Call)
@@ -93,6 +103,62 @@ def _already_aborted(context: grpc.ServicerContext) -> bool:
     return code is not None and code != grpc.StatusCode.OK
 
 
+class _Undecodable:
+    """A request whose bytes do not parse: refused as INVALID_ARGUMENT, not INTERNAL."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # gRPC would answer INTERNAL
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _check(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgumentError(
+            f"the request is not a valid message of its type: {request.error}"[:200],
+            field="request",
+        )
+    check_request(request)
+
+
+Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def rewrap_handler(
+    handler: grpc.RpcMethodHandler,
+    unary: Wrap,
+    stream: Wrap,
+    *,
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour wrapped: ``unary`` for single replies, ``stream``
+    for streamed ones (the server interceptors' one way to decorate a method)."""
+    kwargs = {
+        "request_deserializer": request_deserializer or handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **kwargs)
+    return handler
+
+
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
     def intercept_service(
         self,
@@ -107,6 +173,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
             def call(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
+                    _check(request)
                     return fn(request, context)
                 except Exception as exc:  # the one place errors become statuses
                     if _already_aborted(context):
@@ -119,6 +186,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         def wrap_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
             def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
+                    _check(request)
                     yield from fn(request, context)
                 except Exception as exc:
                     if _already_aborted(context):
@@ -128,18 +196,9 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
 
             return call
 
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kwargs)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                wrap_stream(handler.stream_stream), **kwargs
-            )
-        return handler
+        return rewrap_handler(
+            handler,
+            wrap_unary,
+            wrap_stream,
+            request_deserializer=_tolerant(handler.request_deserializer),
+        )

@@ -17,7 +17,7 @@ from typing import Protocol, TypeVar
 import grpc
 
 from deep3m.core.errors import Deep3mError
-from deep3m.runtime.channel import CHANNEL_OPTIONS
+from deep3m.runtime.channel import CHANNEL_OPTIONS, ChannelSecurity, open_channel
 from deep3m.runtime.rpc_errors import from_error_detail, from_rpc_error, status_code
 from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -95,12 +95,16 @@ class SchedulerClient(Protocol):
 class GrpcSchedulerClient:
     """A :class:`SchedulerClient` over a gRPC channel (its own, or one given)."""
 
-    def __init__(self, address: str, *, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        channel: grpc.Channel | None = None,
+        security: ChannelSecurity | None = None,
+    ) -> None:
         self.address = address
         self._own_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(
-            address, options=list(WORKER_CHANNEL_OPTIONS)
-        )
+        self._channel = channel or open_channel(address, security, options=WORKER_CHANNEL_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
 
     def _call(self, fn: Callable[[], T]) -> T:

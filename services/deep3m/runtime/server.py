@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from deep3m.runtime.auth import server_interceptors
 from deep3m.runtime.interceptor import ErrorMappingInterceptor
 from deep3m.runtime.settings import ROLES, Settings, warn_unknown_env_vars
 from deep3m.runtime.task import TaskHandler
@@ -146,6 +147,35 @@ def load_app(role: str, settings: Settings) -> RoleApp:
     return app
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS with the role's certificate; mutual TLS when ``tls_client_auth`` is set."""
+    from pathlib import Path
+
+    from deep3m.core.errors import InvalidArgumentError
+
+    def read(path: str, name: str) -> bytes:
+        if not path:
+            raise InvalidArgumentError(
+                f"DEEP3M_TLS_ENABLED needs DEEP3M_{name.upper()}", field=f"DEEP3M_{name.upper()}"
+            )
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise InvalidArgumentError(
+                f"cannot read DEEP3M_{name.upper()} {path}: {exc.strerror}",
+                field=f"DEEP3M_{name.upper()}",
+            ) from None
+
+    pair = (
+        read(settings.tls_key_file, "tls_key_file"),
+        read(settings.tls_cert_file, "tls_cert_file"),
+    )
+    ca = read(settings.tls_ca_file, "tls_ca_file") if settings.tls_client_auth else None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=ca, require_client_auth=settings.tls_client_auth
+    )
+
+
 def create_server(
     role: str,
     settings: Settings,
@@ -166,7 +196,8 @@ def create_server(
     threads = max_workers + int(getattr(app, "stream_threads", 0))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"{role}-rpc"),
-        interceptors=[ErrorMappingInterceptor()],
+        # Authentication first: an unknown caller reaches no servicer.
+        interceptors=[*server_interceptors(settings), ErrorMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 256 * 1024 * 1024),
@@ -181,7 +212,10 @@ def create_server(
     bind_host = host if host is not None else settings.host
     chosen = settings.port_for(role) if port is None else port
     try:
-        bound = server.add_insecure_port(f"{bind_host}:{chosen}")
+        if settings.tls_enabled:
+            bound = server.add_secure_port(f"{bind_host}:{chosen}", server_credentials(settings))
+        else:
+            bound = server.add_insecure_port(f"{bind_host}:{chosen}")
     except RuntimeError:  # newer grpc raises instead of returning 0
         bound = 0
     if bound == 0:

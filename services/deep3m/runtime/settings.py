@@ -25,7 +25,15 @@ from deep3m.core.errors import InvalidArgumentError
 ENV_PREFIX = "DEEP3M_"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Never echo these back in error messages.
-_SECRET_FIELDS = frozenset({"s3_access_key_id", "s3_secret_access_key"})
+_SECRET_FIELDS = frozenset(
+    {
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "auth_client_tokens",
+        "auth_worker_tokens",
+        "auth_token",
+    }
+)
 
 
 class SettingsError(InvalidArgumentError):
@@ -55,10 +63,11 @@ class Settings(BaseSettings):
 
     # Store
     store_url: str = "file://./deep3m-data"
-    # Extra URL prefixes (besides store_url) that inputs may be read from:
-    # "s3://a,s3://b" or a JSON list. Local paths are allowed unless restrict_local_inputs.
+    # Extra URL prefixes (besides store_url) that inputs may be read from and
+    # exports written to: "s3://a,s3://b" or a JSON list. Local paths must lie under
+    # one of the roots too; restrict_local_inputs=false lets an operator allow any.
     input_roots: Annotated[tuple[str, ...], NoDecode] = ()
-    restrict_local_inputs: bool = False
+    restrict_local_inputs: bool = True
     s3_endpoint_url: str = ""
     s3_region: str = ""
     # Empty: the standard AWS credential chain (env, profile, IRSA, Pod Identity).
@@ -71,6 +80,27 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9090, ge=0, le=65535)  # 0: no metrics endpoint
     scheduler_address: str = "127.0.0.1:50051"
     rpc_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    # Authentication (deep3m.runtime.auth): servers accept these bearer tokens.
+    # Client tokens may submit, watch, cancel and read; a worker token of a role
+    # may lease and report only that role's tasks.
+    auth_enabled: bool = False
+    auth_client_tokens: str = ""  # comma-separated
+    auth_worker_tokens: str = ""  # "inference=TOKEN,training=TOKEN"
+    # A folder of token files (a mounted Kubernetes Secret): `client`, `client-<name>`
+    # hold client tokens, `worker-<role>` a worker token of that role.
+    auth_token_dir: str = ""
+    # The token this process presents when it calls a server (workers, CLI, client).
+    auth_token: str = ""
+    auth_token_file: str = ""
+
+    # TLS on every gRPC port and channel (deep3m.runtime.channel, .server).
+    tls_enabled: bool = False
+    tls_cert_file: str = ""  # PEM: this process's certificate (server; client with mTLS)
+    tls_key_file: str = ""
+    tls_ca_file: str = ""  # PEM: CA that signs the servers' (and with mTLS, clients') certs
+    tls_client_auth: bool = False  # servers require a client certificate signed by the CA
+    tls_server_name: str = ""  # name to check in the server's certificate, if not the host
 
     # Runtime
     log_level: str = "INFO"

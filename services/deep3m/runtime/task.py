@@ -22,6 +22,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from deep3m.v1 import common_pb2
 
+# A task that writes part of an output reports how many cells of the output's
+# write grid (shards when sharded, else chunks) it wrote; the scheduler counts a
+# predict task's completion only when this equals the cells its block owns.
+CHUNKS_WRITTEN = "chunks_written"
+
 if TYPE_CHECKING:
     from deep3m.runtime.settings import Settings
 

@@ -35,6 +35,7 @@ import grpc
 
 from deep3m.core.errors import CancelledError, Deep3mError, InvalidArgumentError
 from deep3m.core.retry import Backoff
+from deep3m.runtime.channel import ChannelSecurity
 from deep3m.runtime.scheduler_client import (
     WORKER_CHANNEL_OPTIONS,
     Completion,
@@ -156,7 +157,9 @@ class Worker:
             or f"{role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         )
         self._client: SchedulerClient = client or GrpcSchedulerClient(
-            settings.scheduler_address, channel=channel
+            settings.scheduler_address,
+            channel=channel,
+            security=None if channel is not None else ChannelSecurity.from_settings(settings),
         )
         self._timeout = settings.rpc_timeout_seconds
         self._capacity = settings.worker_capacity

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from deep3m.core.errors import (
     AlreadyExistsError,
     Deep3mError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
@@ -46,9 +47,10 @@ from deep3m.runtime import metrics as m
 from deep3m.runtime.settings import ROLES, Settings
 from deep3m.scheduler import kinds
 from deep3m.scheduler.jobs import Grant, Job, JobError, JobView
+from deep3m.scheduler.kinds import VolumeFacts
 from deep3m.scheduler.kinds.refs import create_outputs, remove_outputs
 from deep3m.scheduler.persistence import READ_THREADS, JobRecord, JobStore, spec_to_json
-from deep3m.scheduler.queue import Lease, StageCounts, TaskQueue
+from deep3m.scheduler.queue import Lease, StageCounts, TaskQueue, parse_lease_id
 from deep3m.scheduler.recovery import JobDocuments, load_job, rebuild_job
 from deep3m.scheduler.stages import StagePlan
 
@@ -75,6 +77,11 @@ _QUEUE_GAUGES = {
 
 # One completion of a batch: (lease id, metrics, outputs).
 Completion = tuple[str, Mapping[str, float] | None, Mapping[str, str] | None]
+
+
+def _output_of(volumes: Mapping[str, VolumeFacts]) -> tuple[str, str] | None:
+    out = volumes.get("output")
+    return None if out is None else (out.store_url, out.path)
 
 
 def _describe(exc: Exception) -> tuple[str, str]:
@@ -113,6 +120,7 @@ class Scheduler:
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         self._reserved: set[str] = set()
+        self._writing: set[tuple[str, str] | None] = set()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
@@ -362,6 +370,36 @@ class Scheduler:
                 field="job_id",
             )
         prepared = kinds.validate(spec, self.context)
+        target = _output_of(prepared.resolved.volumes)
+        with self._lock:
+            self._claim_output(target)
+        try:
+            return self._create(spec, job_id, prepared)
+        finally:
+            with self._lock:
+                self._writing.discard(target)
+
+    def _claim_output(self, target: tuple[str, str] | None) -> None:
+        """One job per output at a time: refuse an output a live job writes."""
+        if target is None:
+            return
+        where = f"{target[0].rstrip('/')}/{target[1]}"
+        for other in self._jobs.values():
+            if not other.terminal and _output_of(other.record.volumes) == target:
+                raise AlreadyExistsError(
+                    f"output {where} is being written by job {other.id!r} "
+                    f"({other.state.lower()}); wait for it or cancel it",
+                    field="output",
+                )
+        if target in self._writing:
+            raise AlreadyExistsError(
+                f"output {where} is named by another job being submitted", field="output"
+            )
+        self._writing.add(target)
+
+    def _create(
+        self, spec: common_pb2.JobSpec, job_id: str, prepared: kinds.PreparedJob
+    ) -> JobView:
         kind = kinds.get_kind(prepared.kind)
         now = self.clock()
         record = JobRecord(
@@ -416,8 +454,10 @@ class Scheduler:
         with self._lock:
             return self._view(self._get(job_id))
 
-    def list_jobs(self, states: Sequence[str] = (), limit: int = 0) -> list[JobView]:
-        """Jobs, newest first, optionally only those in ``states``."""
+    def list_jobs(
+        self, states: Sequence[str] = (), limit: int = 0, offset: int = 0
+    ) -> list[JobView]:
+        """Jobs, newest first, optionally only those in ``states``; ``offset`` skips some."""
         wanted = {s.upper() for s in states}
         unknown = wanted - set(JOB_STATES)
         if unknown:
@@ -446,6 +486,7 @@ class Scheduler:
                 key=lambda j: (j.record.created_unix_s, j.id),
                 reverse=True,
             )
+            jobs = jobs[max(0, offset) :]
             return [self._view(j) for j in (jobs[:limit] if limit else jobs)]
 
     def cancel(self, job_id: str) -> JobView:
@@ -521,6 +562,19 @@ class Scheduler:
                 self._update_gauges(role)
             return out
 
+    def lease_role(self, lease_id: str) -> str | None:
+        """The role whose task ``lease_id`` names; None for a lease of no known job."""
+        named = parse_lease_id(lease_id)
+        if named is None:
+            return None
+        with self._lock:
+            job = self._jobs.get(named[0])
+        if job is None:
+            return None
+        return next(
+            (s.role for s in kinds.get_kind(job.record.kind).stages if s.name == named[1]), None
+        )
+
     def renew(
         self,
         lease_id: str,
@@ -576,6 +630,7 @@ class Scheduler:
         self._check_ready()
         now = self.clock()
         results: list[Deep3mError | None] = [None] * len(completions)
+        refusals: list[tuple[int, str, str, str]] = []
         groups: dict[tuple[str, str], list[tuple[int, Lease, str, dict[str, Any]]]] = defaultdict(
             list
         )
@@ -588,6 +643,11 @@ class Scheduler:
                     continue
                 job = self._jobs[lease.job_id]
                 task_id = job.task_id(lease.stage, lease.task)
+                refused = self._refuse_completion(job, lease, dict(metrics or {}))
+                if refused:
+                    self.queue.revert(lease)
+                    refusals.append((i, lease_id, task_id, refused))
+                    continue
                 record = {
                     "task_id": task_id,
                     "worker_id": worker_id,
@@ -597,6 +657,10 @@ class Scheduler:
                     "outputs": dict(outputs or {}),
                 }
                 groups[(lease.job_id, lease.stage)].append((i, lease, task_id, record))
+        for i, lease_id, task_id, refused in refusals:
+            # Counted as a failed attempt: retried, then quarantined, never done.
+            self.fail(lease_id, worker_id, JobError("FAILED_PRECONDITION", refused), True)
+            results[i] = FailedPreconditionError(f"task {task_id}: {refused}", field="metrics")
         persisted = []
         for (job_id, stage), items in groups.items():
             try:
@@ -753,7 +817,29 @@ class Scheduler:
     def leased_by_role(self) -> dict[str, int]:
         return {role: c[1] for role, c in self.queue_stats().items()}
 
-    # -- internals (caller holds the lock) ---------------------------------------------
+    # -- internals (caller holds the lock, but for _unrecorded: store I/O) --------------
+    def _unrecorded(self, job: Job, plan: StagePlan) -> str:
+        """The final check before a stage's outputs are sealed (no lock held): every task
+        has its (verified) completion record in the store; why not, else ""."""
+        try:
+            recorded = len(set(self.jobs_store.done_tasks(job.id, plan.name).tolist()))
+        except Exception as exc:  # an unreadable store seals nothing
+            return f"cannot list the completion records: {_describe(exc)[1]}"
+        if recorded < plan.n_tasks:
+            return (
+                f"only {recorded} of {plan.n_tasks} task(s) have a completion record in the "
+                "store; the output is not marked complete"
+            )
+        return ""
+
+    def _refuse_completion(self, job: Job, lease: Lease, metrics: Mapping[str, float]) -> str:
+        plan = job.current
+        if plan is None or plan.name != lease.stage:
+            return ""
+        return kinds.get_kind(job.record.kind).check_completion(
+            plan, lease.task, metrics, job.record.resolution
+        )
+
     def _view(self, job: Job) -> JobView:
         return job.view(kinds.get_kind(job.record.kind).stages_for(job.record.resolution))
 
@@ -810,6 +896,13 @@ class Scheduler:
         """Seal the finished stage, plan and persist stage ``index`` (no lock held)."""
         kind = kinds.get_kind(job.record.kind)
         if finished is not None:
+            missing = self._unrecorded(job, finished)
+            if missing:
+                with self._lock:
+                    job.advancing = False
+                    job.add_error(JobError("DATA_LOSS", missing))
+                    self._finish(job, "FAILED", f"finishing stage {finished.name!r}: {missing}")
+                return
             try:
                 kind.on_stage_finished(finished, job.record.resolution, self.context, job.id)
             except Exception as exc:

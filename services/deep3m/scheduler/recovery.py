@@ -37,7 +37,8 @@ def _with_volumes(record: JobRecord, ctx: kinds.KindContext) -> JobRecord:
     """A record written before volumes were recorded at submit gets them resolved now."""
     if record.volumes:
         return record
-    return replace(record, volumes=kinds.validate(record.spec, ctx).resolved.volumes)
+    resumed = replace(ctx, resume=True)
+    return replace(record, volumes=kinds.validate(record.spec, resumed).resolved.volumes)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 
 import grpc
 
-from deep3m.core.errors import ResourceExhaustedError
+from deep3m.core.errors import InvalidArgumentError, ResourceExhaustedError
+from deep3m.runtime.auth import current_principal, require_worker_of
 from deep3m.runtime.progress_proto import event_to_proto, state_from_proto
 from deep3m.scheduler.convert import (
     completions_to_proto,
@@ -29,12 +30,33 @@ from deep3m.scheduler.convert import (
 from deep3m.scheduler.core import Scheduler
 from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+def _page_offset(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit() or len(token) > 12:
+        raise InvalidArgumentError(
+            "page_token is not one this server handed out", field="page_token"
+        )
+    return int(token)
+
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, scheduler: Scheduler, *, max_watchers: int = 128) -> None:
         self.scheduler = scheduler
         self.max_watchers = max_watchers
         self._watch_slots = threading.BoundedSemaphore(max_watchers)
+
+    def _check_lease_role(self, lease_id: str) -> None:
+        """With authentication on, a worker reports only on tasks of its own role."""
+        if current_principal() is None:
+            return
+        role = self.scheduler.lease_role(lease_id)
+        if role is not None:
+            require_worker_of(role)
 
     def SubmitJob(
         self, request: scheduler_pb2.SubmitJobRequest, context: grpc.ServicerContext
@@ -50,8 +72,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.ListJobsRequest, context: grpc.ServicerContext
     ) -> scheduler_pb2.ListJobsResponse:
         states = [state_from_proto(s) for s in request.states]
-        jobs = self.scheduler.list_jobs([s for s in states if s], request.limit)
-        return scheduler_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs])
+        if not 0 <= request.limit <= MAX_PAGE:
+            raise InvalidArgumentError(
+                f"limit must be 0..{MAX_PAGE}, got {request.limit}", field="limit"
+            )
+        page = request.limit or DEFAULT_PAGE
+        offset = _page_offset(request.page_token)
+        # One more than the page tells whether another page follows.
+        jobs = self.scheduler.list_jobs([s for s in states if s], page + 1, offset)
+        reply = scheduler_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs[:page]])
+        if len(jobs) > page:
+            reply.next_page_token = f"{offset + page}"
+        return reply
 
     def CancelJob(
         self, request: scheduler_pb2.CancelJobRequest, context: grpc.ServicerContext
@@ -101,6 +133,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def RenewLease(
         self, request: scheduler_pb2.RenewLeaseRequest, context: grpc.ServicerContext
     ) -> scheduler_pb2.RenewLeaseResponse:
+        self._check_lease_role(request.lease_id)
         progress = request.progress
         deadline, cancelled = self.scheduler.renew(
             request.lease_id,
@@ -113,6 +146,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def CompleteTask(
         self, request: scheduler_pb2.CompleteTaskRequest, context: grpc.ServicerContext
     ) -> scheduler_pb2.CompleteTaskResponse:
+        self._check_lease_role(request.lease_id)
         self.scheduler.complete(
             request.lease_id, request.worker_id, dict(request.metrics), dict(request.outputs)
         )
@@ -121,6 +155,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def CompleteTasks(
         self, request: scheduler_pb2.CompleteTasksRequest, context: grpc.ServicerContext
     ) -> scheduler_pb2.CompleteTasksResponse:
+        for completion in request.completions:
+            self._check_lease_role(completion.lease_id)
         errors = self.scheduler.complete_many(
             request.worker_id,
             [(c.lease_id, dict(c.metrics), dict(c.outputs)) for c in request.completions],
@@ -130,6 +166,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def FailTask(
         self, request: scheduler_pb2.FailTaskRequest, context: grpc.ServicerContext
     ) -> scheduler_pb2.FailTaskResponse:
+        self._check_lease_role(request.lease_id)
         if request.release:
             self.scheduler.release(request.lease_id, request.worker_id)
             return scheduler_pb2.FailTaskResponse(quarantined=False)

@@ -16,18 +16,23 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deep3m.core.errors import UnavailableError
-from deep3m.core.geometry import Box
+from deep3m.core.geometry import Box, grid_cells
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port
 from deep3m.runtime.server import create_server
 from deep3m.runtime.settings import Settings
+from deep3m.runtime.task import CHUNKS_WRITTEN
 from deep3m.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from deep3m.runtime.server import RunningServer
 
 
 def write_volume(
@@ -129,6 +134,34 @@ def double_block(store: Store, lease: common_pb2.TaskLease) -> float:
     target = store.open_volume(spec.output.path, mode="r+", require_complete=False)
     target[box.slices()] = np.asarray(source[box.slices()], np.float32) * 2
     return float(box.size)
+
+
+def lease_cells(lease: common_pb2.TaskLease) -> float:
+    """Output chunks (write-grid cells) the leased predict block owns."""
+    core = lease.task.block.core
+    return float(grid_cells(Box(tuple(core.start), tuple(core.stop)), lease.volumes["output"].grid))
+
+
+def double_block_metrics(store: Store, lease: common_pb2.TaskLease) -> dict[str, float]:
+    """``double_block``, reported as a predict task's completion metrics."""
+    return {"voxels": double_block(store, lease), CHUNKS_WRITTEN: lease_cells(lease)}
+
+
+def serve_scheduler(settings: Settings, data: np.ndarray) -> RunningServer:
+    """A scheduler server on a loopback port over a store holding ``volumes/in.zarr``
+    (``data``) and the model ``m1``; the caller stops it."""
+    from deep3m.runtime.server import create_server
+    from deep3m.scheduler.app import SchedulerApp
+    from deep3m.scheduler.core import Scheduler
+
+    store = Store(settings.store_url)
+    write_volume(store, "volumes/in.zarr", data)
+    save_test_model(store, "m1")
+    scheduler = Scheduler(settings)
+    scheduler.recover()
+    return create_server(
+        "scheduler", settings, app=SchedulerApp(settings, scheduler), port=0, host="127.0.0.1"
+    )
 
 
 @dataclass

@@ -12,11 +12,9 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError
 from deep3m.core.geometry import Block, BlockPlan, plan_blocks
-from deep3m.core.imageio import source_path
 from deep3m.core.ingest import IngestResult, ingest
 from deep3m.core.locations import StoreRoots
 from deep3m.core.stats import DEFAULT_HISTOGRAM_BINS, VolumeStatistics, compute_statistics
@@ -35,16 +33,7 @@ def check_source(
     URLs (``s3://``, ``file://``, ``memory://``) must always lie under a root;
     local paths only when ``restrict_local``.
     """
-    source = source.strip()
-    if not source:
-        raise InvalidArgumentError(f"{field} is empty", field=field)
-    if "://" in source:
-        roots.check_url(source, field=field)
-        return source
-    if restrict_local:
-        local = Path(source_path(source)).expanduser().resolve()
-        roots.check_url(f"file://{local}", field=field)
-    return source
+    return roots.check_source(source, restrict_local=restrict_local, field=field)
 
 
 def ingest_workers() -> int:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.store import Store
+from deep3m.models.card import read_safetensors
 
 _NAME = re.compile(r"^ckpt-(\d{8,})\.json$")
 
@@ -112,7 +112,7 @@ def load_checkpoint(store: Store, model_id: str, member: str, iteration: int) ->
     stem = _stem(model_id, member, iteration)
     doc = store.read_json(f"{stem}.json")
     try:
-        tensors = load_safetensors(store.read_bytes(f"{stem}.safetensors"))
+        tensors = read_safetensors(store, f"{stem}.safetensors")
         return Checkpoint(
             iteration=int(doc["iteration"]),
             model={k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")},

@@ -634,9 +634,9 @@ def completed_member(store: Store, config: TrainConfig, member: str) -> dict[str
 def result_from_store(
     store: Store, config: TrainConfig, member: str, doc: Mapping[str, Any]
 ) -> MemberResult:
-    from safetensors.torch import load as load_safetensors
+    from deep3m.models.card import read_safetensors
 
-    state = load_safetensors(store.read_bytes(f"models/{config.model_id}/{doc['weights']}"))
+    state = read_safetensors(store, f"models/{config.model_id}/{doc['weights']}")
     norm = doc.get("normalization", {})
     return MemberResult(
         member=member,

@@ -49,23 +49,25 @@ class Block(_message.Message):
     def __init__(self, core: _Optional[_Union[Box, _Mapping]] = ..., read: _Optional[_Union[Box, _Mapping]] = ...) -> None: ...
 
 class IngestSpec(_message.Message):
-    __slots__ = ("source", "output", "voxel_size_nm", "chunk_shape", "shard_shape", "slices_per_task")
+    __slots__ = ("source", "output", "voxel_size_nm", "chunk_shape", "shard_shape", "slices_per_task", "overwrite")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     VOXEL_SIZE_NM_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SHAPE_FIELD_NUMBER: _ClassVar[int]
     SHARD_SHAPE_FIELD_NUMBER: _ClassVar[int]
     SLICES_PER_TASK_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     source: str
     output: VolumeRef
     voxel_size_nm: _containers.RepeatedScalarFieldContainer[float]
     chunk_shape: _containers.RepeatedScalarFieldContainer[int]
     shard_shape: _containers.RepeatedScalarFieldContainer[int]
     slices_per_task: int
-    def __init__(self, source: _Optional[str] = ..., output: _Optional[_Union[VolumeRef, _Mapping]] = ..., voxel_size_nm: _Optional[_Iterable[float]] = ..., chunk_shape: _Optional[_Iterable[int]] = ..., shard_shape: _Optional[_Iterable[int]] = ..., slices_per_task: _Optional[int] = ...) -> None: ...
+    overwrite: bool
+    def __init__(self, source: _Optional[str] = ..., output: _Optional[_Union[VolumeRef, _Mapping]] = ..., voxel_size_nm: _Optional[_Iterable[float]] = ..., chunk_shape: _Optional[_Iterable[int]] = ..., shard_shape: _Optional[_Iterable[int]] = ..., slices_per_task: _Optional[int] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class PredictSpec(_message.Message):
-    __slots__ = ("input", "model", "output", "tta_level", "members", "block_shape", "halo", "postprocess", "threshold", "labelling")
+    __slots__ = ("input", "model", "output", "tta_level", "members", "block_shape", "halo", "postprocess", "threshold", "labelling", "overwrite")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +78,7 @@ class PredictSpec(_message.Message):
     POSTPROCESS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     LABELLING_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     input: VolumeRef
     model: str
     output: VolumeRef
@@ -86,7 +89,8 @@ class PredictSpec(_message.Message):
     postprocess: bool
     threshold: float
     labelling: LabelSpec
-    def __init__(self, input: _Optional[_Union[VolumeRef, _Mapping]] = ..., model: _Optional[str] = ..., output: _Optional[_Union[VolumeRef, _Mapping]] = ..., tta_level: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., block_shape: _Optional[_Iterable[int]] = ..., halo: _Optional[_Iterable[int]] = ..., postprocess: _Optional[bool] = ..., threshold: _Optional[float] = ..., labelling: _Optional[_Union[LabelSpec, _Mapping]] = ...) -> None: ...
+    overwrite: bool
+    def __init__(self, input: _Optional[_Union[VolumeRef, _Mapping]] = ..., model: _Optional[str] = ..., output: _Optional[_Union[VolumeRef, _Mapping]] = ..., tta_level: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., block_shape: _Optional[_Iterable[int]] = ..., halo: _Optional[_Iterable[int]] = ..., postprocess: _Optional[bool] = ..., threshold: _Optional[float] = ..., labelling: _Optional[_Union[LabelSpec, _Mapping]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
     __slots__ = ("images", "labels", "validation_images", "validation_labels", "model", "architecture", "width", "members", "iterations", "base_model", "add_iterations", "batch_size", "patch_shape", "validate_every", "snapshot_every", "intensity_augmentations", "learning_rate", "accumulate_gradients", "voxel_size_nm", "num_classes", "seed", "recipe", "max_minutes", "optimizer", "loss", "schedule", "input_scale", "foreground_fraction")

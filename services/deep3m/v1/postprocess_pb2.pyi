@@ -116,18 +116,20 @@ class BuildPyramidResponse(_message.Message):
     def __init__(self, arrays: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("volume", "destination", "format", "image", "slices")
+    __slots__ = ("volume", "destination", "format", "image", "slices", "overwrite")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     volume: _common_pb2.VolumeRef
     destination: str
     format: str
     image: _common_pb2.VolumeRef
     slices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, volume: _Optional[_Union[_common_pb2.VolumeRef, _Mapping]] = ..., destination: _Optional[str] = ..., format: _Optional[str] = ..., image: _Optional[_Union[_common_pb2.VolumeRef, _Mapping]] = ..., slices: _Optional[_Iterable[int]] = ...) -> None: ...
+    overwrite: bool
+    def __init__(self, volume: _Optional[_Union[_common_pb2.VolumeRef, _Mapping]] = ..., destination: _Optional[str] = ..., format: _Optional[str] = ..., image: _Optional[_Union[_common_pb2.VolumeRef, _Mapping]] = ..., slices: _Optional[_Iterable[int]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class ExportResponse(_message.Message):
     __slots__ = ("files",)

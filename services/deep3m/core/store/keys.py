@@ -5,14 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlparse
 
-from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.errors import InvalidArgumentError, clip
 
 SUPPORTED_SCHEMES = ("file", "s3", "memory")
 
 
 def url_scheme(url: str) -> str:
     """The scheme of a store URL; a plain path is ``file``."""
-    return urlparse(url).scheme if "://" in url else "file"
+    if "://" not in url:
+        return "file"
+    try:
+        return urlparse(url).scheme
+    except ValueError as exc:  # e.g. an unbalanced "[" read as an IPv6 host
+        raise InvalidArgumentError(
+            f"store URL {clip(url)} does not parse: {exc}", field="store_url"
+        ) from None
 
 
 def normalize_url(url: str) -> str:
@@ -22,21 +29,32 @@ def normalize_url(url: str) -> str:
     scheme = url_scheme(url)
     if scheme not in SUPPORTED_SCHEMES:
         raise InvalidArgumentError(
-            f"unsupported store URL scheme {scheme!r} in {url!r}; "
+            f"unsupported store URL scheme {clip(scheme)} in {clip(url)}; "
             f"use one of {', '.join(s + '://' for s in SUPPORTED_SCHEMES)}",
             field="store_url",
         )
     if scheme == "file":
         local = url[len("file://") :]
-        return "file://" + str(Path(local).expanduser().resolve())
+        try:
+            return "file://" + str(Path(local).expanduser().resolve())
+        except (RuntimeError, OSError, ValueError) as exc:  # "~nobody", loops, ...
+            raise InvalidArgumentError(
+                f"store URL {clip(url)} names no usable local path: {exc}", field="store_url"
+            ) from None
     return url.rstrip("/")
 
 
 def check_key(key: str) -> str:
     """A relative key inside the store: no absolute paths, no ``..`` escapes."""
     if key.startswith("/") or "\\" in key:
-        raise InvalidArgumentError(f"store path {key!r} must be relative", field="path")
+        raise InvalidArgumentError(f"store path {clip(key)} must be relative", field="path")
     parts = [p for p in key.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
-        raise InvalidArgumentError(f"store path {key!r} leaves the store root", field="path")
+        raise InvalidArgumentError(f"store path {clip(key)} leaves the store root", field="path")
+    if parts and parts[0].endswith(":"):
+        # "s3://bucket/x.zarr" as a path would become a local folder named "s3:".
+        raise InvalidArgumentError(
+            f"store path {clip(key)} is a URL; give it as the store URL, not as a store path",
+            field="path",
+        )
     return "/".join(parts)

@@ -22,6 +22,7 @@ from deep3m.core.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    clip,
 )
 from deep3m.core.store.keys import check_key
 
@@ -195,6 +196,13 @@ class VolumeStore(ABC):
 
     def _array_in(self, group: zarr.Group, path: str, array: str) -> zarr.Array:
         name = array or FULL_RESOLUTION
+        if name.startswith("/") or any(p in ("", ".", "..") for p in name.split("/")):
+            # zarr raises a bare ValueError on these; the array stays inside its volume.
+            raise InvalidArgumentError(
+                f"array {clip(name)} must be a name inside the volume (no '/', '.' or '..' "
+                "segments)",
+                field="array",
+            )
         try:
             arr = group[name]
         except KeyError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from deep3m.core.errors import InvalidArgumentError
+from deep3m.runtime.limits import check_message
 from deep3m.scheduler.kinds.base import (
     JobKind,
     KindContext,
@@ -48,6 +49,7 @@ def kind_of(spec: common_pb2.JobSpec) -> JobKind:
 def validate(spec: common_pb2.JobSpec, ctx: KindContext) -> PreparedJob:
     """The checks every kind shares, then the kind's own."""
     kind = kind_of(spec)
+    check_message(spec, "spec")  # also for callers that bypass the gRPC interceptor
     if not 0 <= spec.max_attempts <= 100:
         raise InvalidArgumentError(
             f"max_attempts must be 0..100, got {spec.max_attempts}", field="max_attempts"

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.errors import InvalidArgumentError, clip
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.scheduler.stages import StageDef, StagePlan
@@ -28,7 +28,7 @@ JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 def check_job_id(job_id: str) -> str:
     if not JOB_ID.match(job_id):
         raise InvalidArgumentError(
-            f"job id {job_id!r} must be 1–64 letters, digits, '.', '_' or '-', starting with a "
+            f"job id {clip(job_id)} must be 1–64 letters, digits, '.', '_' or '-', starting with a "
             "letter or digit",
             field="job_id",
         )
@@ -110,6 +110,8 @@ class NewVolume:
     chunk_shape: tuple[int, ...]
     shard_shape: tuple[int, ...] | None = None
     attributes: Mapping[str, Any] = field(default_factory=dict)
+    # An old volume at the key is deleted first (overwrite, or a failed job's debris).
+    replace: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,9 @@ class KindContext:
 
     roots: StoreRoots
     max_region_voxels: int = 64 * 1024 * 1024
-    restrict_local_inputs: bool = False
+    restrict_local_inputs: bool = True
+    # Re-validating a job already submitted (recovery): its own output is expected.
+    resume: bool = False
 
 
 class JobKind(ABC):
@@ -164,6 +168,18 @@ class JobKind(ABC):
     ) -> None:
         """Runs once every task of ``plan`` is done, before the next stage is planned."""
         del plan, resolved, ctx, job_id
+
+    def check_completion(
+        self, plan: StagePlan, task: int, metrics: Mapping[str, float], resolved: Resolved
+    ) -> str:
+        """Why a reported completion of ``task`` cannot count ("" when it can).
+
+        A kind whose tasks each own part of an output checks here that the worker
+        says it wrote all of it, so that a buggy or forged worker cannot finish a
+        job that wrote nothing.
+        """
+        del plan, task, metrics, resolved
+        return ""
 
     @staticmethod
     def resolved_spec(spec: common_pb2.JobSpec) -> common_pb2.JobSpec:

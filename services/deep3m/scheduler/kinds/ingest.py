@@ -7,6 +7,8 @@ tasks never share a chunk.
 
 from __future__ import annotations
 
+import math
+
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.store import DEFAULT_CHUNK_SHAPE
 from deep3m.scheduler.kinds.base import (
@@ -20,6 +22,7 @@ from deep3m.scheduler.kinds.base import (
 )
 from deep3m.scheduler.kinds.refs import (
     check_same_array,
+    existing_output,
     mark_output_complete,
     output_location,
     shape3,
@@ -34,11 +37,8 @@ class IngestKind(JobKind):
 
     def validate(self, spec: common_pb2.JobSpec, ctx: KindContext) -> PreparedJob:
         i = spec.ingest
-        if not i.source.strip():
-            raise InvalidArgumentError("source is empty", field="source")
-        # URLs must lie under a configured root; local paths too when restricted.
-        if "://" in i.source or ctx.restrict_local_inputs:
-            ctx.roots.check_url(i.source, field="source")
+        # URLs and local paths must lie under a configured root (unless widened).
+        ctx.roots.check_source(i.source, restrict_local=ctx.restrict_local_inputs, field="source")
         if i.voxel_size_nm and (len(i.voxel_size_nm) != 3 or min(i.voxel_size_nm) <= 0):
             raise InvalidArgumentError(
                 f"voxel_size_nm must be 3 positive sizes (z, y, x), got {list(i.voxel_size_nm)}",
@@ -63,6 +63,16 @@ class IngestKind(JobKind):
             shape = tuple(int(s) for s in src.shape)
             dtype = str(src.dtype)
             source_voxel = src.voxel_size_nm
+        if (
+            not i.voxel_size_nm
+            and source_voxel
+            and not all(math.isfinite(v) and v > 0 for v in source_voxel)
+        ):
+            raise InvalidArgumentError(
+                f"the source's header gives voxel size {list(source_voxel)}, which is not 3 "
+                "positive finite sizes; set voxel_size_nm (--voxel-size) explicitly",
+                field="voxel_size_nm",
+            )
         voxel = tuple(i.voxel_size_nm) or tuple(source_voxel or (1.0, 1.0, 1.0))
         chunks = tuple(min(c, s) for c, s in zip(chunks_in, shape, strict=True))
         shards: tuple[int, ...] | None = None
@@ -83,7 +93,10 @@ class IngestKind(JobKind):
                 field="slices_per_task",
             )
         volumes: tuple[NewVolume, ...] = ()
-        if existing is not None:
+        action = existing_output(
+            out_store, out_key, existing, "output", overwrite=i.overwrite, ctx=ctx
+        )
+        if action == "reuse" and existing is not None:
             check_same_array(
                 out_store,
                 out_key,
@@ -105,6 +118,7 @@ class IngestKind(JobKind):
                     chunks,
                     shards,
                     {"kind": "image", "source": i.source},
+                    replace=action == "replace",
                 ),
             )
         resolved = self.resolved_spec(spec)

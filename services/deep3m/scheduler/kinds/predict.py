@@ -9,11 +9,12 @@ shards) aligned with the blocks so exactly one task owns each chunk.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from deep3m.core.errors import InvalidArgumentError
-from deep3m.core.geometry import plan_blocks
+from deep3m.core.geometry import grid_cells, plan_blocks
 from deep3m.core.store import DEFAULT_CHUNK_SHAPE
+from deep3m.runtime.task import CHUNKS_WRITTEN
 from deep3m.scheduler.kinds.base import (
     JobKind,
     KindContext,
@@ -31,6 +32,7 @@ from deep3m.scheduler.kinds.labelling import (
 )
 from deep3m.scheduler.kinds.refs import (
     check_same_array,
+    existing_output,
     facts,
     input_volume,
     mark_output_complete,
@@ -111,7 +113,10 @@ class PredictKind(JobKind):
             )
         requested = shape3(p.block_shape, "block_shape", minimum=1) if p.block_shape else None
         volumes: tuple[NewVolume, ...] = ()
-        if existing is not None:
+        action = existing_output(
+            out_store, out_key, existing, "output", overwrite=p.overwrite, ctx=ctx
+        )
+        if action == "reuse" and existing is not None:
             check_same_array(
                 out_store, out_key, existing, "output", shape=shape, dtype=PROBABILITY_DTYPE
             )
@@ -135,6 +140,7 @@ class PredictKind(JobKind):
                         "model": p.model,
                         "input": in_store.key_url(in_key),
                     },
+                    replace=action == "replace",
                 ),
             )
         plan_blocks(shape, block, halo, grid=grid)  # InvalidArgumentError names block_shape
@@ -231,6 +237,23 @@ class PredictKind(JobKind):
                 "halo": list(plan.halo),
             },
         )
+
+    def check_completion(
+        self, plan: StagePlan, task: int, metrics: Mapping[str, float], resolved: Resolved
+    ) -> str:
+        if plan.name != "predict":
+            return ""
+        block = plan.task(task).block
+        if block is None:
+            return ""
+        expected = grid_cells(block.core, resolved.volume("output").grid)
+        reported = metrics.get(CHUNKS_WRITTEN)
+        if reported is None or not math.isfinite(reported) or int(reported) != expected:
+            return (
+                f"the worker reported {CHUNKS_WRITTEN}={reported!r} but block {block.id} owns "
+                f"{expected} output chunk(s); the completion does not count"
+            )
+        return ""
 
     def on_stage_finished(
         self, plan: StagePlan, resolved: Resolved, ctx: KindContext, job_id: str

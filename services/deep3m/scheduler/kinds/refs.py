@@ -6,6 +6,7 @@ Shared by the job kinds; every error names the spec field that referenced the vo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -14,10 +15,11 @@ from deep3m.core.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    clip,
 )
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store, VolumeInfo
-from deep3m.scheduler.kinds.base import NewVolume, VolumeFacts
+from deep3m.scheduler.kinds.base import KindContext, NewVolume, VolumeFacts
 from deep3m.v1 import common_pb2
 
 
@@ -134,6 +136,34 @@ def check_same_array(
         )
 
 
+def existing_output(
+    store: Store, key: str, info: VolumeInfo | None, name: str, *, overwrite: bool, ctx: KindContext
+) -> Literal["new", "reuse", "replace"]:
+    """What to do with what the output location holds.
+
+    Nothing: create it. Re-validating a submitted job: reuse its own output. A
+    complete volume is replaced only with ``overwrite``; an incomplete one is the
+    debris of a job that failed or was cancelled (a running job's output is
+    refused by the scheduler before this), so a retry replaces it.
+    """
+    if info is None:
+        return "new"
+    if ctx.resume:
+        return "reuse"
+    if overwrite or not info.complete:
+        return "replace"
+    meta = info.attributes
+    written = ", ".join(
+        f"{k} {clip(meta[k], 80)}" for k in ("job", "model", "source") if meta.get(k)
+    )
+    raise AlreadyExistsError(
+        f"{name} {store.key_url(key)} already holds a complete volume"
+        + (f" ({written})" if written else "")
+        + "; set overwrite (--overwrite) to replace it, or choose another path",
+        field=name,
+    )
+
+
 def create_outputs(volumes: Sequence[NewVolume], job_id: str) -> list[NewVolume]:
     """Create a job's new output volumes (incomplete); returns those created."""
     created: list[NewVolume] = []
@@ -147,6 +177,7 @@ def create_outputs(volumes: Sequence[NewVolume], job_id: str) -> list[NewVolume]
                 chunk_shape=vol.chunk_shape,
                 shard_shape=vol.shard_shape,
                 attributes={**vol.attributes, "job": job_id},
+                overwrite=vol.replace,
             )
             created.append(vol)
     except Exception:
