@@ -326,12 +326,14 @@ def test_a_hung_worker_loses_its_task_and_its_late_completion_is_refused(env: En
     hung.start()
     try:
         gate.wait_entered(2)
-        taken: dict[str, str] = {}
+        taken: dict[str, tuple[str, float]] = {}
         deadline = time.monotonic() + WAIT_S
         while len(taken) < 4 and time.monotonic() < deadline:  # two fresh, two taken over
             env.scheduler.expire_leases()
             for g in env.scheduler.lease("other", "inference", 4, lease_seconds=60.0):
-                taken[g.task.id] = g.lease_id
+                assert g.task.block is not None
+                cells = grid_cells(g.task.block.core, g.volumes["output"].grid)
+                taken[g.task.id] = (g.lease_id, float(cells))
         assert len(taken) == 4
         gate.open.set()
     finally:
@@ -339,6 +341,8 @@ def test_a_hung_worker_loses_its_task_and_its_late_completion_is_refused(env: En
         hung.stop(grace=10.0)
     assert hung.completed == 0  # both completions came too late and were refused
     assert env.scheduler.get(job_id).stages[0].tasks_done == 0
-    outcomes = env.scheduler.complete_many("other", [(lid, {}, {}) for lid in taken.values()])
+    outcomes = env.scheduler.complete_many(
+        "other", [(lid, {CHUNKS_WRITTEN: cells}, {}) for lid, cells in taken.values()]
+    )
     assert outcomes == [None] * 4
     assert env.scheduler.get(job_id).stages[0].tasks_done == 4
