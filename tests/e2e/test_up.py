@@ -63,6 +63,7 @@ class Lines:
     def _read(self, pipe: IO[bytes]) -> None:
         for raw in pipe:
             self._new.put(raw.decode(errors="replace").rstrip("\n"))
+        pipe.close()
         self._new.put(None)
 
     def wait_for(self, pattern: str, timeout_s: float) -> re.Match[str]:
@@ -142,6 +143,8 @@ class Up:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.out.rest()
+        self.err.rest()
 
 
 @pytest.fixture()
@@ -207,7 +210,7 @@ def test_watch_survives_a_scheduler_restart(up: Up, tmp_path: Path) -> None:
     assert RESUMED in watch_err.rest()
     records = [json.loads(line) for line in watch_out.rest().splitlines()]
     assert {"event": "resumed", "job_id": job.id} in records
-    assert records[-1]["state"] == "SUCCEEDED"
+    assert records[-1]["state"] == "JOB_STATE_SUCCEEDED"
     assert "Stream removed" not in "\n".join(watch_err.lines)
     got = np.asarray(Store(f"file://{up.store}").open_volume("volumes/watched.zarr")[:])
     np.testing.assert_array_equal(got, data)
@@ -215,11 +218,14 @@ def test_watch_survives_a_scheduler_restart(up: Up, tmp_path: Path) -> None:
 
 def test_roles_die_with_up(tmp_path: Path) -> None:
     running = Up(tmp_path)
-    pids = [running.pid(r) for r in running.roles]
-    assert all(alive(p) for p in pids)
-    running.proc.send_signal(signal.SIGKILL)
-    assert running.proc.wait(timeout=30) == -signal.SIGKILL
-    assert wait_gone(pids, 60) == []
+    try:
+        pids = [running.pid(r) for r in running.roles]
+        assert all(alive(p) for p in pids)
+        running.proc.send_signal(signal.SIGKILL)
+        assert running.proc.wait(timeout=30) == -signal.SIGKILL
+        assert wait_gone(pids, 60) == []
+    finally:
+        running.close()
 
 
 @pytest.fixture()
