@@ -3,7 +3,8 @@
 Covers: a role killed with SIGKILL is restarted on its port and a job completes;
 `up` killed with SIGKILL takes every role with it; a busy port (even one whose
 holder answers health checks) stops `up` with a non-zero exit naming the port;
-`deep3m watch` outlives a scheduler restart and follows the job to its end.
+`deep3m watch` outlives a scheduler restart and follows the job to its end; a
+restart onto a port taken meanwhile is refused by number.
 Every port is chosen free; every wait is on a condition with a deadline.
 """
 
@@ -14,6 +15,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +32,7 @@ import tifffile
 from deep3m.client.client import Deep3mClient
 from deep3m.client.progress import RESUMED
 from deep3m.core.store import Store
-from deep3m.launcher.local import free_port
+from deep3m.launcher.local import LocalCluster, LocalClusterSpec, PortInUseError, free_port
 from deep3m.testing.processes import alive, wait_gone
 from deep3m.v1 import common_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -268,3 +270,22 @@ def test_busy_port_is_named_and_up_fails(tmp_path: Path, health_server: int) -> 
     assert result.returncode != 0
     assert str(health_server) in result.stderr and "in use" in result.stderr
     assert "deep3m is up" not in result.stdout
+
+
+def test_restart_onto_a_port_taken_meanwhile_is_refused_by_number(tmp_path: Path) -> None:
+    spec = LocalClusterSpec(
+        store_url=str(tmp_path / "store"), roles=("scheduler",), log_dir=tmp_path / "logs"
+    )
+    reports: list[str] = []
+    with LocalCluster(spec) as cluster:
+        cluster.start(free_ports=True, timeout_s=120)
+        port = cluster.ports["scheduler"]
+        cluster.processes["scheduler"].kill()
+        cluster.processes["scheduler"].wait(timeout=30)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+            squatter.bind(("127.0.0.1", port))
+            squatter.listen(1)
+            with pytest.raises(PortInUseError) as caught:
+                cluster.supervise(threading.Event(), reports.append, poll_s=0.05)
+    assert caught.value.ports == {"scheduler": port} and str(port) in caught.value.message
+    assert reports and reports[0].startswith("scheduler exited with code -9; restarting in")
