@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from deep3m.client.client import Deep3mClient
 from deep3m.core.store import Store
-from deep3m.launcher.local import LocalCluster, LocalClusterSpec
+from deep3m.launcher.local import LocalCluster, LocalClusterSpec, free_port
 from deep3m.models.card import load_card
 from deep3m.testing.scheduler import save_random_model, write_volume
 from deep3m.v1 import common_pb2
@@ -132,7 +132,7 @@ def test_inference_worker_killed_mid_job(
     env = {
         **os.environ,
         "DEEP3M_STORE_URL": cluster.store_url,
-        "DEEP3M_GRPC_PORT": "0",
+        "DEEP3M_GRPC_PORT": str(free_port()),  # 0 would mean the role's default port
         "DEEP3M_METRICS_PORT": "0",
         "DEEP3M_HOST": "127.0.0.1",
         "DEEP3M_SCHEDULER_ADDRESS": cluster.scheduler_address,

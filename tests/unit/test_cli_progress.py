@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from deep3m.client.progress import JobProgress, TaskProgress, follow_job
@@ -20,7 +20,9 @@ class Replay:
     def __init__(self, events: Sequence[ProgressEvent]) -> None:
         self.events = list(events)
 
-    def watch(self, job_id: str) -> Iterator[ProgressEvent]:
+    def watch(
+        self, job_id: str, *, on_resume: Callable[[], None] | None = None
+    ) -> Iterator[ProgressEvent]:
         yield from (e for e in self.events if e.job_id == job_id)
 
     def get(self, job_id: str) -> common_pb2.Job:

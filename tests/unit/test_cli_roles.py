@@ -1,6 +1,8 @@
-"""`deep3m serve` refuses what it cannot run, with a message and a non-zero exit."""
+"""`deep3m serve` and `deep3m up` refuse what they cannot run: a message, a non-zero exit."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from deep3m.client.cli import app
@@ -21,3 +23,21 @@ def test_serve_with_a_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyP
     result = CliRunner().invoke(app, ["serve", "postprocess"])
     assert result.exit_code != 0
     assert "DEEP3M_GRPC_PORT" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--roles", "scheduler,frobnicate"], "frobnicate"),
+        (["--port", "scheduler"], "ROLE=N"),
+        (["--port", "tiling=70000"], "tiling=70000"),
+        (["--roles", "scheduler", "--port", "tiling=0"], "tiling=0"),
+    ],
+)
+def test_up_refuses_bad_roles_and_ports_before_starting_anything(
+    args: list[str], says: str, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(app, ["up", "--store", str(tmp_path / "s"), *args])
+    assert result.exit_code == 2
+    assert says in result.output
+    assert not (tmp_path / "s").exists()

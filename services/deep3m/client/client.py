@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -328,24 +328,63 @@ class Deep3mClient:
     def cancel(self, job_id: str) -> common_pb2.Job:
         return self._call(self._stub.CancelJob, scheduler_pb2.CancelJobRequest(job_id=job_id))
 
-    def watch(self, job_id: str, *, timeout_s: float | None = None) -> Iterator[ProgressEvent]:
+    def watch(
+        self,
+        job_id: str,
+        *,
+        timeout_s: float | None = None,
+        on_resume: Callable[[], None] | None = None,
+        reconnect_s: float = 300.0,
+    ) -> Iterator[ProgressEvent]:
         """The job's progress: its current state first, then every event until it ends.
 
-        ``timeout_s`` bounds the whole stream (TimeoutError when it runs out);
-        by default it runs as long as the job.
+        A stream the scheduler drops (it restarted, or the connection broke) is
+        opened again with backoff for up to ``reconnect_s``, and ``on_resume`` is
+        called once it answers; the new stream starts with the job's current
+        state, so only intermediate events are missed. A scheduler that cannot be
+        reached at the first attempt raises UnavailableError at once. ``timeout_s``
+        bounds the whole watch, reconnections included (TimeoutError when it runs
+        out); by default it runs as long as the job.
         """
-        call = self._stub.WatchJob(scheduler_pb2.WatchJobRequest(job_id=job_id), timeout=timeout_s)
-        try:
-            for msg in call:
-                yield event_from_proto(msg)
-        except grpc.RpcError as err:
-            if status_code(err) == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise TimeoutError(
-                    f"watching job {job_id!r}: no end within {timeout_s} s"
-                ) from None
-            raise from_rpc_error(err, address=self.address) from None
-        finally:
-            call.cancel()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        backoff = Backoff(initial_s=0.2, max_s=5.0, jitter=0.2)
+        pause = threading.Event()
+        lost_at: float | None = None
+        answered = False
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"watching job {job_id!r}: no end within {timeout_s} s")
+            call = self._stub.WatchJob(
+                scheduler_pb2.WatchJobRequest(job_id=job_id), timeout=remaining
+            )
+            try:
+                for msg in call:
+                    answered = True
+                    if lost_at is not None:
+                        lost_at = None
+                        backoff.reset()
+                        if on_resume is not None:
+                            on_resume()
+                    yield event_from_proto(msg)
+                return
+            except grpc.RpcError as err:
+                code = status_code(err)
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError(
+                        f"watching job {job_id!r}: no end within {timeout_s} s"
+                    ) from None
+                if not (answered and _stream_lost(err)):
+                    raise from_rpc_error(err, address=self.address) from None
+                lost_at = time.monotonic() if lost_at is None else lost_at
+                if time.monotonic() - lost_at > reconnect_s:
+                    raise from_rpc_error(err, address=self.address) from None
+            finally:
+                call.cancel()
+            wait_s = backoff.next_delay()
+            if deadline is not None:
+                wait_s = min(wait_s, max(deadline - time.monotonic(), 0.0))
+            pause.wait(wait_s)
 
     def wait(self, job_id: str, timeout_s: float) -> common_pb2.Job:
         """Block until the job ends (across scheduler restarts); TimeoutError after timeout_s."""
@@ -364,10 +403,22 @@ class Deep3mClient:
                 if is_terminal(job):
                     return job
             except UnavailableError:
-                # The scheduler is restarting: wait a little and watch again.
+                # The scheduler went away between the stream and the call: try again.
                 pause.wait(min(backoff.next_delay(), max(deadline - time.monotonic(), 0.0)))
 
     def queue_stats(self) -> dict[str, dict[str, int]]:
         """``{role: {"pending": n, "leased": n}}`` for every worker role."""
         reply = self._call(self._stub.GetQueueStats, scheduler_pb2.GetQueueStatsRequest())
         return {r.role: {"pending": int(r.pending), "leased": int(r.leased)} for r in reply.roles}
+
+
+def _stream_lost(err: grpc.RpcError) -> bool:
+    """Whether a watch stream ended because the scheduler went away, not because of the job."""
+    code = status_code(err)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    # A server killed mid-stream: gRPC reports the half-read stream as UNKNOWN/INTERNAL.
+    details = (err.details() if isinstance(err, grpc.Call) else "") or ""
+    return code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and any(
+        text in details for text in ("Stream removed", "Socket closed", "Connection reset")
+    )

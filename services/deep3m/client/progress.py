@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TextIO
 
@@ -41,10 +41,13 @@ VALIDATION_KEYS = ("val_loss", "accuracy", "precision", "recall", "f1", "jaccard
 _SHORT = {"val_loss": "val loss", "precision": "P", "recall": "R", "f1": "F1", "jaccard": "J"}
 # Weight of the newest measurement in the smoothed iteration rate.
 _RATE_SMOOTHING = 0.5
+RESUMED = "scheduler restarted; resuming"
 
 
 class _Client(Protocol):
-    def watch(self, job_id: str) -> Iterable[ProgressEvent]: ...
+    def watch(
+        self, job_id: str, *, on_resume: Callable[[], None] | None = None
+    ) -> Iterable[ProgressEvent]: ...
 
     def get(self, job_id: str) -> common_pb2.Job: ...
 
@@ -294,28 +297,37 @@ def follow_job(
 ) -> common_pb2.Job:
     """Consume ``client.watch(job_id)`` until the job ends, showing it; returns the final job.
 
-    ``live`` falls back to ``lines`` when ``console`` is not a terminal.
+    ``live`` falls back to ``lines`` when ``console`` is not a terminal. A watch
+    that outlives a scheduler restart says so on ``console`` (and, for ``json``,
+    as an ``"event": "resumed"`` line) and carries on.
     """
     if display == "live" and not console.is_terminal:
         display = "lines"
     job = JobProgress(job_id)
+
+    def resumed() -> None:
+        console.print(RESUMED, markup=False, highlight=False)
+        if display == "json" and stream is not None:
+            stream.write(json.dumps({"event": "resumed", "job_id": job_id}) + "\n")
+            stream.flush()
+
     if display == "live":
         live = _Live(console)
         with live.progress:
-            for event in client.watch(job_id):
+            for event in client.watch(job_id, on_resume=resumed):
                 live.show(event, job.update(event))
     elif display == "lines":
         lines = _Lines(console, line_interval_s)
-        for event in client.watch(job_id):
+        for event in client.watch(job_id, on_resume=resumed):
             lines.show(event, job.update(event))
     elif display == "json":
         if stream is None:
             raise ValueError("display 'json' needs a stream")
-        for event in client.watch(job_id):
+        for event in client.watch(job_id, on_resume=resumed):
             record = event_record(event, job.update(event).task)
             stream.write(json.dumps(record, allow_nan=False) + "\n")
             stream.flush()
     else:
-        for event in client.watch(job_id):
+        for event in client.watch(job_id, on_resume=resumed):
             job.update(event)
     return client.get(job_id)

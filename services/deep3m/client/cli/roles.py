@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from deep3m.client.cli.app import app, console, error, errors_exit, fail, out, settings, state
@@ -28,37 +30,87 @@ def serve(role: str = typer.Argument(..., help=f"One of: {', '.join(ROLES)}")) -
     run_role(role, settings())
 
 
+def _ports(values: list[str], roles: tuple[str, ...]) -> dict[str, int]:
+    ports: dict[str, int] = {}
+    for value in values:
+        role, _, number = value.partition("=")
+        if role not in roles or not number.isdigit() or int(number) > 65535:
+            raise fail(
+                f"--port must be ROLE=N with ROLE one of {', '.join(roles)} and N in "
+                f"0..65535 (0: any free port), got {value!r}",
+                2,
+                field="port",
+            )
+        ports[role] = int(number)
+    return ports
+
+
 @app.command()
 def up(
     store: str = typer.Option(DEFAULT_STORE, help="Store URL or folder."),
     log_dir: Path = typer.Option(Path(DEFAULT_STORE) / "logs", help="Role logs go here."),
     metrics: bool = typer.Option(False, help="Expose Prometheus endpoints on free ports."),
+    roles: str = typer.Option(",".join(ROLES), help="Comma-separated roles to run."),
+    port: list[str] = typer.Option(
+        [], "--port", help="ROLE=N: listen on port N (0: any free port); repeatable."
+    ),
 ) -> None:
-    """Run the scheduler and one worker per role on localhost until Ctrl-C."""
-    cluster = LocalCluster(LocalClusterSpec(store_url=store, log_dir=log_dir, metrics=metrics))
+    """Run the scheduler and one worker per role on localhost until Ctrl-C.
+
+    A role that exits is restarted on its port after a backoff (0.5 s, doubling
+    up to 30 s); every role stops when this command ends, however it ends.
+    """
+    chosen = tuple(r for r in roles.split(",") if r)
+    unknown = [r for r in chosen if r not in ROLES]
+    if unknown or not chosen:
+        raise fail(f"--roles: unknown role(s) {unknown}; choose from {', '.join(ROLES)}", 2)
+    spec = LocalClusterSpec(
+        store_url=store,
+        roles=chosen,
+        base_ports=_ports(port, chosen),
+        log_dir=log_dir,
+        metrics=metrics,
+    )
+    cluster = LocalCluster(spec)
+    # SIGTERM ends `up` like Ctrl-C: the roles are stopped in order on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        cluster.start()
-    except Deep3mError as exc:
-        raise error(exc) from exc
-    table = Table(title="deep3m is up", show_header=True)
-    table.add_column("role")
-    table.add_column("address")
-    for role in cluster.processes:
-        table.add_row(role, cluster.address(role))
-    out.print(table)
-    out.print(f"store: {cluster.store_url}\nlogs: {log_dir}\nCtrl-C stops every role.")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(1.0):
-            dead = [r for r, alive in cluster.running().items() if not alive]
-            if dead:
-                console.print(f"[red]role(s) exited:[/red] {', '.join(dead)}; stopping")
-                break
+        try:
+            cluster.start()
+        except Deep3mError as exc:
+            raise error(exc) from exc
+        if state.json:
+            summary = {
+                "store": cluster.store_url,
+                "logs": str(log_dir),
+                "roles": {
+                    r: {"address": cluster.address(r), "pid": p.pid}
+                    for r, p in cluster.processes.items()
+                },
+            }
+            # One line, flushed: scripts read it while `up` keeps running.
+            sys.stdout.write(json.dumps(summary) + "\n")
+            sys.stdout.flush()
+        else:
+            table = Table(title="deep3m is up", show_header=True)
+            for column in ("role", "address", "pid"):
+                table.add_column(column)
+            for r, p in cluster.processes.items():
+                table.add_row(r, cluster.address(r), str(p.pid))
+            out.print(table)
+            out.print(f"store: {cluster.store_url}\nlogs: {log_dir}\nCtrl-C stops every role.")
+        try:
+            cluster.supervise(threading.Event(), _report)
+        except Deep3mError as exc:
+            raise error(exc) from exc
     except KeyboardInterrupt:
         pass
     finally:
         cluster.stop()
+
+
+def _report(message: str) -> None:
+    console.print(f"[yellow]{escape(message)}[/yellow]", soft_wrap=True, highlight=False)
 
 
 @app.command()
