@@ -121,6 +121,8 @@ class Up:
                 *ports,
             ],
             env=_env(),
+            # Started in the folder holding the test's data: `up` reads inputs from there.
+            cwd=root,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

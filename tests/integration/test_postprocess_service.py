@@ -211,7 +211,7 @@ def test_evaluate_with_min_size_and_overlays(
     put(store, "volumes/img.zarr", (prob * 255).astype(np.uint8), kind="image")
     request = postprocess_pb2.EvaluateRequest(
         prediction=ref("volumes/p.zarr"), ground_truth=ref("volumes/gt.zarr"), threshold=0.6,
-        min_size_voxels=40, overlays=str(tmp_path / "errors"), image=ref("volumes/img.zarr"),
+        min_size_voxels=40, overlays="exports/errors", image=ref("volumes/img.zarr"),
         overlay_slices=[1, 5],
     )  # fmt: skip
     reply = stub.Evaluate(request, timeout=WAIT_S)
@@ -228,7 +228,9 @@ def test_evaluate_with_min_size_and_overlays(
         want.true_positives, want.false_positives,
     )  # fmt: skip
     assert [Path(f).name for f in reply.overlays] == ["errors_0001.png", "errors_0005.png"]
-    assert all(Path(f).is_file() for f in reply.overlays)
+    # A relative destination is a place in the store, never the server's working folder.
+    inside = Path(store.url.removeprefix("file://")) / "exports" / "errors"
+    assert all(Path(f).is_file() and Path(f).parent == inside for f in reply.overlays)
     expect_error(
         stub.Evaluate,
         postprocess_pb2.EvaluateRequest(

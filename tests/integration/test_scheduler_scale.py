@@ -14,19 +14,27 @@ import grpc
 import numpy as np
 import pytest
 from deep3m.core.errors import FailedPreconditionError, UnavailableError
-from deep3m.core.store import Store
+from deep3m.core.geometry import grid_cells
+from deep3m.core.store import FileStore, Store
 from deep3m.launcher.local import free_port
 from deep3m.runtime.interceptor import ErrorMappingInterceptor
 from deep3m.runtime.scheduler_client import GrpcSchedulerClient
 from deep3m.runtime.server import create_server
 from deep3m.runtime.settings import Settings
+from deep3m.runtime.task import CHUNKS_WRITTEN
 from deep3m.scheduler.app import SchedulerApp
 from deep3m.scheduler.app import build as build_scheduler
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.persistence import FINISHED_KEY, JobStore
 from deep3m.scheduler.service import SchedulerServicer
-from deep3m.testing.scheduler import ManualClock, predict_spec, save_test_model, write_volume
-from deep3m.v1 import scheduler_pb2, scheduler_pb2_grpc
+from deep3m.testing.scheduler import (
+    ManualClock,
+    lease_cells,
+    predict_spec,
+    save_test_model,
+    write_volume,
+)
+from deep3m.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SHAPE = (4, 32, 32)
@@ -35,7 +43,7 @@ N_BLOCKS = 16
 WAIT_S = 30.0
 
 
-class GatedStore(Store):
+class GatedStore(FileStore):
     """A real file store whose writes (or reads) of keys containing ``key_part`` wait
     at a gate; ``entered`` is set when one is waiting."""
 
@@ -63,6 +71,18 @@ class GatedStore(Store):
         if self.reads:
             self._wait(key)
         return super().read_bytes(key)
+
+
+def owned(grant: Any, voxels: float | None = None) -> dict[str, float]:
+    """Completion metrics of a predict task: the chunks its block owns (checked)."""
+    if not isinstance(grant, common_pb2.TaskLease) and grant.task.block is None:
+        return {} if voxels is None else {"voxels": voxels}  # not a block task
+    cells = (
+        lease_cells(grant)
+        if isinstance(grant, common_pb2.TaskLease)
+        else float(grid_cells(grant.task.block.core, grant.volumes["output"].grid))
+    )
+    return {CHUNKS_WRITTEN: cells, **({"voxels": voxels} if voxels is not None else {})}
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -103,10 +123,10 @@ def test_a_batch_of_completions_is_one_document_and_each_is_answered(
     job_id = submit(s)
     grants = s.lease("w", "inference", 10)
     other = s.lease("x", "inference", 1)[0]
-    batch = [(g.lease_id, {"voxels": 256.0}, {}) for g in grants]
+    batch = [(g.lease_id, owned(g, 256.0), {}) for g in grants]
     # A forged lease and another worker's lease are refused; the rest are recorded.
     batch.insert(3, ("forged", {}, {}))
-    batch.append((other.lease_id, {}, {}))
+    batch.append((other.lease_id, owned(other), {}))
     outcomes = s.complete_many("w", batch)
     assert [o is None for o in outcomes] == [True] * 3 + [False] + [True] * 7 + [False]
     assert isinstance(outcomes[3], FailedPreconditionError)
@@ -138,11 +158,11 @@ def test_a_batch_the_store_refuses_is_unavailable_and_the_leases_still_held(
     job_id = submit(s)
     grants = s.lease("w", "inference", 4)
     store.fail_writes = True
-    outcomes = s.complete_many("w", [(g.lease_id, {}, {}) for g in grants])
+    outcomes = s.complete_many("w", [(g.lease_id, owned(g), {}) for g in grants])
     assert all(isinstance(o, UnavailableError) for o in outcomes)
     assert s.get(job_id).stages[0].tasks_done == 0
     store.fail_writes = False
-    assert s.complete_many("w", [(g.lease_id, {}, {}) for g in grants]) == [None] * 4
+    assert s.complete_many("w", [(g.lease_id, owned(g), {}) for g in grants]) == [None] * 4
     assert s.get(job_id).stages[0].tasks_done == 4
 
 
@@ -161,9 +181,11 @@ def test_no_store_write_happens_under_the_scheduler_lock(settings: Settings, key
             target=s.fail, args=(grants[0].lease_id, "w", _error(), False), daemon=True
         )
     elif key_part == "/stages/1.json":  # the last block starts the next stage
-        ok = s.complete_many("w", [(g.lease_id, {}, {}) for g in grants[:-1]])
+        ok = s.complete_many("w", [(g.lease_id, owned(g), {}) for g in grants[:-1]])
         assert ok == [None] * (N_BLOCKS - 1)
-        action = threading.Thread(target=s.complete, args=(grants[-1].lease_id, "w"), daemon=True)
+        action = threading.Thread(
+            target=s.complete, args=(grants[-1].lease_id, "w", owned(grants[-1])), daemon=True
+        )
     else:
         action = threading.Thread(target=s.cancel, args=(slow,), daemon=True)
     action.start()
@@ -308,7 +330,9 @@ def test_the_port_answers_not_serving_until_recovery_ends(tmp_path: Path) -> Non
 def finish_job(s: Scheduler, job_id: str) -> None:
     for role in ("inference", "postprocess"):
         grants = [g for g in s.lease("w", role, 256) if g.job_id == job_id]
-        assert s.complete_many("w", [(g.lease_id, {}, {}) for g in grants]) == [None] * len(grants)
+        assert s.complete_many("w", [(g.lease_id, owned(g), {}) for g in grants]) == [None] * len(
+            grants
+        )
 
 
 def test_finished_jobs_are_indexed_loaded_when_asked_and_pruned(settings: Settings) -> None:
@@ -374,7 +398,7 @@ def test_a_worker_completes_one_by_one_against_a_scheduler_without_batches(
     client = GrpcSchedulerClient(f"127.0.0.1:{port}")
     try:
         leases = client.lease("w", "inference", 3, 30.0, timeout=5.0)
-        batch = [(lease.lease_id, {"voxels": 1.0}, {}) for lease in leases]
+        batch = [(lease.lease_id, owned(lease, 1.0), {}) for lease in leases]
         outcomes = client.complete_many("w", [*batch, ("forged", {}, {})], timeout=5.0)
     finally:
         client.close()
