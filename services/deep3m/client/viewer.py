@@ -39,6 +39,11 @@ from deep3m.core.store import Store, check_key
 LayerKind = Literal["image", "probabilities", "segmentation"]
 S3Access = Literal["proxy", "presign", "public"]
 DATA_PREFIX = "/data/"
+# The client in the wheel is the one the neuroglancer Python server serves: it finds its
+# server's paths from ``/v/<token>/`` and takes its state from ``/events/<token>``.
+TOKEN = "deep3m"
+CLIENT_PREFIX = f"/v/{TOKEN}/"
+EVENTS_PATH = f"/events/{TOKEN}"
 LOOPBACK = "127.0.0.1"
 # A pre-signed URL outlives any viewing session it is made for.
 PRESIGN_SECONDS = 12 * 3600
@@ -128,6 +133,9 @@ class _Server(ThreadingHTTPServer):
         self.client = client.resolve()
         self.s3 = s3
         self.log = RequestLog()
+        self.state: dict[str, Any] = {}
+        self.closing = threading.Event()
+        self.hold_events = True
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -170,8 +178,14 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if path.startswith(DATA_PREFIX):
                 self._data(path.removeprefix(DATA_PREFIX), head=head)
+            elif path == EVENTS_PATH:
+                self._events()
+            elif path.startswith(CLIENT_PREFIX):
+                self._static(path.removeprefix(CLIENT_PREFIX), head=head)
+            elif path == "/":
+                self._answer(HTTPStatus.FOUND, b"", {"Location": CLIENT_PREFIX}, head=head)
             else:
-                self._static(path, head=head)
+                raise NotFoundError(f"{path} is not served here", field="path")
         except NotFoundError as exc:
             self._answer(HTTPStatus.NOT_FOUND, exc.message.encode(), head=head)
         except InvalidArgumentError as exc:
@@ -203,8 +217,28 @@ class _Handler(BaseHTTPRequestHandler):
         body = b"" if head else store.read_range(key, start, stop)
         self._answer(HTTPStatus.PARTIAL_CONTENT, body, headers, head=head)
 
+    def _events(self) -> None:
+        """The viewer state, once, as the Python server's event stream sends it."""
+        message = {"k": "s", "s": self.server.state, "g": "1"}
+        body = f"data: {json.dumps(message)}\n\n".encode()
+        self.send_response(HTTPStatus.OK)
+        self._cors()
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        self.server.log.add(EVENTS_PATH, HTTPStatus.OK)
+        self.close_connection = True
+        # Held open until the viewer closes, as the Python server holds it: a stream that
+        # ends reads as a lost server (the client says so, and reconnects). Headless
+        # screenshots end it at once, or the page would never finish loading.
+        if self.server.hold_events:
+            self.server.closing.wait()
+
     def _static(self, path: str, *, head: bool) -> None:
-        name = posixpath.normpath(path).lstrip("/") or "index.html"
+        name = posixpath.normpath("/" + path).lstrip("/") or "index.html"
         file = (self.server.client / name).resolve()
         if not file.is_relative_to(self.server.client) or not file.is_file():
             raise NotFoundError(f"{path} is not a file of the viewer", field="path")
@@ -262,6 +296,7 @@ class Viewer:
         port: int = 0,
         s3: S3Access = "proxy",
         storage_options: Mapping[str, Any] | None = None,
+        hold_events: bool = True,
     ) -> None:
         if not layers:
             raise InvalidArgumentError("nothing to view: no layers", field="volume")
@@ -287,6 +322,8 @@ class Viewer:
             raise FailedPreconditionError(
                 f"cannot listen on {LOOPBACK}:{port}: {exc}", field="port"
             ) from exc
+        self._server.state = self.state
+        self._server.hold_events = hold_events
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="deep3m-viewer", daemon=True
         )
@@ -315,9 +352,10 @@ class Viewer:
 
     @property
     def link(self) -> str:
-        return viewer_link(self.url, self.state)
+        return viewer_link(f"{self.url}{CLIENT_PREFIX}", self.state)
 
     def close(self) -> None:
+        self._server.closing.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
