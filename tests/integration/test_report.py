@@ -86,11 +86,20 @@ def job(data_dir: Path, tmp_path: Path) -> tuple[Store, np.ndarray, np.ndarray]:
     neither 0 nor 1), with a model card."""
     folder = data_dir / "cdeep3m-mito" / "validation"
     image = np.stack(
-        [np.asarray(Image.open(p))[:CROP, :CROP] for p in sorted((folder / "images").glob("*.png"))[:SLICES]]
+        [
+            np.asarray(Image.open(p))[:CROP, :CROP]
+            for p in sorted((folder / "images").glob("*.png"))[:SLICES]
+        ]
     )
-    mask = np.stack(
-        [np.asarray(Image.open(p))[:CROP, :CROP] for p in sorted((folder / "labels").glob("*.png"))[:SLICES]]
-    ) > 0
+    mask = (
+        np.stack(
+            [
+                np.asarray(Image.open(p))[:CROP, :CROP]
+                for p in sorted((folder / "labels").glob("*.png"))[:SLICES]
+            ]
+        )
+        > 0
+    )
     prob = ndimage.gaussian_filter(np.roll(mask, 6, axis=2).astype(np.float32), (0, 3, 3))
     store = Store(f"file://{tmp_path}/store")
     for path, data, kind in (
@@ -156,7 +165,10 @@ def test_report_page_holds_the_job_model_accuracy_objects_and_figures(
     )
     job_rows = dict((r[0], r[1]) for r in page.tables["job"][1:])
     assert job_rows["state"] == "SUCCEEDED" and job_rows["kind"] == "predict"
-    assert [r[1] for r in page.tables["volumes"][1:]] == ["volumes/val.zarr", "volumes/val-prob.zarr"]
+    assert [r[1] for r in page.tables["volumes"][1:]] == [
+        "volumes/val.zarr",
+        "volumes/val-prob.zarr",
+    ]
     model_rows = dict((r[0], r[1]) for r in page.tables["model"][1:])
     assert model_rows["architecture"] == "deepem3d" and model_rows["metric f1"] == "0.81"
     # Accuracy as a whole-volume computation gives it.
@@ -169,7 +181,7 @@ def test_report_page_holds_the_job_model_accuracy_objects_and_figures(
     assert 0.2 < whole.f1 < 0.95  # the shifted labels are neither perfect nor useless
     assert summary["accuracy"]["f1"] == pytest.approx(whole.f1)
     # Objects: scipy's components of the thresholded map, without those below 20 voxels.
-    labels, n = ndimage.label(prob >= 0.5)
+    labels, _ = ndimage.label(prob >= 0.5)
     sizes = np.bincount(labels.ravel())[1:]
     assert summary["objects"]["count"] == int((sizes >= 20).sum()) > 0
     shown = page.tables["objects"][1:]
@@ -207,7 +219,9 @@ def test_report_errors_name_the_job_and_the_volume(
 
 
 @pytest.mark.slow
-def test_report_renders_in_chromium(job: tuple[Store, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+def test_report_renders_in_chromium(
+    job: tuple[Store, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
     if find_chromium() is None:
         pytest.skip("chromium not found (apt-get install chromium; .ci/run installs it)")
     store, _, _ = job

@@ -110,9 +110,9 @@ def test_server_ranges_cors_client_files_and_errors(em: Store) -> None:
 
 
 def test_viewer_refuses_missing_volumes_and_s3_modes_on_files(em: Store) -> None:
-    with pytest.raises(NotFoundError, match="volumes/nope.zarr"):
+    with pytest.raises(NotFoundError, match=r"volumes/nope\.zarr"):
         Viewer(em, [Layer("image", "volumes/nope.zarr", "image")])
-    with pytest.raises(InvalidArgumentError, match="s3://"):
+    with pytest.raises(InvalidArgumentError, match=r"s3://"):
         Viewer(em, [Layer("image", "volumes/em.zarr", "image")], s3="presign")
 
 

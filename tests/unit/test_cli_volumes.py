@@ -284,7 +284,7 @@ def test_evaluate_min_size_and_error_overlays(vols: Volumes, tmp_path: Path) -> 
         "--store", vols.url,
     )  # fmt: skip
     # The 4-voxel speck is no object at --min-size 5; without it, one more.
-    pred_labels, n_pred = _components(vols.prob >= 0.5)
+    _, n_pred = _components(vols.prob >= 0.5)
     assert r["min_size_voxels"] == 5 and r["objects"]["predicted"] == n_pred - 1
     assert [Path(f).name for f in r["overlays"]] == [p.name for p in sorted(folder.iterdir())]
     assert len(r["overlays"]) == 2
@@ -300,7 +300,9 @@ def test_evaluate_min_size_and_error_overlays(vols: Volumes, tmp_path: Path) -> 
     assert len(np.unique(body[neither][:, 0])) > 10
 
 
-def test_evaluate_text_lists_overlays_and_rejects_image_alone(vols: Volumes, tmp_path: Path) -> None:
+def test_evaluate_text_lists_overlays_and_rejects_image_alone(
+    vols: Volumes, tmp_path: Path
+) -> None:
     folder = tmp_path / "errs"
     result = run(
         "evaluate", "volumes/prob.zarr", "volumes/gt.zarr", "--overlays", str(folder),

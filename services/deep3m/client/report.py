@@ -165,13 +165,18 @@ def _job_section(job_id: str, record: Mapping[str, Any], result: Mapping[str, An
         parts.append(
             _table(
                 ("stage", "tasks", "done", "quarantined"),
-                [[n, c.get("total"), c.get("done"), c.get("quarantined")] for n, c in stages.items()],
+                [
+                    [n, c.get("total"), c.get("done"), c.get("quarantined")]
+                    for n, c in stages.items()
+                ],
             )
         )
     errors = (result or {}).get("errors") or []
     if errors:
         parts.append(
-            _table(("task", "error"), [[e.get("task_id", ""), e.get("message", "")] for e in errors])
+            _table(
+                ("task", "error"), [[e.get("task_id", ""), e.get("message", "")] for e in errors]
+            )
         )
     volumes = record.get("volumes") or {}
     if volumes:
@@ -180,10 +185,15 @@ def _job_section(job_id: str, record: Mapping[str, Any], result: Mapping[str, An
             _table(
                 ("role", "path", "shape", "dtype", "voxel size (nm)"),
                 [
-                    [name, v.get("path", ""), v.get("shape", []), v.get("dtype", ""),
-                     v.get("voxel_size_nm", [])]
+                    [
+                        name,
+                        v.get("path", ""),
+                        v.get("shape", []),
+                        v.get("dtype", ""),
+                        v.get("voxel_size_nm", []),
+                    ]
                     for name, v in volumes.items()
-                ],  # fmt: skip
+                ],
                 cls="volumes",
             )
         )
@@ -199,7 +209,7 @@ def _model_section(store: Store, model_id: str) -> tuple[str, dict[str, Any] | N
         card = load_card(store, model_id)
     except Deep3mError as exc:
         return f"<h2>Model</h2><p class='note'>model {_e(model_id)}: {_e(exc.message)}</p>", None
-    rows = [
+    rows: list[list[Any]] = [
         ["id", card.id], ["architecture", card.architecture], ["width", card.width],
         ["iterations", card.iterations], ["voxel size (nm)", list(card.voxel_size_nm)],
         ["halo (z, y, x)", list(card.halo)],
@@ -223,7 +233,7 @@ def _overlay_slices(depth: int, chosen: Sequence[int]) -> list[int]:
     if chosen:
         return list(chosen)
     count = min(DEFAULT_OVERLAYS, depth)
-    return sorted({int(round(z)) for z in np.linspace(0, depth - 1, count)})
+    return sorted({round(z) for z in np.linspace(0, depth - 1, count)})
 
 
 def _accuracy_section(
@@ -320,10 +330,20 @@ def _objects_section(
         ]  # fmt: skip
         parts.append(
             _table(
-                ("label", "voxels", "volume (µm³)", "z (µm)", "y (µm)", "x (µm)",
-                 "mean probability", "solidity", "sphericity"),
-                rows, cls="objects",
-            )  # fmt: skip
+                (
+                    "label",
+                    "voxels",
+                    "volume (µm³)",
+                    "z (µm)",
+                    "y (µm)",
+                    "x (µm)",
+                    "mean probability",
+                    "solidity",
+                    "sphericity",
+                ),
+                rows,
+                cls="objects",
+            )
         )
         parts.append(
             f"<p class='note'>the {len(rows)} largest of {len(table):,}; "
@@ -335,12 +355,14 @@ def _objects_section(
     (folder / "sizes.csv").write_text(histogram.to_csv())
     parts.append("<h3>Density and sizes</h3>")
     parts.append(
-        _figure(folder, "density.png", density_profile_png(profile),
-                f"objects per mm³ along z, y and x ({spec.window_um:g} µm window)")  # fmt: skip
+        _figure(
+            folder,
+            "density.png",
+            density_profile_png(profile),
+            f"objects per mm³ along z, y and x ({spec.window_um:g} µm window)",
+        )
     )
-    parts.append(
-        _figure(folder, "sizes.png", size_histogram_png(histogram), "object volumes")
-    )
+    parts.append(_figure(folder, "sizes.png", size_histogram_png(histogram), "object volumes"))
     return "\n".join(parts), figures
 
 

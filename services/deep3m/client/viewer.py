@@ -125,9 +125,7 @@ class RequestLog:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(
-        self, address: tuple[str, int], store: Store, client: Path, s3: S3Access
-    ) -> None:
+    def __init__(self, address: tuple[str, int], store: Store, client: Path, s3: S3Access) -> None:
         super().__init__(address, _Handler)
         self.store = store
         self.client = client.resolve()
@@ -142,7 +140,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # the request log records each answer; stderr stays quiet
 
     def _cors(self) -> None:
@@ -164,13 +162,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         self.server.log.add(urlsplit(self.path).path, status)
 
-    def do_OPTIONS(self) -> None:  # noqa: N802
+    def do_OPTIONS(self) -> None:
         self._answer(HTTPStatus.NO_CONTENT, b"", head=True)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._serve(head=False)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._serve(head=True)
 
     def _serve(self, *, head: bool) -> None:
@@ -301,9 +299,7 @@ class Viewer:
         if not layers:
             raise InvalidArgumentError("nothing to view: no layers", field="volume")
         if s3 != "proxy" and store.scheme != "s3":
-            raise InvalidArgumentError(
-                f"--{s3} needs an s3:// store, not {store.url}", field=s3
-            )
+            raise InvalidArgumentError(f"--{s3} needs an s3:// store, not {store.url}", field=s3)
         if not 0 <= port < 65536:
             raise InvalidArgumentError(f"port must lie in 0..65535, got {port}", field="port")
         for layer in layers:
@@ -376,7 +372,11 @@ def label_images(store: Store, path: str) -> list[str]:
         meta = store.read_json(f"{key}/zarr.json")
     except Deep3mError:
         return []
-    names = meta.get("attributes", {}).get("ome", {}).get("labels", []) if isinstance(meta, dict) else []
+    names = (
+        meta.get("attributes", {}).get("ome", {}).get("labels", [])
+        if isinstance(meta, dict)
+        else []
+    )
     return [f"{key}/{n}" for n in names if isinstance(n, str) and n]
 
 

@@ -220,15 +220,18 @@ def view(
     volume: str = typer.Argument(..., help="Image volume. " + VOLUME_HELP),
     probabilities: str = typer.Option("", "--probabilities", "-p", help="Probability volume."),
     segmentation: list[str] = typer.Option(
-        [], "--segmentation", "-s",
+        [],
+        "--segmentation",
+        "-s",
         help="Label volume (repeatable); default: the label images inside the volumes.",
-    ),  # fmt: skip
+    ),
     port: int = typer.Option(0, "--port", min=0, max=65535, help="Loopback port (0: any free)."),
     s3: S3Mode = typer.Option(
-        S3Mode.proxy, "--s3",
+        S3Mode.proxy,
+        "--s3",
         help="S3 stores: proxy (read here, with your credentials), presign (redirect to "
         "pre-signed URLs; the bucket must allow CORS) or public (link the bucket directly).",
-    ),  # fmt: skip
+    ),
     store: str | None = typer.Option(None, "--store", help=STORE_HELP),
 ) -> None:
     """Serve volumes to Neuroglancer on loopback and print the link that opens them."""
