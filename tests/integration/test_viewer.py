@@ -21,6 +21,7 @@ from deep3m.client.viewer import Layer, Viewer, default_layers, parse_range
 from deep3m.core.errors import InvalidArgumentError, NotFoundError
 from deep3m.core.store import Store
 from deep3m.testing.browser import find_chromium, screenshot
+from deep3m.testing.seaweed import SeaweedServer
 from PIL import Image
 
 SLICES = 4
@@ -191,3 +192,43 @@ def test_link_renders_image_probabilities_and_segmentation_in_chromium(
     # Chunks never written (all background) are absent (404); nothing else may fail.
     failed = [(p, s) for p, s in viewer.log.entries if s >= 400 and s != 404]
     assert not failed, failed
+
+
+@pytest.mark.s3
+def test_s3_store_proxied_presigned_and_public(s3_server: SeaweedServer, s3_prefix: str) -> None:
+    store = Store(s3_prefix, s3_server.storage_options)
+    data = np.arange(4 * 32 * 32, dtype=np.uint16).reshape(4, 32, 32)
+    arr = store.create_volume(
+        "volumes/v.zarr", data.shape, data.dtype, voxel_size_nm=VOXEL_NM, chunk_shape=(2, 16, 16)
+    )
+    arr[:] = data
+    store.mark_complete("volumes/v.zarr")
+    chunk = next(iter(store.walk_files("volumes/v.zarr/0/c")))
+    whole = store.read_bytes(chunk)
+    layers = [Layer("image", "volumes/v.zarr", "image")]
+    # proxy: read here with the store's credentials, ranges included.
+    with Viewer(store, layers) as viewer:
+        status, _, part = _get(f"{viewer.url}/data/{chunk}", {"Range": "bytes=-4"})
+        assert status == 206 and part == whole[-4:]
+    # presign: the server redirects to a pre-signed URL that reads without credentials.
+    with Viewer(store, layers, s3="presign") as viewer:
+        request = urllib.request.Request(f"{viewer.url}/data/{chunk}")
+        opener = urllib.request.build_opener(_NoRedirect)
+        with pytest.raises(urllib.error.HTTPError) as redirect:
+            opener.open(request, timeout=30)
+        redirect.value.close()
+        assert redirect.value.code == 307
+        target = redirect.value.headers["Location"]
+        assert "Signature" in target or "X-Amz-Signature" in target
+        with urllib.request.urlopen(target, timeout=30) as response:
+            assert response.read() == whole
+    # public: the link names the bucket's own HTTP URL.
+    with Viewer(store, layers, s3="public", storage_options=s3_server.storage_options) as viewer:
+        source = viewer.state["layers"][0]["source"]
+        bucket_path = s3_prefix.removeprefix("s3://")
+        assert source == f"zarr3://{s3_server.endpoint_url}/{bucket_path}/volumes/v.zarr/"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
