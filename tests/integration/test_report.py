@@ -20,7 +20,7 @@ from deep3m.core.store import Store
 from deep3m.models.card import MemberCard, ModelCard, save_card
 from deep3m.scheduler.kinds.base import VolumeFacts
 from deep3m.scheduler.persistence import JobRecord, JobStore
-from deep3m.testing.browser import find_chromium, screenshot
+from deep3m.testing.browser import dump_dom, find_chromium, screenshot
 from deep3m.v1 import common_pb2
 from PIL import Image
 from scipy import ndimage
@@ -237,3 +237,8 @@ def test_report_renders_in_chromium(
     # Text, tables and the embedded figures: far more than a blank or broken page.
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200
     assert (pixels < 128).any(axis=2).mean() > 0.01
+    # The browser parsed the page into the same tables and images the file holds.
+    rendered = Page()
+    rendered.feed(dump_dom((out / "index.html").as_uri()))
+    assert {"job", "model", "accuracy", "objects"} <= set(rendered.tables)
+    assert len(rendered.images) == 5  # three error overlays, density, sizes

@@ -43,17 +43,12 @@ class ReportSpec:
     viewer_link: str = ""
 
     def __post_init__(self) -> None:
+        from deep3m.postprocess.labels import LabelSpec
+
         if self.ground_truth:
             check_key(self.ground_truth)
-        if not 0.0 < self.threshold <= 1.0:
-            raise InvalidArgumentError(
-                f"threshold must lie in (0, 1], got {self.threshold}", field="threshold"
-            )
-        if self.min_size_voxels < 0:
-            raise InvalidArgumentError(
-                f"min_size_voxels must be >= 0, got {self.min_size_voxels}",
-                field="min_size_voxels",
-            )
+        # The objects are labelled as `label` labels them: the same checks.
+        LabelSpec(threshold=self.threshold, min_size_voxels=self.min_size_voxels)
         if not self.window_um > 0:
             raise InvalidArgumentError(
                 f"window_um must be > 0, got {self.window_um}", field="window_um"

@@ -30,6 +30,17 @@ def find_chromium() -> str | None:
     return None
 
 
+def _run(args: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    browser = find_chromium()
+    if browser is None:
+        raise FileNotFoundError("no chromium on PATH")
+    with tempfile.TemporaryDirectory(prefix="deep3m-chromium-") as profile:
+        return subprocess.run(
+            [browser, *FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True, text=True, timeout=timeout_s, check=False,
+        )  # fmt: skip
+
+
 def screenshot(
     url: str,
     out: Path,
@@ -40,18 +51,8 @@ def screenshot(
     timeout_s: float = 180.0,
 ) -> Path:
     """Render ``url`` for ``budget_ms`` of virtual time and save a PNG to ``out``."""
-    browser = find_chromium()
-    if browser is None:
-        raise FileNotFoundError("no chromium on PATH")
-    with tempfile.TemporaryDirectory(prefix="deep3m-chromium-") as profile:
-        done = subprocess.run(
-            [
-                browser, *FLAGS, f"--user-data-dir={profile}",
-                f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}",
-                f"--screenshot={out}", url,
-            ],
-            capture_output=True, text=True, timeout=timeout_s, check=False,
-        )  # fmt: skip
+    args = [f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}"]
+    done = _run([*args, f"--screenshot={out}", url], timeout_s)
     if not out.is_file():
         raise RuntimeError(f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr}")
     return out
@@ -59,15 +60,7 @@ def screenshot(
 
 def dump_dom(url: str, *, budget_ms: int = 5_000, timeout_s: float = 120.0) -> str:
     """The page's DOM after ``budget_ms`` of virtual time, as Chromium serialises it."""
-    browser = find_chromium()
-    if browser is None:
-        raise FileNotFoundError("no chromium on PATH")
-    with tempfile.TemporaryDirectory(prefix="deep3m-chromium-") as profile:
-        done = subprocess.run(
-            [
-                browser, *FLAGS, f"--user-data-dir={profile}",
-                f"--virtual-time-budget={budget_ms}", "--dump-dom", url,
-            ],
-            capture_output=True, text=True, timeout=timeout_s, check=True,
-        )  # fmt: skip
+    done = _run([f"--virtual-time-budget={budget_ms}", "--dump-dom", url], timeout_s)
+    if done.returncode:
+        raise RuntimeError(f"chromium failed (exit {done.returncode}): {done.stderr}")
     return done.stdout
