@@ -177,7 +177,7 @@ def test_link_renders_image_probabilities_and_segmentation_in_chromium(
 ) -> None:
     layers = default_layers(em, "volumes/em.zarr", probabilities="volumes/prob.zarr")
     # A held event stream would keep the headless page loading past its time budget.
-    with Viewer(em, layers, hold_events=False) as viewer:
+    with Viewer(em, layers, hold_events=False, meshes=True) as viewer:
         shot = screenshot(viewer.link, tmp_path / "viewer.png", budget_ms=30_000)
     colours, spread = _panel_is_rendered(shot)
     # An error page or an empty viewer is a few flat colours; EM data is thousands.
@@ -189,6 +189,8 @@ def test_link_renders_image_probabilities_and_segmentation_in_chromium(
     for layer in layers:
         chunks = [p for p in answered if p.startswith(f"/data/{layer.path}/0/c/")]
         assert chunks, (layer.path, answered)
+    meshes = [p for p in answered if p.startswith("/meshes/2/") and p[10:].isdigit()]
+    assert meshes, answered  # the 3-D panel asked for the objects' meshes
     # Chunks never written (all background) are absent (404); nothing else may fail.
     failed = [(p, s) for p, s in viewer.log.entries if s >= 400 and s != 404]
     assert not failed, failed
@@ -232,3 +234,30 @@ def test_s3_store_proxied_presigned_and_public(s3_server: SeaweedServer, s3_pref
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: object, **kwargs: object) -> None:
         return None
+
+
+def test_meshes_are_served_as_legacy_precomputed_fragments(em: Store) -> None:
+    seg = "volumes/prob.zarr/labels/segmentation"
+    layers = default_layers(em, "volumes/em.zarr", probabilities="volumes/prob.zarr")
+    labels = np.asarray(em.open_volume(seg)[:])
+    ids = sorted(int(i) for i in np.unique(labels) if i)
+    with Viewer(em, layers, meshes=True) as viewer:
+        state = viewer.state["layers"][2]
+        assert state["source"][1] == f"precomputed://{viewer.url}/meshes/2"
+        assert state["segments"] == [str(i) for i in ids]
+        status, _, info = _get(f"{viewer.url}/meshes/2/info")
+        assert status == 200 and json.loads(info) == {"@type": "neuroglancer_legacy_mesh"}
+        largest = int(np.bincount(labels.ravel())[1:].argmax()) + 1
+        _, _, manifest = _get(f"{viewer.url}/meshes/2/{largest}:0")
+        assert json.loads(manifest) == {"fragments": [str(largest)]}
+        status, _, fragment = _get(f"{viewer.url}/meshes/2/{largest}")
+        assert status == 200 and _get(f"{viewer.url}/meshes/2/999999")[0] == 404
+    count = int(np.frombuffer(fragment[:4], np.uint32)[0])
+    vertices = np.frombuffer(fragment[4 : 4 + 12 * count], np.float32).reshape(-1, 3)
+    # The surface encloses the object: its vertices span the object's box, in nm (x, y, z).
+    z, y, x = np.nonzero(labels == largest)
+    lo = np.array([x.min(), y.min(), z.min()]) * np.array(VOXEL_NM[::-1])
+    hi = np.array([x.max() + 1, y.max() + 1, z.max() + 1]) * np.array(VOXEL_NM[::-1])
+    step = np.array(VOXEL_NM[::-1])
+    assert (vertices.min(axis=0) >= lo - step).all() and (vertices.max(axis=0) <= hi + step).all()
+    assert (vertices.max(axis=0) - vertices.min(axis=0) >= (hi - lo) - 2 * step).all()

@@ -9,8 +9,12 @@ Neuroglancer client shipped in the ``neuroglancer`` wheel. For an S3 store,
 ``presign`` answers data requests with a redirect to a pre-signed URL of the
 object (the bucket must allow CORS), and ``public`` links the bucket directly.
 
-The link's state shows each layer's OME-Zarr group (``zarr3://``), so
-Neuroglancer reads the multiscale levels and voxel size itself.
+The client in the wheel is the one the neuroglancer Python server serves, so
+the server also answers its paths (``/v/<token>/`` for the client files,
+``/events/<token>`` for state updates, which never come: the state is in the
+link). The link's state shows each layer's OME-Zarr group (``zarr3://``), so
+Neuroglancer reads the multiscale levels and voxel size itself; with meshes, a
+segmentation layer also has a legacy precomputed mesh source served from memory.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
+import numpy as np
+
 from deep3m.core.errors import (
     Deep3mError,
     FailedPreconditionError,
@@ -39,11 +45,13 @@ from deep3m.core.store import Store, check_key
 LayerKind = Literal["image", "probabilities", "segmentation"]
 S3Access = Literal["proxy", "presign", "public"]
 DATA_PREFIX = "/data/"
-# The client in the wheel is the one the neuroglancer Python server serves: it finds its
-# server's paths from ``/v/<token>/`` and takes its state from ``/events/<token>``.
+# The client finds its server's paths from ``/v/<token>/`` in its own URL.
 TOKEN = "deep3m"
 CLIENT_PREFIX = f"/v/{TOKEN}/"
 EVENTS_PATH = f"/events/{TOKEN}"
+MESH_PREFIX = "/meshes/"
+# Segments listed (and so meshed on screen) in the link; more would bloat the URL.
+MAX_LISTED_SEGMENTS = 500
 LOOPBACK = "127.0.0.1"
 # A pre-signed URL outlives any viewing session it is made for.
 PRESIGN_SECONDS = 12 * 3600
@@ -131,9 +139,10 @@ class _Server(ThreadingHTTPServer):
         self.client = client.resolve()
         self.s3 = s3
         self.log = RequestLog()
-        self.state: dict[str, Any] = {}
         self.closing = threading.Event()
         self.hold_events = True
+        # layer index → object id → legacy precomputed mesh fragment
+        self.meshes: dict[str, dict[int, bytes]] = {}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -176,6 +185,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if path.startswith(DATA_PREFIX):
                 self._data(path.removeprefix(DATA_PREFIX), head=head)
+            elif path.startswith(MESH_PREFIX):
+                self._mesh(path.removeprefix(MESH_PREFIX), head=head)
             elif path == EVENTS_PATH:
                 self._events()
             elif path.startswith(CLIENT_PREFIX):
@@ -215,17 +226,31 @@ class _Handler(BaseHTTPRequestHandler):
         body = b"" if head else store.read_range(key, start, stop)
         self._answer(HTTPStatus.PARTIAL_CONTENT, body, headers, head=head)
 
+    def _mesh(self, rest: str, *, head: bool) -> None:
+        """Legacy precomputed meshes: ``<layer>/info``, ``<layer>/<id>:0``, ``<layer>/<id>``."""
+        layer, _, name = rest.partition("/")
+        meshes = self.server.meshes.get(layer)
+        if meshes is None:
+            raise NotFoundError(f"no meshes for layer {layer!r}", field="path")
+        if name == "info":
+            body = json.dumps({"@type": "neuroglancer_legacy_mesh"}).encode()
+        elif name.endswith(":0") and name[:-2].isdigit() and int(name[:-2]) in meshes:
+            body = json.dumps({"fragments": [name[:-2]]}).encode()
+        elif name.isdigit() and int(name) in meshes:
+            body = meshes[int(name)]
+        else:
+            raise NotFoundError(f"no mesh {name!r} in layer {layer}", field="path")
+        self._answer(HTTPStatus.OK, body, {"Content-Type": "application/octet-stream"}, head=head)
+
     def _events(self) -> None:
-        """The viewer state, once, as the Python server's event stream sends it."""
-        message = {"k": "s", "s": self.server.state, "g": "1"}
-        body = f"data: {json.dumps(message)}\n\n".encode()
+        """The Python server's event stream, with no updates: the state is in the link."""
         self.send_response(HTTPStatus.OK)
         self._cors()
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(b": deep3m\n\n")
         self.wfile.flush()
         self.server.log.add(EVENTS_PATH, HTTPStatus.OK)
         self.close_connection = True
@@ -247,20 +272,42 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def viewer_state(
-    layers: Sequence[Layer], data_url: Mapping[str, str], *, layout: str = "4panel"
+    layers: Sequence[Layer],
+    data_url: Mapping[str, str],
+    *,
+    layout: str = "4panel",
+    meshes: Mapping[str, tuple[str, Sequence[int]]] | None = None,
+    shape: Sequence[int] = (),
+    voxel_size_nm: Sequence[float] = (),
 ) -> dict[str, Any]:
-    """Neuroglancer state showing ``layers``; ``data_url`` maps each path to its base URL."""
+    """Neuroglancer state showing ``layers``; ``data_url`` maps each path to its base URL,
+    ``meshes`` a segmentation's path to its mesh source URL and the ids to show. With the
+    image's (z, y, x) ``shape`` and voxel size, the view starts at the volume's centre."""
     entries: list[dict[str, Any]] = []
     for layer in layers:
-        source = f"zarr3://{data_url[layer.path].rstrip('/')}/"
+        source: Any = f"zarr3://{data_url[layer.path].rstrip('/')}/"
+        mesh = (meshes or {}).get(layer.path)
+        if mesh is not None:
+            source = [source, f"precomputed://{mesh[0]}"]
         entry: dict[str, Any] = {"type": "image", "source": source, "name": layer.name}
+        if mesh is not None:
+            entry["segments"] = [str(i) for i in list(mesh[1])[:MAX_LISTED_SEGMENTS]]
         if layer.kind == "probabilities":
             entry["shader"] = PROBABILITY_SHADER
         elif layer.kind == "segmentation":
             entry["type"] = "segmentation"
             entry["selectedAlpha"] = 0.4
         entries.append(entry)
-    return {"layers": entries, "layout": layout, "selectedLayer": {"visible": False}}
+    state: dict[str, Any] = {
+        "layers": entries, "layout": layout, "selectedLayer": {"visible": False}
+    }  # fmt: skip
+    if shape and voxel_size_nm:
+        # Named as the OME axes (and the meshes' x, y, z), so every source lines up.
+        state["dimensions"] = {
+            axis: [float(size) * 1e-9, "m"] for axis, size in zip("zyx", voxel_size_nm, strict=True)
+        }
+        state["position"] = [float(n) / 2 for n in shape]
+    return state
 
 
 def viewer_link(base_url: str, state: Mapping[str, Any]) -> str:
@@ -295,6 +342,7 @@ class Viewer:
         s3: S3Access = "proxy",
         storage_options: Mapping[str, Any] | None = None,
         hold_events: bool = True,
+        meshes: bool = False,
     ) -> None:
         if not layers:
             raise InvalidArgumentError("nothing to view: no layers", field="volume")
@@ -318,7 +366,10 @@ class Viewer:
             raise FailedPreconditionError(
                 f"cannot listen on {LOOPBACK}:{port}: {exc}", field="port"
             ) from exc
-        self._server.state = self.state
+        if meshes:
+            for index, layer in enumerate(self.layers):
+                if layer.kind == "segmentation":
+                    self._server.meshes[str(index)] = mesh_fragments(store, layer.path)
         self._server.hold_events = hold_events
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="deep3m-viewer", daemon=True
@@ -344,7 +395,15 @@ class Viewer:
 
     @property
     def state(self) -> dict[str, Any]:
-        return viewer_state(self.layers, {lay.path: self.data_url(lay.path) for lay in self.layers})
+        meshes = {
+            self.layers[int(i)].path: (f"{self.url}{MESH_PREFIX}{i}", sorted(found))
+            for i, found in self._server.meshes.items()
+        }
+        urls = {lay.path: self.data_url(lay.path) for lay in self.layers}
+        info = self.store.volume_info(self.layers[0].path)
+        return viewer_state(
+            self.layers, urls, meshes=meshes, shape=info.shape, voxel_size_nm=info.voxel_size_nm
+        )
 
     @property
     def link(self) -> str:
@@ -361,6 +420,29 @@ class Viewer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def mesh_fragments(store: Store, path: str) -> dict[int, bytes]:
+    """Each object's surface (marching cubes, ``zmesh``) as a legacy precomputed mesh
+    fragment, vertices in nm (x, y, z). Reads the whole label volume: for volumes that
+    fit in memory."""
+    try:
+        import zmesh
+    except ImportError as exc:
+        raise FailedPreconditionError(
+            "--meshes needs the zmesh package (pip install zmesh)", field="meshes"
+        ) from exc
+    info = store.volume_info(path)
+    labels = np.asarray(store.open_volume(path)[:])
+    vz, vy, vx = info.voxel_size_nm
+    mesher = zmesh.Mesher((vx, vy, vz))
+    mesher.mesh(labels.T)  # zmesh takes (x, y, z)
+    fragments: dict[int, bytes] = {}
+    for object_id in mesher.ids():
+        mesh = mesher.get(object_id, normals=False)
+        fragments[int(object_id)] = bytes(mesh.to_precomputed())
+    mesher.clear()
+    return fragments
 
 
 def label_images(store: Store, path: str) -> list[str]:

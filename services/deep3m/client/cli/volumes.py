@@ -226,6 +226,9 @@ def view(
         help="Label volume (repeatable); default: the label images inside the volumes.",
     ),
     port: int = typer.Option(0, "--port", min=0, max=65535, help="Loopback port (0: any free)."),
+    meshes: bool = typer.Option(
+        False, "--meshes/--no-meshes", help="Mesh the segmentation's objects (zmesh) for 3-D."
+    ),
     s3: S3Mode = typer.Option(
         S3Mode.proxy,
         "--s3",
@@ -260,9 +263,11 @@ def view(
             probabilities=same_store(probabilities, "probabilities") if probabilities else "",
             segmentation=[same_store(s, "segmentation") for s in segmentation],
         )  # fmt: skip
-        viewer = Viewer(
-            source, layers, port=port, s3=s3.value, storage_options=settings().storage_options()
-        )
+        with status("meshing the objects") if meshes else contextlib.nullcontext():
+            viewer = Viewer(
+                source, layers, port=port, s3=s3.value, meshes=meshes,
+                storage_options=settings().storage_options(),
+            )  # fmt: skip
     with viewer:
         report = {
             "store": source.url,
