@@ -20,6 +20,7 @@ from deep3m.client import volumes as ops
 from deep3m.client.viewer import Layer, Viewer, default_layers, parse_range
 from deep3m.core.errors import InvalidArgumentError, NotFoundError
 from deep3m.core.store import Store
+from deep3m.launcher.local import free_port
 from deep3m.testing.browser import find_chromium, screenshot
 from deep3m.testing.seaweed import SeaweedServer
 from PIL import Image
@@ -135,10 +136,12 @@ def chromium() -> str:
 def served(em: Store) -> Iterator[tuple[subprocess.Popen[str], dict[str, object]]]:
     """``deep3m view`` as a user runs it, in its own process; its first line is the report."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEEP3M_")}
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "deep3m.client.cli", "--output", "json", "view",
-            "volumes/em.zarr", "--probabilities", "volumes/prob.zarr", "--store", em.url,
+            "volumes/em.zarr", "--probabilities", "volumes/prob.zarr", "--port", str(port),
+            "--store", em.url,
         ],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
@@ -147,7 +150,9 @@ def served(em: Store) -> Iterator[tuple[subprocess.Popen[str], dict[str, object]
         line = proc.stdout.readline()
         if not line:
             pytest.fail(f"deep3m view printed nothing: {proc.communicate(timeout=30)[1]}")
-        yield proc, json.loads(line)
+        report = json.loads(line)
+        assert report["url"] == f"http://127.0.0.1:{port}"
+        yield proc, report
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
