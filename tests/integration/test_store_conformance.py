@@ -190,6 +190,19 @@ def test_objects_written_outside_are_read_listed_and_deleted(backend: tuple[Stor
     assert raw.get_raw("models/n/model.json") == b"{}"
 
 
+def test_sizes_and_byte_ranges_of_objects_written_outside(backend: tuple[Store, Raw]) -> None:
+    store, raw = backend
+    data = bytes(range(256)) * 3
+    raw.set_raw("volumes/v.zarr/0/c/0/0/0", data)
+    assert store.size("volumes/v.zarr/0/c/0/0/0") == len(data)
+    assert store.read_range("volumes/v.zarr/0/c/0/0/0", 10, 20) == data[10:20]
+    assert store.read_range("volumes/v.zarr/0/c/0/0/0", len(data) - 4, len(data)) == data[-4:]
+    with pytest.raises(NotFoundError, match="nothing"):
+        store.size("volumes/nothing")
+    with pytest.raises(NotFoundError, match="nothing"):
+        store.read_range("volumes/nothing", 0, 1)
+
+
 def test_partial_documents_are_not_listed(backend: tuple[Store, Raw]) -> None:
     store, raw = backend
     raw.set_raw("jobs/a/job.json", b"{}")

@@ -276,6 +276,50 @@ def test_evaluate_missing_ground_truth_and_bad_threshold(vols: Volumes) -> None:
     assert bad.exit_code != 0 and "threshold" in bad.output and "2" in bad.output
 
 
+def test_evaluate_min_size_and_error_overlays(vols: Volumes, tmp_path: Path) -> None:
+    folder = tmp_path / "errors"
+    r = run_json(
+        "evaluate", "volumes/prob.zarr", "volumes/gt.zarr", "--min-size", "5",
+        "--overlays", str(folder), "--image", "volumes/img.zarr", "--slices", "0,2",
+        "--store", vols.url,
+    )  # fmt: skip
+    # The 4-voxel speck is no object at --min-size 5; without it, one more.
+    _, n_pred = _components(vols.prob >= 0.5)
+    assert r["min_size_voxels"] == 5 and r["objects"]["predicted"] == n_pred - 1
+    assert [Path(f).name for f in r["overlays"]] == [p.name for p in sorted(folder.iterdir())]
+    assert len(r["overlays"]) == 2
+    page = np.asarray(Image.open(r["overlays"][1]).convert("RGB"))
+    pred, gt = vols.prob[2] >= 0.5, vols.gt[2] > 0
+    body = page[: SHAPE[1], : SHAPE[2]]
+    # Pure-ish green over true positives, red over false positives, blue over misses.
+    tp, fp = body[pred & gt], body[pred & ~gt]
+    assert (tp[:, 1] > tp[:, 0]).all() and (tp[:, 1] > tp[:, 2]).all()
+    assert (fp[:, 0] > fp[:, 1]).all() and (fp[:, 0] > fp[:, 2]).all()
+    # The image shows through where nothing is predicted or true.
+    neither = ~pred & ~gt
+    assert len(np.unique(body[neither][:, 0])) > 10
+
+
+def test_evaluate_text_lists_overlays_and_rejects_image_alone(
+    vols: Volumes, tmp_path: Path
+) -> None:
+    folder = tmp_path / "errs"
+    result = run(
+        "evaluate", "volumes/prob.zarr", "volumes/gt.zarr", "--overlays", str(folder),
+        "--store", vols.url,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = sorted(folder.iterdir())
+    assert len(written) == SHAPE[0]
+    assert f"error overlays ({SHAPE[0]})" in result.stdout
+    assert all(p.name in result.stdout for p in written)
+    bad = run(
+        "evaluate", "volumes/prob.zarr", "volumes/gt.zarr", "--image", "volumes/img.zarr",
+        "--store", vols.url,
+    )  # fmt: skip
+    assert bad.exit_code != 0 and "--overlays" in bad.output
+
+
 # -- pyramid ------------------------------------------------------------------------
 def test_pyramid_json_levels_match_block_means(vols: Volumes) -> None:
     r = run_json("pyramid", "volumes/img.zarr", "--levels", "2", "--store", vols.url)

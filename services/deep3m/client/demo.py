@@ -20,8 +20,8 @@ from rich.table import Table
 
 from deep3m.client.client import Deep3mClient
 from deep3m.client.progress import follow_job
+from deep3m.client.volumes import evaluate
 from deep3m.core.errors import FailedPreconditionError
-from deep3m.core.metrics import confusion_counts
 from deep3m.core.store import Store
 from deep3m.launcher.local import LocalCluster, LocalClusterSpec
 from deep3m.training.demo_data import DEMO_RECIPE, sample_paths
@@ -119,28 +119,33 @@ def run_demo(
         cluster.stop()
     store = Store(str(root))
     probability = np.asarray(store.open_volume(prob_path)[:])
-    labels = np.asarray(store.open_volume(f"volumes/{run_id}/val-labels.zarr")[:]) > 0
-    image = np.asarray(store.open_volume(f"volumes/{run_id}/val-images.zarr")[:])
-    scores = confusion_counts(probability >= 0.5, labels)
+    image_path = f"volumes/{run_id}/val-images.zarr"
+    image = np.asarray(store.open_volume(image_path)[:])
     overlays = write_overlays(image, probability, root / "overlays" / run_id)
+    # Scored as `deep3m evaluate` scores it, with its error overlays beside the others.
+    errors_dir = root / "overlays" / run_id / "errors"
+    scores = evaluate(
+        (store, prob_path), (store, f"volumes/{run_id}/val-labels.zarr"),
+        threshold=0.5, objects=False, overlays=str(errors_dir), image=(store, image_path),
+    )  # fmt: skip
     table = Table(title="validation accuracy (voxels, threshold 0.5)")
     for col in ("precision", "recall", "F1", "Jaccard"):
         table.add_column(col, justify="right")
-    table.add_row(
-        *(f"{v:.3f}" for v in (scores.precision, scores.recall, scores.f1, scores.jaccard))
-    )
+    table.add_row(*(f"{scores[k]:.3f}" for k in ("precision", "recall", "f1", "jaccard")))
     console.print(table)
     console.print(f"probability map: {store.key_url(prob_path)}")
     console.print(f"overlay PNGs:    {overlays[0].parent}")
+    console.print(f"error overlays:  {errors_dir} (TP green, FP red, FN blue)")
     console.print(f"model:           {store.key_url(f'models/{model_id}')}")
     console.print(f"took {(time.monotonic() - started) / 60:.1f} min")
     return {
-        "precision": scores.precision,
-        "recall": scores.recall,
-        "f1": scores.f1,
-        "jaccard": scores.jaccard,
+        "precision": scores["precision"],
+        "recall": scores["recall"],
+        "f1": scores["f1"],
+        "jaccard": scores["jaccard"],
         "probabilities": store.key_url(prob_path),
         "overlays": str(overlays[0].parent),
+        "error_overlays": list(scores["overlays"]),
         "model": model_id,
         "seconds": time.monotonic() - started,
     }

@@ -222,18 +222,29 @@ def evaluate(
     threshold: float = 0.5,
     exclusion_zone_voxels: int = 0,
     objects: bool = True,
+    min_size_voxels: int = 0,
+    overlays: str | None = None,
+    image: tuple[Store, str] | None = None,
+    overlay_slices: Sequence[int] | None = None,
     workers: int | None = None,
     cancelled: threading.Event | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Voxel (and object) precision, recall, F1 and Jaccard of a prediction."""
+    """Voxel (and object) precision, recall, F1 and Jaccard of a prediction; with
+    ``overlays`` (a folder or URL) error-overlay PNGs there, over ``image`` if given."""
     from deep3m.postprocess.evaluate import EvaluateSpec, evaluate_volumes
 
+    if image is not None and overlays is None:
+        raise InvalidArgumentError(
+            "--image is only used with --overlays DIR (the image under the errors)", field="image"
+        )
     spec = EvaluateSpec(
-        threshold=threshold, exclusion_zone_voxels=exclusion_zone_voxels, objects=objects
-    )
+        threshold=threshold, exclusion_zone_voxels=exclusion_zone_voxels, objects=objects,
+        min_size_voxels=min_size_voxels,
+    )  # fmt: skip
     result = evaluate_volumes(
         prediction, ground_truth, spec,
+        overlays=overlays, image=image, overlay_slices=list(overlay_slices or ()) or None,
         max_workers=workers or default_workers(), cancelled=cancelled, progress=progress,
     )  # fmt: skip
     v = result.voxels
@@ -242,6 +253,7 @@ def evaluate(
         "ground_truth": ground_truth[0].key_url(ground_truth[1]),
         "threshold": spec.threshold,
         "exclusion_zone_voxels": spec.exclusion_zone_voxels,
+        "min_size_voxels": spec.min_size_voxels,
         "precision": v.precision,
         "recall": v.recall,
         "f1": v.f1,
@@ -253,6 +265,7 @@ def evaluate(
             "true_negatives": v.true_negatives,
         },
         "objects": None,
+        "overlays": list(result.overlays),
     }
     if result.objects is not None:
         o = result.objects

@@ -233,6 +233,31 @@ def render_evaluate(r: dict[str, Any]) -> None:
             *(f"{o[k]:.4f}" for k in ("precision", "recall", "f1")),
         )  # fmt: skip
         out.print(table)
+    files = r.get("overlays") or []
+    if files:
+        say(f"error overlays ({len(files)}):")
+        for f in files:
+            say(f"  {f}")
+
+
+def render_report(r: dict[str, Any]) -> None:
+    say(f"report of job {r['job']} ({r['kind']}, {r['state'] or 'running'}): {r['html']}")
+    accuracy = r.get("accuracy")
+    if accuracy:
+        say(f"  F1 {accuracy['f1']:.4f}  precision {accuracy['precision']:.4f}  "
+             f"recall {accuracy['recall']:.4f}")  # fmt: skip
+    objects = r.get("objects")
+    if objects:
+        say(f"  {objects['count']:,} objects")
+    say(f"  {len(r['files'])} figures beside it")
+
+
+def render_view(r: dict[str, Any]) -> None:
+    say(f"serving {r['store']} on {r['url']} (Ctrl-C stops)")
+    for layer in r["layers"]:
+        say(f"  {layer['kind']:<13} {layer['path']}")
+    say("open in a browser:")
+    say(r["link"])
 
 
 def render_pyramid(r: dict[str, Any]) -> None:

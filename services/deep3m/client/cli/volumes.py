@@ -1,5 +1,5 @@
 """Volume commands, run in this process on the store: describe, label, evaluate, pyramid,
-export, models."""
+export, view, report, models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from enum import StrEnum
 import typer
 
 from deep3m.client import volumes as ops
-from deep3m.client.cli.app import app, errors_exit, settings
+from deep3m.client.cli.app import app, errors_exit, settings, state
 from deep3m.client.cli.output import (
     emit,
     progress_bar,
@@ -20,8 +20,11 @@ from deep3m.client.cli.output import (
     render_label,
     render_models,
     render_pyramid,
+    render_report,
+    render_view,
     status,
 )
+from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.store import Store
 
 STORE_HELP = "Store URL or folder (default: DEEP3M_STORE_URL, else ./deep3m-data)."
@@ -33,6 +36,12 @@ class ExportFormat(StrEnum):
     tiff = "tiff"
     png = "png"
     overlay = "overlay"
+
+
+class S3Mode(StrEnum):
+    proxy = "proxy"
+    presign = "presign"
+    public = "public"
 
 
 class PyramidMethod(StrEnum):
@@ -105,18 +114,29 @@ def evaluate(
     objects: bool = typer.Option(
         True, "--objects/--no-objects", help="Also count objects matched by centroid."
     ),
+    min_size: int = typer.Option(
+        0, "--min-size", min=0, help="Drop predicted objects below this (voxels), as label does."
+    ),
+    overlays: str = typer.Option(
+        "", "--overlays", help="Write error-overlay PNGs (TP green, FP red, FN blue) here."
+    ),
+    image: str = typer.Option("", "--image", help="For --overlays: the image volume under them."),
+    slices: str = typer.Option("", "--slices", help="For --overlays: z slices, e.g. 0,5,10-12."),
     workers: int = typer.Option(0, "--workers", min=0, help=WORKERS_HELP),
     store: str | None = typer.Option(None, "--store", help=STORE_HELP),
 ) -> None:
     """Precision, recall, F1 and Jaccard of a prediction against ground truth."""
     with errors_exit():
+        chosen = ops.parse_slices(slices)
         pred = resolve(prediction, store, field="prediction")
         truth = resolve(ground_truth, store, field="ground_truth")
+        under = resolve(image, store, field="image") if image else None
         with progress_bar("evaluating") as bar:
             report = ops.evaluate(
                 pred, truth,
                 threshold=threshold, exclusion_zone_voxels=exclusion_zone, objects=objects,
-                workers=workers or None, progress=bar,
+                min_size_voxels=min_size, overlays=overlays or None, image=under,
+                overlay_slices=chosen, workers=workers or None, progress=bar,
             )  # fmt: skip
     emit(report, render_evaluate)
 
@@ -193,3 +213,107 @@ def models(store: str | None = typer.Option(None, "--store", help=STORE_HELP)) -
         s = settings()
         report = ops.list_models(ops.open_existing_store(store or s.store_url, s.storage_options()))
     emit(report, render_models)
+
+
+@app.command()
+def view(
+    volume: str = typer.Argument(..., help="Image volume. " + VOLUME_HELP),
+    probabilities: str = typer.Option("", "--probabilities", "-p", help="Probability volume."),
+    segmentation: list[str] = typer.Option(
+        [],
+        "--segmentation",
+        "-s",
+        help="Label volume (repeatable); default: the label images inside the volumes.",
+    ),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="Loopback port (0: any free)."),
+    meshes: bool = typer.Option(
+        False, "--meshes/--no-meshes", help="Mesh the segmentation's objects (zmesh) for 3-D."
+    ),
+    s3: S3Mode = typer.Option(
+        S3Mode.proxy,
+        "--s3",
+        help="S3 stores: proxy (read here, with your credentials), presign (redirect to "
+        "pre-signed URLs; the bucket must allow CORS) or public (link the bucket directly).",
+    ),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+) -> None:
+    """Serve volumes to Neuroglancer on loopback and print the link that opens them."""
+    import json
+    import sys
+    import threading
+
+    from deep3m.client.cli.output import say
+    from deep3m.client.viewer import Viewer, default_layers
+
+    with errors_exit():
+        source, key = resolve(volume, store)
+
+        def same_store(text: str, field: str) -> str:
+            other, path = resolve(text, store, field=field)
+            if other.url != source.url:
+                raise InvalidArgumentError(
+                    f"--{field} {text!r} is in {other.url}, not in {source.url}: one viewer "
+                    "serves one store",
+                    field=field,
+                )
+            return path
+
+        layers = default_layers(
+            source, key,
+            probabilities=same_store(probabilities, "probabilities") if probabilities else "",
+            segmentation=[same_store(s, "segmentation") for s in segmentation],
+        )  # fmt: skip
+        with status("meshing the objects") if meshes else contextlib.nullcontext():
+            viewer = Viewer(
+                source, layers, port=port, s3=s3.value, meshes=meshes,
+                storage_options=settings().storage_options(),
+            )  # fmt: skip
+    with viewer:
+        report = {
+            "store": source.url,
+            "url": viewer.url,
+            "link": viewer.link,
+            "layers": [{"name": x.name, "path": x.path, "kind": x.kind} for x in layers],
+        }
+        if state.json:
+            say(json.dumps(report))  # one line, so a program reads it while this serves
+        else:
+            render_view(report)
+        sys.stdout.flush()
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+
+
+@app.command()
+def report(
+    job: str = typer.Argument(..., help="Job id (its documents are in the store)."),
+    destination: str = typer.Option(
+        "", "--to", help="Folder for index.html and its figures (default: report-JOB)."
+    ),
+    ground_truth: str = typer.Option(
+        "", "--ground-truth", help="Labels to score the prediction against. " + VOLUME_HELP
+    ),
+    threshold: float = typer.Option(0.5, "--threshold", help="Foreground probability, (0, 1]."),
+    min_size: int = typer.Option(0, "--min-size", min=0, help="Drop objects below this (voxels)."),
+    window_um: float = typer.Option(2.0, "--window-um", help="Density profile window (µm)."),
+    slices: str = typer.Option("", "--slices", help="Error-overlay slices (default: 3 spread)."),
+    viewer_link: str = typer.Option("", "--viewer-link", help="A link from deep3m view."),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+) -> None:
+    """One self-contained HTML page on a job: inputs, model, accuracy, objects, density."""
+    from pathlib import Path
+
+    from deep3m.client.report import ReportSpec, build_report
+
+    with errors_exit():
+        s = settings()
+        source = ops.open_existing_store(store or s.store_url, s.storage_options())
+        truth = resolve(ground_truth, store, field="ground_truth")[1] if ground_truth else ""
+        spec = ReportSpec(
+            ground_truth=truth, threshold=threshold, min_size_voxels=min_size,
+            window_um=window_um, overlay_slices=tuple(ops.parse_slices(slices)),
+            viewer_link=viewer_link,
+        )  # fmt: skip
+        with status("writing the report"):
+            summary = build_report(source, job, Path(destination or f"report-{job}"), spec)
+    emit(ops.jsonable(summary), render_report)

@@ -83,6 +83,29 @@ class Store(VolumeStore):
         except FileNotFoundError as exc:
             raise NotFoundError(f"{self.key_url(key)} does not exist", field=key) from exc
 
+    def size(self, key: str) -> int:
+        """Bytes in the object at ``key``."""
+        try:
+            return int(self._fs.size(self._full(key)))
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"{self.key_url(key)} does not exist", field=key) from exc
+
+    def read_range(self, key: str, start: int, stop: int) -> bytes:
+        """Bytes ``[start, stop)`` of the object at ``key`` (one ranged read)."""
+        try:
+            return bytes(self._fs.cat_file(self._full(key), start=start, end=stop))
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"{self.key_url(key)} does not exist", field=key) from exc
+
+    def signed_url(self, key: str, expires_s: int) -> str:
+        """A URL that reads ``key`` without credentials for ``expires_s`` (object stores)."""
+        try:
+            return str(self._fs.sign(self._full(key), expiration=expires_s))
+        except NotImplementedError as exc:
+            raise InvalidArgumentError(
+                f"{self.url} cannot sign URLs (only object stores can)", field="store"
+            ) from exc
+
     def write_json(self, key: str, obj: Any) -> None:
         self.write_bytes(key, json.dumps(obj, indent=2, sort_keys=True).encode())
 
