@@ -24,6 +24,7 @@ from deep3m.client.volumes import evaluate
 from deep3m.core.errors import FailedPreconditionError
 from deep3m.core.store import Store
 from deep3m.launcher.local import LocalCluster, LocalClusterSpec
+from deep3m.models.card import load_card
 from deep3m.training.demo_data import DEMO_RECIPE, sample_paths
 from deep3m.v1 import common_pb2
 
@@ -122,13 +123,15 @@ def run_demo(
     image_path = f"volumes/{run_id}/val-images.zarr"
     image = np.asarray(store.open_volume(image_path)[:])
     overlays = write_overlays(image, probability, root / "overlays" / run_id)
-    # Scored as `deep3m evaluate` scores it, with its error overlays beside the others.
+    # Scored as `deep3m evaluate` scores it, at the threshold training chose on the
+    # validation slices (the model card's), with its error overlays beside the others.
+    threshold = load_card(store, model_id).threshold
     errors_dir = root / "overlays" / run_id / "errors"
     scores = evaluate(
         (store, prob_path), (store, f"volumes/{run_id}/val-labels.zarr"),
-        threshold=0.5, objects=False, overlays=str(errors_dir), image=(store, image_path),
+        threshold=threshold, objects=False, overlays=str(errors_dir), image=(store, image_path),
     )  # fmt: skip
-    table = Table(title="validation accuracy (voxels, threshold 0.5)")
+    table = Table(title=f"validation accuracy (voxels, threshold {threshold:.2f})")
     for col in ("precision", "recall", "F1", "Jaccard"):
         table.add_column(col, justify="right")
     table.add_row(*(f"{scores[k]:.3f}" for k in ("precision", "recall", "f1", "jaccard")))
@@ -143,6 +146,7 @@ def run_demo(
         "recall": scores["recall"],
         "f1": scores["f1"],
         "jaccard": scores["jaccard"],
+        "threshold": threshold,
         "probabilities": store.key_url(prob_path),
         "overlays": str(overlays[0].parent),
         "error_overlays": list(scores["overlays"]),
