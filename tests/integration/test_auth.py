@@ -6,6 +6,7 @@ built on ``cryptography``); the server runs with mutual TLS and bearer tokens.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -260,3 +261,31 @@ def test_a_rotated_token_folder_takes_effect_without_a_restart(secured: Secured)
         changed()
         with pytest.raises(UnauthenticatedError):
             bob.jobs()
+
+
+def test_the_cli_reaches_a_secured_scheduler_with_its_flags(
+    secured: Secured, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deep3m.client.cli import app
+    from typer.testing import CliRunner
+
+    for name in list(os.environ):
+        if name.upper().startswith("DEEP3M_"):
+            monkeypatch.delenv(name)
+    creds = secured.creds
+    tls = ["--tls", "--ca", str(creds.ca_file), "--cert", str(creds.cert_file)]
+    tls += ["--key", str(creds.key_file)]
+    base = ["--scheduler", secured.server.address, "--output", "json", "--timeout", "10"]
+    no_token = CliRunner().invoke(app, [*base, *tls, "jobs"])
+    assert no_token.exit_code != 0 and "token" in no_token.output.lower()
+    token_file = tmp_path / "client-token"
+    token_file.write_text(creds.client_token + "\n")
+    ok = CliRunner().invoke(app, [*base, *tls, "--token-file", str(token_file), "jobs"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout) == []
+    worker = CliRunner().invoke(
+        app, [*base, *tls, "--token", creds.worker_tokens["tiling"], "jobs"]
+    )
+    assert worker.exit_code != 0  # a worker's token does not read jobs
+    missing = CliRunner().invoke(app, [*base, *tls, "--token-file", str(tmp_path / "nope"), "jobs"])
+    assert missing.exit_code == 2 and "--token-file" in missing.output

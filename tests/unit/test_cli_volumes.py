@@ -468,3 +468,33 @@ def test_doctor_unreachable_server_fails_naming_it(serving: str) -> None:
     result = run("--timeout", "2", "doctor", "--address", serving, "--address", closed)
     assert result.exit_code != 0
     assert f"FAIL health {closed}" in result.stdout and f"ok   health {serving}" in result.stdout
+
+
+# -- rm -------------------------------------------------------------------------------
+def test_rm_removes_a_volume_and_nothing_else(vols: Volumes) -> None:
+    vols.store.write_json("jobs/j1/job.json", {"id": "j1"})
+    report = run_json("rm", "volumes/prob.zarr", "--store", vols.url)
+    assert report["removed"] == vols.store.key_url("volumes/prob.zarr")
+    assert not vols.store.exists("volumes/prob.zarr/zarr.json")
+    assert vols.store.exists("volumes/img.zarr/zarr.json")  # its neighbour stays
+    # Gone means gone: a second rm names what is missing.
+    again = run("rm", "volumes/prob.zarr", "--store", vols.url)
+    assert again.exit_code == 1 and "no volume" in again.output
+    # The store's own documents are not volumes.
+    reserved = run("rm", "jobs/j1", "--store", vols.url, "--force")
+    assert reserved.exit_code == 1 and "reserved" in reserved.output
+    assert vols.store.exists("jobs/j1/job.json")
+    escape = run("rm", "../outside", "--store", vols.url)
+    assert escape.exit_code != 0 and vols.store.exists("volumes/img.zarr/zarr.json")
+
+
+def test_rm_of_a_failed_ingest_lets_the_retry_start_afresh(vols: Volumes) -> None:
+    vols.put("volumes/partial.zarr", vols.image, complete=False)
+    assert run("rm", "volumes/partial.zarr", "--store", vols.url).exit_code == 0
+    vols.put("volumes/partial.zarr", vols.image)  # the retry writes a fresh volume
+    assert vols.store.exists("volumes/partial.zarr/zarr.json")
+    # A plain folder needs --force.
+    vols.store.write_bytes("scratch/notes.txt", b"x")
+    assert run("rm", "scratch", "--store", vols.url).exit_code == 1
+    assert run("rm", "scratch", "--store", vols.url, "--force").exit_code == 0
+    assert not vols.store.exists("scratch/notes.txt")

@@ -12,7 +12,9 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from enum import StrEnum
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -21,6 +23,7 @@ from rich.markup import escape
 from deep3m.client.client import Deep3mClient
 from deep3m.client.portforward import scheduler_tunnel
 from deep3m.core.errors import Deep3mError
+from deep3m.runtime.channel import ChannelSecurity
 from deep3m.runtime.settings import Settings
 
 app = typer.Typer(
@@ -49,6 +52,33 @@ class State:
     release: str | None = None
     output: OutputFormat = OutputFormat.text
     timeout_s: float = 30.0
+    # Channel security given on the command line; unset parts come from DEEP3M_* settings.
+    token: str = ""
+    token_file: str = ""
+    tls: bool | None = None
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    server_name: str = ""
+
+    def security(self) -> ChannelSecurity:
+        """TLS files and token: the command line's, else the settings'."""
+        base = ChannelSecurity.from_settings(settings())
+        token = self.token
+        if self.token_file:
+            try:
+                token = Path(self.token_file).read_text().strip()
+            except OSError as exc:
+                raise fail(f"cannot read --token-file {self.token_file}: {exc}", 2) from exc
+        return replace(
+            base,
+            token=token or base.token,
+            tls=base.tls if self.tls is None else self.tls,
+            ca_file=self.ca_file or base.ca_file,
+            cert_file=self.cert_file or base.cert_file,
+            key_file=self.key_file or base.key_file,
+            server_name=self.server_name or base.server_name,
+        )
 
     @property
     def scheduler(self) -> str:
@@ -86,6 +116,19 @@ def _global(
     ),
     output: OutputFormat = typer.Option(OutputFormat.text, "--output", "-o", help="text or json."),
     timeout_s: float = typer.Option(30.0, "--timeout", help="Deadline of each call, seconds."),
+    token: str = typer.Option(
+        "", "--token", help="Bearer token (default: DEEP3M_AUTH_TOKEN / DEEP3M_AUTH_TOKEN_FILE)."
+    ),
+    token_file: str = typer.Option("", "--token-file", help="File holding the bearer token."),
+    tls: bool | None = typer.Option(
+        None, "--tls/--no-tls", help="TLS to the scheduler (default: DEEP3M_TLS_ENABLED)."
+    ),
+    ca_file: str = typer.Option("", "--ca", help="CA certificate (PEM) to verify the server."),
+    cert_file: str = typer.Option("", "--cert", help="Client certificate (PEM), mutual TLS."),
+    key_file: str = typer.Option("", "--key", help="Client key (PEM), mutual TLS."),
+    server_name: str = typer.Option(
+        "", "--server-name", help="Name expected in the server certificate."
+    ),
 ) -> None:
     state.scheduler_option = scheduler
     state.namespace = namespace
@@ -93,6 +136,9 @@ def _global(
     state.release = release
     state.output = output
     state.timeout_s = timeout_s
+    state.token, state.token_file, state.tls = token, token_file, tls
+    state.ca_file, state.cert_file, state.key_file = ca_file, cert_file, key_file
+    state.server_name = server_name
 
 
 def fail(message: str, code: int = 1, *, field: str = "") -> typer.Exit:
@@ -134,7 +180,9 @@ def client() -> Iterator[Deep3mClient]:
                         release=state.release,
                     )
                 )
-            yield stack.enter_context(Deep3mClient(address, timeout_s=state.timeout_s))
+            yield stack.enter_context(
+                Deep3mClient(address, timeout_s=state.timeout_s, security=state.security())
+            )
     except Deep3mError as exc:
         raise error(exc) from exc
 

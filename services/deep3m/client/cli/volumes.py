@@ -10,7 +10,7 @@ from enum import StrEnum
 import typer
 
 from deep3m.client import volumes as ops
-from deep3m.client.cli.app import app, errors_exit, settings, state
+from deep3m.client.cli.app import app, console, errors_exit, settings, state
 from deep3m.client.cli.output import (
     emit,
     progress_bar,
@@ -24,7 +24,8 @@ from deep3m.client.cli.output import (
     render_view,
     status,
 )
-from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.errors import InvalidArgumentError, NotFoundError
+from deep3m.core.locations import RESERVED_PREFIXES
 from deep3m.core.store import Store
 
 STORE_HELP = "Store URL or folder (default: DEEP3M_STORE_URL, else ./deep3m-data)."
@@ -204,6 +205,30 @@ def export(
                 storage_options=settings().storage_options(),
             )  # fmt: skip
     emit(report, render_export)
+
+
+@app.command("rm")
+def remove(
+    volume: str = typer.Argument(..., help=VOLUME_HELP),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    force: bool = typer.Option(
+        False, "--force", help="Also remove a folder that is not a zarr volume."
+    ),
+) -> None:
+    """Remove a volume (with its labels and pyramid levels) from the store."""
+    with errors_exit():
+        source, key = resolve(volume, store)
+        if key.split("/", 1)[0] in RESERVED_PREFIXES:
+            raise InvalidArgumentError(
+                f"{key} lies in the store's reserved {key.split('/', 1)[0]}/ folder; "
+                "remove jobs and models through their own commands",
+                field="volume",
+            )
+        is_volume = source.exists(f"{key}/zarr.json")
+        if not is_volume and not (force and source.list(key)):
+            raise NotFoundError(f"no volume at {source.key_url(key)}", field="volume")
+        source.delete(key)
+    emit({"removed": source.key_url(key)}, lambda r: console.print(f"removed {r['removed']}"))
 
 
 @app.command()
