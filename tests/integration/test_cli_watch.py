@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from deep3m.client.cli import app
 from deep3m.client.client import Deep3mClient
@@ -115,3 +116,24 @@ def test_train_flags_reach_the_job_and_bad_values_are_refused_at_submission(
     )
     assert (spec.optimizer, spec.input_scale, spec.foreground_fraction) == ("adam", 2, 0.25)
     assert spec.architecture == "deepem3d" and list(spec.members) == ["1fm"]
+
+
+def test_predict_into_a_complete_output_needs_overwrite(tmp_path: Path) -> None:
+    from deep3m.runtime.settings import Settings
+    from deep3m.testing.scheduler import serve_scheduler, write_volume
+
+    settings = Settings(store_url=f"file://{tmp_path}/store", host="127.0.0.1", metrics_port=0)
+    server = serve_scheduler(settings, np.zeros((2, 32, 32), np.uint8))
+    try:
+        write_volume(
+            Store(settings.store_url), "volumes/out.zarr", np.zeros((2, 32, 32), np.float32)
+        )
+        cli = ["--scheduler", server.address, "--output", "json", "predict", "volumes/in.zarr"]
+        cli += ["--model", "m1", "--output", "volumes/out.zarr", "--halo", "0,4,4", "--no-wait"]
+        refused = CliRunner().invoke(app, cli)
+        assert refused.exit_code != 0 and "overwrite" in refused.output
+        accepted = CliRunner().invoke(app, [*cli, "--overwrite"])
+        assert accepted.exit_code == 0, accepted.output
+        assert json.loads(accepted.stdout)["spec"]["predict"]["overwrite"] is True
+    finally:
+        server.stop(grace=1.0)

@@ -71,6 +71,9 @@ def ingest(
     voxel_size_nm: str = typer.Option("", help="z,y,x voxel size in nm, e.g. 40,5.9,5.9"),
     chunk_shape: str = typer.Option("", help="z,y,x chunk shape"),
     shard_shape: str = typer.Option("", help="z,y,x shard shape"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a complete volume already at the output."
+    ),
     wait: bool = typer.Option(True, help="Follow the job until it ends."),
 ) -> None:
     """Ingest an image stack into an OME-Zarr volume (a job on the tiling workers)."""
@@ -81,6 +84,7 @@ def ingest(
             voxel_size_nm=floats(voxel_size_nm, "voxel-size-nm"),
             chunk_shape=shape(chunk_shape, "chunk-shape"),
             shard_shape=shape(shard_shape, "shard-shape"),
+            overwrite=overwrite,
         )
         finish(c, job, wait)
 
@@ -99,6 +103,9 @@ def predict(
         help="Then threshold, label and tabulate objects, sharded over the postprocess workers.",
     ),
     threshold: float = typer.Option(0.5, help="Foreground threshold for --postprocess."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a complete volume already at the output."
+    ),
     wait: bool = typer.Option(True, help="Follow the job until it ends."),
 ) -> None:
     """Segment a volume with a trained model (blocks sharded over inference workers)."""
@@ -113,6 +120,7 @@ def predict(
             halo=shape(halo, "halo"),
             postprocess=postprocess,
             threshold=threshold,
+            overwrite=overwrite,
         )
         finish(c, job, wait)
 
