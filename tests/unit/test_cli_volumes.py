@@ -498,3 +498,32 @@ def test_rm_of_a_failed_ingest_lets_the_retry_start_afresh(vols: Volumes) -> Non
     assert run("rm", "scratch", "--store", vols.url).exit_code == 1
     assert run("rm", "scratch", "--store", vols.url, "--force").exit_code == 0
     assert not vols.store.exists("scratch/notes.txt")
+
+
+def test_label_and_evaluate_default_to_the_threshold_chosen_on_validation(vols: Volumes) -> None:
+    save_card(
+        vols.store, ModelCard(id="mito", members=(MemberCard(name="1fm", frames=1),), threshold=0.8)
+    )
+    arr = vols.store.create_volume(
+        "volumes/pred.zarr", SHAPE, np.float32, voxel_size_nm=VOXEL_NM, chunk_shape=CHUNKS,
+        attributes={"kind": "probabilities", "model": "mito"},
+    )  # fmt: skip
+    arr[:] = vols.prob
+    vols.store.mark_complete("volumes/pred.zarr")
+    chosen = run_json("evaluate", "volumes/pred.zarr", "volumes/gt.zarr", "--store", vols.url)
+    plain = run_json("evaluate", "volumes/prob.zarr", "volumes/gt.zarr", "--store", vols.url)
+    assert (chosen["threshold"], plain["threshold"]) == (0.8, 0.5)
+    # At 0.8 the 0.7 false-positive object and the 0.6 speck are background.
+    assert chosen["counts"]["false_positives"] < plain["counts"]["false_positives"]
+    given = run_json(
+        "evaluate",
+        "volumes/pred.zarr",
+        "volumes/gt.zarr",
+        "--threshold",
+        "0.5",
+        "--store",
+        vols.url,
+    )
+    assert given["threshold"] == 0.5
+    labelled = run_json("label", "volumes/pred.zarr", "--store", vols.url)
+    assert labelled["threshold"] == 0.8 and labelled["object_count"] == 1

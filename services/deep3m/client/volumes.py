@@ -50,6 +50,18 @@ def open_existing_store(url: str, storage_options: Mapping[str, Any] | None = No
     return Store(norm, storage_options)
 
 
+def default_threshold(store: Store, key: str) -> float:
+    """The threshold training chose on validation for the model that predicted ``key``
+    (its model card's), else 0.5: a volume no model of this store predicted."""
+    from deep3m.models.card import load_card, model_exists  # only this default needs it
+    from deep3m.postprocess.foreground import DEFAULT_THRESHOLD
+
+    model = store.volume_info(key).attributes.get("model")
+    if isinstance(model, str) and model and model_exists(store, model):
+        return float(load_card(store, model).threshold)
+    return DEFAULT_THRESHOLD
+
+
 def resolve(
     text: str,
     default_store: str,

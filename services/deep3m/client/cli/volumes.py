@@ -39,6 +39,12 @@ class ExportFormat(StrEnum):
     overlay = "overlay"
 
 
+THRESHOLD_DEFAULT = (
+    " (default: the threshold chosen on validation, from the card of the model that "
+    "predicted the volume; else 0.5)."
+)
+
+
 class S3Mode(StrEnum):
     proxy = "proxy"
     presign = "presign"
@@ -75,7 +81,11 @@ def describe(
 @app.command()
 def label(
     volume: str = typer.Argument(..., help="Probability or mask volume. " + VOLUME_HELP),
-    threshold: float = typer.Option(0.5, "--threshold", help="Foreground probability, (0, 1]."),
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        help="Foreground probability, (0, 1]" + THRESHOLD_DEFAULT,
+    ),
     watershed: bool = typer.Option(
         False, "--watershed/--no-watershed", help="Split touching objects (distance watershed)."
     ),
@@ -94,6 +104,8 @@ def label(
     with errors_exit():
         source, key = resolve(volume, store)
         target = resolve(output, store, field="output") if output else None
+        if threshold is None:
+            threshold = ops.default_threshold(source, key)
         with progress_bar("labelling") as bar:
             report = ops.label(
                 source, key,
@@ -108,7 +120,11 @@ def label(
 def evaluate(
     prediction: str = typer.Argument(..., help="Predicted probabilities or labels. " + VOLUME_HELP),
     ground_truth: str = typer.Argument(..., help="Ground-truth labels or mask. " + VOLUME_HELP),
-    threshold: float = typer.Option(0.5, "--threshold", help="Foreground probability, [0, 1]."),
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        help="Foreground probability, [0, 1]" + THRESHOLD_DEFAULT,
+    ),
     exclusion_zone: int = typer.Option(
         0, "--exclusion-zone", min=0, help="Ignore k voxels around ground-truth borders."
     ),
@@ -132,6 +148,8 @@ def evaluate(
         pred = resolve(prediction, store, field="prediction")
         truth = resolve(ground_truth, store, field="ground_truth")
         under = resolve(image, store, field="image") if image else None
+        if threshold is None:
+            threshold = ops.default_threshold(*pred)
         with progress_bar("evaluating") as bar:
             report = ops.evaluate(
                 pred, truth,
