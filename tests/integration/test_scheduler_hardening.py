@@ -23,8 +23,8 @@ from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import CHUNKS_WRITTEN
 from deep3m.scheduler.core import Scheduler
+from deep3m.testing.clock import ManualClock
 from deep3m.testing.scheduler import (
-    ManualClock,
     lease_cells,
     predict_spec,
     save_test_model,

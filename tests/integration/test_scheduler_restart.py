@@ -27,8 +27,8 @@ from deep3m.runtime.worker import Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.jobs import Grant, JobError
 from deep3m.scheduler.persistence import JobStore
+from deep3m.testing.clock import ManualClock
 from deep3m.testing.scheduler import (
-    ManualClock,
     SchedulerProcess,
     double_block_metrics,
     save_test_model,

@@ -27,8 +27,8 @@ from deep3m.scheduler.app import build as build_scheduler
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.persistence import FINISHED_KEY, JobStore
 from deep3m.scheduler.service import SchedulerServicer
+from deep3m.testing.clock import ManualClock
 from deep3m.testing.scheduler import (
-    ManualClock,
     lease_cells,
     predict_spec,
     save_test_model,
@@ -405,3 +405,19 @@ def test_a_worker_completes_one_by_one_against_a_scheduler_without_batches(
         server.stop(0).wait()
     assert outcomes[:3] == [None] * 3 and isinstance(outcomes[3], FailedPreconditionError)
     assert scheduler.get(job_id).stages[0].tasks_done == 3
+
+
+def test_the_autoscaler_hears_held_tasks_and_leases_per_pod(settings: Settings) -> None:
+    clock = ManualClock()
+    s = Scheduler(settings, clock=clock)
+    s.recover()
+    submit(s)
+    grants = s.lease("pod-a", "inference", 3) + s.lease("pod-b", "inference", 1)
+    assert s.busy_by_pod("inference") == {"pod-a": 3, "pod-b": 1}
+    assert s.busy_by_pod("training") == {}
+    assert s.held_by_role()["inference"] == 0
+    s.fail(grants[0].lease_id, "pod-a", _error(), True)  # retried after a backoff
+    assert s.held_by_role()["inference"] == 1
+    assert s.busy_by_pod("inference") == {"pod-a": 2, "pod-b": 1}
+    clock.now += 60.0
+    assert s.held_by_role()["inference"] == 0

@@ -34,8 +34,8 @@ from deep3m.runtime.worker import Worker
 from deep3m.scheduler.app import SchedulerApp
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.persistence import JobStore
+from deep3m.testing.clock import ManualClock
 from deep3m.testing.scheduler import (
-    ManualClock,
     double_block_metrics,
     lease_cells,
     save_test_model,

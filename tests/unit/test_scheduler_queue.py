@@ -270,3 +270,30 @@ def test_a_million_task_stage_is_compact_and_leases_quickly() -> None:
     assert counts.pending == 1_000_000 - counts.done
     # Two bytes per task plus the restored index list; no object per task.
     assert peak < 16 * 1024 * 1024
+
+
+def test_tasks_in_backoff_or_held_after_a_restart_are_counted_as_held() -> None:
+    q = make_queue(3, max_attempts=5, backoff_s=2.0)
+    q.add_stage("j2", "train", "training", 2, max_attempts=3, hold_until=50.0)
+    a, _, _ = q.lease("inference", "w1", 3, 0.0, LEASE_S)
+    q.fail(a.lease_id, "w1", True, "flaky", 1.0)  # back off until 3.0
+    assert q.held_by_role(2.0) == {"inference": 1, "training": 2}
+    assert q.role_counts()["inference"] == (1, 2)  # still pending, but not leasable yet
+    assert q.held_by_role(3.0) == {"inference": 0, "training": 2}
+    assert q.held_by_role(50.0)["training"] == 0
+    (again,) = q.lease("inference", "w2", 1, 3.0, LEASE_S)
+    assert again.task == a.task and q.held_by_role(3.0)["inference"] == 0
+
+
+def test_leases_are_counted_per_worker_of_a_role() -> None:
+    q = make_queue(4)
+    q.add_stage("j2", "train", "training", 1, max_attempts=3)
+    first = q.lease("inference", "pod-a", 3, 0.0, LEASE_S)
+    q.lease("inference", "pod-b", 1, 0.0, LEASE_S)
+    q.lease("training", "pod-a", 1, 0.0, LEASE_S)
+    assert q.leases_by_worker("inference") == {"pod-a": 3, "pod-b": 1}
+    assert q.leases_by_worker("training") == {"pod-a": 1}
+    finish(q, first[0].lease_id, "pod-a", 1.0)
+    assert q.leases_by_worker("inference") == {"pod-a": 2, "pod-b": 1}
+    q.cancel_job("j1")  # cancelled leases are on their way out
+    assert q.leases_by_worker("inference") == {}

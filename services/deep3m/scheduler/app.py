@@ -49,6 +49,8 @@ class SchedulerApp:
                 self.settings,
                 self.scheduler.pending_by_role,
                 leased_by_role=self.scheduler.leased_by_role,
+                held_by_role=self.scheduler.held_by_role,
+                busy_by_pod=self.scheduler.busy_by_pod,
             )
             self.autoscaler.start()
             log.info("autoscaler started")

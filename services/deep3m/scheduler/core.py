@@ -817,6 +817,16 @@ class Scheduler:
     def leased_by_role(self) -> dict[str, int]:
         return {role: c[1] for role, c in self.queue_stats().items()}
 
+    def held_by_role(self) -> dict[str, int]:
+        """Pending tasks per role held back (retry backoff, post-restart hold)."""
+        with self._lock:
+            return self.queue.held_by_role(self.clock())
+
+    def busy_by_pod(self, role: str) -> dict[str, int]:
+        """Live leases of ``role`` per worker (pod) id, for pod-deletion costs."""
+        with self._lock:
+            return self.queue.leases_by_worker(role)
+
     # -- internals (caller holds the lock, but for _unrecorded: store I/O) --------------
     def _unrecorded(self, job: Job, plan: StagePlan) -> str:
         """The final check before a stage's outputs are sealed (no lock held): every task

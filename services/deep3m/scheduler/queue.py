@@ -301,6 +301,37 @@ class TaskQueue:
             out[role] = (sum(s.pending for s in stages), sum(s.leased for s in stages))
         return out
 
+    def held_by_role(self, now: float) -> dict[str, int]:
+        """Pending tasks per role that may not be leased before a later time: in retry
+        backoff, or in a stage held back after a restart. An autoscaler must not start
+        workers for them."""
+        out: dict[str, int] = {}
+        for role, stages in self._by_role.items():
+            held = 0
+            for st in stages:
+                if st.cancelled:
+                    continue
+                if now < st.hold_until:
+                    held += st.pending
+                    continue
+                held += sum(
+                    1
+                    for not_before, task, attempts in st.delayed
+                    if not_before > now
+                    and st.state[task] == PENDING
+                    and st.attempts[task] == attempts
+                )
+            out[role] = held
+        return out
+
+    def leases_by_worker(self, role: str) -> dict[str, int]:
+        """Live leases of ``role`` per worker id (a pod's name on Kubernetes)."""
+        out: dict[str, int] = {}
+        for lease in self._leases.values():
+            if lease.role == role and not lease.cancelled:
+                out[lease.worker_id] = out.get(lease.worker_id, 0) + 1
+        return out
+
     def next_deadline(self) -> float | None:
         return min((lease.deadline for lease in self._leases.values()), default=None)
 

@@ -90,16 +90,6 @@ def save_random_model(
     save_model(store, card, {member: net.state_dict()})
 
 
-class ManualClock:
-    """A clock for a ``Scheduler`` that moves only when the test sets ``now``."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def predict_spec(
     output: str,
     *,
