@@ -184,9 +184,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
                 f"{inside.split('/', 1)[0]}/ folder",
                 field=field,
             )
-        fs, path = fsspec.core.url_to_fs(
-            url, **(dict(self.roots.storage_options) if url.startswith("s3://") else {})
-        )
+        fs, path = fsspec.core.url_to_fs(url, **(self._storage_options(url) or {}))
         if not overwrite and fs.exists(path):
             raise AlreadyExistsError(
                 f"{field} {clip(destination)} already exists; set overwrite to replace it",

@@ -12,7 +12,7 @@ else (stale lease, unknown task) means the outcome is no longer ours to report.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -92,6 +92,12 @@ class SchedulerClient(Protocol):
     def close(self) -> None: ...
 
 
+def _fill(message: Any, metrics: Mapping[str, float], outputs: Mapping[str, str]) -> None:
+    """A completion's metrics and outputs into its request message (one or a batch's)."""
+    message.metrics.update({k: float(v) for k, v in metrics.items()})
+    message.outputs.update({k: str(v) for k, v in outputs.items()})
+
+
 class GrpcSchedulerClient:
     """A :class:`SchedulerClient` over a gRPC channel (its own, or one given)."""
 
@@ -145,8 +151,7 @@ class GrpcSchedulerClient:
         timeout: float,
     ) -> None:
         request = scheduler_pb2.CompleteTaskRequest(lease_id=lease_id, worker_id=worker_id)
-        request.metrics.update({k: float(v) for k, v in metrics.items()})
-        request.outputs.update({k: str(v) for k, v in outputs.items()})
+        _fill(request, metrics, outputs)
         self._call(lambda: self._stub.CompleteTask(request, timeout=timeout))
 
     def complete_many(
@@ -154,9 +159,7 @@ class GrpcSchedulerClient:
     ) -> list[Deep3mError | None]:
         request = scheduler_pb2.CompleteTasksRequest(worker_id=worker_id)
         for lease_id, metrics, outputs in completions:
-            item = request.completions.add(lease_id=lease_id)
-            item.metrics.update({k: float(v) for k, v in metrics.items()})
-            item.outputs.update({k: str(v) for k, v in outputs.items()})
+            _fill(request.completions.add(lease_id=lease_id), metrics, outputs)
         try:
             reply = self._stub.CompleteTasks(request, timeout=timeout)
         except grpc.RpcError as err:

@@ -16,7 +16,6 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -26,13 +25,10 @@ from deep3m.core.errors import UnavailableError
 from deep3m.core.geometry import Box, grid_cells
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port
-from deep3m.runtime.server import create_server
+from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import CHUNKS_WRITTEN
 from deep3m.v1 import common_pb2
-
-if TYPE_CHECKING:
-    from deep3m.runtime.server import RunningServer
 
 
 def write_volume(
@@ -140,7 +136,6 @@ def double_block_metrics(store: Store, lease: common_pb2.TaskLease) -> dict[str,
 def serve_scheduler(settings: Settings, data: np.ndarray) -> RunningServer:
     """A scheduler server on a loopback port over a store holding ``volumes/in.zarr``
     (``data``) and the model ``m1``; the caller stops it."""
-    from deep3m.runtime.server import create_server
     from deep3m.scheduler.app import SchedulerApp
     from deep3m.scheduler.core import Scheduler
 

@@ -25,6 +25,7 @@ from deep3m.scheduler.kinds.base import (
     replace_repeated,
 )
 from deep3m.scheduler.kinds.labelling import (
+    DEFAULT_THRESHOLD,
     LABELLING_STAGES,
     labels_volume,
     plan_labelling,
@@ -45,7 +46,6 @@ from deep3m.v1 import common_pb2
 # CDeep3M tiles slices at 1024²; with a 32-voxel halo that keeps re-computed context
 # under 15 % of the work, which is what makes blockwise prediction pay off.
 DEFAULT_BLOCK_SHAPE: tuple[int, int, int] = (8, 1024, 1024)
-DEFAULT_THRESHOLD = 0.5
 PROBABILITY_DTYPE = "float32"
 
 
