@@ -69,6 +69,18 @@ def test_rate_eta_and_validation_figures_are_derived_and_remembered() -> None:
         assert part in text
 
 
+def test_the_trainers_own_eta_wins_over_the_iteration_rate() -> None:
+    # A time budget ends training long before the iterations would: only the
+    # trainer knows it, and its report says so.
+    task = TaskProgress("t")
+    task.update({"iteration": 10, "iterations": 100_000}, 100.0)
+    task.update({"iteration": 30}, 102.0)
+    assert task.eta_seconds == pytest.approx((100_000 - 30) / 10.0)
+    task.update({"iteration": 40, "eta_seconds": 540.0}, 103.0)
+    assert task.eta_seconds == 540.0
+    assert "ETA 9m00s" in task.describe()
+
+
 def test_job_progress_tracks_stages_and_tasks_apart() -> None:
     job = JobProgress("j")
     change = job.update(ProgressEvent("j", "RUNNING", "ingest", 1, 4, voxels_per_second=2e6))

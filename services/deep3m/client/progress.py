@@ -71,11 +71,15 @@ class TaskProgress:
     loss: float | None = None
     iterations_per_second: float = 0.0
     validation: dict[str, float] = field(default_factory=dict)
+    # The trainer's own ETA, when it reports one: it knows the time budget.
+    reported_eta_seconds: float | None = None
     _seen: tuple[float, int] | None = field(default=None, repr=False)
     _seen_at: float = field(default=0.0, repr=False)
 
     @property
     def eta_seconds(self) -> float | None:
+        if self.reported_eta_seconds is not None:
+            return self.reported_eta_seconds
         if self.iterations_per_second <= 0 or not self.iterations:
             return None
         return max(self.iterations - self.iteration, 0) / self.iterations_per_second
@@ -84,6 +88,8 @@ class TaskProgress:
         """Fold one report in; True when it carried new validation figures."""
         if "iterations" in metrics:
             self.iterations = int(metrics["iterations"])
+        if "eta_seconds" in metrics and math.isfinite(metrics["eta_seconds"]):
+            self.reported_eta_seconds = max(0.0, float(metrics["eta_seconds"]))
         if "loss" in metrics and math.isfinite(metrics["loss"]):
             self.loss = float(metrics["loss"])
         if "iteration" in metrics:

@@ -311,6 +311,9 @@ class _Run:
                 metrics={
                     "iteration": float(iteration),
                     "iterations": float(self.config.total_iterations),
+                    # Reports carry metrics only: the ETA (capped by a time budget,
+                    # which only the trainer knows) travels as one of them.
+                    **({"eta_seconds": float(eta_s)} if eta_s > 0 else {}),
                     **metrics,
                 },
             )
