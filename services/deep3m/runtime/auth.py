@@ -32,7 +32,7 @@ import grpc
 
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.runtime.interceptor import rewrap_handler
-from deep3m.runtime.settings import ROLES, Settings
+from deep3m.runtime.settings import WORKER_ROLES, Settings
 
 log = logging.getLogger("deep3m.auth")
 
@@ -45,7 +45,6 @@ WORKER_METHODS = frozenset(
 # Read by the autoscaler's dashboards and by workers alike.
 SHARED_METHODS = frozenset({"/deep3m.v1.Scheduler/GetQueueStats"})
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
-WORKER_ROLES = tuple(r for r in ROLES if r != "scheduler")
 MAX_TOKEN_CHARS = 4096
 
 

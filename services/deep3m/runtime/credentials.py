@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deep3m.runtime.auth import WORKER_ROLES
+from deep3m.runtime.settings import WORKER_ROLES
 
 VALID_DAYS = 365
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-TASKS_PENDING = Gauge("deep3m_tasks_pending", "Tasks waiting for a worker", ["role"])
+TASKS_PENDING = Gauge(
+    "deep3m_tasks_pending",
+    "Tasks a worker could lease now (tasks held in retry backoff or after a restart left out)",
+    ["role"],
+)
 TASKS_LEASED = Gauge("deep3m_tasks_leased", "Tasks leased to workers", ["role"])
 TASKS_COMPLETED = Counter("deep3m_tasks_completed_total", "Tasks completed", ["role"])
 TASK_RETRIES = Counter(

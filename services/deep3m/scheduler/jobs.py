@@ -250,3 +250,13 @@ class Job:
                 int(c["quarantined"]),
             )
         return job
+
+
+def index_entry(record: JobRecord, result: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A finished job's entry in the finished-jobs index: its state and times."""
+    result = result or {}
+    return {
+        "state": str(result.get("state", "FAILED")),
+        "created_unix_s": record.created_unix_s,
+        "finished_unix_s": float(result.get("finished_unix_s", record.created_unix_s)),
+    }
