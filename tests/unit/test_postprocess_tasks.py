@@ -104,3 +104,22 @@ def test_bad_specs(tmp_path: Path) -> None:
     assert kind.value.field == "spec"
     with pytest.raises(NotFoundError):
         finalize_predict(predict_spec("volumes/none.zarr", postprocess=True), roots)
+
+
+def test_the_handler_uses_the_output_resolved_at_submit(tmp_path: Path) -> None:
+    store = Store(f"file://{tmp_path}")
+    probability_volume(store, "volumes/p.zarr")
+    settings = Settings(store_url=store.url, metrics_port=0, worker_enabled=False)
+    resolved = common_pb2.ResolvedVolume(
+        store_url=store.url, path="volumes/p.zarr", shape=SHAPE, dtype="float32"
+    )
+    lease = common_pb2.TaskLease(
+        task=common_pb2.Task(id="t1", job_id="j1", stage="finalize"),
+        # The spec's reference is not looked at again: the lease's volume is the one.
+        spec=predict_spec("volumes/not-resolved-again.zarr", postprocess=False),
+        volumes={"output": resolved},
+    )
+    result = handle_finalize_predict(TaskContext(lease, worker_id="w", settings=settings))
+    assert result.outputs == {"probabilities": f"{store.url}/volumes/p.zarr"}
+    assert store.volume_info("volumes/p.zarr").complete
+    assert not store.exists("volumes/not-resolved-again.zarr")

@@ -4,7 +4,8 @@ It marks the probability volume complete and, when the job asks for
 postprocessing, thresholds it (``predict.threshold``, 0.5 when unset), labels
 the objects into ``<probabilities>/labels/segmentation``, writes the object
 table next to them and builds pyramids of both. Every step rewrites the same
-bytes when repeated, so a retried task is harmless.
+bytes when repeated, so a retried task is harmless. The probability volume is
+the lease's ``output`` volume, resolved and checked by the scheduler at submit.
 """
 
 from __future__ import annotations
@@ -36,15 +37,23 @@ def finalize_predict(
     cancelled: threading.Event | None = None,
     report: Report | None = None,
     max_workers: int = 1,
+    output: common_pb2.ResolvedVolume | None = None,
 ) -> tuple[dict[str, str], dict[str, float]]:
-    """Finalize a prediction job; returns (outputs, metrics)."""
+    """Finalize a prediction job; returns (outputs, metrics).
+
+    ``output`` is the probability volume as resolved at submit (``lease.volumes``);
+    without it (a spec no scheduler has seen) the spec's reference is resolved here.
+    """
     if spec.WhichOneof("kind") != "predict":
         raise InvalidArgumentError(
             f"finalize needs a predict job spec, got {spec.WhichOneof('kind') or 'an empty'} one",
             field="spec",
         )
     p = spec.predict
-    store, key = roots.resolve(p.output.store_url, p.output.path, field="output")
+    if output is not None:
+        store, key = roots.store(output.store_url, field="output.store_url"), output.path
+    else:
+        store, key = roots.resolve(p.output.store_url, p.output.path, field="output")
     store.mark_complete(key)
     outputs = {"probabilities": store.key_url(key)}
     metrics: dict[str, float] = {}
@@ -99,8 +108,10 @@ def handle_finalize_predict(ctx: TaskContext, *, settings: Settings | None = Non
     """Worker handler for the postprocess role's ``finalize`` tasks."""
     chosen = settings or getattr(ctx, "settings", None) or get_settings()
     roots = StoreRoots.from_settings(chosen)
+    volumes = ctx.lease.volumes
     outputs, metrics = finalize_predict(
         ctx.lease.spec, roots, cancelled=ctx.cancelled,
         report=lambda m, message: ctx.report(m, message=message),
+        output=volumes["output"] if "output" in volumes else None,
     )  # fmt: skip
     return TaskResult(metrics=metrics, outputs=outputs)
