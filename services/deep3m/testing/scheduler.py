@@ -17,14 +17,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deep3m.core.errors import UnavailableError
 from deep3m.core.geometry import Box, grid_cells
 from deep3m.core.store import Store
-from deep3m.launcher.local import free_port
+from deep3m.launcher.local import free_port, wait_serving
 from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import CHUNKS_WRITTEN
@@ -186,24 +184,11 @@ class SchedulerProcess:
             )
         finally:
             log.close()
-        self.wait_serving(timeout_s)
-
-    def wait_serving(self, timeout_s: float) -> None:
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            try:
-                # Watch streams status changes; wait_for_ready waits for the port: no polling.
-                for reply in stub.Watch(
-                    health_pb2.HealthCheckRequest(service=""),
-                    timeout=timeout_s,
-                    wait_for_ready=True,
-                ):
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-            except grpc.RpcError as exc:
-                self.kill()
-                raise UnavailableError(f"the scheduler did not start; see {self.log_path}") from exc
-        raise UnavailableError(f"the scheduler stopped serving; see {self.log_path}")
+        try:
+            wait_serving(self.address, self.process, timeout_s, "scheduler", log=str(self.log_path))
+        except UnavailableError:
+            self.kill()
+            raise
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as when a node dies."""
