@@ -10,6 +10,15 @@ import numpy as np
 import typer
 
 from deep3m.client.cli.app import app, client, console, error, fail, out, state
+from deep3m.client.cli.options import (
+    ConnectivityOption,
+    LabelNameOption,
+    MinSizeOption,
+    OverwriteOption,
+    ThresholdOption,
+    WaitOption,
+    WatershedOption,
+)
 from deep3m.client.cli.output import follow, job_dict, print_job, render_jobs
 from deep3m.client.client import Deep3mClient
 from deep3m.client.region import parse_region
@@ -71,10 +80,8 @@ def ingest(
     voxel_size_nm: str = typer.Option("", help="z,y,x voxel size in nm, e.g. 40,5.9,5.9"),
     chunk_shape: str = typer.Option("", help="z,y,x chunk shape"),
     shard_shape: str = typer.Option("", help="z,y,x shard shape"),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace a complete volume already at the output."
-    ),
-    wait: bool = typer.Option(True, help="Follow the job until it ends."),
+    overwrite: OverwriteOption = False,
+    wait: WaitOption = True,
 ) -> None:
     """Ingest an image stack into an OME-Zarr volume (a job on the tiling workers)."""
     with client() as c:
@@ -102,11 +109,9 @@ def predict(
         False,
         help="Then threshold, label and tabulate objects, sharded over the postprocess workers.",
     ),
-    threshold: float = typer.Option(0.5, help="Foreground threshold for --postprocess."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace a complete volume already at the output."
-    ),
-    wait: bool = typer.Option(True, help="Follow the job until it ends."),
+    threshold: ThresholdOption = 0.5,
+    overwrite: OverwriteOption = False,
+    wait: WaitOption = True,
 ) -> None:
     """Segment a volume with a trained model (blocks sharded over inference workers)."""
     with client() as c:
@@ -131,13 +136,13 @@ def submit_label(
     output: str = typer.Option(
         "", "--output", help="Labels volume path; default <input>/labels/<name>."
     ),
-    threshold: float = typer.Option(0.5, help="Foreground probability, (0, 1]."),
-    connectivity: int = typer.Option(1, help="1: faces, 2: +edges, 3: +corners."),
-    min_size: int = typer.Option(0, "--min-size", min=0, help="Drop objects below this (voxels)."),
-    watershed: bool = typer.Option(False, help="Split touching objects (distance watershed)."),
-    name: str = typer.Option("segmentation", "--name", help="Label image name."),
+    threshold: ThresholdOption = 0.5,
+    connectivity: ConnectivityOption = 1,
+    min_size: MinSizeOption = 0,
+    watershed: WatershedOption = False,
+    name: LabelNameOption = "segmentation",
     block_shape: str = typer.Option("", help="z,y,x block of one labelling task."),
-    wait: bool = typer.Option(True, help="Follow the job until it ends."),
+    wait: WaitOption = True,
 ) -> None:
     """Label a volume on the cluster: its blocks sharded over the postprocess workers
     (summarize, equivalences, merge, relabel, reduce, pyramid); `deep3m label` runs locally."""

@@ -11,6 +11,18 @@ import typer
 
 from deep3m.client import volumes as ops
 from deep3m.client.cli.app import app, console, errors_exit, settings, state
+from deep3m.client.cli.options import (
+    VOLUME_HELP,
+    ArrayOption,
+    ConnectivityOption,
+    LabelNameOption,
+    MinSizeOption,
+    ModelThresholdOption,
+    StoreOption,
+    ThresholdOption,
+    WatershedOption,
+    WorkersOption,
+)
 from deep3m.client.cli.output import (
     emit,
     progress_bar,
@@ -28,21 +40,11 @@ from deep3m.core.errors import InvalidArgumentError, NotFoundError
 from deep3m.core.locations import RESERVED_PREFIXES
 from deep3m.core.store import Store
 
-STORE_HELP = "Store URL or folder (default: DEEP3M_STORE_URL, else ./deep3m-data)."
-VOLUME_HELP = "Volume path in the store (e.g. volumes/stack.zarr) or STORE_URL//PATH."
-WORKERS_HELP = "Threads for blockwise work (0: the machine's cores, at most 4)."
-
 
 class ExportFormat(StrEnum):
     tiff = "tiff"
     png = "png"
     overlay = "overlay"
-
-
-THRESHOLD_DEFAULT = (
-    " (default: the threshold chosen on validation, from the card of the model that "
-    "predicted the volume; else 0.5)."
-)
 
 
 class S3Mode(StrEnum):
@@ -66,9 +68,9 @@ def resolve(volume: str, store_url: str | None, *, field: str = "volume") -> tup
 def describe(
     volume: str = typer.Argument(..., help=VOLUME_HELP),
     bins: int = typer.Option(16, "--bins", min=1, max=65536, help="Histogram bins."),
-    array: str = typer.Option("", "--array", help="Array in the group (pyramid level); default 0."),
+    array: ArrayOption = "",
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Read every voxel for statistics."),
-    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    store: StoreOption = None,
 ) -> None:
     """Shape, dtype, voxel size, chunks/shards, intensity statistics and histogram."""
     with errors_exit():
@@ -81,24 +83,16 @@ def describe(
 @app.command()
 def label(
     volume: str = typer.Argument(..., help="Probability or mask volume. " + VOLUME_HELP),
-    threshold: float | None = typer.Option(
-        None,
-        "--threshold",
-        help="Foreground probability, (0, 1]" + THRESHOLD_DEFAULT,
-    ),
-    watershed: bool = typer.Option(
-        False, "--watershed/--no-watershed", help="Split touching objects (distance watershed)."
-    ),
-    min_size: int = typer.Option(0, "--min-size", min=0, help="Drop objects below this (voxels)."),
-    connectivity: int = typer.Option(1, "--connectivity", help="1: faces, 2: +edges, 3: +corners."),
-    name: str = typer.Option(
-        "segmentation", "--name", help="Label image name under <volume>/labels/."
-    ),
+    threshold: ModelThresholdOption = None,
+    watershed: WatershedOption = False,
+    min_size: MinSizeOption = 0,
+    connectivity: ConnectivityOption = 1,
+    name: LabelNameOption = "segmentation",
     output: str = typer.Option(
         "", "--output", help="Write the labels to this volume path instead of <volume>/labels/."
     ),
-    workers: int = typer.Option(0, "--workers", min=0, help=WORKERS_HELP),
-    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    workers: WorkersOption = 0,
+    store: StoreOption = None,
 ) -> None:
     """Threshold and label objects; writes a label volume and an object table (CSV, JSON)."""
     with errors_exit():
@@ -120,27 +114,21 @@ def label(
 def evaluate(
     prediction: str = typer.Argument(..., help="Predicted probabilities or labels. " + VOLUME_HELP),
     ground_truth: str = typer.Argument(..., help="Ground-truth labels or mask. " + VOLUME_HELP),
-    threshold: float | None = typer.Option(
-        None,
-        "--threshold",
-        help="Foreground probability, [0, 1]" + THRESHOLD_DEFAULT,
-    ),
+    threshold: ModelThresholdOption = None,
     exclusion_zone: int = typer.Option(
         0, "--exclusion-zone", min=0, help="Ignore k voxels around ground-truth borders."
     ),
     objects: bool = typer.Option(
         True, "--objects/--no-objects", help="Also count objects matched by centroid."
     ),
-    min_size: int = typer.Option(
-        0, "--min-size", min=0, help="Drop predicted objects below this (voxels), as label does."
-    ),
+    min_size: MinSizeOption = 0,
     overlays: str = typer.Option(
         "", "--overlays", help="Write error-overlay PNGs (TP green, FP red, FN blue) here."
     ),
     image: str = typer.Option("", "--image", help="For --overlays: the image volume under them."),
     slices: str = typer.Option("", "--slices", help="For --overlays: z slices, e.g. 0,5,10-12."),
-    workers: int = typer.Option(0, "--workers", min=0, help=WORKERS_HELP),
-    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    workers: WorkersOption = 0,
+    store: StoreOption = None,
 ) -> None:
     """Precision, recall, F1 and Jaccard of a prediction against ground truth."""
     with errors_exit():
@@ -169,8 +157,8 @@ def pyramid(
     method: PyramidMethod = typer.Option(
         PyramidMethod.auto, "--method", help="mean (images), mode (labels) or auto."
     ),
-    workers: int = typer.Option(0, "--workers", min=0, help=WORKERS_HELP),
-    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    workers: WorkersOption = 0,
+    store: StoreOption = None,
 ) -> None:
     """Write multiscale levels (OME-Zarr) for viewers; reruns replace them."""
     with errors_exit():
@@ -208,8 +196,8 @@ def export(
     ),
     slices: str = typer.Option("", "--slices", help="z slices, e.g. 0,5,10-12 (default all)."),
     alpha: float = typer.Option(0.5, "--alpha", help="Overlay opacity, (0, 1]."),
-    array: str = typer.Option("", "--array", help="Array in the group (pyramid level)."),
-    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    array: ArrayOption = "",
+    store: StoreOption = None,
 ) -> None:
     """Export a volume as TIFF or PNG pages, or overlay PNGs of it over an image."""
     with errors_exit():
@@ -228,7 +216,7 @@ def export(
 @app.command("rm")
 def remove(
     volume: str = typer.Argument(..., help=VOLUME_HELP),
-    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    store: StoreOption = None,
     force: bool = typer.Option(
         False, "--force", help="Also remove a folder that is not a zarr volume."
     ),
@@ -250,7 +238,7 @@ def remove(
 
 
 @app.command()
-def models(store: str | None = typer.Option(None, "--store", help=STORE_HELP)) -> None:
+def models(store: StoreOption = None) -> None:
     """List the trained models in the store (model cards)."""
     with errors_exit():
         s = settings()
@@ -278,7 +266,7 @@ def view(
         help="S3 stores: proxy (read here, with your credentials), presign (redirect to "
         "pre-signed URLs; the bucket must allow CORS) or public (link the bucket directly).",
     ),
-    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    store: StoreOption = None,
 ) -> None:
     """Serve volumes to Neuroglancer on loopback and print the link that opens them."""
     import json
@@ -336,12 +324,12 @@ def report(
     ground_truth: str = typer.Option(
         "", "--ground-truth", help="Labels to score the prediction against. " + VOLUME_HELP
     ),
-    threshold: float = typer.Option(0.5, "--threshold", help="Foreground probability, (0, 1]."),
-    min_size: int = typer.Option(0, "--min-size", min=0, help="Drop objects below this (voxels)."),
+    threshold: ThresholdOption = 0.5,
+    min_size: MinSizeOption = 0,
     window_um: float = typer.Option(2.0, "--window-um", help="Density profile window (µm)."),
     slices: str = typer.Option("", "--slices", help="Error-overlay slices (default: 3 spread)."),
     viewer_link: str = typer.Option("", "--viewer-link", help="A link from deep3m view."),
-    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    store: StoreOption = None,
 ) -> None:
     """One self-contained HTML page on a job: inputs, model, accuracy, objects, density."""
     from pathlib import Path
