@@ -122,3 +122,14 @@ def test_cycles_are_detected() -> None:
         "e": {"c": []},
     }
     assert sorted(cycles(edges)) == [["a", "b"], ["c", "d", "e"]]
+
+
+def test_the_services_never_import_test_support() -> None:
+    # ``testing/`` is not in the wheel: a service importing it would fail when installed.
+    edges = folder_imports()
+    importers = {
+        folder: sorted(set(edges[folder]["testing"]))
+        for folder in edges
+        if "testing" in edges[folder] and folder != "testing"
+    }
+    assert importers == {}

@@ -34,13 +34,19 @@ def scheduler(tmp_path: Path, clock: ManualClock) -> Scheduler:
     return s
 
 
-def test_the_pending_gauge_leaves_out_tasks_in_retry_backoff(tmp_path: Path) -> None:
-    clock = ManualClock()
+def with_job(tmp_path: Path, clock: ManualClock) -> Scheduler:
+    """A scheduler with one predict job of ``N_BLOCKS`` tasks, none leased yet."""
     s = scheduler(tmp_path, clock)
     store = Store(s.settings.store_url)
     write_volume(store, "volumes/in.zarr", np.zeros(SHAPE, np.uint16))
     save_test_model(store, "m1")
     s.submit(predict_spec("volumes/out.zarr", block_shape=[1, 16, 16]))
+    return s
+
+
+def test_the_pending_gauge_leaves_out_tasks_in_retry_backoff(tmp_path: Path) -> None:
+    clock = ManualClock()
+    s = with_job(tmp_path, clock)
     assert pending_gauge() == N_BLOCKS
     (grant,) = s.lease("w", "inference", 1)
     assert pending_gauge() == N_BLOCKS - 1
@@ -56,11 +62,7 @@ def test_the_pending_gauge_leaves_out_tasks_in_retry_backoff(tmp_path: Path) -> 
 
 def test_the_pending_gauge_leaves_out_tasks_held_after_a_restart(tmp_path: Path) -> None:
     clock = ManualClock()
-    first = scheduler(tmp_path, clock)
-    store = Store(first.settings.store_url)
-    write_volume(store, "volumes/in.zarr", np.zeros(SHAPE, np.uint16))
-    save_test_model(store, "m1")
-    first.submit(predict_spec("volumes/out.zarr", block_shape=[1, 16, 16]))
+    with_job(tmp_path, clock)
     assert pending_gauge() == N_BLOCKS
 
     # A restart holds pending tasks back for min(lease / 2, 30 s) = 15 s.
