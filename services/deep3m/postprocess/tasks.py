@@ -108,10 +108,9 @@ def handle_finalize_predict(ctx: TaskContext, *, settings: Settings | None = Non
     """Worker handler for the postprocess role's ``finalize`` tasks."""
     chosen = settings or getattr(ctx, "settings", None) or get_settings()
     roots = StoreRoots.from_settings(chosen)
-    volumes = ctx.lease.volumes
     outputs, metrics = finalize_predict(
         ctx.lease.spec, roots, cancelled=ctx.cancelled,
         report=lambda m, message: ctx.report(m, message=message),
-        output=volumes["output"] if "output" in volumes else None,
+        output=ctx.lease.volumes.get("output"),
     )  # fmt: skip
     return TaskResult(metrics=metrics, outputs=outputs)
