@@ -16,9 +16,7 @@ from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
 from deep3m.runtime.metrics import AUTOSCALER_ERRORS
 from deep3m.runtime.settings import Settings
 from deep3m.scheduler.autoscaler import (
-    DELETION_COST,
     Autoscaler,
-    KubernetesScaleApi,
     RoleDemand,
     ScalePolicy,
     busy_leases,
@@ -28,6 +26,7 @@ from deep3m.scheduler.autoscaler import (
     needed_replicas,
     policies_from_settings,
 )
+from deep3m.scheduler.kube import DELETION_COST, KubernetesScaleApi
 from deep3m.testing.clock import ManualClock
 from deep3m.testing.kube_api import FakeKubeApi, FakePod, fake_kube_api
 from hypothesis import given
