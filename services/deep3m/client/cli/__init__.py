@@ -9,9 +9,10 @@ a volume argument is a path in that store or ``STORE_URL//PATH``. ``--output
 json`` prints machine-readable results (JSON lines while a job is followed).
 Failures exit non-zero.
 
-Modules: ``app`` (the Typer app and global options), ``jobs`` (submit, follow,
-list, cancel), ``roles`` (serve, up, demo, doctor), ``volumes`` (commands on the
-store), ``output`` (rendering every result as text or JSON).
+Modules: ``app`` (the Typer app and global options), ``options`` (options several
+commands share, declared once), ``jobs`` (submit, follow, list, cancel), ``roles``
+(serve, up, demo, doctor), ``volumes`` (commands on the store), ``output``
+(rendering every result as text or JSON).
 """
 
 from __future__ import annotations
