@@ -144,6 +144,24 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": False},
         "scheduler": {"requireOnDemand": False, "pdb": {"enabled": False}},
     },
+    # Tokens and mutual TLS on every port: tokens from an existing Secret, the
+    # certificate issued by cert-manager (a ClusterIssuer with a CA).
+    "auth-tls-cert-manager": {
+        "auth": {"enabled": True, "existingSecret": "lab-deep3m-tokens"},
+        "tls": {
+            "enabled": True,
+            "certManager": {
+                "enabled": True,
+                "issuerRef": {"name": "lab-ca", "kind": "ClusterIssuer"},
+            },
+        },
+    },
+    # Both from existing Secrets, TLS without client certificates, no training role.
+    "auth-tls-existing-secrets": {
+        "auth": {"enabled": True, "existingSecret": "em-tokens"},
+        "tls": {"enabled": True, "clientAuth": False, "existingSecret": "em-tls"},
+        "training": {"enabled": False},
+    },
     # Chart conventions on a dual-stack OpenShift-like cluster: a global
     # registry and pull secret, pinned digests, the restricted-v2 UID left to
     # the platform, per-role annotations, priority, spread and extra volumes.

@@ -32,7 +32,7 @@ helm_python = pytest.importorskip("helm_python")
 # EKS versions the chart supports (see helm/deep3m/Chart.yaml kubeVersion and k8s/README.md).
 OLDEST, NEWEST = "1.30", "1.37"
 SUPPORTED = [f"1.{minor}" for minor in range(30, 38)]
-CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor"}
+CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor", "Certificate"}
 GPU_ROLES = ("training", "inference")
 WORKER_ROLES = ("tiling", "postprocess", *GPU_ROLES)
 RELEASE = "lab"
@@ -257,8 +257,18 @@ def test_grpc_probes_on_the_health_service(scenario: Any) -> None:
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports == {"grpc": 50051, "metrics": 9090}
+        tls = merged(scenario, "tls")["enabled"]
+        # The kubelet's gRPC probe speaks no TLS: with TLS on, the image's own check
+        # runs in the container, over TLS with the pod's certificate.
+        own_check = ["python", "-m", "deep3m.runtime.healthcheck", "--server-name"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": ports["grpc"]}, probe
+            if tls:
+                command = container[probe]["exec"]["command"]
+                assert command == [*own_check, deployment["metadata"]["name"]], probe
+                assert "grpc" not in container[probe]
+                assert container[probe]["timeoutSeconds"] >= 5  # a Python start, not 1 s
+            else:
+                assert container[probe]["grpc"] == {"port": ports["grpc"]}, probe
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         env = {e["name"]: e.get("value") for e in container["env"]}
         # Kubernetes must wait longer than the server's own drain, sized per role.

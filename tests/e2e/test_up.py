@@ -10,6 +10,7 @@ Every port is chosen free; every wait is on a condition with a deadline.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -31,8 +32,12 @@ import pytest
 import tifffile
 from deep3m.client.client import Deep3mClient
 from deep3m.client.progress import RESUMED
+from deep3m.core.errors import PermissionDeniedError, UnauthenticatedError, UnavailableError
 from deep3m.core.store import Store
 from deep3m.launcher.local import LocalCluster, LocalClusterSpec, PortInUseError, free_port
+from deep3m.launcher.state import local_security
+from deep3m.runtime.scheduler_client import GrpcSchedulerClient
+from deep3m.runtime.settings import Settings
 from deep3m.testing.processes import alive, wait_gone
 from deep3m.v1 import common_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -42,13 +47,15 @@ pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "deep3m.client.cli"]
 
 
-def _env() -> dict[str, str]:
+def _env(root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DEEP3M_")}
-    # Short leases and polls so a restarted role picks work up quickly.
+    # Short leases and polls so a restarted role picks work up quickly; the
+    # credentials and running record of `up` stay in the test's folder.
     env.update(
         DEEP3M_LEASE_SECONDS="4",
         DEEP3M_POLL_INTERVAL_SECONDS="0.2",
         DEEP3M_RETRY_BACKOFF_SECONDS="0.2",
+        DEEP3M_STATE_DIR=str(root / "state"),
     )
     return env
 
@@ -103,8 +110,11 @@ class Lines:
 class Up:
     """``deep3m --output json up`` on free ports, with its summary and both output streams."""
 
-    def __init__(self, root: Path, roles: str = "scheduler,tiling") -> None:
+    def __init__(
+        self, root: Path, roles: str = "scheduler,tiling", extra: tuple[str, ...] = ()
+    ) -> None:
         self.store = root / "store"
+        self.env = _env(root)
         ports = [a for r in roles.split(",") for a in ("--port", f"{r}=0")]
         self.proc = subprocess.Popen(
             [
@@ -119,8 +129,9 @@ class Up:
                 "--roles",
                 roles,
                 *ports,
+                *extra,
             ],
-            env=_env(),
+            env=self.env,
             # Started in the folder holding the test's data: `up` reads inputs from there.
             cwd=root,
             stdout=subprocess.PIPE,
@@ -129,8 +140,16 @@ class Up:
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self.out = Lines(self.proc.stdout)
         self.err = Lines(self.proc.stderr)
-        summary = self.out.wait_for(r"^\{.*\}$", 180).group(0)
-        self.roles: dict[str, Any] = json.loads(summary)["roles"]
+        summary = json.loads(self.out.wait_for(r"^\{.*\}$", 180).group(0))
+        self.roles: dict[str, Any] = summary["roles"]
+        self.security_summary: dict[str, Any] | None = summary["security"]
+        # What the CLI on this machine finds for the scheduler's address.
+        self.security = local_security(
+            self.scheduler, Settings(state_dir=self.env["DEEP3M_STATE_DIR"])
+        )
+
+    def client(self, **kwargs: Any) -> Deep3mClient:
+        return Deep3mClient(self.scheduler, security=self.security, **kwargs)
 
     def pid(self, role: str) -> int:
         return int(self.roles[role]["pid"])
@@ -176,7 +195,7 @@ def test_killed_role_is_restarted_and_a_job_completes(up: Up, tmp_path: Path) ->
     assert up.proc.poll() is None
 
     source, data = _stack(tmp_path)
-    with Deep3mClient(up.scheduler) as client:
+    with up.client() as client:
         job = client.ingest(str(source), "volumes/after-restart.zarr", voxel_size_nm=[40, 6, 6])
         final = client.wait(job.id, 120)
     assert final.state == common_pb2.JOB_STATE_SUCCEEDED, list(final.errors)
@@ -190,11 +209,11 @@ def test_watch_survives_a_scheduler_restart(up: Up, tmp_path: Path) -> None:
     tiling = up.pid("tiling")
     os.kill(tiling, signal.SIGSTOP)
     try:
-        with Deep3mClient(up.scheduler) as client:
+        with up.client() as client:
             job = client.ingest(str(source), "volumes/watched.zarr", voxel_size_nm=[40, 6, 6])
         watch = subprocess.Popen(
             [*CLI, "--output", "json", "--scheduler", up.scheduler, "watch", job.id],
-            env=_env(),
+            env=up.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -220,9 +239,74 @@ def test_watch_survives_a_scheduler_restart(up: Up, tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, data)
 
 
-def test_roles_die_with_up(tmp_path: Path) -> None:
-    running = Up(tmp_path)
+def test_up_turns_tokens_and_mutual_tls_on_and_the_cli_picks_them_up(
+    up: Up, tmp_path: Path
+) -> None:
+    assert up.security_summary is not None and up.security_summary["tls"] == "mutual"
+    creds = Path(up.security_summary["credentials"])
+    assert creds == tmp_path / "state" / "credentials"
+    for private in (tmp_path / "state", creds, creds / "tokens"):
+        assert private.stat().st_mode & 0o777 == 0o700, private
+    for secret in (creds / "key.pem", *sorted((creds / "tokens").iterdir())):
+        assert secret.stat().st_mode & 0o077 == 0, secret
+    assert up.security is not None and up.security.token and up.security.tls
+
+    # Plaintext, and TLS without a token, get nowhere.
+    with Deep3mClient(up.scheduler, timeout_s=10) as plain, pytest.raises(UnavailableError):
+        plain.jobs()
+    anonymous = dataclasses.replace(up.security, token="")
+    with (
+        Deep3mClient(up.scheduler, timeout_s=10, security=anonymous) as nobody,
+        pytest.raises(UnauthenticatedError),
+    ):
+        nobody.jobs()
+    # The client token submits, but cannot pose as a worker.
+    source, data = _stack(tmp_path)
+    with up.client(timeout_s=10) as client:
+        job = client.ingest(str(source), "volumes/secured.zarr", voxel_size_nm=[40, 6, 6])
+    sneaky = GrpcSchedulerClient(up.scheduler, security=up.security)
     try:
+        with pytest.raises(PermissionDeniedError, match="may not call LeaseTasks"):
+            sneaky.lease("sneaky", "tiling", 1, 5.0, timeout=10)
+    finally:
+        sneaky.close()
+
+    # The CLI, given only the address, uses the credentials of the `up` serving it;
+    # the tiling worker runs the jobs over mutual TLS with its own token.
+    cli = [*CLI, "--output", "json", "--scheduler", up.scheduler, "--timeout", "30"]
+    ingested = subprocess.run(
+        [*cli, "ingest", str(source), "--output", "volumes/by-cli.zarr", "--voxel-size-nm",
+         "40,6,6"],
+        env=up.env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert ingested.returncode == 0, ingested.stdout + ingested.stderr
+    with up.client(timeout_s=10) as client:
+        assert client.wait(job.id, 120).state == common_pb2.JOB_STATE_SUCCEEDED
+    for name in ("secured", "by-cli"):
+        got = np.asarray(Store(f"file://{up.store}").open_volume(f"volumes/{name}.zarr")[:])
+        np.testing.assert_array_equal(got, data)
+    doctor = subprocess.run(
+        [*cli, "doctor", "--address", up.roles["tiling"]["address"]],
+        env=up.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    # Explicit options win: a wrong token is refused, not replaced by the local one.
+    forged = subprocess.run(
+        [*cli, "--token", "forged", "jobs"], env=up.env, capture_output=True, text=True, timeout=60
+    )
+    assert forged.returncode != 0 and "token" in forged.stdout + forged.stderr
+
+    up.close()
+    assert list((tmp_path / "state" / "running").iterdir()) == []
+    assert local_security(up.scheduler, Settings(state_dir=str(tmp_path / "state"))) is None
+
+
+def test_roles_die_with_up(tmp_path: Path) -> None:
+    running = Up(tmp_path, extra=("--insecure",))
+    try:
+        assert running.security_summary is None and running.security is None
+        with Deep3mClient(running.scheduler, timeout_s=10) as plain:
+            assert plain.jobs() == []  # --insecure: plaintext, no token
         pids = [running.pid(r) for r in running.roles]
         assert all(alive(p) for p in pids)
         running.proc.send_signal(signal.SIGKILL)
@@ -264,7 +348,7 @@ def test_busy_port_is_named_and_up_fails(tmp_path: Path, health_server: int) -> 
             "--port",
             f"tiling={free}",
         ],
-        env=_env(),
+        env=_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=120,

@@ -121,6 +121,62 @@ def test_a_lost_completion_record_keeps_the_output_incomplete(tmp_path: Path) ->
     assert not store.volume_info("volumes/out.zarr").complete
 
 
+def _scheduler_with_job(tmp_path: Path, data: np.ndarray) -> tuple[Scheduler, Store, str]:
+    settings = Settings(store_url=f"file://{tmp_path}/store", metrics_port=0)
+    store = Store(settings.store_url)
+    write_volume(store, "volumes/in.zarr", data)
+    save_test_model(store, "m1")
+    scheduler = Scheduler(settings, clock=ManualClock())
+    scheduler.recover()
+    job = scheduler.submit(predict_spec("volumes/out.zarr", block_shape=[2, 64, 32]), "j")
+    return scheduler, store, job.id
+
+
+def _complete_blocks(scheduler: Scheduler, store: Store) -> None:
+    """Lease both blocks, write their cores as the data says (zeros leave the chunks
+    unwritten) and complete them with the chunks they own."""
+    for grant in scheduler.lease("w", "inference", 2):
+        assert grant.task.block is not None
+        core = grant.task.block.core
+        target = store.open_volume("volumes/out.zarr", mode="r+", require_complete=False)
+        source = store.open_volume("volumes/in.zarr")
+        target[core.slices()] = np.asarray(source[core.slices()], np.float32)
+        cells = grid_cells(core, grant.volumes["output"].grid)
+        scheduler.complete(grant.lease_id, "w", {CHUNKS_WRITTEN: float(cells)})
+
+
+def test_an_all_zero_prediction_is_counted_from_its_records(tmp_path: Path) -> None:
+    scheduler, store, job_id = _scheduler_with_job(tmp_path, np.zeros((2, 64, 64), np.uint8))
+    _complete_blocks(scheduler, store)
+    # zarr stores no object for a chunk holding only the fill value: nothing to count.
+    chunk_files = [p for p in (tmp_path / "store/volumes/out.zarr/0").rglob("*") if p.is_file()]
+    assert [p.name for p in chunk_files] == ["zarr.json"]
+    assert scheduler.get(job_id).state == "RUNNING"  # on to the finalize stage
+    assert store.volume_info("volumes/out.zarr").complete
+    np.testing.assert_array_equal(store.open_volume("volumes/out.zarr")[:], 0.0)
+
+
+def test_a_record_short_of_its_chunks_keeps_the_output_incomplete(tmp_path: Path) -> None:
+    scheduler, store, job_id = _scheduler_with_job(tmp_path, np.ones((2, 64, 64), np.uint8))
+    (first, second) = scheduler.lease("w", "inference", 2)
+    for grant in (first, second):
+        assert grant.task.block is not None
+        cells = grid_cells(grant.task.block.core, grant.volumes["output"].grid)
+        scheduler.complete(grant.lease_id, "w", {CHUNKS_WRITTEN: float(cells)})
+        if grant is first:  # its record is rewritten, claiming one chunk fewer
+            key = f"jobs/{job_id}/done/predict/{first.task.number}"
+            record = store.read_json(key)
+            record["metrics"][CHUNKS_WRITTEN] = float(cells - 1)
+            store.write_json(key, record)
+    view = scheduler.get(job_id)
+    assert view.state == "FAILED"
+    assert any(
+        f"completion record of task {first.task.number}" in e.message and e.code == "DATA_LOSS"
+        for e in view.errors
+    ), view.errors
+    assert not store.volume_info("volumes/out.zarr").complete
+
+
 def stub_for(server: RunningServer) -> tuple[grpc.Channel, scheduler_pb2_grpc.SchedulerStub]:
     channel = grpc.insecure_channel(server.address)
     return channel, scheduler_pb2_grpc.SchedulerStub(channel)

@@ -395,6 +395,27 @@ def test_export_errors_name_the_option(vols: Volumes, tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def test_export_never_overwrites_without_the_option(vols: Volumes, tmp_path: Path) -> None:
+    tif = tmp_path / "img.tif"
+    tif.write_bytes(b"someone's file")
+    refused = run("export", "volumes/img.zarr", str(tif), "--store", vols.url)
+    assert refused.exit_code != 0 and "already exists" in refused.output
+    assert "--overwrite" in refused.output and tif.read_bytes() == b"someone's file"
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "notes.txt").write_text("keep")
+    png = ["--format", "png", "--store", vols.url]
+    assert run("export", "volumes/prob.zarr", str(pages), *png).exit_code != 0
+    assert sorted(p.name for p in pages.iterdir()) == ["notes.txt"]
+    # An empty folder holds nothing to lose; --overwrite replaces what is there.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert len(run_json("export", "volumes/prob.zarr", str(empty), *png)["files"]) == SHAPE[0]
+    replaced = run_json("export", "volumes/img.zarr", str(tif), "--overwrite", "--store", vols.url)
+    assert replaced["files"] == [str(tif)]
+    np.testing.assert_array_equal(tifffile.imread(tif), vols.image)
+
+
 # -- models -------------------------------------------------------------------------
 def test_models_lists_cards(vols: Volumes) -> None:
     assert run_json("models", "--store", vols.url)["models"] == []

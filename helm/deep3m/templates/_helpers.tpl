@@ -131,6 +131,103 @@ imagePullSecrets:
 
 {{/* Security ------------------------------------------------------------------------- */}}
 
+{{/* Where pods find the tokens and the certificate (Secret volumes). */}}
+{{- define "deep3m.authDir" -}}/etc/deep3m/auth{{- end }}
+{{- define "deep3m.tlsDir" -}}/etc/deep3m/tls{{- end }}
+
+{{- define "deep3m.authSecret" -}}
+{{- required "auth.existingSecret is required with auth.enabled: a Secret with the keys client and worker-<role> for every enabled worker role (docs/SECURITY.md)" .Values.auth.existingSecret }}
+{{- end }}
+
+{{/* The certificate's Secret: the one cert-manager writes, else tls.existingSecret. */}}
+{{- define "deep3m.tlsSecret" -}}
+{{- if .Values.tls.certManager.enabled }}
+{{- printf "%s-tls" (include "deep3m.fullname" .) }}
+{{- else }}
+{{- required "tls.existingSecret is required with tls.enabled: a Secret with tls.crt, tls.key and ca.crt (or set tls.certManager.enabled)" .Values.tls.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/* The pod mounts tokens: every role with auth on (the helm test pod presents none). (dict "root" $ "role" r) */}}
+{{- define "deep3m.mountsTokens" -}}
+{{- if and .root.Values.auth.enabled (ne .role "test") }}true{{ end }}
+{{- end }}
+
+{{/* DEEP3M_AUTH_* and DEEP3M_TLS_* of a pod. (dict "root" $ "role" r) */}}
+{{- define "deep3m.securityEnv" -}}
+{{- $v := .root.Values }}
+{{- if include "deep3m.mountsTokens" . }}
+- name: DEEP3M_AUTH_ENABLED
+  value: "true"
+- name: DEEP3M_AUTH_TOKEN_DIR
+  value: {{ include "deep3m.authDir" . | quote }}
+{{- if has .role (list "tiling" "postprocess" "training" "inference") }}
+- name: DEEP3M_AUTH_TOKEN_FILE
+  value: {{ printf "%s/worker-%s" (include "deep3m.authDir" .) .role | quote }}
+{{- end }}
+{{- end }}
+{{- if $v.tls.enabled }}
+- name: DEEP3M_TLS_ENABLED
+  value: "true"
+- name: DEEP3M_TLS_CERT_FILE
+  value: {{ printf "%s/tls.crt" (include "deep3m.tlsDir" .) | quote }}
+- name: DEEP3M_TLS_KEY_FILE
+  value: {{ printf "%s/tls.key" (include "deep3m.tlsDir" .) | quote }}
+- name: DEEP3M_TLS_CA_FILE
+  value: {{ printf "%s/ca.crt" (include "deep3m.tlsDir" .) | quote }}
+- name: DEEP3M_TLS_CLIENT_AUTH
+  value: {{ $v.tls.clientAuth | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Mounts of the token and certificate Secrets. (dict "root" $ "role" r) */}}
+{{- define "deep3m.securityVolumeMounts" -}}
+{{- if include "deep3m.mountsTokens" . }}
+- name: auth-tokens
+  mountPath: {{ include "deep3m.authDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .root.Values.tls.enabled }}
+- name: tls
+  mountPath: {{ include "deep3m.tlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* A whole-Secret mount (no subPath), so a rotated Secret reaches the pod. Mode 0440:
+the pod's user reads it through its fsGroup. (dict "root" $ "role" r) */}}
+{{- define "deep3m.securityVolumes" -}}
+{{- if include "deep3m.mountsTokens" . }}
+- name: auth-tokens
+  secret:
+    secretName: {{ include "deep3m.authSecret" .root }}
+    defaultMode: 288
+{{- end }}
+{{- if .root.Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "deep3m.tlsSecret" .root }}
+    defaultMode: 288
+{{- end }}
+{{- end }}
+
+{{/* One probe: gRPC health over plaintext; with TLS the image's own health check
+(exec), which speaks TLS with the pod's certificate. (dict "root" $ "role" r) */}}
+{{- define "deep3m.probeAction" -}}
+{{- if .root.Values.tls.enabled }}
+exec:
+  command:
+    - python
+    - -m
+    - deep3m.runtime.healthcheck
+    - --server-name
+    - {{ include "deep3m.component" . }}
+{{- else }}
+grpc:
+  port: {{ .root.Values.grpcPort }}
+{{- end }}
+{{- end }}
+
 {{/* Environment ---------------------------------------------------------------------- */}}
 
 {{/* Settings every role reads (deep3m.runtime.settings.Settings). (dict "root" $ "role" r) */}}
@@ -178,6 +275,7 @@ imagePullSecrets:
   valueFrom:
     fieldRef:
       fieldPath: metadata.name
+{{- include "deep3m.securityEnv" . }}
 {{- end }}
 
 {{/* NetworkPolicy ingress rules ------------------------------------------------------ */}}

@@ -82,19 +82,17 @@ spec:
         {{- end }}
       # gRPC health (grpc.health.v1): SERVING only once the role's workers run.
       startupProbe:
-        grpc:
-          port: {{ $v.grpcPort }}
+        {{- include "deep3m.probeAction" . | nindent 8 }}
         periodSeconds: 5
+        timeoutSeconds: 5
         failureThreshold: {{ ternary 60 24 $gpu }}
       readinessProbe:
-        grpc:
-          port: {{ $v.grpcPort }}
+        {{- include "deep3m.probeAction" . | nindent 8 }}
         periodSeconds: 10
         timeoutSeconds: 5
         failureThreshold: 3
       livenessProbe:
-        grpc:
-          port: {{ $v.grpcPort }}
+        {{- include "deep3m.probeAction" . | nindent 8 }}
         periodSeconds: 20
         timeoutSeconds: 5
         failureThreshold: 3
@@ -117,6 +115,7 @@ spec:
         - name: dshm
           mountPath: /dev/shm
         {{- end }}
+        {{- include "deep3m.securityVolumeMounts" . | nindent 8 }}
         {{- with $cfg.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -130,6 +129,7 @@ spec:
         medium: Memory
         sizeLimit: {{ $cfg.shmSizeLimit }}
     {{- end }}
+    {{- include "deep3m.securityVolumes" . | nindent 4 }}
     {{- with $cfg.extraVolumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 
 from deep3m.core.errors import InvalidArgumentError
-from deep3m.runtime.channel import connect
+from deep3m.runtime.channel import ChannelSecurity, connect
 from deep3m.runtime.rpc_errors import from_rpc_error
 from deep3m.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -45,6 +45,7 @@ def predict_region(
     members: Sequence[str] = (),
     store_url: str = "",
     timeout_s: float = 300.0,
+    security: ChannelSecurity | None = None,
 ) -> np.ndarray:
     """Foreground probability (float32, z, y, x) of ``[start, stop)`` of a volume."""
     request = inference_pb2.PredictRegionRequest(
@@ -54,7 +55,7 @@ def predict_region(
         tta_level=tta_level,
         members=list(members),
     )
-    channel = connect(address, timeout_s=min(timeout_s, 30.0))
+    channel = connect(address, timeout_s=min(timeout_s, 30.0), security=security)
     try:
         reply = inference_pb2_grpc.InferenceStub(channel).PredictRegion(request, timeout=timeout_s)
     except grpc.RpcError as err:

@@ -388,12 +388,15 @@ def export(
     slices: Sequence[int] = (),
     alpha: float = 0.5,
     storage_options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write a volume as a TIFF stack or PNG pages, or overlay PNGs over ``image``."""
+    """Write a volume as a TIFF stack or PNG pages, or overlay PNGs over ``image``;
+    an existing destination (a file, or a folder that is not empty) only with ``overwrite``."""
     from deep3m.postprocess.export import (
         FORMATS,
         export_array,
         export_overlay,
+        refuse_existing,
         volume_name,
     )
     from deep3m.postprocess.foreground import volume_kind
@@ -413,6 +416,10 @@ def export(
     info = store.volume_info(path, array)
     data = store.open_volume(path, array)
     kind = volume_kind(info.dtype, info.attributes)
+    if not overwrite:
+        refuse_existing(
+            destination, storage_options=storage_options, hint="--overwrite replaces it"
+        )
     if image is not None:
         try:
             image_data = image[0].open_volume(image[1])

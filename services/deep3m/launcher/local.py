@@ -33,6 +33,8 @@ from deep3m.core.errors import Deep3mError, FailedPreconditionError, Unavailable
 from deep3m.core.retry import Backoff
 from deep3m.core.store import normalize_url
 from deep3m.launcher.lifeline import Watchdog, parent_death_hook
+from deep3m.runtime.channel import ChannelSecurity, open_channel
+from deep3m.runtime.credentials import Credentials
 from deep3m.runtime.settings import DEFAULT_PORTS, ROLES, Settings
 
 DEFAULT_STORE = "./deep3m-data"
@@ -53,10 +55,11 @@ def wait_serving(
     *,
     log: str = "",
     on_exit: Callable[[int], None] | None = None,
+    security: ChannelSecurity | None = None,
 ) -> None:
     """Until the server of ``proc`` at ``address`` reports SERVING; UnavailableError
     naming ``role`` when it exits first or ``timeout_s`` passes (``on_exit``, given the
-    exit code, may raise a better error first)."""
+    exit code, may raise a better error first). ``security``: TLS to a TLS port."""
 
     def exited(code: int) -> None:
         if on_exit is not None:
@@ -68,7 +71,7 @@ def wait_serving(
         )
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, security, options=()) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc.poll() is not None:
@@ -139,6 +142,8 @@ class LocalClusterSpec:
     # Folders inputs may be read from, besides DEEP3M_INPUT_ROOTS, the packaged
     # sample and the folder `deep3m up` was started in (a laptop user's own data).
     input_roots: tuple[str, ...] = ()
+    # Tokens and mutual TLS on every role (runtime.credentials); None: neither.
+    credentials: Credentials | None = None
 
 
 class LocalCluster:
@@ -222,6 +227,7 @@ class LocalCluster:
                 "DEEP3M_SCHEDULER_ADDRESS": self.scheduler_address,
                 "DEEP3M_WORKER_ID": f"local-{role}",
                 "DEEP3M_LOG_FORMAT": "json",
+                **self._security_env(role),
             }
             if log_dir is not None:
                 self._logs[role] = open(log_dir / f"{role}.log", "ab")  # noqa: SIM115 - closed in stop()
@@ -237,6 +243,19 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+
+    def _security_env(self, role: str) -> dict[str, str]:
+        creds = self.spec.credentials
+        if creds is None:
+            return {}
+        # The scheduler calls no one; every other role's worker presents its role's token.
+        return creds.server_env() if role == "scheduler" else creds.worker_env(role)
+
+    @property
+    def security(self) -> ChannelSecurity | None:
+        """How a client on this machine reaches the roles (None: plaintext, no token)."""
+        creds = self.spec.credentials
+        return None if creds is None else creds.client_security()
 
     def _spawn(self, role: str) -> None:
         self.processes[role] = subprocess.Popen(
@@ -270,6 +289,7 @@ class LocalCluster:
             role,
             log=log,
             on_exit=lambda code: self._exited_during_start(role, code),
+            security=self.security,
         )
 
     def _exited_during_start(self, role: str, code: int) -> None:

@@ -21,7 +21,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError, clip
 from deep3m.core.imageio import export_png, export_tiff
 from deep3m.core.store import Store
 from deep3m.postprocess.foreground import Kind, volume_kind
@@ -82,6 +82,26 @@ def _is_remote(destination: str) -> bool:
 
 def _local(destination: str) -> Path:
     return Path(destination.removeprefix("file://")).expanduser()
+
+
+def refuse_existing(
+    destination: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    field: str = "destination",
+    hint: str = "set overwrite to replace it",
+) -> None:
+    """AlreadyExistsError when ``destination`` is a file or a folder with anything in
+    it: an export replaces what is there only when asked (an empty folder is free)."""
+    if _is_remote(destination):
+        fs, path = fsspec.core.url_to_fs(destination, **dict(storage_options or {}))
+    else:
+        fs, path = fsspec.filesystem("file"), str(_local(destination))
+    if not fs.exists(path):
+        return
+    if fs.isdir(path) and not fs.ls(path, detail=False):
+        return
+    raise AlreadyExistsError(f"{field} {clip(destination)} already exists; {hint}", field=field)
 
 
 def _deliver(

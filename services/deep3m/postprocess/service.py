@@ -12,10 +12,9 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import fsspec
 import grpc
 
-from deep3m.core.errors import AlreadyExistsError, Deep3mError, InvalidArgumentError, clip
+from deep3m.core.errors import Deep3mError, InvalidArgumentError, clip
 from deep3m.core.locations import RESERVED_PREFIXES, StoreRoots
 from deep3m.core.store import Store, check_key, normalize_url
 from deep3m.postprocess.evaluate import (
@@ -24,7 +23,7 @@ from deep3m.postprocess.evaluate import (
     OverlayRequest,
     evaluate_with_overlays,
 )
-from deep3m.postprocess.export import FORMATS, export_overlay, export_volume
+from deep3m.postprocess.export import FORMATS, export_overlay, export_volume, refuse_existing
 from deep3m.postprocess.foreground import check_threshold, volume_kind
 from deep3m.postprocess.labels import DEFAULT_LABEL_NAME, LabelSpec, label_volume
 from deep3m.postprocess.pyramid import build_pyramid
@@ -184,12 +183,8 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
                 f"{inside.split('/', 1)[0]}/ folder",
                 field=field,
             )
-        fs, path = fsspec.core.url_to_fs(url, **(self._storage_options(url) or {}))
-        if not overwrite and fs.exists(path):
-            raise AlreadyExistsError(
-                f"{field} {clip(destination)} already exists; set overwrite to replace it",
-                field=field,
-            )
+        if not overwrite:
+            refuse_existing(url, storage_options=self._storage_options(url), field=field)
         return url
 
     def _storage_options(self, destination: str) -> dict[str, Any] | None:

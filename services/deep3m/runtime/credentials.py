@@ -15,10 +15,12 @@ import datetime
 import ipaddress
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deep3m.core.errors import InvalidArgumentError
+from deep3m.runtime.channel import ChannelSecurity
 from deep3m.runtime.settings import WORKER_ROLES
 
 VALID_DAYS = 365
@@ -62,6 +64,16 @@ class Credentials:
     def client_env(self) -> dict[str, str]:
         """The CLI and Python client: TLS and the client token."""
         return {**self._tls_env(), "DEEP3M_AUTH_TOKEN_FILE": str(self.token_dir / "client")}
+
+    def client_security(self) -> ChannelSecurity:
+        """A client's channel: TLS (with this certificate, for mutual TLS) and the client token."""
+        return ChannelSecurity(
+            token=self.client_token,
+            tls=True,
+            ca_file=str(self.ca_file),
+            cert_file=str(self.cert_file),
+            key_file=str(self.key_file),
+        )
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -131,23 +143,42 @@ def _certificates(folder: Path, hosts: Sequence[str]) -> None:
     )
 
 
-def generate_credentials(
-    folder: Path | str, *, hosts: Sequence[str] = (), mutual_tls: bool = True
-) -> Credentials:
-    """Create (or reuse) the CA, certificate and tokens under ``folder``."""
-    root = Path(folder)
-    root.mkdir(parents=True, exist_ok=True)
+def _layout(root: Path, token: Callable[[Path], str], mutual_tls: bool = True) -> Credentials:
     token_dir = root / "tokens"
-    token_dir.mkdir(exist_ok=True)
-    if not all((root / n).is_file() for n in ("ca.pem", "cert.pem", "key.pem")):
-        _certificates(root, hosts)
     return Credentials(
         root,
         root / "ca.pem",
         root / "cert.pem",
         root / "key.pem",
         token_dir,
-        _token(token_dir / "client"),
-        {role: _token(token_dir / f"worker-{role}") for role in WORKER_ROLES},
+        token(token_dir / "client"),
+        {role: token(token_dir / f"worker-{role}") for role in WORKER_ROLES},
         mutual_tls,
     )
+
+
+def generate_credentials(
+    folder: Path | str, *, hosts: Sequence[str] = (), mutual_tls: bool = True
+) -> Credentials:
+    """Create (or reuse) the CA, certificate and tokens under ``folder``."""
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tokens").mkdir(exist_ok=True)
+    if not all((root / n).is_file() for n in ("ca.pem", "cert.pem", "key.pem")):
+        _certificates(root, hosts)
+    return _layout(root, _token, mutual_tls)
+
+
+def read_credentials(folder: Path | str) -> Credentials:
+    """The credentials ``generate_credentials`` wrote under ``folder``, made nothing new;
+    InvalidArgumentError naming the file that cannot be read."""
+
+    def existing(path: Path) -> str:
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise InvalidArgumentError(
+                f"cannot read the token {path}: {exc.strerror}", field="credentials"
+            ) from None
+
+    return _layout(Path(folder), existing)

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -88,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--service", default="", help="gRPC service name to ask about")
     parser.add_argument("--store", action="store_true", help="also round-trip the store")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per check")
+    parser.add_argument(
+        "--server-name",
+        default="",
+        help="name to expect in the server's TLS certificate (default: DEEP3M_TLS_SERVER_NAME, "
+        "else the host dialled); a pod probing itself names its Service",
+    )
     args = parser.parse_args(argv)
     try:
         settings = Settings()
@@ -96,13 +103,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     addresses = args.address or ([] if args.store else [f"127.0.0.1:{settings.grpc_port or 50051}"])
     ok = True
+    try:
+        security = ChannelSecurity.from_settings(settings)
+    except Deep3mError as exc:
+        print(f"FAIL {exc}", file=sys.stderr)
+        return 1
+    if args.server_name:
+        security = replace(security, server_name=args.server_name)
     for address in addresses:
         try:
             status = check_health(
-                address,
-                service=args.service,
-                timeout_s=args.timeout,
-                security=ChannelSecurity.from_settings(settings),
+                address, service=args.service, timeout_s=args.timeout, security=security
             )
         except Deep3mError as exc:
             print(f"FAIL {exc}", file=sys.stderr)

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     tls_server_name: str = ""  # name to check in the server's certificate, if not the host
 
     # Runtime
+    # Where `deep3m up` keeps its generated credentials and the record the CLI on this
+    # machine finds them by; empty: $XDG_STATE_HOME/deep3m, else ~/.local/state/deep3m.
+    state_dir: str = ""
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)

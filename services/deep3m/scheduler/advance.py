@@ -129,15 +129,15 @@ class Advancer:
         """The final check before a stage's outputs are sealed (no lock held): every task
         has its (verified) completion record in the store; why not, else ""."""
         try:
-            recorded = len(set(self.state.jobs_store.done_tasks(job.id, plan.name).tolist()))
+            records = self.state.jobs_store.done_records(job.id, plan.name)
         except Exception as exc:  # an unreadable store seals nothing
-            return f"cannot list the completion records: {describe(exc)[1]}"
-        if recorded < plan.n_tasks:
+            return f"cannot read the completion records: {describe(exc)[1]}"
+        if len(records) < plan.n_tasks:
             return (
-                f"only {recorded} of {plan.n_tasks} task(s) have a completion record in the "
+                f"only {len(records)} of {plan.n_tasks} task(s) have a completion record in the "
                 "store; the output is not marked complete"
             )
-        return ""
+        return kinds.get_kind(job.record.kind).check_records(plan, records, job.record.resolution)
 
     def quarantine(
         self,

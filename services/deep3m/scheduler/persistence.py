@@ -214,6 +214,19 @@ class JobStore:
             tasks.update(int(t) for t in batch)
         return np.fromiter(sorted(tasks), dtype=np.int64, count=len(tasks))
 
+    def done_records(self, job_id: str, stage: str) -> dict[int, dict[str, Any]]:
+        """Every completion record of a stage, by task number."""
+        prefix = f"{self._job(job_id)}/done/{stage}"
+        names = self.store.list(prefix)
+        singles = [int(n) for n in names if n.isdigit()]
+        keys = [f"{prefix}/{t}" for t in singles]
+        records: dict[int, dict[str, Any]] = {}
+        for batch in self._batches(job_id, stage, names):
+            records.update((int(t), dict(r)) for t, r in batch.items())
+        for i, raw in bounded_map(self.store.read_bytes, keys, min(READ_THREADS, len(keys))):
+            records[singles[i]] = dict(json.loads(raw))
+        return records
+
     def done_record(self, job_id: str, stage: str, task: int) -> dict[str, Any]:
         prefix = f"{self._job(job_id)}/done/{stage}"
         names = self.store.list(prefix)

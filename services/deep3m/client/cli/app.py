@@ -23,6 +23,7 @@ from rich.markup import escape
 from deep3m.client.client import Deep3mClient
 from deep3m.client.portforward import scheduler_tunnel
 from deep3m.core.errors import Deep3mError
+from deep3m.launcher.state import local_security
 from deep3m.runtime.channel import ChannelSecurity
 from deep3m.runtime.settings import Settings
 
@@ -61,9 +62,16 @@ class State:
     key_file: str = ""
     server_name: str = ""
 
-    def security(self) -> ChannelSecurity:
-        """TLS files and token: the command line's, else the settings'."""
-        base = ChannelSecurity.from_settings(settings())
+    def security(self, local: str = "") -> ChannelSecurity:
+        """TLS files and token: the command line's, else the settings', else — for
+        ``local``, an address on this machine — those of the ``deep3m up`` serving it."""
+        chosen = settings()
+        base = ChannelSecurity.from_settings(chosen)
+        if local and self.tls is not False and not (base.token or base.tls):
+            try:
+                base = local_security(local, chosen) or base
+            except Deep3mError as exc:
+                raise error(exc) from exc
         token = self.token
         if self.token_file:
             try:
@@ -171,8 +179,9 @@ def client() -> Iterator[Deep3mClient]:
     # Errors while connecting (port-forward, channel) exit as cleanly as errors of calls.
     try:
         with contextlib.ExitStack() as stack:
-            address = state.scheduler
+            address = local = state.scheduler
             if state.namespace or state.kube_context:
+                local = ""  # a port-forward: the cluster's credentials, never a local up's
                 address = stack.enter_context(
                     scheduler_tunnel(
                         state.namespace or "deep3m",
@@ -181,7 +190,7 @@ def client() -> Iterator[Deep3mClient]:
                     )
                 )
             yield stack.enter_context(
-                Deep3mClient(address, timeout_s=state.timeout_s, security=state.security())
+                Deep3mClient(address, timeout_s=state.timeout_s, security=state.security(local))
             )
     except Deep3mError as exc:
         raise error(exc) from exc

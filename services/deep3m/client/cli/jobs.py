@@ -284,6 +284,7 @@ def predict_region(
             members=names(members),
             store_url=store_url,
             timeout_s=max(state.timeout_s, 300.0),
+            security=state.security(address),
         )
     except Deep3mError as exc:
         raise error(exc) from exc

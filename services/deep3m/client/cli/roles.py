@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -17,6 +18,13 @@ from deep3m.client.cli.app import app, console, error, errors_exit, fail, out, s
 from deep3m.client.cli.output import say
 from deep3m.core.errors import Deep3mError
 from deep3m.launcher.local import DEFAULT_STORE, LocalCluster, LocalClusterSpec
+from deep3m.launcher.state import (
+    RunningUp,
+    clear_running,
+    record_running,
+    state_dir,
+    up_credentials,
+)
 from deep3m.runtime.healthcheck import check_health, store_round_trip
 from deep3m.runtime.server import serve as run_role
 from deep3m.runtime.settings import ROLES
@@ -54,22 +62,36 @@ def up(
     port: list[str] = typer.Option(
         [], "--port", help="ROLE=N: listen on port N (0: any free port); repeatable."
     ),
+    insecure: bool = typer.Option(
+        False,
+        "--insecure",
+        help="No tokens, no TLS: anyone on this machine may call the roles and lease tasks.",
+    ),
 ) -> None:
     """Run the scheduler and one worker per role on localhost until Ctrl-C.
 
-    A role that exits is restarted on its port after a backoff (0.5 s, doubling
-    up to 30 s); every role stops when this command ends, however it ends.
+    Every role checks bearer tokens and speaks mutual TLS with credentials made on
+    first use (a CA, a certificate, a token per worker role, a client token) and
+    kept, private, in the state folder (DEEP3M_STATE_DIR, else
+    ~/.local/state/deep3m); the CLI on this machine picks them up for the roles'
+    addresses. A role that exits is restarted on its port after a backoff (0.5 s,
+    doubling up to 30 s); every role stops when this command ends, however it ends.
     """
     chosen = tuple(r for r in roles.split(",") if r)
     unknown = [r for r in chosen if r not in ROLES]
     if unknown or not chosen:
         raise fail(f"--roles: unknown role(s) {unknown}; choose from {', '.join(ROLES)}", 2)
+    ports = _ports(port, chosen)
+    folder = state_dir(settings())
+    with errors_exit():
+        creds = None if insecure else up_credentials(folder)
     spec = LocalClusterSpec(
         store_url=store,
         roles=chosen,
-        base_ports=_ports(port, chosen),
+        base_ports=ports,
         log_dir=log_dir,
         metrics=metrics,
+        credentials=creds,
     )
     cluster = LocalCluster(spec)
     # SIGTERM ends `up` like Ctrl-C: the roles are stopped in order on the way out.
@@ -79,10 +101,19 @@ def up(
             cluster.start()
         except Deep3mError as exc:
             raise error(exc) from exc
+        addresses = {r: cluster.address(r) for r in cluster.processes}
+        with errors_exit():
+            record_running(
+                folder, RunningUp(os.getpid(), addresses, str(creds.folder) if creds else "")
+            )
+        security = (
+            {"tokens": True, "tls": "mutual", "credentials": str(creds.folder)} if creds else None
+        )
         if state.json:
             summary = {
                 "store": cluster.store_url,
                 "logs": str(log_dir),
+                "security": security,
                 "roles": {
                     r: {"address": cluster.address(r), "pid": p.pid}
                     for r, p in cluster.processes.items()
@@ -98,7 +129,18 @@ def up(
             for r, p in cluster.processes.items():
                 table.add_row(r, cluster.address(r), str(p.pid))
             out.print(table)
-            out.print(f"store: {cluster.store_url}\nlogs: {log_dir}\nCtrl-C stops every role.")
+            out.print(
+                f"store: {cluster.store_url}\nlogs: {log_dir}\n"
+                + (
+                    f"security: bearer tokens and mutual TLS; credentials in {creds.folder} "
+                    "(the CLI on this machine uses them)\n"
+                    if creds
+                    else "security: off (--insecure): anyone on this machine may call the roles\n"
+                )
+                + "Ctrl-C stops every role.",
+                soft_wrap=True,
+                highlight=False,
+            )
         try:
             cluster.supervise(threading.Event(), _report)
         except Deep3mError as exc:
@@ -106,6 +148,7 @@ def up(
     except KeyboardInterrupt:
         pass
     finally:
+        clear_running(folder, os.getpid())
         cluster.stop()
 
 
@@ -146,7 +189,9 @@ def doctor(
     checks: list[dict[str, Any]] = []
     for target in targets:
         try:
-            health = check_health(target, service=service, timeout_s=state.timeout_s)
+            health = check_health(
+                target, service=service, timeout_s=state.timeout_s, security=state.security(target)
+            )
             checks.append(
                 {"check": "health", "target": target, "ok": health == "SERVING", "status": health}
             )

@@ -198,6 +198,9 @@ def export(
     alpha: float = typer.Option(0.5, "--alpha", help="Overlay opacity, (0, 1]."),
     array: ArrayOption = "",
     store: StoreOption = None,
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing file or non-empty folder at DESTINATION."
+    ),
 ) -> None:
     """Export a volume as TIFF or PNG pages, or overlay PNGs of it over an image."""
     with errors_exit():
@@ -208,7 +211,7 @@ def export(
             report = ops.export(
                 source, key, destination, fmt.value,
                 array=array, image=under, slices=chosen, alpha=alpha,
-                storage_options=settings().storage_options(),
+                storage_options=settings().storage_options(), overwrite=overwrite,
             )  # fmt: skip
     emit(report, render_export)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.geometry import grid_cells, plan_blocks
@@ -252,6 +253,31 @@ class PredictKind(JobKind):
             return (
                 f"the worker reported {CHUNKS_WRITTEN}={reported!r} but block {block.id} owns "
                 f"{expected} output chunk(s); the completion does not count"
+            )
+        return ""
+
+    def check_records(
+        self, plan: StagePlan, records: Mapping[int, Mapping[str, Any]], resolved: Resolved
+    ) -> str:
+        # Counted from the records, not from chunk objects in the store: zarr writes
+        # no object for a chunk that holds only the fill value (an all-zero block).
+        if plan.name != "predict":
+            return ""
+        output = resolved.volume("output")
+        total = 0
+        for task in range(plan.n_tasks):
+            metrics = dict(records.get(task, {}).get("metrics") or {})
+            refused = self.check_completion(plan, task, metrics, resolved)
+            if refused:
+                return f"the completion record of task {task}: {refused}"
+            total += int(metrics.get(CHUNKS_WRITTEN, 0))
+        owned = math.prod(
+            -(-int(n) // int(g)) for n, g in zip(output.shape, output.grid, strict=True)
+        )
+        if total != owned:
+            return (
+                f"the completion records account for {total} of the output's {owned} "
+                "chunk(s); the output is not marked complete"
             )
         return ""
 
