@@ -23,13 +23,14 @@ from torch import nn
 
 from deep3m.adaptation.histogram import HistogramReference, match_stack
 from deep3m.adaptation.morphology import Morphology, morphology, select_checkpoint
+from deep3m.adaptation.options import SELECT_BY
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.metrics import confusion_counts
 from deep3m.training.adaptation.data import Domain
 from deep3m.training.adaptation.networks import predict_stack
 
 THRESHOLD = 0.5
-SELECTORS: tuple[str, ...] = ("validation", "solidity", "area", "last")
+SELECTORS: tuple[str, ...] = SELECT_BY
 
 
 def check_selector(select_by: str) -> str:
