@@ -7,7 +7,6 @@ no-foreground fallback, and prediction-time histogram matching.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from deep3m.adaptation.histogram import (
     prediction_reference,
     volume_counts,
 )
+from deep3m.client.cli import app
 from deep3m.client.client import Deep3mClient
 from deep3m.core.augmentation import IDENTITY_LEVEL
 from deep3m.core.errors import InvalidArgumentError
@@ -33,8 +33,10 @@ from deep3m.runtime.settings import Settings
 from deep3m.testing.training import stage_synthetic, synthetic_stack
 from deep3m.training.demo_data import write_volume
 from deep3m.v1 import common_pb2
+from typer.testing import CliRunner
 
 TARGET = "volumes/target.zarr"
+WIDE = "volumes/target-16bit.zarr"
 TINY: dict[str, Any] = {
     "recipe": "cdeep3m",
     "width": 0.0625,
@@ -63,17 +65,21 @@ def paths(store: Store) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def client(store: Store) -> Iterator[Deep3mClient]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    port = free_port()
-    settings = Settings(
+def settings(store: Store) -> Settings:
+    return Settings(
         store_url=store.url,
         device="cpu",
         metrics_port=0,
-        scheduler_address=f"127.0.0.1:{port}",
+        scheduler_address=f"127.0.0.1:{free_port()}",
         poll_interval_seconds=0.05,
     )
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[Deep3mClient]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    port = int(settings.scheduler_address.rsplit(":", 1)[1])
     scheduler: RunningServer = create_server("scheduler", settings, port=port, host="127.0.0.1")
     role = create_server("training", settings, port=0, host="127.0.0.1")
     try:
@@ -166,6 +172,7 @@ def _add_array(store: Store, path: str, name: str, shape: tuple[int, ...]) -> No
             "1fm only",
         ),
         ({"adapt_to": TARGET, "adaptation": "ssl", "input_scale": 2}, "input_scale", "must be 1"),
+        ({"adapt_to": WIDE, "adaptation": "histogram"}, "adapt_to", "8-bit grey levels"),
     ],
 )
 def test_bad_adaptation_input_is_refused_at_submission(
@@ -179,6 +186,7 @@ def test_bad_adaptation_input_is_refused_at_submission(
     if not store.exists(f"{TARGET}/flat/zarr.json"):
         _add_array(store, TARGET, "flat", (64, 64))
         _add_array(store, TARGET, "empty", (0, 64, 64))
+        write_volume(store, WIDE, np.full((4, 64, 64), 300, np.uint16))
     target = extra.get("adapt_to")
     if isinstance(target, tuple):
         extra = {**extra, "adapt_to": common_pb2.VolumeRef(path=target[0], array=target[1])}
@@ -221,8 +229,11 @@ def test_a_target_without_foreground_predictions_falls_back_and_says_so(
 
 
 def test_prediction_applies_the_stored_histogram_mapping(
-    client: Deep3mClient, store: Store, paths: dict[str, str], tmp_path: Path
+    client: Deep3mClient, store: Store, paths: dict[str, str], settings: Settings
 ) -> None:
+    """A model whose card asks for matching predicts the target mapped onto its training
+    histogram: unlike the same weights without the request, and exactly like the
+    mapping applied by hand — in process and through a predict job."""
     model = "matched-at-predict"
     final = train(
         client,
@@ -267,3 +278,42 @@ def test_prediction_applies_the_stored_histogram_mapping(
     np.testing.assert_allclose(
         matched, predict("volumes/matched-by-hand.zarr", "not-matched"), atol=1e-6
     )
+
+    role = create_server("inference", settings, port=0, host="127.0.0.1")
+    try:
+        job = client.predict(TARGET, model, "volumes/predicted.zarr", tta_level=IDENTITY_LEVEL)
+        for event in client.watch(job.id, timeout_s=120):
+            # Later stages (the pyramid) belong to another role, not running here.
+            if event.terminal or event.stage not in ("", "predict"):
+                break
+        final = client.get(job.id)
+    finally:
+        role.stop(grace=5.0)
+    stage = next(s for s in final.stages if s.name == "predict")
+    assert stage.tasks_done == stage.tasks_total > 0, list(final.errors)
+    out = np.asarray(store.open_volume("volumes/predicted.zarr", require_complete=False)[...])
+    np.testing.assert_allclose(out, matched, atol=1e-5)
+
+
+def test_cli_trains_an_adapted_model_and_names_a_bad_option(
+    client: Deep3mClient, store: Store, paths: dict[str, str]
+) -> None:
+    common = [
+        "--scheduler", client.address, "train", paths["images"], paths["labels"],
+        "--recipe", "cdeep3m", "--architecture", "resunet2d", "--width", "0.0625",
+        "--iterations", "4", "--batch-size", "2", "--patch-shape", "32,32",
+        "--learning-rate", "0.001", "--adapt-to", TARGET,
+    ]  # fmt: skip
+    adapt = ["--model", "cli-adapted", "--adaptation", "histogram", "--select-by", "area"]
+    budget = ["--adaptation-iterations", "2", "--adaptation-checkpoints", "2"]
+    result = CliRunner().invoke(app, [*common, *adapt, *budget, "--match-at-predict"])
+    assert result.exit_code == 0, result.output
+    card = load_card(store, "cli-adapted")
+    assert (card.adaptation["method"], card.adaptation["select_by"]) == ("histogram", "area")
+    assert card.adaptation["match_histogram_at_predict"] is True
+    assert card.adaptation["members"]["1fm"]["choice"]["criterion"] == "area"
+
+    bad = CliRunner().invoke(app, [*common, "--model", "cli-bad", "--adaptation", "bogus"])
+    assert bad.exit_code != 0
+    assert "adaptation" in bad.output and "bogus" in bad.output
+    assert not store.exists(card_key("cli-bad"))

@@ -15,6 +15,7 @@ mean 0, std 255); the multi-task method's Y-Net is saved as the registry's
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.models.card import save_weights
 from deep3m.models.registry import INPUT_MULTIPLE
+from deep3m.models.translation import GENERATOR_MULTIPLE, TranslationConfig
 from deep3m.training.adaptation.data import SCALE, Domain
 from deep3m.training.adaptation.methods import AdaptationSpec, adapt
 from deep3m.training.config import TrainConfig, VolumeSource
@@ -77,9 +79,19 @@ def _labelled(
 
 
 def spec_for(config: TrainConfig, member: str, smallest_yx: int) -> AdaptationSpec:
-    """The adaptation procedure's settings from the job's configuration."""
+    """The adaptation procedure's settings from the job's configuration.
+
+    The translator is the CPU-sized CUT (``TranslationConfig.cpu``), its patches
+    clipped to the smallest slice; a GPU run would use ``TranslationConfig.paper``'s
+    numbers with the same code.
+    """
     iterations = config.total_iterations
     fit = (smallest_yx // INPUT_MULTIPLE) * INPUT_MULTIPLE
+    translation = TranslationConfig.cpu()
+    translation = dataclasses.replace(
+        translation,
+        patch=min(translation.patch, (smallest_yx // GENERATOR_MULTIPLE) * GENERATOR_MULTIPLE),
+    )
     return AdaptationSpec(
         method=config.adaptation,
         select_by=config.select_by,
@@ -95,6 +107,7 @@ def spec_for(config: TrainConfig, member: str, smallest_yx: int) -> AdaptationSp
         predict_histogram=config.match_histogram_at_predict,
         seed=config.seed,
         ynet_width=config.width,
+        translation=translation,
     )
 
 
