@@ -8,22 +8,15 @@ import numpy as np
 import pytest
 import torch
 from deep3m.adaptation.histogram import volume_counts
-from deep3m.adaptation.options import ADAPTATIONS, SELECT_BY, adaptation_problem
+from deep3m.adaptation.options import adaptation_problem
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.models.registry import build_network
 from deep3m.models.ynet import AttentionYNet
-from deep3m.training.adaptation.candidates import SELECTORS
-from deep3m.training.adaptation.methods import LABEL_FREE
 from deep3m.training.config import TrainConfig
 from deep3m.v1 import common_pb2
 
 BASE = {"model_id": "m", "images": {"path": "a.zarr"}, "labels": {"path": "b.zarr"}}
 TARGET = {"path": "t.zarr"}
-
-
-def test_the_options_are_the_procedures_own() -> None:
-    assert ADAPTATIONS == LABEL_FREE
-    assert SELECT_BY == SELECTORS
 
 
 @pytest.mark.parametrize(

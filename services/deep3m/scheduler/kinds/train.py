@@ -60,6 +60,8 @@ LIMITS: Mapping[str, float] = {
     "add_iterations": MAX_COUNT,
     "validate_every": MAX_COUNT,
     "snapshot_every": MAX_COUNT,
+    "adaptation_iterations": MAX_COUNT,
+    "adaptation_checkpoints": MAX_CHECKPOINTS,
 }
 
 
@@ -166,18 +168,6 @@ def check_adaptation(
     )
     if problem is not None:
         raise InvalidArgumentError(problem[1], field=problem[0])
-    if not 0 <= t.adaptation_iterations <= MAX_COUNT:
-        raise InvalidArgumentError(
-            f"adaptation_iterations must be in 0..{MAX_COUNT} (0: as many as the supervised "
-            f"stage), got {t.adaptation_iterations}",
-            field="adaptation_iterations",
-        )
-    if not 0 <= t.adaptation_checkpoints <= MAX_CHECKPOINTS:
-        raise InvalidArgumentError(
-            f"adaptation_checkpoints must be in 0..{MAX_CHECKPOINTS} (0 chooses), "
-            f"got {t.adaptation_checkpoints}",
-            field="adaptation_checkpoints",
-        )
     target = volumes.get("adapt_to")
     if target is None:
         return

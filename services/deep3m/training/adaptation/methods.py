@@ -47,6 +47,7 @@ from deep3m.adaptation.histogram import (
     reference_histogram,
 )
 from deep3m.adaptation.morphology import Morphology, morphology
+from deep3m.adaptation.options import ADAPTATIONS
 from deep3m.adaptation.pretext import degrade
 from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
 from deep3m.models.registry import INPUT_MULTIPLE, check_architecture
@@ -70,17 +71,9 @@ from deep3m.training.adaptation.networks import (
 )
 from deep3m.training.adaptation.translation import train_translator, translate_stack
 
-METHODS: tuple[str, ...] = (
-    "none",
-    "histogram",
-    "histogram-online",
-    "translation",
-    "ssl",
-    "multitask",
-    "fewlabel",
-    "supervised",
-)
-LABEL_FREE: tuple[str, ...] = METHODS[:6]
+# The label-free methods (what a training job offers), then those using target labels.
+LABEL_FREE: tuple[str, ...] = ADAPTATIONS
+METHODS: tuple[str, ...] = (*LABEL_FREE, "fewlabel", "supervised")
 NEEDS_TARGET_LABELS: tuple[str, ...] = ("fewlabel", "supervised")
 
 SSL_PRETEXT_LR = 5e-4
