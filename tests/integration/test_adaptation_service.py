@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -32,7 +33,7 @@ from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
 from deep3m.testing.training import stage_synthetic, synthetic_stack
 from deep3m.training.demo_data import write_volume
-from deep3m.v1 import common_pb2
+from deep3m.v1 import common_pb2, training_pb2, training_pb2_grpc
 from typer.testing import CliRunner
 
 TARGET = "volumes/target.zarr"
@@ -76,19 +77,25 @@ def settings(store: Store) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def client(settings: Settings) -> Iterator[Deep3mClient]:
+def training_role(settings: Settings) -> Iterator[RunningServer]:
+    """The scheduler and the training role (its worker and its Training service)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     port = int(settings.scheduler_address.rsplit(":", 1)[1])
-    scheduler: RunningServer = create_server("scheduler", settings, port=port, host="127.0.0.1")
+    scheduler = create_server("scheduler", settings, port=port, host="127.0.0.1")
     role = create_server("training", settings, port=0, host="127.0.0.1")
     try:
-        with Deep3mClient(scheduler.address) as c:
-            yield c
+        yield role
     finally:
         role.stop(grace=5.0)
         scheduler.stop(grace=1.0)
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings, training_role: RunningServer) -> Iterator[Deep3mClient]:
+    with Deep3mClient(settings.scheduler_address) as c:
+        yield c
 
 
 def train(client: Deep3mClient, paths: dict[str, str], model: str, **extra: Any) -> Any:
@@ -317,3 +324,28 @@ def test_cli_trains_an_adapted_model_and_names_a_bad_option(
     assert bad.exit_code != 0
     assert "adaptation" in bad.output and "bogus" in bad.output
     assert not store.exists(card_key("cli-bad"))
+
+
+def test_train_member_rpc_streams_each_candidate(
+    training_role: RunningServer, store: Store, paths: dict[str, str]
+) -> None:
+    spec = common_pb2.TrainSpec(
+        model="rpc-adapted",
+        images=common_pb2.VolumeRef(path=paths["images"]),
+        labels=common_pb2.VolumeRef(path=paths["labels"]),
+        adapt_to=common_pb2.VolumeRef(path=TARGET),
+        adaptation="histogram",
+        select_by="last",
+        architecture="resunet2d",
+        **TINY,
+    )
+    with grpc.insecure_channel(training_role.address) as channel:
+        stub = training_pb2_grpc.TrainingStub(channel)
+        request = training_pb2.TrainMemberRequest(spec=spec, member="1fm")
+        events = list(stub.TrainMember(request, timeout=120))
+    assert events[-1].state == common_pb2.JOB_STATE_SUCCEEDED
+    scored = [e for e in events if "candidate" in e.message]
+    assert [int(e.metrics["iteration"]) for e in scored] == [2, 4]
+    assert all("target_solidity" in e.metrics or e.metrics["target_regions"] == 0 for e in scored)
+    doc = store.read_json("models/rpc-adapted/1fm/metrics.json")
+    assert doc["complete"] and doc["adaptation"]["chosen_checkpoint"] == "segmentation-000004"

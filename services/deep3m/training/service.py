@@ -80,7 +80,16 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
         def run() -> None:
             try:
                 if config.adapting:
-                    events.put(adapt_member(config, member, store, roots=self.roots, report=report))
+                    events.put(
+                        adapt_member(
+                            config,
+                            member,
+                            store,
+                            roots=self.roots,
+                            report=report,
+                            cancelled=cancelled,
+                        )
+                    )
                     return
                 events.put(
                     train_member(

@@ -99,6 +99,7 @@ class TrainingTasks:
                 roots=self.roots,
                 target=_leased_source(lease, "adapt_to"),
                 report=ctx.report,
+                cancelled=ctx.cancelled,
             )
         elif gpus > 1:
             from deep3m.training.validate import check_training_inputs

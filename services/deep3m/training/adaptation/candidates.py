@@ -11,7 +11,7 @@ benchmarks only, never used to choose). Weights are kept in memory (and, with
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,7 @@ class CandidateRecorder:
     out_dir: Path | None = None
     stage: str = "segmentation"
     candidates: list[Candidate] = field(default_factory=list)
+    on_record: Callable[[Candidate], object] | None = None
 
     def _view(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         # Prediction-time matching: target → the training data's histogram.
@@ -111,6 +112,8 @@ class CandidateRecorder:
                 {k: v.contiguous() for k, v in state.items()},
                 str(self.out_dir / f"{name}.safetensors"),
             )
+        if self.on_record is not None:
+            self.on_record(cand)
         return cand
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,12 +26,13 @@ import numpy as np
 import torch
 
 from deep3m.adaptation.histogram import reference_histogram
-from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.errors import CancelledError, InvalidArgumentError
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.models.card import save_weights
 from deep3m.models.registry import INPUT_MULTIPLE
 from deep3m.models.translation import GENERATOR_MULTIPLE, TranslationConfig
+from deep3m.training.adaptation.candidates import Candidate
 from deep3m.training.adaptation.data import SCALE, Domain
 from deep3m.training.adaptation.methods import AdaptationSpec, adapt
 from deep3m.training.config import TrainConfig, VolumeSource
@@ -127,9 +129,13 @@ def adapt_member(
     roots: StoreRoots | None = None,
     target: VolumeSource | None = None,
     report: Report | None = None,
+    cancelled: threading.Event | None = None,
 ) -> MemberResult:
     """Train ``member`` by ``config.adaptation`` for ``config.adapt_to`` (or ``target``,
-    the reference as resolved at submission) and write its weights and metrics."""
+    the reference as resolved at submission) and write its weights and metrics.
+
+    Each scored candidate is reported; ``cancelled`` stops the run at the next one.
+    """
     if config.adapt_to is None:
         raise InvalidArgumentError("no target volume to adapt to", field="adapt_to")
     started = time.monotonic()
@@ -160,7 +166,17 @@ def adapt_member(
     spec = spec_for(config, member, min(source.min_size(), target_domain.min_size()))
     if report is not None:
         report({}, f"{member}: {spec.method} adaptation to {target_src.describe()}")
-    result = adapt(spec, source, target_domain, source_validation=validation)
+
+    def on_candidate(cand: Candidate) -> None:
+        if cancelled is not None and cancelled.is_set():
+            raise CancelledError(f"training of {member!r} cancelled at {cand.name}")
+        if report is not None:
+            figures = {"iteration": float(cand.iteration), **_finite(cand.figures())}
+            report(figures, f"{member}: candidate {cand.name}")
+
+    result = adapt(
+        spec, source, target_domain, source_validation=validation, on_candidate=on_candidate
+    )
 
     state = {k: v.detach().cpu() for k, v in result.net.state_dict().items()}
     if config.network_architecture == "ynet":
