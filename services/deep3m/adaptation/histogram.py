@@ -204,3 +204,19 @@ def prediction_reference(adaptation: Mapping[str, Any] | None) -> HistogramRefer
             field="adaptation.training_histogram",
         )
     return HistogramReference.from_dict(adaptation["training_histogram"])
+
+
+def volume_counts(array: Any, *, slab: int = 16, field: str = "input") -> np.ndarray:
+    """The 256-bin counts of a whole (z, y, x) volume of 8-bit grey levels, read
+    ``slab`` sections at a time (the histogram a prediction-time map is built from)."""
+    shape = tuple(int(s) for s in array.shape)
+    if len(shape) != 3 or 0 in shape:
+        raise InvalidArgumentError(
+            f"{field} must be a non-empty (z, y, x) volume to match its histogram, "
+            f"got shape {list(shape)}",
+            field=field,
+        )
+    total = np.zeros(BINS, dtype=np.float64)
+    for z in range(0, shape[0], slab):
+        total += _counts(_check_image(np.asarray(array[z : z + slab]), field))
+    return total

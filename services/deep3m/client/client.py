@@ -226,6 +226,12 @@ class Deep3mClient:
         schedule: str = "",
         input_scale: int = 0,
         foreground_fraction: float = 0.0,
+        adapt_to: Volume | None = None,
+        adaptation: str = "",
+        select_by: str = "",
+        adaptation_iterations: int = 0,
+        adaptation_checkpoints: int = 0,
+        match_histogram_at_predict: bool = False,
         name: str = "",
         max_attempts: int = 0,
         job_id: str = "",
@@ -233,6 +239,9 @@ class Deep3mClient:
         """Train model ``model`` (one task per ensemble member).
 
         Zero/empty values take the ``recipe``'s (``default`` or ``cdeep3m``).
+        ``adapt_to`` (an unlabelled volume) with ``adaptation`` trains for that
+        volume by a label-free domain-adaptation method, keeping the checkpoint
+        ``select_by`` chooses (``validation``, ``solidity``, ``area``, ``last``).
         """
         train = common_pb2.TrainSpec(
             images=volume_ref(images, name="images"),
@@ -261,7 +270,14 @@ class Deep3mClient:
             schedule=schedule,
             input_scale=input_scale,
             foreground_fraction=foreground_fraction,
+            adaptation=adaptation,
+            select_by=select_by,
+            adaptation_iterations=adaptation_iterations,
+            adaptation_checkpoints=adaptation_checkpoints,
+            match_histogram_at_predict=match_histogram_at_predict,
         )
+        if adapt_to is not None:
+            train.adapt_to.CopyFrom(volume_ref(adapt_to, name="adapt_to"))
         if validation_images is not None:
             train.validation_images.CopyFrom(
                 volume_ref(validation_images, name="validation_images")

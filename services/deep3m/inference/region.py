@@ -55,5 +55,10 @@ class RegionPredictor(PredictorSetup):
                 field="region",
             )
         return self.predict_box(
-            source, region, model=model, members=members, tta_level=level
+            source,
+            region,
+            model=model,
+            members=members,
+            tta_level=level,
+            volume_id=f"{store.key_url(key)}[{array}]",
         ).probabilities

@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from deep3m.adaptation.histogram import (
+    apply_lut,
+    lut_from_counts,
+    prediction_reference,
+    volume_counts,
+)
 from deep3m.core.geometry import Block, Box, ReadableArray, read_padded
 from deep3m.core.locations import StoreRoots
 from deep3m.inference.cache import DevicePool, ModelCache
 from deep3m.inference.predictor import EnsemblePredictor, inference_devices
+from deep3m.models.card import ModelCard
 from deep3m.runtime.settings import Settings
+
+# Prediction-time histogram maps kept (one per model and input volume).
+MAX_HISTOGRAM_MAPS = 64
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,28 @@ class PredictorSetup:
         self.devices = (
             devices if devices is not None else DevicePool(inference_devices(settings.device))
         )
+        self._maps: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._maps_lock = threading.Lock()
+
+    def histogram_map(
+        self, card: ModelCard, source: ReadableArray, volume_id: str
+    ) -> np.ndarray | None:
+        """The grey-level map taking the whole input volume onto the model's training
+        histogram, when the card asks for it (None otherwise). Built once per volume
+        from its whole histogram, so every block of it gets the same map (no seams)."""
+        reference = prediction_reference(card.adaptation)
+        if reference is None:
+            return None
+        key = (card.id, volume_id or f"object:{id(source)}")
+        with self._maps_lock:
+            lut = self._maps.get(key)
+        if lut is None:
+            lut = lut_from_counts(volume_counts(source), reference)
+            with self._maps_lock:
+                self._maps[key] = lut
+                while len(self._maps) > MAX_HISTOGRAM_MAPS:
+                    self._maps.popitem(last=False)
+        return lut
 
     def predict_box(
         self,
@@ -58,11 +91,13 @@ class PredictorSetup:
         members: Sequence[str],
         tta_level: int,
         cancelled: threading.Event | None = None,
+        volume_id: str = "",
     ) -> BlockPrediction:
         """Predict ``core`` of ``source`` from one mirror-padded read of ``read``.
 
         ``read`` defaults to the core grown by the model card's halo; either way
-        it is widened in z to the context the members need.
+        it is widened in z to the context the members need. ``volume_id`` names the
+        source volume (the key of its prediction-time histogram map).
         """
         with self.devices.acquire() as device:
             loaded = self.cache.get(self.roots.store(), model, list(members), device)
@@ -77,6 +112,9 @@ class PredictorSetup:
             box = predictor.read_box(block)
             t0 = time.perf_counter()
             raw = read_padded(source, box)
+            lut = self.histogram_map(loaded.card, source, volume_id)
+            if lut is not None:
+                raw = apply_lut(raw, lut)
             t1 = time.perf_counter()
             pred = predictor.predict_core(raw, core, box, cancelled=cancelled)
             t2 = time.perf_counter()

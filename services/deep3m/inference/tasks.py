@@ -80,11 +80,13 @@ class PredictTaskHandler(PredictorSetup):
             in_store = self.roots.store(source_ref.store_url, field="input.store_url")
             out_store = self.roots.store(target_ref.store_url, field="output.store_url")
             source = in_store.open_volume(source_ref.path, source_ref.array)
+            volume_id = f"{in_store.key_url(source_ref.path)}[{source_ref.array}]"
             target = out_store.open_volume(target_ref.path, mode="r+", require_complete=False)
             shape, grid = tuple(target_ref.shape), tuple(target_ref.grid)
             out_url = out_store.key_url(target_ref.path)
         else:  # a lease made without a scheduler: check what it names here
             source, target, out_url = self._open_checked(spec)
+            volume_id = f"{spec.input.store_url}/{spec.input.path}[{spec.input.array}]"
             shape, grid = tuple(target.shape), tuple(target.shards or target.chunks)
         check_core_aligned(block.core, shape, grid, out_url)
         tta_level = spec.tta_level or IDENTITY_LEVEL
@@ -97,6 +99,7 @@ class PredictTaskHandler(PredictorSetup):
             members=list(spec.members),
             tta_level=tta_level,
             cancelled=cancelled,
+            volume_id=volume_id,
         )
         if cancelled is not None and cancelled.is_set():
             raise CancelledError(f"task {lease.task.id!r} cancelled before writing its core")

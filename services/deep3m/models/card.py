@@ -25,7 +25,7 @@ from deep3m.core.errors import InvalidArgumentError, NotFoundError
 from deep3m.core.store import Store
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-Architecture = Literal["deepem3d", "resunet2d", "resunet3d"]
+Architecture = Literal["deepem3d", "resunet2d", "resunet3d", "ynet"]
 
 
 def check_model_id(model_id: str) -> str:
@@ -84,6 +84,10 @@ class ModelCard(BaseModel):
     base_model: str = ""
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
+    # Domain adaptation: method, target, reference statistics, the chosen checkpoint;
+    # ``match_histogram_at_predict`` makes prediction match its input to
+    # ``training_histogram`` (deep3m.adaptation.histogram.prediction_reference).
+    adaptation: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("id")
     @classmethod

@@ -17,6 +17,7 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.models.deepem3d import TOTAL_STRIDE, DeepEM3D
 from deep3m.models.resunet import ResUNet2D, ResUNet3D
 from deep3m.models.scaled import MAX_INPUT_SCALE, ScaledInput
+from deep3m.models.ynet import YNetSegmenter
 
 INPUT_MULTIPLE = TOTAL_STRIDE
 DEFAULT_WIDTH = 1.0
@@ -28,6 +29,11 @@ _BUILDERS: dict[str, Callable[[int, float, int], nn.Module]] = {
     "resunet3d": ResUNet3D,
 }
 ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)
+# Networks only a procedure makes (not trainable by name): the multi-task domain
+# adaptation's attention Y-Net, served as a 2-class segmenter.
+PROCEDURE_BUILDERS: dict[str, Callable[[int, float, int], nn.Module]] = {
+    "ynet": YNetSegmenter,
+}
 
 # CDeep3M's ensemble members and their input frames.
 MEMBER_FRAMES: dict[str, int] = {"1fm": 1, "3fm": 3, "5fm": 5}
@@ -70,7 +76,7 @@ def build_network(
     ``input_scale`` > 1 wraps it in ``ScaledInput``: it sees its input downscaled by
     that factor and returns full-resolution logits (the model card records it).
     """
-    builder = _BUILDERS[check_architecture(architecture)]
+    builder = PROCEDURE_BUILDERS.get(architecture) or _BUILDERS[check_architecture(architecture)]
     if not isinstance(frames, int) or frames < 1 or frames % 2 == 0 or frames > MAX_FRAMES:
         raise InvalidArgumentError(
             f"frames must be an odd number from 1 to {MAX_FRAMES} (the centre slice is "

@@ -152,3 +152,31 @@ class AttentionYNet(nn.Module):
 def mask_probability(net: AttentionYNet, x: torch.Tensor) -> torch.Tensor:
     """Foreground probability ``(B, Y, X)`` from the mask head (the sigmoid of its logit)."""
     return torch.sigmoid(net(x)[1][:, 0])
+
+
+class YNetSegmenter(nn.Module):
+    """A trained Y-Net as the registry's networks are: 2-class logits ``(B, 2, Y, X)``.
+
+    The mask logit ``m`` becomes the logits ``(−m/2, m/2)``, whose softmax is
+    ``(1 − σ(m), σ(m))``: inference treats it like any other 2-class member. The
+    reconstruction branch is kept so the trained weights load as they are
+    (under ``ynet.``).
+    """
+
+    def __init__(self, frames: int = 1, width: float = 1.0, num_classes: int = 2) -> None:
+        super().__init__()
+        if frames != 1:
+            raise InvalidArgumentError(
+                f"the Y-Net is a 2D network: frames must be 1, got {frames}", field="frames"
+            )
+        if num_classes != 2:
+            raise InvalidArgumentError(
+                f"the Y-Net has one foreground mask: num_classes must be 2, got {num_classes}",
+                field="num_classes",
+            )
+        self.frames = 1
+        self.ynet = AttentionYNet(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.ynet(x)[1] / 2.0
+        return torch.cat([-half, half], dim=1)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deep3m.adaptation.options import adaptation_problem
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.models.card import check_model_id
 from deep3m.models.recipes import CDEEP3M_ITERATIONS, CDEEP3M_MEMBERS, RECIPE_NAMES, RECIPES
@@ -101,6 +102,16 @@ class TrainConfig(BaseModel):
     max_minutes: float = Field(default=0.0, ge=0, le=100_000)
     # Keep the weights of the best validation F1, not the last.
     keep_best: bool = False
+    # Domain adaptation: the unlabelled volume the model is for, the method, how the
+    # kept checkpoint is chosen, the unsupervised stages' iterations (0: as many as the
+    # supervised stage), the candidate checkpoints, and whether prediction matches its
+    # input to the training histogram.
+    adapt_to: VolumeSource | None = None
+    adaptation: str = "none"
+    select_by: str = "validation"
+    adaptation_iterations: int = Field(default=0, ge=0)
+    adaptation_checkpoints: int = Field(default=5, ge=1, le=1000)
+    match_histogram_at_predict: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -110,7 +121,11 @@ class TrainConfig(BaseModel):
         name = data.get("recipe", "default")
         if name not in RECIPES:
             raise ValueError(f"unknown recipe {name!r}; choose from {list(RECIPE_NAMES)}")
-        return {**RECIPES[name], **data}
+        merged = {**RECIPES[name], **data}
+        if data.get("adapt_to") is not None and "input_scale" not in data:
+            # The adaptation procedures train at full resolution.
+            merged["input_scale"] = 1
+        return merged
 
     @field_validator("model_id")
     @classmethod
@@ -172,6 +187,17 @@ class TrainConfig(BaseModel):
                 raise ValueError(
                     f"base_model {self.base_model!r} cannot be the model being trained"
                 )
+        problem = adaptation_problem(
+            self.adaptation,
+            self.select_by,
+            adapt_to=self.adapt_to is not None,
+            members=self.members,
+            input_scale=self.input_scale,
+            base_model=bool(self.base_model),
+            num_classes=self.num_classes,
+        )
+        if problem is not None:
+            raise InvalidArgumentError(problem[1], field=problem[0])
         return self
 
     # -- derived --------------------------------------------------------------
@@ -192,6 +218,15 @@ class TrainConfig(BaseModel):
     @property
     def max_frames(self) -> int:
         return max(member_frames(m) for m in self.members)
+
+    @property
+    def adapting(self) -> bool:
+        return self.adapt_to is not None
+
+    @property
+    def network_architecture(self) -> str:
+        """What the members are: the multi-task method trains the attention Y-Net."""
+        return "ynet" if self.adaptation == "multitask" else self.architecture
 
     def learning_rate_at(self, iteration: int, elapsed_s: float = 0.0) -> float:
         """base · the schedule's factor at the run's fraction (iterations or budget)."""
@@ -225,6 +260,17 @@ class TrainConfig(BaseModel):
             "seed": self.seed,
             "images": self.images.describe(),
             "labels": self.labels.describe(),
+        } | self._adaptation_fingerprint()
+
+    def _adaptation_fingerprint(self) -> dict[str, Any]:
+        if self.adapt_to is None:
+            return {}
+        return {
+            "adapt_to": self.adapt_to.describe(),
+            "adaptation": self.adaptation,
+            "select_by": self.select_by,
+            "adaptation_iterations": self.adaptation_iterations,
+            "adaptation_checkpoints": self.adaptation_checkpoints,
         }
 
     @classmethod
@@ -277,8 +323,15 @@ class TrainConfig(BaseModel):
             "schedule": spec.schedule,
             "input_scale": spec.input_scale,
             "foreground_fraction": spec.foreground_fraction,
+            "adaptation": spec.adaptation,
+            "select_by": spec.select_by,
+            "adaptation_iterations": spec.adaptation_iterations,
+            "adaptation_checkpoints": spec.adaptation_checkpoints,
+            "match_histogram_at_predict": spec.match_histogram_at_predict,
         }
         values.update({k: v for k, v in optional.items() if v})
+        if spec.adapt_to.path:
+            values["adapt_to"] = _source(spec.adapt_to, "adapt_to")
         if "voxel_size_nm" in values and len(values["voxel_size_nm"]) != 3:
             raise InvalidArgumentError(
                 f"voxel_size_nm must have 3 values (z, y, x), got {list(spec.voxel_size_nm)}",
@@ -319,6 +372,9 @@ def _invalid(exc: ValidationError) -> InvalidArgumentError:
     fields = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "spec"
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidArgumentError) and cause.field:
+            loc = cause.field  # a whole-config check names its own field
         loc = _SPEC_NAMES.get(loc, loc)
         fields.append(loc)
         msg = str(err["msg"]).removeprefix("Value error, ")

@@ -21,6 +21,7 @@ from deep3m.core.locations import StoreRoots
 from deep3m.models.card import ModelCard, card_key, load_card
 from deep3m.runtime.progress_proto import event_to_proto
 from deep3m.runtime.settings import Settings
+from deep3m.training.adaptation.member import adapt_member
 from deep3m.training.config import TrainConfig
 from deep3m.training.trainer import MemberResult, pick_device, train_member
 from deep3m.training.validate import check_training_inputs
@@ -65,8 +66,31 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
         context.add_callback(cancelled.set)
         device = pick_device(None if self.settings.device == "auto" else self.settings.device)
 
+        def report(metrics: dict[str, float], message: str) -> None:
+            events.put(
+                ProgressEvent(
+                    job_id=config.model_id,
+                    stage="train",
+                    task_id=member,
+                    message=message,
+                    metrics=metrics,
+                )
+            )
+
         def run() -> None:
             try:
+                if config.adapting:
+                    events.put(
+                        adapt_member(
+                            config,
+                            member,
+                            store,
+                            roots=self.roots,
+                            report=report,
+                            cancelled=cancelled,
+                        )
+                    )
+                    return
                 events.put(
                     train_member(
                         config,

@@ -26,7 +26,8 @@ from deep3m.models.card import MemberCard, ModelCard, card_key, load_card, save_
 from deep3m.models.registry import INPUT_MULTIPLE, build_network
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import TaskContext, TaskResult
-from deep3m.training.config import TrainConfig
+from deep3m.training.adaptation.member import adapt_member
+from deep3m.training.config import TrainConfig, VolumeSource
 from deep3m.training.data import LabelledVolume, Normalization, read_volume, to_classes
 from deep3m.training.distributed import train_member_distributed, visible_gpus
 from deep3m.training.evaluate import evaluate_ensemble, foreground_probabilities, select_ensemble
@@ -41,6 +42,8 @@ from deep3m.training.trainer import (
 from deep3m.training.validate import resolve_source
 from deep3m.v1 import common_pb2
 
+# What the card keeps of each member's adaptation choice.
+CHOSEN_FIELDS = ("chosen_checkpoint", "chosen_iteration", "chosen_figures", "choice", "fallback")
 # Context (y, x) a block of prediction should read around its core.
 HALO_YX = 64
 
@@ -88,11 +91,21 @@ class TrainingTasks:
 
         device = pick_device(None if self.settings.device == "auto" else self.settings.device)
         gpus = visible_gpus() if device.type == "cuda" else 0
-        if gpus > 1:
+        if config.adapting:
+            result: MemberResult = adapt_member(
+                config,
+                member,
+                store,
+                roots=self.roots,
+                target=_leased_source(lease, "adapt_to"),
+                report=ctx.report,
+                cancelled=ctx.cancelled,
+            )
+        elif gpus > 1:
             from deep3m.training.validate import check_training_inputs
 
             check_training_inputs(config, store, roots=self.roots)
-            result: MemberResult = train_member_distributed(
+            result = train_member_distributed(
                 config,
                 member,
                 store,
@@ -144,6 +157,49 @@ class TrainingTasks:
             device=pick_device(None if self.settings.device == "auto" else self.settings.device),
         )
         return _task_result(card.metrics, {"model": card_key(card.id)})
+
+
+def _leased_source(lease: common_pb2.TaskLease, name: str) -> VolumeSource | None:
+    """The reference ``name`` as the scheduler resolved and confined it at submission."""
+    if name not in lease.volumes:
+        return None
+    v = lease.volumes[name]
+    return VolumeSource(store_url=v.store_url, path=v.path, array=v.array)
+
+
+def _adaptation_record(
+    config: TrainConfig, docs: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The card's ``adaptation``: the job's method and target, the first member's reference
+    statistics and prediction-time histogram, and each member's chosen checkpoint."""
+    if not config.adapting:
+        return {}
+    first = dict(docs[config.members[0]].get("adaptation", {}))
+    per_member = {
+        m: {
+            k: docs[m].get("adaptation", {}).get(k)
+            for k in (
+                "chosen_checkpoint",
+                "chosen_iteration",
+                "chosen_figures",
+                "choice",
+                "fallback",
+            )
+        }
+        for m in config.members
+    }
+    fallbacks = [f"{m}: {r['fallback']}" for m, r in per_member.items() if r.get("fallback")]
+    return {
+        "method": config.adaptation,
+        "target": config.adapt_to.describe() if config.adapt_to else "",
+        "select_by": config.select_by,
+        "target_histogram": first.get("target_histogram"),
+        "reference_morphology": first.get("reference_morphology"),
+        "training_histogram": first.get("training_histogram"),
+        "match_histogram_at_predict": config.match_histogram_at_predict,
+        "members": per_member,
+        "fallback": "; ".join(fallbacks) or None,
+    }
 
 
 def _validation_volume(
@@ -205,7 +261,7 @@ def assemble_card(
         nets = []
         for m in members:
             net = build_network(
-                config.architecture,
+                config.network_architecture,
                 frames=m.frames,
                 width=config.width,
                 num_classes=config.num_classes,
@@ -220,7 +276,9 @@ def assemble_card(
         metrics = {f"ensemble_{k}": v for k, v in evaluate_ensemble(nets, volume, dev).items()}
         probs = [foreground_probabilities([(n, f, 1.0)], volume, dev) for n, f in nets]
         chosen = select_ensemble(probs, volume.labels > 0)
-        threshold = chosen.threshold
+        # An adapted model keeps the threshold its checkpoint was chosen at: the
+        # source's best threshold says little about the target.
+        threshold = 0.5 if config.adapting else chosen.threshold
         metrics["selected_f1"] = chosen.f1
         metrics["selected_threshold"] = chosen.threshold
         members = tuple(
@@ -230,7 +288,7 @@ def assemble_card(
     max_frames = max(m.frames for m in members)
     card = ModelCard(
         id=config.model_id,
-        architecture=config.architecture,  # type: ignore[arg-type]
+        architecture=config.network_architecture,  # type: ignore[arg-type]
         width=config.width,
         num_classes=config.num_classes,
         members=members,
@@ -277,8 +335,12 @@ def assemble_card(
             "class_weights": first.get("class_weights", []),
             "iterations": config.total_iterations,
             "seed": config.seed,
+            "adapt_to": config.adapt_to.describe() if config.adapt_to else "",
+            "adaptation": config.adaptation,
+            "select_by": config.select_by,
         },
         metrics=metrics,
+        adaptation=_adaptation_record(config, docs),
     )
     save_card(store, card)
     return card

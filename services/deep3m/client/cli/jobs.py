@@ -199,6 +199,35 @@ def train(
     ),
     batch_size: int = typer.Option(0, help="Batch size (0: default)."),
     patch_shape: str = typer.Option("", help="y,x training patch."),
+    adapt_to: str = typer.Option(
+        "",
+        "--adapt-to",
+        help="Unlabelled target volume to adapt the model to (label-free domain adaptation).",
+    ),
+    adaptation: str = typer.Option(
+        "",
+        "--adaptation",
+        help="none, histogram, histogram-online, translation, ssl or multitask (none).",
+    ),
+    select_by: str = typer.Option(
+        "",
+        "--select-by",
+        help="Checkpoint kept: validation, solidity, area or last (validation); solidity "
+        "and area compare predictions on --adapt-to with the source labels' shapes.",
+    ),
+    adaptation_iterations: int = typer.Option(
+        0,
+        "--adaptation-iterations",
+        help="Iterations of the unsupervised stages (0: as many as --iterations).",
+    ),
+    adaptation_checkpoints: int = typer.Option(
+        0, "--adaptation-checkpoints", help="Candidate checkpoints scored (0: 5)."
+    ),
+    match_at_predict: bool = typer.Option(
+        False,
+        "--match-at-predict",
+        help="Prediction matches its input's histogram to the training data's.",
+    ),
     wait: bool = typer.Option(
         True, help="Follow the job until it ends (iteration, loss, it/s, ETA, validation)."
     ),
@@ -227,6 +256,12 @@ def train(
             add_iterations=add_iterations,
             batch_size=batch_size,
             patch_shape=shape(patch_shape, "patch-shape"),
+            adapt_to=volume_ref(adapt_to) if adapt_to else None,
+            adaptation=adaptation,
+            select_by=select_by,
+            adaptation_iterations=adaptation_iterations,
+            adaptation_checkpoints=adaptation_checkpoints,
+            match_histogram_at_predict=match_at_predict,
         )
         finish(c, job, wait)
 

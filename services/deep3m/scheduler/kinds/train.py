@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 
+from deep3m.adaptation.options import adaptation_problem
 from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from deep3m.models.recipes import RECIPE_NAMES, recipe_defaults
 from deep3m.scheduler.kinds.base import (
@@ -47,6 +48,7 @@ MAX_INPUT_SCALE = 4  # deep3m.models.scaled.MAX_INPUT_SCALE
 MAX_MINUTES = 100_000
 _MEMBER_NAME = re.compile(r"^([1-9][0-9]?)fm$")
 MAX_COUNT = 10**9  # iterations and intervals: more would run for years
+MAX_CHECKPOINTS = 1000  # adaptation candidates (each predicts the whole target)
 # Upper bounds of the training configuration (deep3m.training.config.TrainConfig).
 LIMITS: Mapping[str, float] = {
     "width": 8.0,
@@ -58,6 +60,8 @@ LIMITS: Mapping[str, float] = {
     "add_iterations": MAX_COUNT,
     "validate_every": MAX_COUNT,
     "snapshot_every": MAX_COUNT,
+    "adaptation_iterations": MAX_COUNT,
+    "adaptation_checkpoints": MAX_CHECKPOINTS,
 }
 
 
@@ -146,6 +150,47 @@ def check_members_fit(
     )
 
 
+def check_adaptation(
+    t: common_pb2.TrainSpec,
+    members: tuple[str, ...],
+    input_scale: int,
+    volumes: Mapping[str, VolumeFacts],
+) -> None:
+    """The adaptation options agree, and the target is a non-empty stack like the images."""
+    problem = adaptation_problem(
+        t.adaptation or "none",
+        t.select_by or "validation",
+        adapt_to=bool(t.adapt_to.path),
+        members=members,
+        input_scale=input_scale,
+        base_model=bool(t.base_model),
+        num_classes=t.num_classes or 2,
+    )
+    if problem is not None:
+        raise InvalidArgumentError(problem[1], field=problem[0])
+    target = volumes.get("adapt_to")
+    if target is None:
+        return
+    if 0 in target.shape:
+        raise InvalidArgumentError(
+            f"adapt_to {t.adapt_to.path} is empty (shape {list(target.shape)})", field="adapt_to"
+        )
+    for name in ("images", "adapt_to"):
+        if volumes[name].dtype != "uint8":
+            raise InvalidArgumentError(
+                f"adaptation matches 8-bit grey levels: {name} {getattr(t, name).path} holds "
+                f"{volumes[name].dtype}; ingest it as uint8",
+                field=name,
+            )
+    if min(target.shape[1:]) < PATCH_MULTIPLE:
+        raise InvalidArgumentError(
+            f"adapt_to {t.adapt_to.path} slices (y, x size {list(target.shape[1:])}) are "
+            f"smaller than the smallest patch the networks take ({PATCH_MULTIPLE} px)",
+            field="adapt_to",
+        )
+    check_members_fit(members, target, "adapt_to", t.adapt_to)
+
+
 def clip_patch(patch: tuple[int, ...], images: VolumeFacts) -> tuple[tuple[int, ...], str]:
     """The patch clipped to the images (whole multiples of the stride), and a note if clipped."""
     if not patch:
@@ -209,9 +254,11 @@ class TrainKind(JobKind):
         if len(set(members)) != len(members):
             raise InvalidArgumentError(f"members {list(members)} repeat a name", field="members")
         volumes: dict[str, VolumeFacts] = {}
-        for name in ("images", "labels", "validation_images", "validation_labels"):
+        if t.adaptation == "multitask" and not t.members:
+            members = ("1fm",)  # the Y-Net is 2D
+        for name in ("images", "labels", "validation_images", "validation_labels", "adapt_to"):
             ref = getattr(t, name)
-            if name.startswith("validation") and not ref.path:
+            if (name.startswith("validation") or name == "adapt_to") and not ref.path:
                 continue
             vol_store, key, info = input_volume(ctx.roots, ref, name)
             volumes[name] = facts(vol_store, key, ref.array, info)
@@ -231,8 +278,13 @@ class TrainKind(JobKind):
                     field=labels,
                 )
             check_members_fit(members, volumes[images], images, getattr(t, images))
+        input_scale = t.input_scale or (1 if t.adapt_to.path else int(recipe["input_scale"]))
+        check_adaptation(t, members, input_scale, volumes)
         asked_patch = tuple(int(s) for s in t.patch_shape) or tuple(recipe["patch_shape"])
         patch, note = clip_patch(asked_patch, volumes["images"])
+        if "adapt_to" in volumes:
+            patch, target_note = clip_patch(patch, volumes["adapt_to"])
+            note = note or target_note
         resolved = self.resolved_spec(spec)
         resolved.train.architecture = architecture
         replace_repeated(resolved.train.members, members)

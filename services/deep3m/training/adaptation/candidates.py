@@ -11,7 +11,7 @@ benchmarks only, never used to choose). Weights are kept in memory (and, with
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,14 @@ from torch import nn
 
 from deep3m.adaptation.histogram import HistogramReference, match_stack
 from deep3m.adaptation.morphology import Morphology, morphology, select_checkpoint
+from deep3m.adaptation.options import SELECT_BY
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.metrics import confusion_counts
 from deep3m.training.adaptation.data import Domain
 from deep3m.training.adaptation.networks import predict_stack
 
 THRESHOLD = 0.5
-SELECTORS: tuple[str, ...] = ("validation", "solidity", "area", "last")
+SELECTORS: tuple[str, ...] = SELECT_BY
 
 
 def check_selector(select_by: str) -> str:
@@ -82,6 +83,7 @@ class CandidateRecorder:
     out_dir: Path | None = None
     stage: str = "segmentation"
     candidates: list[Candidate] = field(default_factory=list)
+    on_record: Callable[[Candidate], object] | None = None
 
     def _view(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         # Prediction-time matching: target → the training data's histogram.
@@ -110,6 +112,8 @@ class CandidateRecorder:
                 {k: v.contiguous() for k, v in state.items()},
                 str(self.out_dir / f"{name}.safetensors"),
             )
+        if self.on_record is not None:
+            self.on_record(cand)
         return cand
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from deep3m.adaptation.histogram import (
     reference_histogram,
 )
 from deep3m.adaptation.morphology import Morphology, morphology
+from deep3m.adaptation.options import ADAPTATIONS
 from deep3m.adaptation.pretext import degrade
 from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
 from deep3m.models.registry import INPUT_MULTIPLE, check_architecture
@@ -70,17 +71,9 @@ from deep3m.training.adaptation.networks import (
 )
 from deep3m.training.adaptation.translation import train_translator, translate_stack
 
-METHODS: tuple[str, ...] = (
-    "none",
-    "histogram",
-    "histogram-online",
-    "translation",
-    "ssl",
-    "multitask",
-    "fewlabel",
-    "supervised",
-)
-LABEL_FREE: tuple[str, ...] = METHODS[:6]
+# The label-free methods (what a training job offers), then those using target labels.
+LABEL_FREE: tuple[str, ...] = ADAPTATIONS
+METHODS: tuple[str, ...] = (*LABEL_FREE, "fewlabel", "supervised")
 NEEDS_TARGET_LABELS: tuple[str, ...] = ("fewlabel", "supervised")
 
 SSL_PRETEXT_LR = 5e-4
@@ -199,12 +192,14 @@ def adapt(
     target_labelled: Domain | None = None,
     base_state: Mapping[str, torch.Tensor] | None = None,
     out_dir: Path | None = None,
+    on_candidate: Callable[[Candidate], object] | None = None,
 ) -> AdaptationResult:
     """Train ``spec.method`` for ``target`` and choose a checkpoint by ``spec.select_by``.
 
     ``target``'s labels, if any, are never used; ``target_scoring`` (labelled)
     only scores candidates (oracle figures); ``target_labelled`` is what
-    ``fewlabel``/``supervised`` train on.
+    ``fewlabel``/``supervised`` train on. ``on_candidate`` sees each candidate as it
+    is scored (progress; raising there stops the run).
     """
     _check_domains(spec, source, target, target_labelled, base_state)
     torch.manual_seed(spec.seed)
@@ -280,6 +275,7 @@ def adapt(
         target_scoring=target_scoring,
         predict_histogram=training_hist if spec.predict_histogram else None,
         out_dir=out_dir / "candidates" if out_dir is not None else None,
+        on_record=on_candidate,
     )
     sampler = PatchSampler(
         train_domain,

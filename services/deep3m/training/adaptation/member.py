@@ -1,0 +1,242 @@
+"""One ensemble member of a training job trained by a domain-adaptation method.
+
+The training task's path when the job names a target volume (``adapt_to``):
+the labelled source (the job's images and labels) and the unlabelled target are
+read whole, :func:`deep3m.training.adaptation.methods.adapt` trains the method
+and keeps the checkpoint ``select_by`` chooses, and the member's weights and
+metrics document are written where the trainer writes them, so the finalize
+task assembles the model card as for any member. The metrics document carries
+every candidate checkpoint's figures and the adaptation record the card keeps.
+
+The networks see grey levels / 255 (the normalisation the card records:
+mean 0, std 255); the multi-task method's Y-Net is saved as the registry's
+``ynet`` segmenter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from deep3m.adaptation.histogram import reference_histogram
+from deep3m.core.errors import CancelledError, InvalidArgumentError
+from deep3m.core.locations import StoreRoots
+from deep3m.core.store import Store
+from deep3m.models.card import save_weights
+from deep3m.models.registry import INPUT_MULTIPLE
+from deep3m.models.translation import GENERATOR_MULTIPLE, TranslationConfig
+from deep3m.training.adaptation.candidates import Candidate
+from deep3m.training.adaptation.data import SCALE, Domain
+from deep3m.training.adaptation.methods import AdaptationSpec, adapt
+from deep3m.training.config import TrainConfig, VolumeSource
+from deep3m.training.data import Normalization, read_volume, to_classes
+from deep3m.training.trainer import MemberResult, metrics_key
+from deep3m.training.validate import resolve_source
+
+Report = Callable[[dict[str, float], str], None]
+# What the networks of every method see: grey levels / 255.
+NORMALIZATION = Normalization(0.0, SCALE)
+
+
+def _grey_levels(store: Store, key: str, src: VolumeSource, what: str) -> np.ndarray:
+    arr = read_volume(store, key, src.array, what=what)
+    if arr.dtype != np.uint8:
+        raise InvalidArgumentError(
+            f"adaptation matches 8-bit grey levels: {what} {src.describe()} holds {arr.dtype}",
+            field=what,
+        )
+    if arr.ndim != 3 or 0 in arr.shape:
+        raise InvalidArgumentError(
+            f"{what} {src.describe()} must be a non-empty (z, y, x) stack, got shape "
+            f"{list(arr.shape)}",
+            field=what,
+        )
+    return arr
+
+
+def _labelled(
+    config: TrainConfig,
+    store: Store,
+    roots: StoreRoots | None,
+    images: VolumeSource,
+    labels: VolumeSource,
+    fields: tuple[str, str],
+) -> tuple[np.ndarray, np.ndarray]:
+    s, key = resolve_source(images, store, roots, field=fields[0])
+    raw = _grey_levels(s, key, images, fields[0])
+    s, key = resolve_source(labels, store, roots, field=fields[1])
+    classes = to_classes(
+        read_volume(s, key, labels.array, what=fields[1]),
+        config.num_classes,
+        where=labels.describe(),
+    )
+    return raw, classes > 0
+
+
+def spec_for(config: TrainConfig, member: str, smallest_yx: int) -> AdaptationSpec:
+    """The adaptation procedure's settings from the job's configuration.
+
+    The translator is the CPU-sized CUT (``TranslationConfig.cpu``), its patches
+    clipped to the smallest slice; a GPU run would use ``TranslationConfig.paper``'s
+    numbers with the same code.
+    """
+    iterations = config.total_iterations
+    fit = (smallest_yx // INPUT_MULTIPLE) * INPUT_MULTIPLE
+    translation = TranslationConfig.cpu()
+    translation = dataclasses.replace(
+        translation,
+        patch=min(translation.patch, (smallest_yx // GENERATOR_MULTIPLE) * GENERATOR_MULTIPLE),
+    )
+    return AdaptationSpec(
+        method=config.adaptation,
+        select_by=config.select_by,
+        architecture=config.architecture,
+        width=config.width,
+        frames=config.frames(member),
+        iterations=iterations,
+        unsupervised_iterations=config.adaptation_iterations or iterations,
+        batch=config.batch_size,
+        patch=min(min(config.patch_shape), fit),
+        lr=config.base_learning_rate,
+        checkpoints=min(config.adaptation_checkpoints, iterations),
+        predict_histogram=config.match_histogram_at_predict,
+        seed=config.seed,
+        ynet_width=config.width,
+        translation=translation,
+    )
+
+
+def _finite(values: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def adapt_member(
+    config: TrainConfig,
+    member: str,
+    store: Store,
+    *,
+    roots: StoreRoots | None = None,
+    target: VolumeSource | None = None,
+    report: Report | None = None,
+    cancelled: threading.Event | None = None,
+) -> MemberResult:
+    """Train ``member`` by ``config.adaptation`` for ``config.adapt_to`` (or ``target``,
+    the reference as resolved at submission) and write its weights and metrics.
+
+    Each scored candidate is reported; ``cancelled`` stops the run at the next one.
+    """
+    if config.adapt_to is None:
+        raise InvalidArgumentError("no target volume to adapt to", field="adapt_to")
+    started = time.monotonic()
+    target_src = target or config.adapt_to
+    images, labels = _labelled(config, store, roots, config.images, config.labels,
+                               ("images", "labels"))  # fmt: skip
+    s, key = resolve_source(target_src, store, roots, field="adapt_to")
+    target_images = _grey_levels(s, key, target_src, "adapt_to")
+    if not target_images.any():
+        raise InvalidArgumentError(
+            f"adapt_to {target_src.describe()} holds only zeros (padding): nothing to adapt to",
+            field="adapt_to",
+        )
+    source = Domain.of("source", images, labels)
+    target_domain = Domain.of("target", target_images)
+    if config.validation_images is not None and config.validation_labels is not None:
+        v_images, v_labels = _labelled(
+            config,
+            store,
+            roots,
+            config.validation_images,
+            config.validation_labels,
+            ("validation_images", "validation_labels"),
+        )
+        validation, validation_source = Domain.of("validation", v_images, v_labels), "validation"
+    else:
+        validation, validation_source = source, "training"
+    spec = spec_for(config, member, min(source.min_size(), target_domain.min_size()))
+    if report is not None:
+        report({}, f"{member}: {spec.method} adaptation to {target_src.describe()}")
+
+    def on_candidate(cand: Candidate) -> None:
+        if cancelled is not None and cancelled.is_set():
+            raise CancelledError(f"training of {member!r} cancelled at {cand.name}")
+        if report is not None:
+            figures = {"iteration": float(cand.iteration), **_finite(cand.figures())}
+            report(figures, f"{member}: candidate {cand.name}")
+
+    result = adapt(
+        spec, source, target_domain, source_validation=validation, on_candidate=on_candidate
+    )
+
+    state = {k: v.detach().cpu() for k, v in result.net.state_dict().items()}
+    if config.network_architecture == "ynet":
+        state = {f"ynet.{k}": v for k, v in state.items()}  # YNetSegmenter's layout
+    weights = save_weights(store, config.model_id, member, state)
+    chosen = result.chosen.figures()
+    record = {
+        **result.card["adaptation"],
+        "target": target_src.describe(),
+        "target_histogram": reference_histogram(target_images).to_dict(),
+        "chosen_figures": chosen,
+        "choice": result.metrics["choice"],
+    }
+    final = _finite(
+        {
+            "source_validation_iou": chosen["source_validation_iou"],
+            "target_solidity": chosen["target_solidity"],
+            "target_relative_area": chosen["target_relative_area"],
+            "target_regions": chosen["target_regions"],
+        }
+    )
+    doc = {
+        "member": member,
+        "frames": config.frames(member),
+        "iteration": spec.iterations,
+        "iterations": config.total_iterations,
+        "complete": True,
+        "weights": weights,
+        "final": final,
+        "history": [],
+        "normalization": {"mean": NORMALIZATION.mean, "std": NORMALIZATION.std},
+        "class_weights": [],
+        "validation_source": validation_source,
+        "voxel_size_nm": list(config.voxel_size_nm or _voxels(store, roots, config.images)),
+        "fingerprint": config.fingerprint(member),
+        "resumed_from": 0,
+        "device": "cpu",
+        "adaptation": record,
+        # Every candidate checkpoint's figures, every selector's pick, the stages.
+        "adaptation_metrics": result.metrics,
+    }
+    store.write_json(metrics_key(config.model_id, member), doc)
+    if report is not None:
+        fallback = record.get("fallback")
+        report(
+            final, f"{member}: kept {result.chosen.name}" + (f" ({fallback})" if fallback else "")
+        )
+    return MemberResult(
+        member=member,
+        frames=config.frames(member),
+        iterations=spec.iterations,
+        weights=weights,
+        metrics=final,
+        history=(),
+        normalization=NORMALIZATION,
+        seconds=time.monotonic() - started,
+        state_dict=dict[str, torch.Tensor](state),
+    )
+
+
+def _voxels(store: Store, roots: StoreRoots | None, src: VolumeSource) -> tuple[float, ...]:
+    s, key = resolve_source(src, store, roots, field="images")
+    return tuple(float(v) for v in s.volume_info(key, src.array).voxel_size_nm)
