@@ -142,8 +142,7 @@ def serve_scheduler(settings: Settings, data: np.ndarray) -> RunningServer:
     store = Store(settings.store_url)
     write_volume(store, "volumes/in.zarr", data)
     save_test_model(store, "m1")
-    scheduler = Scheduler(settings)
-    scheduler.recover()
+    scheduler = Scheduler(settings)  # recovered by the app, once it holds the store's fence
     return create_server(
         "scheduler", settings, app=SchedulerApp(settings, scheduler), port=0, host="127.0.0.1"
     )
