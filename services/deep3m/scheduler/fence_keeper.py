@@ -94,6 +94,7 @@ class FenceKeeper:
         """Claim the fence, retrying for ``wait_s``; the last ``FencedError`` after that."""
         deadline = self._monotonic() + self._wait_s
         backoff = Backoff(initial_s=min(0.5, self._renew_s), max_s=self._renew_s)
+        next_note = 0.0
         while True:
             try:
                 record = self.fence.acquire()
@@ -101,12 +102,14 @@ class FenceKeeper:
                 left = deadline - self._monotonic()
                 if left <= 0 or self._stop.is_set():
                     raise
-                log.warning(
-                    "waiting up to %.0f s for the fence: %s",
-                    left,
-                    exc.message,
-                    extra={"holder": self.fence.holder},
-                )
+                if self._monotonic() >= next_note:  # every 10 s, not every attempt
+                    next_note = self._monotonic() + 10.0
+                    log.warning(
+                        "waiting up to %.0f s for the fence: %s",
+                        left,
+                        exc.message,
+                        extra={"holder": self.fence.holder},
+                    )
                 self._stop.wait(min(backoff.next_delay(), left))
                 continue
             log.info(
