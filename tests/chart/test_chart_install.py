@@ -330,3 +330,23 @@ def test_schema_draft_and_documented_helm_version_agree() -> None:
         versions = re.findall(r"[Hh]elm[^.\n]{0,12}?\b(3\.\d+)\+", text)
         assert versions, readme
         assert all(tuple(map(int, v.split("."))) >= (3, 18) for v in versions), readme
+
+
+# -- 9. the CLI commands the chart prints ---------------------------------------------
+
+
+def test_the_notes_commands_parse_against_the_real_cli(render: Any) -> None:
+    import shlex
+
+    from deep3m.client.cli import app
+    from typer.testing import CliRunner
+
+    notes = render({}).files["deep3m/templates/NOTES.txt"]
+    lines = [line.strip() for line in notes.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("deep3m --")]
+    assert {c[4] for c in commands} == {"jobs", "ingest", "predict", "watch"}, commands
+    for argv in commands:
+        # --help stops after parsing: unknown options or commands still fail.
+        result = CliRunner().invoke(app, [*argv, "--help"])
+        assert result.exit_code == 0, (argv, result.output)
+        assert argv[:4] == ["--kube-context", argv[1], "--namespace", NAMESPACE]
