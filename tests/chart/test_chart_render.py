@@ -21,7 +21,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from deep3m.runtime.metrics import TASKS_LEASED, TASKS_PENDING
+from deep3m.runtime.metrics import TASKS_LEASED, TASKS_PENDING, TASKS_READY
 from deep3m.runtime.settings import Settings, env_var
 from deep3m.scheduler.autoscaler import policies_from_settings
 from deep3m.testing.crd import crd_schema, unknown_fields
@@ -460,13 +460,13 @@ def test_scaled_objects_follow_the_scheduler_queue(scenario: Any) -> None:
             url = f"http://{name_of('scheduler')}.{NAMESPACE}.svc:{metrics_port}/metrics"
             assert pending["url"] == leased["url"] == url
             assert pending["format"] == "prometheus"
-            assert pending["valueLocation"] == f'deep3m_tasks_pending{{role="{role}"}}'
+            assert pending["valueLocation"] == f'deep3m_tasks_ready{{role="{role}"}}'
             assert leased["valueLocation"] == f'deep3m_tasks_leased{{role="{role}"}}'
             assert pending["targetValue"] == str(values["autoscaling"]["tasksPerReplica"])
         else:
             assert pending["serverAddress"] == autoscaling["keda"]["prometheus"]["serverAddress"]
             assert f'role="{role}"' in pending["query"]
-            assert pending["query"].startswith("sum(deep3m_tasks_pending{")
+            assert pending["query"].startswith("sum(deep3m_tasks_ready{")
             assert pending["threshold"] == str(values["autoscaling"]["tasksPerReplica"])
 
 
@@ -474,7 +474,7 @@ def test_metrics_api_series_exist_before_any_task() -> None:
     # KEDA's metrics-api trigger reads these exact series from /metrics; they
     # must be there (at 0) before the first task, or the trigger errors.
     exposition = generate_latest().decode()
-    for gauge in (TASKS_PENDING, TASKS_LEASED):
+    for gauge in (TASKS_PENDING, TASKS_LEASED, TASKS_READY):
         for role in GPU_ROLES:
             pattern = rf'^{gauge._name}\{{role="{role}"\}} [0-9.e+-]+$'
             assert re.search(pattern, exposition, re.MULTILINE), (gauge._name, role)

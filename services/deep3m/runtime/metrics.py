@@ -6,6 +6,11 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 TASKS_PENDING = Gauge("deep3m_tasks_pending", "Tasks waiting for a worker", ["role"])
 TASKS_LEASED = Gauge("deep3m_tasks_leased", "Tasks leased to workers", ["role"])
+# Pending tasks a worker may lease now: not those held back by a retry backoff or by
+# the hold after a restart. What KEDA scales on; the scheduler computes it per scrape.
+TASKS_READY = Gauge(
+    "deep3m_tasks_ready", "Pending tasks a worker may lease now (not held back)", ["role"]
+)
 TASKS_COMPLETED = Counter("deep3m_tasks_completed_total", "Tasks completed", ["role"])
 TASK_RETRIES = Counter(
     "deep3m_task_retries_total", "Task attempts that failed and were retried", ["role"]
@@ -49,6 +54,7 @@ MODEL_LOADS = Counter("deep3m_model_loads_total", "Models loaded into an inferen
 for _role in ("tiling", "training", "inference", "postprocess"):
     TASKS_PENDING.labels(role=_role)
     TASKS_LEASED.labels(role=_role)
+    TASKS_READY.labels(role=_role)
 
 
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:

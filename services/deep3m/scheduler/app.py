@@ -8,12 +8,16 @@ to the persistence layer, and recovers jobs from the store (requests meanwhile
 get UNAVAILABLE, which workers and clients retry); health turns SERVING once
 recovery has ended. A fence lost later (another scheduler claimed it) aborts
 the server: NOT_SERVING at once, no more writes, a non-zero exit.
+``deep3m_tasks_ready{role}``, what KEDA scales on, is computed from the running
+scheduler at each scrape: pending tasks less those held back (retry backoff,
+the hold after a restart), so a task waiting out its backoff starts no GPU pod.
 WatchJob streams run on threads of their own (``stream_threads``), which the
 server adds to its pool for unary calls.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +25,8 @@ from typing import Any
 import grpc
 
 from deep3m.core.errors import Deep3mError
-from deep3m.runtime.settings import Settings
+from deep3m.runtime import metrics as m
+from deep3m.runtime.settings import WORKER_ROLES, Settings
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.fence_keeper import FenceKeeper, holder_name, open_fence
 from deep3m.scheduler.fencing import FencedError, WriteFence
@@ -31,6 +36,22 @@ from deep3m.v1 import scheduler_pb2, scheduler_pb2_grpc
 log = logging.getLogger("deep3m.scheduler")
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+def ready_tasks(scheduler: Scheduler, role: str) -> float:
+    """Pending tasks of ``role`` that a worker may lease now."""
+    held = scheduler.held_by_role().get(role, 0)
+    return float(max(0, scheduler.pending_by_role().get(role, 0) - held))
+
+
+def publish_ready_tasks(scheduler: Scheduler | None) -> None:
+    """Make ``deep3m_tasks_ready`` read ``scheduler`` at each scrape (None: 0)."""
+    for role in WORKER_ROLES:
+        gauge = m.TASKS_READY.labels(role=role)
+        if scheduler is None:
+            gauge.set_function(lambda: 0.0)
+        else:
+            gauge.set_function(functools.partial(ready_tasks, scheduler, role))
 
 
 class SchedulerApp:
@@ -79,6 +100,7 @@ class SchedulerApp:
             keeper.stop()
             raise
         self.scheduler.start()
+        publish_ready_tasks(self.scheduler)
         if self.settings.autoscale_enabled:
             from deep3m.scheduler.autoscaler import Autoscaler
 
@@ -96,6 +118,7 @@ class SchedulerApp:
         if self.autoscaler is not None:
             self.autoscaler.stop()
             self.autoscaler = None
+        publish_ready_tasks(None)
         self.scheduler.stop(timeout=grace)
         if self.keeper is not None:
             self.keeper.stop()
