@@ -21,17 +21,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from deep3m.scheduler.fencing import FencedError, FenceRecord
+from deep3m.scheduler.fencing import FencedError, FenceRecord, Holding
 
 LOCK_KEY = "scheduler/fence.lock"
 
 
-class LockFence:
+class LockFence(Holding):
     """A ``WriteFence`` on a local (or NFS) folder: ``flock`` on ``<root>/scheduler/fence.lock``."""
 
     def __init__(
@@ -42,18 +41,11 @@ class LockFence:
         ttl_s: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(holder)
         self._path = root / LOCK_KEY
-        self._holder = holder
         self._ttl = ttl_s
         self._clock = clock
-        self._lock = threading.Lock()
         self._fd: int | None = None
-        self._record: FenceRecord | None = None
-        self._lost = ""
-
-    @property
-    def holder(self) -> str:
-        return self._holder
 
     @property
     def documents(self) -> None:
@@ -107,38 +99,25 @@ class LockFence:
             self._fd, self._record, self._lost = fd, record, ""
         return record
 
-    @property
-    def record(self) -> FenceRecord:
-        with self._lock:
-            if self._record is None:
-                raise FencedError(
-                    self._lost or f"scheduler {self._holder!r} holds no fence", field="fence"
-                )
-            return self._record
-
-    def _lose(self, why: str) -> FencedError:
-        with self._lock:
-            mine, self._record = self._record, None
-            epoch = mine.epoch if mine else 0
-            self._lost = f"scheduler {self._holder!r} (epoch {epoch}) lost its fence: {why}"
-            return FencedError(self._lost, field="fence")
+    def _lost_because(self, mine: FenceRecord, why: str) -> FencedError:
+        return self._lose(f"scheduler {self._holder!r} (epoch {mine.epoch}) lost its fence: {why}")
 
     def renew(self) -> FenceRecord:
         mine = self.record
         fd = self._fd
         if fd is None:  # released meanwhile
-            raise self._lose("released")
+            raise self._lost_because(mine, "released")
         try:
             same = os.fstat(fd).st_ino == os.stat(self._path).st_ino
         except FileNotFoundError:
             same = False
         if not same:
-            raise self._lose(f"{self._path} was removed or replaced")
+            raise self._lost_because(mine, f"{self._path} was removed or replaced")
         renewed = FenceRecord(mine.epoch, mine.holder, self._clock() + self._ttl)
         try:
             self._write_record(fd, renewed)
         except OSError as exc:
-            raise self._lose(f"cannot write {self._path}: {exc.strerror}") from None
+            raise self._lost_because(mine, f"cannot write {self._path}: {exc.strerror}") from None
         with self._lock:
             if self._record is None:
                 raise FencedError(self._lost, field="fence")
@@ -153,8 +132,8 @@ class LockFence:
 
     def release(self) -> None:
         with self._lock:
-            fd, self._fd, self._record = self._fd, None, None
-            self._lost = f"scheduler {self._holder!r} released its fence"
+            fd, self._fd = self._fd, None
+        self._lose(f"scheduler {self._holder!r} released its fence")
         if fd is not None:
             # Closing the descriptor drops the lock; the record stays for the epoch.
             with contextlib.suppress(OSError):

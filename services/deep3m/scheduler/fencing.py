@@ -323,7 +323,37 @@ class S3ConditionalStore:
         return self._put(key, data, IfMatch=etag)
 
 
-class Fence:
+class Holding:
+    """What a fence's holder holds now: its record, or why it holds none (thread-safe)."""
+
+    def __init__(self, holder: str) -> None:
+        self._holder = holder
+        self._lock = threading.Lock()
+        self._record: FenceRecord | None = None
+        self._lost = ""
+
+    @property
+    def holder(self) -> str:
+        return self._holder
+
+    @property
+    def record(self) -> FenceRecord:
+        with self._lock:
+            if self._record is None:
+                raise FencedError(
+                    self._lost or f"scheduler {self._holder!r} holds no fence", field="fence"
+                )
+            return self._record
+
+    def _lose(self, why: str) -> FencedError:
+        """Hold nothing from now on; the error that says ``why``."""
+        with self._lock:
+            self._record = None
+            self._lost = why
+        return FencedError(why, field="fence")
+
+
+class Fence(Holding):
     """One scheduler's hold on the fence document (a ``WriteFence``)."""
 
     def __init__(
@@ -335,34 +365,18 @@ class Fence:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(holder)
         self._store = store
-        self._holder = holder
         self._ttl = ttl_s
         self._margin = ttl_s * MARGIN_SHARE
         self._clock = clock
         self._monotonic = monotonic
-        self._lock = threading.Lock()
-        self._record: FenceRecord | None = None
         self._etag = ""
         self._writable_until = 0.0  # on the monotonic clock
-        self._lost = ""
-
-    @property
-    def holder(self) -> str:
-        return self._holder
 
     @property
     def documents(self) -> ConditionalStore:
         return self._store
-
-    @property
-    def record(self) -> FenceRecord:
-        with self._lock:
-            if self._record is None:
-                raise FencedError(
-                    self._lost or f"scheduler {self._holder!r} holds no fence", field="fence"
-                )
-            return self._record
 
     def _current(self) -> tuple[FenceRecord | None, str]:
         found = self._store.read(FENCE_KEY)
@@ -406,13 +420,10 @@ class Fence:
         try:
             etag = self._store.replace(FENCE_KEY, renewed.to_json(), self._etag)
         except ConditionFailed:
-            with self._lock:
-                self._record = None
-                self._lost = (
-                    f"scheduler {self._holder!r} (epoch {mine.epoch}) was fenced off by another "
-                    "scheduler"
-                )
-            raise FencedError(self._lost, field="fence") from None
+            raise self._lose(
+                f"scheduler {self._holder!r} (epoch {mine.epoch}) was fenced off by another "
+                "scheduler"
+            ) from None
         self._hold(renewed, etag, sent)
         return renewed
 
@@ -437,8 +448,8 @@ class Fence:
     def release(self) -> None:
         """Expire the record now (same epoch), so a successor claims without waiting."""
         with self._lock:
-            mine, etag, self._record = self._record, self._etag, None
-            self._lost = f"scheduler {self._holder!r} released its fence"
+            mine, etag = self._record, self._etag
+        self._lose(f"scheduler {self._holder!r} released its fence")
         if mine is None:
             return
         ended = FenceRecord(mine.epoch, mine.holder, self._clock())
