@@ -4,7 +4,7 @@ The two-scheduler story runs twice: on the in-memory conditional store, and
 on a real S3 server (SeaweedFS, which honours ``If-None-Match``/``If-Match``
 like AWS S3). The fence wired into the scheduler is tested in
 ``test_scheduler_fence.py`` (persistence, injected clocks) and
-``tests/integration/test_scheduler_fence.py`` (two scheduler processes).
+``tests/integration/test_two_schedulers.py`` (two scheduler processes).
 """
 
 from __future__ import annotations
