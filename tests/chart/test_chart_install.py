@@ -95,6 +95,8 @@ def test_global_registry_wins_and_pull_secrets_merge(render: Any) -> None:
         ({"ipFamilyPolicy": "DualStack"}, "/ipFamilyPolicy"),
         ({"inference": {"shutdownGraceSeconds": -1}}, "/inference/shutdownGraceSeconds"),
         ({"global": {"imageRegistry": 5}}, "/global/imageRegistry"),
+        ({"scheduler": {"fence": {"waitSeconds": 300}}}, "/scheduler/fence/waitSeconds"),
+        ({"scheduler": {"fence": {"ttlSeconds": 0}}}, "/scheduler/fence/ttlSeconds"),
     ],
 )
 def test_schema_rejects_bad_new_values(chart: Any, values: dict[str, Any], words: str) -> None:
@@ -121,6 +123,41 @@ def test_other_modes_need_no_keda(chart: Any, base_values: dict[str, Any]) -> No
         values = {**base_values, "autoscaling": {"mode": mode}}
         files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
         assert "keda.sh" not in files.get("deep3m/templates/keda-scaledobjects.yaml", "")
+
+
+# -- 3. one scheduler -----------------------------------------------------------------
+
+
+def _env(rendered: Any, role: str) -> dict[str, str]:
+    container = _pod(rendered, role)["spec"]["containers"][0]
+    return {e["name"]: e.get("value", "") for e in container["env"]}
+
+
+def test_the_schedulers_fence_settings_come_from_values(render: Any) -> None:
+    from deep3m.runtime.settings import Settings
+
+    rendered = render({"scheduler": {"fence": {"ttlSeconds": 45, "renewSeconds": 5}}})
+    env = _env(rendered, "scheduler")
+    settings = Settings(
+        fence_ttl_seconds=env["DEEP3M_FENCE_TTL_SECONDS"],
+        fence_renew_seconds=env["DEEP3M_FENCE_RENEW_SECONDS"],
+        fence_wait_seconds=env["DEEP3M_FENCE_WAIT_SECONDS"],
+    )
+    assert (settings.fence_ttl_seconds, settings.fence_renew_seconds) == (45, 5)
+    assert settings.fence_wait_seconds == 60  # the chart's default
+    # A starting scheduler's wait for the fence fits in its startup probe.
+    probe = _pod(rendered, "scheduler")["spec"]["containers"][0]["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] > settings.fence_wait_seconds + 30
+    for role in ("tiling", "postprocess", *GPU_ROLES):
+        assert not [k for k in _env(rendered, role) if k.startswith("DEEP3M_FENCE_")], role
+
+
+def test_fence_renewals_that_outlast_the_ttl_are_refused(
+    chart: Any, base_values: dict[str, Any]
+) -> None:
+    values = {**base_values, "scheduler": {"fence": {"ttlSeconds": 10, "renewSeconds": 8}}}
+    message = _render_error(chart, values)
+    assert "scheduler.fence.renewSeconds (8) must be below three quarters" in message
 
 
 # -- 7. drains -----------------------------------------------------------------------
@@ -293,3 +330,23 @@ def test_schema_draft_and_documented_helm_version_agree() -> None:
         versions = re.findall(r"[Hh]elm[^.\n]{0,12}?\b(3\.\d+)\+", text)
         assert versions, readme
         assert all(tuple(map(int, v.split("."))) >= (3, 18) for v in versions), readme
+
+
+# -- 9. the CLI commands the chart prints ---------------------------------------------
+
+
+def test_the_notes_commands_parse_against_the_real_cli(render: Any) -> None:
+    import shlex
+
+    from deep3m.client.cli import app
+    from typer.testing import CliRunner
+
+    notes = render({}).files["deep3m/templates/NOTES.txt"]
+    lines = [line.strip() for line in notes.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("deep3m --")]
+    assert {c[4] for c in commands} == {"jobs", "ingest", "predict", "watch"}, commands
+    for argv in commands:
+        # --help stops after parsing: unknown options or commands still fail.
+        result = CliRunner().invoke(app, [*argv, "--help"])
+        assert result.exit_code == 0, (argv, result.output)
+        assert argv[:4] == ["--kube-context", argv[1], "--namespace", NAMESPACE]

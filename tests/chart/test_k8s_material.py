@@ -185,3 +185,40 @@ def test_cluster_files_name_the_same_cluster(path: str) -> None:
     if "karpenter" in path:
         assert "karpenter.sh/discovery: deep3m" in text
         assert _eksctl()["metadata"]["name"] == "deep3m"
+
+
+def _readme_commands(program: str) -> list[list[str]]:
+    """The ``program ...`` command lines of k8s/README.md's shell blocks, as argv lists."""
+    import re
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (K8S / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == [program]:
+                commands.append(words[1:])
+    return commands
+
+
+def _parses(argv: list[str]) -> tuple[int, str]:
+    """Exit code and output of the real CLI parsing ``argv`` (``--help`` stops it there)."""
+    from deep3m.client.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, [*argv, "--help"])
+    return result.exit_code, result.output
+
+
+def test_readme_cli_commands_parse_against_the_real_cli() -> None:
+    """Global options before the command, existing commands and options only."""
+    commands = _readme_commands("deep3m")
+    assert {c[4] for c in commands} >= {"ingest", "train", "predict", "watch"}, commands
+    for argv in commands:
+        code, output = _parses(argv)
+        assert code == 0, (argv, output)
+
+
+def test_the_cli_check_catches_options_after_the_command() -> None:
+    code, output = _parses(["ingest", "s3://b/x", "--output", "v.zarr", "--namespace", "deep3m"])
+    assert code == 2 and "No such option" in output

@@ -2,7 +2,9 @@
 
 The two-scheduler story runs twice: on the in-memory conditional store, and
 on a real S3 server (SeaweedFS, which honours ``If-None-Match``/``If-Match``
-like AWS S3). The fence is not yet wired into the scheduler's persistence.
+like AWS S3). The fence wired into the scheduler is tested in
+``test_scheduler_fence.py`` (persistence, injected clocks) and
+``tests/integration/test_two_schedulers.py`` (two scheduler processes).
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ def test_memory_store_conditions() -> None:
 
 def two_schedulers(store: ConditionalStore) -> None:
     clock = ManualClock()
-    old = Fence(store, "scheduler-old", ttl_s=60.0, clock=clock)
-    new = Fence(store, "scheduler-new", ttl_s=60.0, clock=clock)
+    old = Fence(store, "scheduler-old", ttl_s=60.0, clock=clock, monotonic=clock)
+    new = Fence(store, "scheduler-new", ttl_s=60.0, clock=clock, monotonic=clock)
     assert old.acquire().epoch == 1
     old_docs = FencedDocuments(store, old)
     old_docs.write("scheduler/jobs/j1.json", {"state": "running"})
@@ -98,7 +100,7 @@ def two_schedulers(store: ConditionalStore) -> None:
     assert new.acquire().epoch == 2
     new_docs = FencedDocuments(store, new)
     new_docs.adopt(["scheduler/jobs/j1.json", "scheduler/jobs/absent.json"])
-    assert new_docs.read("scheduler/jobs/j1.json") == {"state": "running", "epoch": 2}
+    assert new_docs.read("scheduler/jobs/j1.json") == {"state": "running", "fence_epoch": 2}
 
     # The old scheduler comes back and tries to write: refused at every step.
     with pytest.raises(FencedError, match="epoch 2 of 'scheduler-new'"):
@@ -111,7 +113,7 @@ def two_schedulers(store: ConditionalStore) -> None:
     stale._etags["scheduler/jobs/j1.json"] = old_docs._etags["scheduler/jobs/j1.json"]
     with pytest.raises(FencedError, match="another scheduler took over"):
         stale.write("scheduler/jobs/j1.json", {"state": "failed"})
-    assert new_docs.read("scheduler/jobs/j1.json") == {"state": "running", "epoch": 2}
+    assert new_docs.read("scheduler/jobs/j1.json") == {"state": "running", "fence_epoch": 2}
 
     # The new holder keeps writing and renewing.
     new_docs.write("scheduler/jobs/j1.json", {"state": "done"})
@@ -147,7 +149,7 @@ def test_two_schedulers_on_real_s3(s3_server: SeaweedServer) -> None:
 def test_a_concurrent_claim_loses_the_race() -> None:
     store = MemoryConditionalStore()
     clock = ManualClock()
-    other = Fence(store, "other", clock=clock)
+    other = Fence(store, "other", clock=clock, monotonic=clock)
 
     class Racing(MemoryConditionalStore):
         """The shared store, where another claim lands between this one's read and write."""
@@ -160,5 +162,5 @@ def test_a_concurrent_claim_loses_the_race() -> None:
             return store.create(key, data)
 
     with pytest.raises(FencedError, match="lost the race"):
-        Fence(Racing(), "me", clock=clock).acquire()
+        Fence(Racing(), "me", clock=clock, monotonic=clock).acquire()
     assert other.check().holder == "other"

@@ -316,3 +316,16 @@ grpc:
       protocol: TCP
 {{- end }}
 {{- end }}
+
+{{/* DEEP3M_FENCE_* of the scheduler (scheduler.fence); renewals must come well within the TTL. */}}
+{{- define "deep3m.fenceEnv" -}}
+{{- if ge (float64 .renewSeconds) (mulf (float64 .ttlSeconds) 0.75) }}
+{{- fail (printf "scheduler.fence.renewSeconds (%v) must be below three quarters of scheduler.fence.ttlSeconds (%v): the scheduler stops writing a quarter TTL before its fence expires" .renewSeconds .ttlSeconds) }}
+{{- end -}}
+- name: DEEP3M_FENCE_TTL_SECONDS
+  value: {{ .ttlSeconds | quote }}
+- name: DEEP3M_FENCE_RENEW_SECONDS
+  value: {{ .renewSeconds | quote }}
+- name: DEEP3M_FENCE_WAIT_SECONDS
+  value: {{ .waitSeconds | quote }}
+{{- end }}

@@ -61,6 +61,7 @@ spec:
           value: {{ $cfg.leaseSeconds | quote }}
         - name: DEEP3M_MAX_ATTEMPTS
           value: {{ $cfg.maxAttempts | quote }}
+        {{- include "deep3m.fenceEnv" $cfg.fence | nindent 8 }}
         {{- if $usesApi }}
         {{- include "deep3m.autoscalerEnv" $root | nindent 8 }}
         {{- end }}

@@ -16,7 +16,7 @@ import importlib
 import logging
 import signal
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from deep3m.core.errors import Deep3mError
 from deep3m.runtime.auth import server_interceptors
 from deep3m.runtime.interceptor import ErrorMappingInterceptor
 from deep3m.runtime.settings import ROLES, Settings, warn_unknown_env_vars
@@ -92,6 +93,13 @@ def start_worker(role: str, app: RoleApp) -> Worker | None:
     return worker
 
 
+@runtime_checkable
+class AbortingRole(Protocol):
+    """A role app that may have to end its server (e.g. it lost the right to write)."""
+
+    def set_abort(self, abort: Callable[[Deep3mError], None]) -> None: ...
+
+
 @dataclass
 class RunningServer:
     role: str
@@ -100,6 +108,10 @@ class RunningServer:
     health: health.HealthServicer
     app: RoleApp
     worker: Worker | None = None
+    # Set by a signal or by ``abort``: ``serve`` then stops the server.
+    ended: threading.Event = field(default_factory=threading.Event)
+    # Why the app ended the server; ``serve`` raises it after stopping.
+    aborted: Deep3mError | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -115,6 +127,13 @@ class RunningServer:
         self.health.set("", status)
         for name in self.app.service_names:
             self.health.set(name, status)
+
+    def abort(self, error: Deep3mError) -> None:
+        """The app cannot go on: NOT_SERVING at once; ``serve`` stops and raises ``error``."""
+        log.error("aborting: %s", error.message, extra={"role": self.role})
+        self.aborted = error
+        self.set_serving(False)
+        self.ended.set()
 
     def stop(self, grace: float = 5.0) -> None:
         if self._stopped.is_set():
@@ -226,6 +245,8 @@ def create_server(
         )
     running = RunningServer(role, server, bound, health_servicer, app)
     running.set_serving(False)
+    if isinstance(app, AbortingRole):
+        app.set_abort(running.abort)
     server.start()
     try:
         app.start()
@@ -234,13 +255,18 @@ def create_server(
         # Do not leave a half-started server listening behind a failed app.
         server.stop(0).wait()
         raise
-    running.set_serving(True)
+    if running.aborted is None:  # an abort during start keeps it NOT_SERVING
+        running.set_serving(True)
     log.info("server started", extra={"role": role, "port": bound})
     return running
 
 
 def serve(role: str, settings: Settings) -> None:
-    """Run ``role`` until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run ``role`` until SIGTERM or SIGINT, then shut down gracefully.
+
+    An app that aborts (``RunningServer.abort``) ends it the same way, and its
+    error is raised afterwards, so the process exits non-zero.
+    """
     from deep3m.runtime.logs import configure_logging
     from deep3m.runtime.metrics import start_metrics_server
 
@@ -253,13 +279,14 @@ def serve(role: str, settings: Settings) -> None:
     if settings.metrics_port:
         start_metrics_server(settings.metrics_port, settings.host)
     running = create_server(role, settings)
-    done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-        done.set()
+        running.ended.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    done.wait()
+    running.ended.wait()
     running.stop(settings.shutdown_grace_seconds)
+    if running.aborted is not None:
+        raise running.aborted

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from deep3m.core.errors import InvalidArgumentError
@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     # WatchJob streams served at once; each holds a thread of its own, apart from the
     # unary calls' threads, so watchers never starve health checks or leases.
     max_watch_streams: int = Field(default=128, ge=1)
+    # One scheduler writes state (deep3m.scheduler.fencing): its fence lasts this long
+    # unless renewed, is renewed this often (below three quarters of the TTL: the holder
+    # stops writing a quarter TTL before its record expires), and a starting scheduler
+    # waits this long for another holder's fence to lapse before it exits.
+    fence_ttl_seconds: float = Field(default=30.0, gt=0)
+    fence_renew_seconds: float = Field(default=10.0, gt=0)
+    fence_wait_seconds: float = Field(default=60.0, ge=0)
 
     # Compute
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -210,6 +217,15 @@ class Settings(BaseSettings):
     @classmethod
     def _gpus_per_pod(cls, value: Any) -> Any:
         return _role_ints(_role_map(value), minimum=0)
+
+    @model_validator(mode="after")
+    def _fence_renewed_in_time(self) -> Settings:
+        if self.fence_renew_seconds >= 0.75 * self.fence_ttl_seconds:
+            raise ValueError(
+                f"fence_renew_seconds ({self.fence_renew_seconds}) must be below three "
+                f"quarters of fence_ttl_seconds ({self.fence_ttl_seconds})"
+            )
+        return self
 
     @field_validator("log_level")
     @classmethod
@@ -303,6 +319,9 @@ def _settings_error(exc: ValidationError, *, given: Mapping[str, Any]) -> Settin
             if err["type"] == "extra_forbidden"
             else str(err["msg"]).removeprefix("Value error, ")
         )
+        if not loc:  # a rule across fields: its message names them
+            problems.append(message)
+            continue
         problems.append(f"{name}{value}: {message}")
         names.append(name)
     return SettingsError("invalid setting " + "; ".join(problems), field=names[0] if names else "")

@@ -1,8 +1,13 @@
 """The scheduler role: the Scheduler service, its lease reaper, and the autoscaler.
 
-The server binds its port first, health answering NOT_SERVING; jobs are then
-recovered from the store in ``start`` (requests meanwhile get UNAVAILABLE, which
-workers and clients retry), and health turns SERVING once recovery has ended.
+The server binds its port first, health answering NOT_SERVING. ``start`` then
+claims the store's fence (``fence_keeper``: at most one scheduler writes state;
+it waits up to ``fence_wait_seconds`` for another holder's fence to lapse and
+otherwise fails, naming the holder, so the process exits non-zero), hands it
+to the persistence layer, and recovers jobs from the store (requests meanwhile
+get UNAVAILABLE, which workers and clients retry); health turns SERVING once
+recovery has ended. A fence lost later (another scheduler claimed it) aborts
+the server: NOT_SERVING at once, no more writes, a non-zero exit.
 WatchJob streams run on threads of their own (``stream_threads``), which the
 server adds to its pool for unary calls.
 """
@@ -10,13 +15,16 @@ server adds to its pool for unary calls.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 
+from deep3m.core.errors import Deep3mError
 from deep3m.runtime.settings import Settings
 from deep3m.scheduler.core import Scheduler
+from deep3m.scheduler.fence_keeper import FenceKeeper, holder_name, open_fence
+from deep3m.scheduler.fencing import FencedError, WriteFence
 from deep3m.scheduler.service import SchedulerServicer
 from deep3m.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -28,11 +36,25 @@ SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 class SchedulerApp:
     service_names: Sequence[str] = (SERVICE_NAME,)
 
-    def __init__(self, settings: Settings, scheduler: Scheduler) -> None:
+    def __init__(
+        self, settings: Settings, scheduler: Scheduler, *, fence: WriteFence | None = None
+    ) -> None:
         self.settings = settings
         self.scheduler = scheduler
         self.autoscaler: Any = None
         self.stream_threads = settings.max_watch_streams
+        # None: the fence of the scheduler's store, for this process.
+        self.fence = fence
+        self.keeper: FenceKeeper | None = None
+        self._abort: Callable[[Deep3mError], None] | None = None
+
+    def set_abort(self, abort: Callable[[Deep3mError], None]) -> None:
+        """How to end the server from here (the fence was lost)."""
+        self._abort = abort
+
+    def _fence_lost(self, exc: FencedError) -> None:
+        if self._abort is not None:
+            self._abort(exc)
 
     def register(self, server: grpc.Server) -> None:
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(
@@ -40,7 +62,22 @@ class SchedulerApp:
         )
 
     def start(self) -> None:
-        self.scheduler.recover()
+        fence = self.fence or open_fence(self.scheduler.store, self.settings, holder_name())
+        keeper = FenceKeeper.from_settings(fence, self.settings, self._fence_lost)
+        try:
+            keeper.claim()  # before recovery reads anything: only the holder resumes jobs
+        except FencedError as exc:
+            log.error("not starting: %s", exc.message, extra={"holder": fence.holder})
+            raise
+        self.keeper = keeper
+        try:
+            self.scheduler.jobs_store.fence_with(fence)
+            keeper.start()
+            self.scheduler.recover()
+        except BaseException:
+            self.keeper = None
+            keeper.stop()
+            raise
         self.scheduler.start()
         if self.settings.autoscale_enabled:
             from deep3m.scheduler.autoscaler import Autoscaler
@@ -60,6 +97,9 @@ class SchedulerApp:
             self.autoscaler.stop()
             self.autoscaler = None
         self.scheduler.stop(timeout=grace)
+        if self.keeper is not None:
+            self.keeper.stop()
+            self.keeper = None
 
 
 def build(settings: Settings) -> SchedulerApp:

@@ -2,7 +2,7 @@
 
 A ``Recreate`` rollout stops the old scheduler before the new one starts, but
 a node partition does not: the old process can still reach S3 while its
-replacement runs. Two things make the second writer harmless:
+replacement runs. Three things make the second writer harmless:
 
 1. **The fence document** (``scheduler/fence.json``): ``{epoch, holder,
    expires_at}``. A scheduler *claims* it with a conditional write
@@ -11,44 +11,64 @@ replacement runs. Two things make the second writer harmless:
    current holder's lease has expired (``next_claim``, pure). Each claim
    raises the epoch by one. The holder renews with ``If-Match`` on its own
    etag; a renewal that fails means the fence was taken: stop writing.
-2. **Fenced state documents**: every state write is conditional on the etag
-   this holder last saw for that document (``If-Match``, or
-   ``If-None-Match: *`` for a new one) and carries the writer's epoch. After a
-   claim the new holder *adopts* the existing documents (reads and rewrites
-   each with its epoch), which changes their etags; any write the old holder
-   still attempts then fails with 412 and raises ``FencedError``, however
-   late it arrives. ``check_write`` (pure) refuses writes whose epoch is not
-   the fence's current one.
-
-A document only the old holder knows and that the new one has not adopted
-yet (created between the claim and the adoption) can still be written once;
-its epoch marks it stale, and readers drop documents of older epochs.
+2. **Every write checks the holder's own lease first** (``Fence.check``, no
+   I/O): the holder counts its lease from the moment it *sent* its last
+   successful renewal, on its monotonic clock, and stops writing
+   ``margin_s`` before the store's record expires. A claimer waits for that
+   record to expire, so the two never overlap unless wall clocks disagree by
+   more than the margin (a quarter of the TTL) or a write spends longer than
+   that in flight.
+3. **Read-modify-write documents are conditional** (``FencedDocuments``):
+   each write of the index documents is conditional on the etag this holder
+   last saw for it (``If-Match``, or ``If-None-Match: *`` for a new one) and
+   carries the writer's epoch (``fence_epoch``). After a claim the new
+   holder *adopts* them (reads and rewrites each with its epoch), which
+   changes their etags; any write the old holder still attempts then fails
+   with 412 and raises ``FencedError``, however late it arrives.
+   ``check_write`` (pure) refuses writes whose epoch is not the fence's
+   current one.
 
 ``ConditionalStore`` is the three calls this needs; ``S3ConditionalStore``
-speaks them to S3 (AWS S3 since 2024, SeaweedFS, MinIO), and
-``MemoryConditionalStore`` keeps them in a dict for tests. The module is self-
-contained: the scheduler's persistence layer calls ``Fence.acquire`` at start,
-``Fence.renew`` from its reaper, and ``FencedDocuments.write`` for each state
-document.
+speaks them to S3 (AWS S3 since 2024, SeaweedFS, MinIO),
+``MemoryConditionalStore`` keeps them in a dict and ``LocalConditionalStore``
+does them on any ``Store`` whose writers all live in this process
+(``memory://``). ``file://`` stores use a kernel lock instead
+(``fence_lock``); ``fence_keeper`` claims, renews and releases either kind
+for the scheduler role, and ``persistence.JobStore`` checks it on every write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
+from deep3m.core.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from deep3m.core.store import Store
 
 FENCE_KEY = "scheduler/fence.json"
+# The field of a fenced document that names the epoch of its writer.
+EPOCH_FIELD = "fence_epoch"
+# Share of the TTL a holder stops writing before its record expires in the store.
+MARGIN_SHARE = 0.25
 
 
-class FencedError(FailedPreconditionError):
-    """Another scheduler holds the fence (or took it over): this one must not write."""
+class FencedError(UnavailableError):
+    """Another scheduler holds the fence (or took it over): this one must not write.
+
+    UNAVAILABLE to callers: a worker retries its call, which then reaches the
+    scheduler that holds the fence.
+    """
 
 
 class ConditionFailed(Exception):
@@ -118,6 +138,39 @@ def check_write(mine: FenceRecord, current: FenceRecord | None, now: float) -> N
         )
 
 
+class WriteFence(Protocol):
+    """One scheduler's hold on the right to write state (``Fence``, ``LockFence``)."""
+
+    @property
+    def holder(self) -> str: ...
+
+    @property
+    def documents(self) -> ConditionalStore | None:
+        """Where read-modify-write documents get conditional writes; None: the fence
+        alone excludes other writers."""
+        ...
+
+    def acquire(self) -> FenceRecord:
+        """Claim; ``FencedError`` naming the holder while another one holds it."""
+        ...
+
+    def renew(self) -> FenceRecord:
+        """Keep holding; ``FencedError`` once the fence was lost."""
+        ...
+
+    def check(self) -> FenceRecord:
+        """Before every write, without I/O: ``FencedError`` unless still held."""
+        ...
+
+    def verify(self) -> FenceRecord:
+        """``check``, and against the fence as the store holds it now."""
+        ...
+
+    def release(self) -> None:
+        """Give the fence up (at a clean stop) so the next scheduler claims at once."""
+        ...
+
+
 class ConditionalStore(Protocol):
     """Object reads and conditional writes; etags are opaque strings."""
 
@@ -165,6 +218,53 @@ class MemoryConditionalStore:
             return new
 
 
+class LocalConditionalStore:
+    """``ConditionalStore`` on a ``Store`` whose every writer is in this process.
+
+    Etags are MD5s of the content (as S3's for single-part objects); one lock
+    per store URL makes compare-and-write atomic, which holds for ``memory://``
+    (one process) and nowhere else.
+    """
+
+    _locks: ClassVar[dict[str, threading.Lock]] = {}
+    _locks_guard: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        with self._locks_guard:
+            self._lock = self._locks.setdefault(store.url, threading.Lock())
+
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    def _read(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self._store.read_bytes(key)
+        except NotFoundError:
+            return None
+        return data, self._etag(data)
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        with self._lock:
+            return self._read(key)
+
+    def create(self, key: str, data: bytes) -> str:
+        with self._lock:
+            if self._read(key) is not None:
+                raise ConditionFailed(key)
+            self._store.write_bytes(key, data)
+            return self._etag(data)
+
+    def replace(self, key: str, data: bytes, etag: str) -> str:
+        with self._lock:
+            found = self._read(key)
+            if found is None or found[1] != etag:
+                raise ConditionFailed(key)
+            self._store.write_bytes(key, data)
+            return self._etag(data)
+
+
 class S3ConditionalStore:
     """``ConditionalStore`` on an S3 bucket and prefix, via a botocore S3 client."""
 
@@ -172,6 +272,20 @@ class S3ConditionalStore:
         self._client = client
         self._bucket = bucket
         self._prefix = prefix.strip("/")
+
+    @classmethod
+    def for_store(cls, url: str, options: Mapping[str, Any]) -> S3ConditionalStore:
+        """The bucket and prefix of ``s3://bucket/prefix``, with a botocore client built
+        from the store's fsspec options (keys, endpoint, region; else the AWS chain)."""
+        import botocore.session
+
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        client_kwargs = dict(options.get("client_kwargs", {}))
+        if options.get("key"):
+            client_kwargs["aws_access_key_id"] = options["key"]
+            client_kwargs["aws_secret_access_key"] = options.get("secret", "")
+        client = botocore.session.get_session().create_client("s3", **client_kwargs)
+        return cls(client, bucket, prefix)
 
     def _key(self, key: str) -> str:
         return f"{self._prefix}/{key}" if self._prefix else key
@@ -209,8 +323,38 @@ class S3ConditionalStore:
         return self._put(key, data, IfMatch=etag)
 
 
-class Fence:
-    """One scheduler's hold on the fence document."""
+class Holding:
+    """What a fence's holder holds now: its record, or why it holds none (thread-safe)."""
+
+    def __init__(self, holder: str) -> None:
+        self._holder = holder
+        self._lock = threading.Lock()
+        self._record: FenceRecord | None = None
+        self._lost = ""
+
+    @property
+    def holder(self) -> str:
+        return self._holder
+
+    @property
+    def record(self) -> FenceRecord:
+        with self._lock:
+            if self._record is None:
+                raise FencedError(
+                    self._lost or f"scheduler {self._holder!r} holds no fence", field="fence"
+                )
+            return self._record
+
+    def _lose(self, why: str) -> FencedError:
+        """Hold nothing from now on; the error that says ``why``."""
+        with self._lock:
+            self._record = None
+            self._lost = why
+        return FencedError(why, field="fence")
+
+
+class Fence(Holding):
+    """One scheduler's hold on the fence document (a ``WriteFence``)."""
 
     def __init__(
         self,
@@ -219,69 +363,105 @@ class Fence:
         *,
         ttl_s: float = 60.0,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(holder)
         self._store = store
-        self._holder = holder
         self._ttl = ttl_s
+        self._margin = ttl_s * MARGIN_SHARE
         self._clock = clock
-        self._record: FenceRecord | None = None
+        self._monotonic = monotonic
         self._etag = ""
+        self._writable_until = 0.0  # on the monotonic clock
 
     @property
-    def record(self) -> FenceRecord:
-        if self._record is None:
-            raise FencedError(f"scheduler {self._holder!r} holds no fence", field="fence")
-        return self._record
+    def documents(self) -> ConditionalStore:
+        return self._store
 
     def _current(self) -> tuple[FenceRecord | None, str]:
         found = self._store.read(FENCE_KEY)
         return (None, "") if found is None else (FenceRecord.from_json(found[0]), found[1])
 
+    def _hold(self, record: FenceRecord, etag: str, sent: float) -> None:
+        with self._lock:
+            self._record = record
+            self._etag = etag
+            # Counted from before the write was sent: the store's record outlives it.
+            self._writable_until = sent + self._ttl - self._margin
+
     def acquire(self) -> FenceRecord:
         """Claim the fence (``FencedError`` while another holder's lease is live)."""
+        sent = self._monotonic()
         current, etag = self._current()
         claim = next_claim(current, self._holder, self._clock(), self._ttl)
         try:
             if current is None:
-                self._etag = self._store.create(FENCE_KEY, claim.to_json())
+                new_etag = self._store.create(FENCE_KEY, claim.to_json())
             else:
-                self._etag = self._store.replace(FENCE_KEY, claim.to_json(), etag)
+                new_etag = self._store.replace(FENCE_KEY, claim.to_json(), etag)
         except ConditionFailed:
             raise FencedError(
                 f"scheduler {self._holder!r} lost the race for the fence to another claim",
                 field="fence",
             ) from None
-        self._record = claim
+        self._hold(claim, new_etag, sent)
         return claim
 
     def renew(self) -> FenceRecord:
-        """Extend the lease; ``FencedError`` when the fence was taken meanwhile."""
+        """Extend the lease; ``FencedError`` when the fence was taken meanwhile.
+
+        Other failures (the store unreachable) propagate and leave the lease to
+        run out: writes stop at its end, and a later renewal may still succeed
+        if no one claimed the fence meanwhile.
+        """
         mine = self.record
+        sent = self._monotonic()
         renewed = FenceRecord(mine.epoch, mine.holder, self._clock() + self._ttl)
         try:
-            self._etag = self._store.replace(FENCE_KEY, renewed.to_json(), self._etag)
+            etag = self._store.replace(FENCE_KEY, renewed.to_json(), self._etag)
         except ConditionFailed:
-            self._record = None
-            raise FencedError(
+            raise self._lose(
                 f"scheduler {self._holder!r} (epoch {mine.epoch}) was fenced off by another "
-                "scheduler",
-                field="fence",
+                "scheduler"
             ) from None
-        self._record = renewed
+        self._hold(renewed, etag, sent)
         return renewed
 
     def check(self) -> FenceRecord:
-        """``check_write`` against the fence as the store holds it now."""
+        """Before every write, no I/O: refused once lost or past this holder's own lease."""
+        mine = self.record
+        if self._monotonic() >= self._writable_until:
+            raise FencedError(
+                f"scheduler {self._holder!r} let its fence lapse (epoch {mine.epoch}): it was "
+                "not renewed in time; no state is written until it is",
+                field="fence",
+            )
+        return mine
+
+    def verify(self) -> FenceRecord:
+        """``check_write`` against the fence as the store holds it now, then ``check``."""
         mine = self.record
         current, _ = self._current()
         check_write(mine, current, self._clock())
-        return mine
+        return self.check()
+
+    def release(self) -> None:
+        """Expire the record now (same epoch), so a successor claims without waiting."""
+        with self._lock:
+            mine, etag = self._record, self._etag
+        self._lose(f"scheduler {self._holder!r} released its fence")
+        if mine is None:
+            return
+        ended = FenceRecord(mine.epoch, mine.holder, self._clock())
+        # Lost meanwhile: the fence is someone else's; nothing to give back.
+        with contextlib.suppress(ConditionFailed):
+            self._store.replace(FENCE_KEY, ended.to_json(), etag)
 
 
 class FencedDocuments:
     """State documents written only by the fence's holder, each write conditional on its etag."""
 
-    def __init__(self, store: ConditionalStore, fence: Fence) -> None:
+    def __init__(self, store: ConditionalStore, fence: WriteFence) -> None:
         self._store = store
         self._fence = fence
         self._etags: dict[str, str] = {}
@@ -298,8 +478,8 @@ class FencedDocuments:
 
     def write(self, key: str, doc: dict[str, Any]) -> None:
         """Write ``doc`` with this holder's epoch, only over the version this holder last saw."""
-        mine = self._fence.check()
-        data = json.dumps({**doc, "epoch": mine.epoch}, sort_keys=True).encode()
+        mine = self._fence.verify()
+        data = json.dumps({**doc, EPOCH_FIELD: mine.epoch}, sort_keys=True).encode()
         etag = self._etags.get(key)
         try:
             if etag is None:
@@ -313,9 +493,21 @@ class FencedDocuments:
                 field="fence",
             ) from None
 
-    def adopt(self, keys: Iterable[str]) -> None:
-        """After a claim: rewrite each existing document with this epoch, voiding older etags."""
+    def adopt(self, keys: Iterable[str], *, attempts: int = 3) -> None:
+        """After a claim: rewrite each existing document with this epoch, voiding older etags.
+
+        A late write of the previous holder landing between the read and the
+        rewrite makes the rewrite fail; it is read again (it was that holder's
+        to make).
+        """
         for key in keys:
-            doc = self.read(key)
-            if doc is not None:
-                self.write(key, doc)
+            for attempt in range(attempts):
+                doc = self.read(key)
+                if doc is None:
+                    break
+                try:
+                    self.write(key, doc)
+                    break
+                except FencedError:
+                    if attempt == attempts - 1:
+                        raise

@@ -11,6 +11,7 @@ jobs/<job>/cancelled                 cancel marker
 jobs/<job>/result.json               final state, errors, outputs, metrics
 scheduler/epochs.json                the latest scheduler instances (lease adoption)
 scheduler/finished.json              index of finished jobs (id, state, times)
+scheduler/fence.json, fence.lock     who may write all of the above (``fencing``)
 ```
 
 Each document is written whole (rename on ``file://``, one PUT on S3), so a
@@ -21,6 +22,13 @@ call costs one write, not one per task. A job with ``result.json`` is finished; 
 job is rebuilt on start from these documents, so completed tasks are not
 redone and nothing is lost. Submitting writes two documents whatever the job
 size: the plan is a formula.
+
+Only one scheduler writes: once ``fence_with`` gave the store a fence, every
+write and delete first checks that this scheduler still holds it (no I/O) and
+raises ``FencedError`` otherwise, and the two documents that are read, changed
+and written back (the epochs and the finished index) are written conditionally
+on the version this scheduler last read, where the fence has a conditional
+store (S3): a late write of a fenced-off scheduler fails there too.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from google.protobuf import json_format
 from deep3m.core.errors import InvalidArgumentError, NotFoundError
 from deep3m.core.executor import bounded_map
 from deep3m.core.store import Store
+from deep3m.scheduler.fencing import FencedDocuments, WriteFence
 from deep3m.scheduler.kinds.base import Resolved, VolumeFacts, check_job_id, job_kind
 from deep3m.scheduler.stages import StagePlan
 from deep3m.v1 import common_pb2
@@ -132,10 +141,49 @@ class JobRecord:
 class JobStore:
     """Reads and writes the scheduler's documents; thread-safe for distinct keys."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, fence: WriteFence | None = None) -> None:
         self.store = store
         self._index_lock = threading.Lock()
         self._finished: dict[str, dict[str, Any]] | None = None
+        self._fence: WriteFence | None = None
+        self._docs: FencedDocuments | None = None
+        if fence is not None:
+            self.fence_with(fence)
+
+    # -- the fence ----------------------------------------------------------------
+    def fence_with(self, fence: WriteFence) -> None:
+        """From now on write only while ``fence`` (claimed) is held; adopts the documents
+        that are rewritten in place, so a fenced-off holder's late writes of them fail."""
+        fence.check()
+        docs = None if fence.documents is None else FencedDocuments(fence.documents, fence)
+        if docs is not None:
+            docs.adopt([EPOCHS_KEY, FINISHED_KEY])
+        with self._index_lock:
+            self._fence, self._docs, self._finished = fence, docs, None
+
+    def _check(self) -> None:
+        if self._fence is not None:
+            self._fence.check()
+
+    def _write_json(self, key: str, obj: Any) -> None:
+        self._check()
+        self.store.write_json(key, obj)
+
+    def _write_bytes(self, key: str, data: bytes) -> None:
+        self._check()
+        self.store.write_bytes(key, data)
+
+    def _read_index(self, key: str) -> Any:
+        """A read-modify-write document (remembering its version), or {}."""
+        if self._docs is not None:
+            return self._docs.read(key) or {}
+        return self.store.read_json(key) if self.store.exists(key) else {}
+
+    def _write_index(self, key: str, doc: dict[str, Any]) -> None:
+        if self._docs is not None:
+            self._docs.write(key, doc)
+        else:
+            self._write_json(key, doc)
 
     @staticmethod
     def _job(job_id: str) -> str:
@@ -150,7 +198,7 @@ class JobStore:
         return self.store.exists(f"{self._job(job_id)}/job.json")
 
     def save_job(self, record: JobRecord) -> None:
-        self.store.write_json(f"{self._job(record.id)}/job.json", record.to_json())
+        self._write_json(f"{self._job(record.id)}/job.json", record.to_json())
 
     def load_job(self, job_id: str) -> JobRecord:
         key = f"{self._job(job_id)}/job.json"
@@ -159,11 +207,12 @@ class JobStore:
         return JobRecord.from_json(self.store.read_json(key), where=self.store.key_url(key))
 
     def delete_job(self, job_id: str) -> None:
+        self._check()
         self.store.delete(self._job(job_id))
 
     # -- stages ---------------------------------------------------------------
     def save_stage(self, job_id: str, plan: StagePlan) -> None:
-        self.store.write_json(f"{self._job(job_id)}/stages/{plan.index}.json", plan.to_json())
+        self._write_json(f"{self._job(job_id)}/stages/{plan.index}.json", plan.to_json())
 
     def load_stages(self, job_id: str) -> list[StagePlan]:
         prefix = f"{self._job(job_id)}/stages"
@@ -179,7 +228,7 @@ class JobStore:
 
     # -- task records -------------------------------------------------------------
     def mark_done(self, job_id: str, stage: str, task: int, record: Mapping[str, Any]) -> None:
-        self.store.write_bytes(
+        self._write_bytes(
             f"{self._job(job_id)}/done/{stage}/{task}",
             json.dumps(dict(record), sort_keys=True).encode(),
         )
@@ -194,7 +243,7 @@ class JobStore:
             return
         name = f"{BATCH_PREFIX}{time.time_ns():x}-{secrets.token_hex(4)}"
         body = {str(task): dict(rec) for task, rec in records.items()}
-        self.store.write_bytes(
+        self._write_bytes(
             f"{self._job(job_id)}/done/{stage}/{name}",
             json.dumps({"records": body}, sort_keys=True).encode(),
         )
@@ -240,7 +289,7 @@ class JobStore:
     def save_quarantine(
         self, job_id: str, stage: str, task: int, record: Mapping[str, Any]
     ) -> None:
-        self.store.write_bytes(
+        self._write_bytes(
             f"{self._job(job_id)}/quarantine/{stage}/{task}",
             json.dumps(dict(record), sort_keys=True).encode(),
         )
@@ -256,29 +305,27 @@ class JobStore:
     # -- scheduler instances ------------------------------------------------------
     def register_epoch(self, epoch: str) -> list[str]:
         """Record this instance; returns the earlier ones (newest last)."""
-        earlier: list[str] = []
-        if self.store.exists(EPOCHS_KEY):
-            data = self.store.read_json(EPOCHS_KEY)
-            earlier = [str(e) for e in data.get("epochs", [])] if isinstance(data, dict) else []
-        self.store.write_json(EPOCHS_KEY, {"epochs": [*earlier, epoch][-KEEP_EPOCHS:]})
+        data = self._read_index(EPOCHS_KEY)
+        earlier = [str(e) for e in data.get("epochs", [])] if isinstance(data, dict) else []
+        self._write_index(EPOCHS_KEY, {"epochs": [*earlier, epoch][-KEEP_EPOCHS:]})
         return earlier
 
     # -- ends ---------------------------------------------------------------------
     def mark_cancelled(self, job_id: str) -> None:
-        self.store.write_json(f"{self._job(job_id)}/cancelled", {"unix_s": time.time()})
+        self._write_json(f"{self._job(job_id)}/cancelled", {"unix_s": time.time()})
 
     def is_cancelled(self, job_id: str) -> bool:
         return self.store.exists(f"{self._job(job_id)}/cancelled")
 
     def save_result(self, job_id: str, result: Mapping[str, Any]) -> None:
-        self.store.write_json(f"{self._job(job_id)}/result.json", dict(result))
+        self._write_json(f"{self._job(job_id)}/result.json", dict(result))
 
     # -- the index of finished jobs ------------------------------------------------
     def finished_index(self) -> dict[str, dict[str, Any]]:
         """job id → {state, created_unix_s, finished_unix_s} of every indexed finished job."""
         with self._index_lock:
             if self._finished is None:
-                data = self.store.read_json(FINISHED_KEY) if self.store.exists(FINISHED_KEY) else {}
+                data = self._read_index(FINISHED_KEY)
                 jobs = data.get("jobs", {}) if isinstance(data, dict) else {}
                 self._finished = {str(k): dict(v) for k, v in jobs.items()}
             return dict(self._finished)
@@ -293,7 +340,7 @@ class JobStore:
             self._finished.update({k: dict(v) for k, v in entries.items()})
             for job_id in removed:
                 self._finished.pop(job_id, None)
-            self.store.write_json(FINISHED_KEY, {"jobs": self._finished})
+            self._write_index(FINISHED_KEY, {"jobs": self._finished})
 
     def load_result(self, job_id: str) -> dict[str, Any] | None:
         key = f"{self._job(job_id)}/result.json"

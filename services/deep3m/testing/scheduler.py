@@ -17,7 +17,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deep3m.core.errors import UnavailableError
 from deep3m.core.geometry import Box, grid_cells
@@ -140,8 +142,7 @@ def serve_scheduler(settings: Settings, data: np.ndarray) -> RunningServer:
     store = Store(settings.store_url)
     write_volume(store, "volumes/in.zarr", data)
     save_test_model(store, "m1")
-    scheduler = Scheduler(settings)
-    scheduler.recover()
+    scheduler = Scheduler(settings)  # recovered by the app, once it holds the store's fence
     return create_server(
         "scheduler", settings, app=SchedulerApp(settings, scheduler), port=0, host="127.0.0.1"
     )
@@ -149,7 +150,8 @@ def serve_scheduler(settings: Settings, data: np.ndarray) -> RunningServer:
 
 @dataclass
 class SchedulerProcess:
-    """``deep3m serve scheduler`` on 127.0.0.1:``port`` with a ``file://`` store."""
+    """``deep3m serve scheduler`` on 127.0.0.1:``port`` over ``store_url`` (``env`` adds
+    settings, e.g. S3 credentials)."""
 
     store_url: str
     port: int
@@ -162,6 +164,11 @@ class SchedulerProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> None:
+        self.spawn()
+        self.wait_serving(timeout_s)
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it to serve."""
         env = {
             **os.environ,
             "DEEP3M_STORE_URL": self.store_url,
@@ -184,6 +191,25 @@ class SchedulerProcess:
             )
         finally:
             log.close()
+
+    def wait_exit(self, timeout_s: float) -> int:
+        """The exit status, once the process has ended by itself."""
+        if self.process is None:
+            raise UnavailableError("the scheduler was never started")
+        return self.process.wait(timeout=timeout_s)
+
+    def health(self, timeout_s: float = 30.0) -> int:
+        """The server's health status now (waiting for its port to answer)."""
+        with grpc.insecure_channel(self.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s, wait_for_ready=True
+            )
+        return int(reply.status)
+
+    def wait_serving(self, timeout_s: float) -> None:
+        """Until health says SERVING; the process is killed if it does not get there."""
+        if self.process is None:
+            raise UnavailableError("the scheduler was never started")
         try:
             wait_serving(self.address, self.process, timeout_s, "scheduler", log=str(self.log_path))
         except UnavailableError:

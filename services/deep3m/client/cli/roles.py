@@ -35,7 +35,9 @@ def serve(role: str = typer.Argument(..., help=f"One of: {', '.join(ROLES)}")) -
     """Start one role's gRPC server (and its worker loop) until SIGTERM."""
     if role not in ROLES:
         raise fail(f"unknown role {role!r}; choose one of {', '.join(ROLES)}", 2)
-    run_role(role, settings())
+    # A role that cannot start, or ends itself (a scheduler fenced off), exits non-zero.
+    with errors_exit():
+        run_role(role, settings())
 
 
 def _ports(values: list[str], roles: tuple[str, ...]) -> dict[str, int]:
