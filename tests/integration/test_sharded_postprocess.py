@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from deep3m.client.client import Deep3mClient
+from deep3m.core.levels import plan_levels
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port, wait_serving
+from deep3m.postprocess.pyramid import downsample
 from deep3m.postprocess.sharded.table import table_keys
 from deep3m.testing.scheduler import roles_in_process, save_random_model, write_volume
 from deep3m.testing.volumes import same_partition, smooth_field
@@ -133,6 +135,35 @@ def test_label_job_shards_over_two_postprocess_workers(
     ome = store.read_json("volumes/label/prob.zarr/labels/zarr.json")["attributes"]["ome"]
     assert ome["labels"] == ["segmentation"]
     assert stages["pyramid"] == (1, 1) and job.metrics["pyramid_levels"] == 1.0
+    assert not any(name.startswith("pyramid_") for name in stages)
+
+
+def test_sharded_pyramid_equals_whole_volume_downsampling(
+    client: Deep3mClient, store_url: str
+) -> None:
+    store = Store(store_url)
+    prob = smooth_field((4, 600, 520), seed=4, sigma=4.0)
+    write_volume(store, "volumes/pyr/prob.zarr", prob, chunk_shape=(2, 128, 128))
+    job = _succeeded(client, client.label("volumes/pyr/prob.zarr", block_shape=[4, 256, 256]))
+    stages = {s.name: s.tasks_total for s in job.stages}
+    # Level 1 (4 x 300 x 260) in 2 x 2 regions of 256², level 2 (4 x 150 x 130) in one.
+    assert (stages["pyramid_1"], stages["pyramid_2"], stages["pyramid"]) == (4, 1, 1)
+    assert job.metrics["pyramid_levels"] == 3.0
+    path = "volumes/pyr/prob.zarr/labels/segmentation"
+    want = np.asarray(store.open_volume(path)[:])
+    ome = store.read_json(f"{path}/zarr.json")["attributes"]["ome"]
+    datasets = ome["multiscales"][0]["datasets"]
+    assert ome["version"] == "0.5" and [d["path"] for d in datasets] == ["0", "1", "2"]
+    assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["z", "y", "x"]
+    for n, level in enumerate(plan_levels(prob.shape, VOXEL_SIZE_NM), start=1):
+        want = downsample(want, level.factor, "mode")
+        got = np.asarray(store.open_volume(path, level.path)[:])
+        np.testing.assert_array_equal(got, want)
+        assert datasets[n]["coordinateTransformations"] == [
+            {"type": "scale", "scale": list(level.scale_nm)},
+            {"type": "translation", "translation": list(level.translation_nm)},
+        ]
+    assert set(np.unique(got)) <= set(np.unique(store.open_volume(path)[:]))
 
 
 def _real_slices() -> np.ndarray:
@@ -166,8 +197,16 @@ def test_predict_then_sharded_postprocess_on_real_slices(
     seen = {event.stage for event in client.watch(job.id, timeout_s=300)}
     final = _succeeded(client, job)
     names = [s.name for s in final.stages]
-    assert names == ["predict", "summarize", "equivalences", "merge", "relabel",
-                     "reduce_parts", "reduce", "pyramid"]  # fmt: skip
+    assert names == [
+        "predict",
+        "summarize",
+        "equivalences",
+        "merge",
+        "relabel",
+        "reduce_parts",
+        "reduce",
+        "pyramid",
+    ]  # fmt: skip (no levels: 96 x 128)
     # One progress stream followed prediction and every postprocess stage.
     assert {"predict", "summarize", "relabel", "reduce"} <= seen
     prob = np.asarray(store.open_volume("volumes/em/p.zarr")[:])

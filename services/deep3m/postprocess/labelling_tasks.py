@@ -23,7 +23,13 @@ from deep3m.core.store import Store
 from deep3m.postprocess.foreground import volume_kind
 from deep3m.postprocess.label_image import mark_label_image, register_label_image
 from deep3m.postprocess.labels import LabelSpec
-from deep3m.postprocess.pyramid import build_pyramid
+from deep3m.postprocess.pyramid import (
+    MAX_LEVELS,
+    prepare_pyramid,
+    pyramid_plan,
+    record_pyramid,
+    write_level_region,
+)
 from deep3m.postprocess.sharded.block import Labelling
 from deep3m.postprocess.sharded.pipeline import labelling_for
 from deep3m.postprocess.sharded.stored import (
@@ -97,14 +103,27 @@ class LabellingJob:
     def open_labels(self) -> Any:
         return self.labels_store.open_volume(self.labels.path, mode="r+", require_complete=False)
 
-    def block(self, task: common_pb2.Task) -> tuple[tuple[int, ...], Box]:
-        """The block index and core box of a per-block task."""
+    def pyramids(self) -> list[tuple[Store, str]]:
+        """The volumes the pyramid stages reduce: the labels (and a predict job's
+        probabilities)."""
+        out = [(self.labels_store, self.labels.path)]
+        if self.pyramid_source:
+            out.append((self.source_store, self.source.path))
+        return out
+
+    @staticmethod
+    def region(task: common_pb2.Task) -> Box:
+        """The core box of a task planned over blocks."""
         core = task.block.core
         if len(core.start) != 3 or len(core.stop) != 3:
             raise InvalidArgumentError(
                 f"labelling task {task.id!r} carries no 3-D block", field="task.block"
             )
-        box = Box(tuple(int(v) for v in core.start), tuple(int(v) for v in core.stop))
+        return Box(tuple(int(v) for v in core.start), tuple(int(v) for v in core.stop))
+
+    def block(self, task: common_pb2.Task) -> tuple[tuple[int, ...], Box]:
+        """The block index and core box of a per-block task."""
+        box = self.region(task)
         index = tuple(a // b for a, b in zip(box.start, self.block_shape, strict=True))
         return index, box
 
@@ -209,6 +228,9 @@ def reduce(job: LabellingJob, ctx: TaskContext) -> TaskResult:
         watershed=job.spec.watershed, min_size_voxels=int(job.spec.min_size_voxels),
         connectivity=job.spec.connectivity,
     )  # fmt: skip
+    # The pyramid stages that follow write into these levels, region by region.
+    for pyramid_store, pyramid_path in job.pyramids():
+        prepare_pyramid(pyramid_store, pyramid_path)
     outputs = {name: store.key_url(key) for name, key in keys.items()}
     outputs["labels"] = store.key_url(path)
     return TaskResult(
@@ -217,12 +239,21 @@ def reduce(job: LabellingJob, ctx: TaskContext) -> TaskResult:
     )
 
 
+def pyramid_level(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    """One chunk-aligned region of one level (the stage's name says which), for the
+    labels and, in a predict job, the probabilities."""
+    level = int(ctx.task.stage.removeprefix("pyramid_"))
+    core = job.region(ctx.task)
+    for store, path in job.pyramids():
+        write_level_region(store, pyramid_plan(store, path), level, core)
+    return TaskResult(metrics={"voxels": float(core.size)})
+
+
 def pyramid(job: LabellingJob, ctx: TaskContext) -> TaskResult:
-    levels = build_pyramid(job.labels_store, job.labels.path, cancelled=ctx.cancelled)
-    if job.pyramid_source:
-        source_levels = build_pyramid(job.source_store, job.source.path, cancelled=ctx.cancelled)
-        levels = max(levels, source_levels, key=len)
-    return TaskResult(metrics={"pyramid_levels": float(len(levels))})
+    """The multiscales metadata, once every level is written."""
+    del ctx
+    levels = [record_pyramid(store, pyramid_plan(store, path)) for store, path in job.pyramids()]
+    return TaskResult(metrics={"pyramid_levels": float(max(len(p) for p in levels))})
 
 
 Body = Callable[[LabellingJob, TaskContext], TaskResult]
@@ -234,6 +265,7 @@ BODIES: Mapping[str, Body] = {
     "reduce_parts": reduce_part,
     "reduce": reduce,
     "pyramid": pyramid,
+    **{f"pyramid_{n}": pyramid_level for n in range(1, MAX_LEVELS + 1)},
 }
 
 

@@ -11,13 +11,14 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.scheduler.kinds.base import JobKind, KindContext, PreparedJob, Resolved
 from deep3m.scheduler.kinds.labelling import (
     LABELLING_STAGES,
+    labelling_stages,
     labels_volume,
     plan_labelling,
     resolve_labelling,
 )
 from deep3m.scheduler.kinds.predict import default_block
 from deep3m.scheduler.kinds.refs import facts, input_volume, output_location
-from deep3m.scheduler.stages import StagePlan
+from deep3m.scheduler.stages import StageDef, StagePlan
 from deep3m.v1 import common_pb2
 
 
@@ -62,6 +63,9 @@ class LabelKind(JobKind):
             {"labels": out_store.key_url(out_key)},
             volumes,
         )
+
+    def stages_for(self, resolved: Resolved) -> tuple[StageDef, ...]:
+        return labelling_stages(resolved.volume("labels"))
 
     def plan(self, index: int, resolved: Resolved) -> StagePlan | None:
         return plan_labelling(index, 0, resolved.volume("labels"), resolved.spec.label)

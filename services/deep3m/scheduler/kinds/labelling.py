@@ -5,8 +5,10 @@ their own stages: ``summarize`` (per block: threshold, local components, face
 and piece documents) → ``equivalences`` (per block: pairs across its upper
 seams) → ``merge`` (once: the global id map) → ``relabel`` (per block: the
 label chunks) → ``reduce_parts`` (a few shards of the object table) →
-``reduce`` (once: the tables, the label image sealed) → ``pyramid`` (once:
-multiscale levels of the probabilities and labels). Blocks lie on the labels
+``reduce`` (once: the tables, the label image sealed, the pyramid's empty
+levels created) → ``pyramid_1`` … ``pyramid_L`` (per chunk-aligned region of
+each level: level n from level n - 1, labels by mode, probabilities by mean)
+→ ``pyramid`` (once: the multiscales metadata). Blocks lie on the labels
 volume's write grid, so each task writes chunks no other task touches.
 """
 
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError
 from deep3m.core.geometry import plan_blocks
+from deep3m.core.levels import Level, plan_levels
 from deep3m.core.store import Store, VolumeInfo
 from deep3m.scheduler.kinds.base import NewVolume, VolumeFacts, replace_repeated
 from deep3m.scheduler.kinds.refs import check_same_array, shape3
@@ -25,17 +28,13 @@ from deep3m.v1 import common_pb2
 ROLE = "postprocess"
 LABELLING_STAGES: tuple[StageDef, ...] = tuple(
     StageDef(name, ROLE)
-    for name in (
-        "summarize",
-        "equivalences",
-        "merge",
-        "relabel",
-        "reduce_parts",
-        "reduce",
-        "pyramid",
-    )
+    for name in ("summarize", "equivalences", "merge", "relabel", "reduce_parts", "reduce")
 )
 PER_BLOCK = frozenset({"summarize", "equivalences", "relabel"})
+# Level n of the pyramid (1..), one task per chunk-aligned region of the level.
+PYRAMID_LEVEL_STAGE = "pyramid_{}"
+# Once, after the levels: the multiscales metadata.
+PYRAMID_STAGE = "pyramid"
 LABELS_DTYPE = "uint32"
 DEFAULT_LABEL_NAME = "segmentation"
 DEFAULT_THRESHOLD = 0.5
@@ -137,21 +136,48 @@ def labels_volume(
     return new, facts
 
 
+def pyramid_levels(labels: VolumeFacts) -> list[Level]:
+    """The pyramid levels 1.. the labelling writes (of the labels, and of a predict
+    job's probabilities, which share their shape, grid and voxel size)."""
+    return plan_levels(labels.shape, labels.voxel_size_nm)
+
+
+def labelling_stages(labels: VolumeFacts) -> tuple[StageDef, ...]:
+    levels = pyramid_levels(labels)
+    return (
+        *LABELLING_STAGES,
+        *(StageDef(PYRAMID_LEVEL_STAGE.format(n), ROLE) for n in range(1, len(levels) + 1)),
+        StageDef(PYRAMID_STAGE, ROLE),
+    )
+
+
+def level_block(block: Sequence[int], level_shape: Sequence[int], grid: Sequence[int]) -> list[int]:
+    """A level's task region: the labelling block where the level spans at least one
+    grid cell (then a multiple of the level's chunks), else the whole axis (one chunk)."""
+    return [int(b) if s >= g else int(s) for b, s, g in zip(block, level_shape, grid, strict=True)]
+
+
 def plan_labelling(
     index: int, first: int, labels: VolumeFacts, spec: common_pb2.LabelSpec
 ) -> StagePlan | None:
     """Stage ``index`` of a job whose labelling stages start at index ``first``."""
+    stages = labelling_stages(labels)
     k = index - first
-    if not 0 <= k < len(LABELLING_STAGES):
+    if not 0 <= k < len(stages):
         return None
-    sdef = LABELLING_STAGES[k]
+    sdef = stages[k]
+    block = [int(b) for b in spec.block_shape]
     if sdef.name in PER_BLOCK:
-        params = {
-            "volume_shape": list(labels.shape),
-            "block_shape": [int(b) for b in spec.block_shape],
-            "halo": [0, 0, 0],
-        }
+        params = {"volume_shape": list(labels.shape), "block_shape": block, "halo": [0, 0, 0]}
         return StagePlan(index, sdef.name, sdef.role, "blocks", params)
     if sdef.name == "reduce_parts":
         return StagePlan(index, sdef.name, sdef.role, "shards", {"shards": spec.table_shards})
+    if sdef.name.startswith("pyramid_"):
+        level = pyramid_levels(labels)[int(sdef.name.removeprefix("pyramid_")) - 1]
+        params = {
+            "volume_shape": list(level.shape),
+            "block_shape": level_block(block, level.shape, labels.grid),
+            "halo": [0, 0, 0],
+        }
+        return StagePlan(index, sdef.name, sdef.role, "blocks", params)
     return StagePlan(index, sdef.name, sdef.role, "single")

@@ -26,7 +26,7 @@ from deep3m.scheduler.kinds.base import (
 )
 from deep3m.scheduler.kinds.labelling import (
     DEFAULT_THRESHOLD,
-    LABELLING_STAGES,
+    labelling_stages,
     labels_volume,
     plan_labelling,
     resolve_labelling,
@@ -74,10 +74,11 @@ def default_block(shape: Sequence[int], grid: Sequence[int]) -> tuple[int, ...]:
 class PredictKind(JobKind):
     name = "predict"
     stages = (StageDef("predict", "inference"), StageDef("finalize", "postprocess"))
-    labelled_stages = (StageDef("predict", "inference"), *LABELLING_STAGES)
 
     def stages_for(self, resolved: Resolved) -> tuple[StageDef, ...]:
-        return self.labelled_stages if resolved.spec.predict.postprocess else self.stages
+        if not resolved.spec.predict.postprocess:
+            return self.stages
+        return (self.stages[0], *labelling_stages(resolved.volume("labels")))
 
     def validate(self, spec: common_pb2.JobSpec, ctx: KindContext) -> PreparedJob:
         from deep3m.core.augmentation import IDENTITY_LEVEL, SPEED_LEVELS
