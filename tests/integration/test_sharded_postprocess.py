@@ -136,6 +136,9 @@ def test_label_job_shards_over_two_postprocess_workers(
     assert ome["labels"] == ["segmentation"]
     assert stages["pyramid"] == (1, 1) and job.metrics["pyramid_levels"] == 1.0
     assert not any(name.startswith("pyramid_") for name in stages)
+    # The stages' documents went once the job succeeded; its records stay.
+    assert store.list(f"jobs/{job.id}/labelling") == []
+    assert store.list(f"jobs/{job.id}/done/merge")
 
 
 def test_sharded_pyramid_equals_whole_volume_downsampling(

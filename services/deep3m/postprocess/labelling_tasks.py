@@ -20,6 +20,7 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.geometry import Box
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
+from deep3m.core.store.keys import labelling_documents
 from deep3m.postprocess.foreground import volume_kind
 from deep3m.postprocess.label_image import mark_label_image, register_label_image
 from deep3m.postprocess.labels import LabelSpec
@@ -44,10 +45,6 @@ from deep3m.postprocess.sharded.stored import (
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import TaskContext, TaskHandler, TaskResult
 from deep3m.v1 import common_pb2
-
-
-def documents_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/labelling"
 
 
 @dataclass(frozen=True)
@@ -159,7 +156,7 @@ def labelling_job(lease: common_pb2.TaskLease, roots: StoreRoots) -> LabellingJo
         source,
         roots.store(labels.store_url, field="labels.store_url"),
         labels,
-        Documents(roots.store(), documents_prefix(lease.task.job_id)),
+        Documents(roots.store(), labelling_documents(lease.task.job_id)),
         pyramid_source=which == "predict",
     )
 

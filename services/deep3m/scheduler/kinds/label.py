@@ -11,6 +11,7 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.scheduler.kinds.base import JobKind, KindContext, PreparedJob, Resolved
 from deep3m.scheduler.kinds.labelling import (
     LABELLING_STAGES,
+    finish_labelling,
     labelling_stages,
     labels_volume,
     plan_labelling,
@@ -69,3 +70,8 @@ class LabelKind(JobKind):
 
     def plan(self, index: int, resolved: Resolved) -> StagePlan | None:
         return plan_labelling(index, 0, resolved.volume("labels"), resolved.spec.label)
+
+    def on_stage_finished(
+        self, plan: StagePlan, resolved: Resolved, ctx: KindContext, job_id: str
+    ) -> None:
+        finish_labelling(plan, 0, resolved.volume("labels"), ctx, job_id)

@@ -20,7 +20,8 @@ from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError
 from deep3m.core.geometry import plan_blocks
 from deep3m.core.levels import Level, plan_levels
 from deep3m.core.store import Store, VolumeInfo
-from deep3m.scheduler.kinds.base import NewVolume, VolumeFacts, replace_repeated
+from deep3m.core.store.keys import labelling_documents
+from deep3m.scheduler.kinds.base import KindContext, NewVolume, VolumeFacts, replace_repeated
 from deep3m.scheduler.kinds.refs import check_same_array, shape3
 from deep3m.scheduler.stages import StageDef, StagePlan
 from deep3m.v1 import common_pb2
@@ -155,6 +156,18 @@ def level_block(block: Sequence[int], level_shape: Sequence[int], grid: Sequence
     """A level's task region: the labelling block where the level spans at least one
     grid cell (then a multiple of the level's chunks), else the whole axis (one chunk)."""
     return [int(b) if s >= g else int(s) for b, s, g in zip(block, level_shape, grid, strict=True)]
+
+
+def finish_labelling(
+    plan: StagePlan, first: int, labels: VolumeFacts, ctx: KindContext, job_id: str
+) -> None:
+    """After the last labelling stage (the job has succeeded): its documents go.
+
+    Until then they stay, so a restarted scheduler can resume any stage; once the
+    last stage is sealed no task will read them again (a restart that repeats this
+    step deletes nothing twice)."""
+    if plan.index == first + len(labelling_stages(labels)) - 1:
+        ctx.roots.store().delete(labelling_documents(job_id))
 
 
 def plan_labelling(

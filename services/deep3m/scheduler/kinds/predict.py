@@ -26,6 +26,7 @@ from deep3m.scheduler.kinds.base import (
 )
 from deep3m.scheduler.kinds.labelling import (
     DEFAULT_THRESHOLD,
+    finish_labelling,
     labelling_stages,
     labels_volume,
     plan_labelling,
@@ -261,3 +262,5 @@ class PredictKind(JobKind):
     ) -> None:
         if plan.name == "predict":
             mark_output_complete(ctx.roots, resolved.volume("output"), job_id)
+        elif resolved.spec.predict.postprocess:
+            finish_labelling(plan, 1, resolved.volume("labels"), ctx, job_id)
