@@ -16,12 +16,13 @@ killed and run again elsewhere, leaves the same bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from deep3m.core.executor import bounded_map
 from deep3m.core.geometry import Box
 from deep3m.core.store import Store, check_key
 from deep3m.postprocess.sharded.block import (
@@ -46,6 +47,9 @@ from deep3m.postprocess.sharded.table import (
     reduce_objects,
     write_object_tables,
 )
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,22 @@ def _grid_indices(grid_shape: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(int(v) for v in i) for i in np.ndindex(*grid_shape)]
 
 
+# Small-document reads in flight at once: store round trips, not CPU, set their pace.
+READ_THREADS = 8
+
+
+def in_order(read: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+    """``read(item)`` for each item, in order, with up to READ_THREADS reads ahead
+    (results are reduced in block order, so every run gives the same bytes)."""
+    ready: dict[int, R] = {}
+    following = 0
+    for i, value in bounded_map(read, items, READ_THREADS, in_flight=2 * READ_THREADS):
+        ready[i] = value
+        while following in ready:
+            yield ready.pop(following)
+            following += 1
+
+
 def summarize_task(
     docs: Documents, source: Any, index: Sequence[int], core: Box, labelling: Labelling
 ) -> dict[str, float]:
@@ -119,8 +139,9 @@ def equivalences_task(
 ) -> dict[str, float]:
     """Stage (b), per block: the equivalences across the block's upper seams."""
     wanted = neighbour_indices(index, grid_shape, connectivity)
+    own, *theirs = in_order(docs.faces, [tuple(index), *wanted])
     pairs = block_equivalences(
-        docs.faces(index), {n: docs.faces(n) for n in wanted}, grid_shape, connectivity
+        own, dict(zip(wanted, theirs, strict=True)), grid_shape, connectivity
     )
     docs.store.write_bytes(docs.pairs_key(index), to_npz_bytes({"pairs": pairs}))
     return {"equivalences": float(len(pairs))}
@@ -136,10 +157,10 @@ def merge_task(
     """Stage (b), once: the global id map from every block's piece sizes and
     equivalences (with ``watershed``, pieces tie by seed); reads only small documents."""
     blocks = _grid_indices(grid_shape)
-    sizes = [docs.sizes(i) for i in blocks]
+    sizes = list(in_order(docs.sizes, blocks))
     id_map = merge_pieces(
         [counts for counts, _ in sizes],
-        (docs.pairs(i) for i in blocks),
+        in_order(docs.pairs, blocks),
         grid_shape,
         min_size_voxels=min_size_voxels,
         seeds=[seeds for _, seeds in sizes] if watershed else None,
@@ -169,10 +190,7 @@ def reduce_part_task(
 ) -> dict[str, float]:
     """Stage (d), per shard (objects whose label is k + 1 modulo n): part of the table."""
     stats = reduce_objects(
-        (docs.pieces(i) for i in _grid_indices(grid_shape)),
-        docs.id_map(),
-        voxel_size_nm,
-        shard=shard,
+        in_order(docs.pieces, _grid_indices(grid_shape)), docs.id_map(), voxel_size_nm, shard=shard
     )
     docs.store.write_bytes(docs.table_part_key(shard), stats.to_bytes())
     return {"objects": float(len(stats))}
