@@ -23,6 +23,7 @@ from deep3m.client.client import Deep3mClient
 from deep3m.core.levels import plan_levels
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port, wait_serving
+from deep3m.postprocess.evaluate import EvaluateSpec, evaluate_volumes
 from deep3m.postprocess.pyramid import downsample
 from deep3m.postprocess.sharded.table import table_keys
 from deep3m.testing.scheduler import roles_in_process, save_random_model, write_volume
@@ -169,11 +170,29 @@ def test_sharded_pyramid_equals_whole_volume_downsampling(
     assert set(np.unique(got)) <= set(np.unique(store.open_volume(path)[:]))
 
 
-def _real_slices() -> np.ndarray:
-    if not IMAGES.is_dir():
-        pytest.skip(f"real EM slices missing at {IMAGES}")
-    files = sorted(IMAGES.glob("*.png"))[:4]
+def _real_slices(folder: Path = IMAGES) -> np.ndarray:
+    if not folder.is_dir():
+        pytest.skip(f"real EM slices missing at {folder}")
+    files = sorted(folder.glob("*.png"))[:4]
     return np.stack([np.asarray(Image.open(f))[200:296, 300:428] for f in files]).astype(np.uint8)
+
+
+def store_key(store: Store, url: str) -> str:
+    assert url.startswith(store.url + "/"), url
+    return url.removeprefix(store.url + "/")
+
+
+def check_evaluation(
+    store: Store, job: common_pb2.Job, prob_path: str, spec: EvaluateSpec
+) -> dict[str, float]:
+    """Every figure of the job's evaluation equals the whole-volume reference computation."""
+    want = evaluate_volumes((store, prob_path), (store, "volumes/em/gt.zarr"), spec).as_dict()
+    got = {k: job.metrics[k] for k in want}
+    assert got == pytest.approx(want, abs=1e-12), (got, want)
+    written = store.read_json(store_key(store, job.outputs["evaluation"]))
+    assert {k: written[k] for k in want} == pytest.approx(want, abs=1e-12)
+    assert written["min_size_voxels"] == spec.min_size_voxels
+    return want
 
 
 def test_predict_then_sharded_postprocess_on_real_slices(
@@ -193,23 +212,21 @@ def test_predict_then_sharded_postprocess_on_real_slices(
     threshold = float(np.round(np.quantile(p0, 0.75), 4))
     assert 0.0 < threshold < 1.0
 
+    # The real mitochondria labels of the same slices are the ground truth.
+    truth = _real_slices(IMAGES.parent / "labels")
+    assert truth.any()
+    write_volume(store, "volumes/em/gt.zarr", truth, chunk_shape=(2, 32, 32))
     job = client.predict(
         "volumes/em/img.zarr", "tiny", "volumes/em/p.zarr",
         block_shape=block, postprocess=True, threshold=threshold,
+        ground_truth="volumes/em/gt.zarr", exclusion_zone_voxels=1,
     )  # fmt: skip
     seen = {event.stage for event in client.watch(job.id, timeout_s=300)}
     final = _succeeded(client, job)
     names = [s.name for s in final.stages]
-    assert names == [
-        "predict",
-        "summarize",
-        "equivalences",
-        "merge",
-        "relabel",
-        "reduce_parts",
-        "reduce",
-        "pyramid",
-    ]  # fmt: skip (no levels: 96 x 128)
+    # No pyramid levels: 96 x 128 fits one level.
+    assert names == ["predict", "summarize", "equivalences", "merge", "relabel", "reduce_parts",
+                     "reduce", "evaluate_blocks", "evaluate", "pyramid"]  # fmt: skip
     # One progress stream followed prediction and every postprocess stage.
     assert {"predict", "summarize", "relabel", "reduce"} <= seen
     prob = np.asarray(store.open_volume("volumes/em/p.zarr")[:])
@@ -218,6 +235,30 @@ def test_predict_then_sharded_postprocess_on_real_slices(
     assert final.outputs["labels"] == store.key_url(labels_path)
     assert final.metrics["objects"] == float(ndimage.label(prob >= np.float32(threshold))[1])
     assert store.read_json(f"{labels_path}/zarr.json")["attributes"]["ome"]["multiscales"]
+    t = np.float32(threshold).item()
+    figures = check_evaluation(
+        store, final, "volumes/em/p.zarr", EvaluateSpec(threshold=t, exclusion_zone_voxels=1)
+    )
+    assert figures["object_true_positives"] + figures["object_false_negatives"] > 0
+
+    # Labelled again with a size filter: the evaluation counts the objects the labels keep.
+    sizes = np.bincount(ndimage.label(prob >= t)[0].ravel())[1:]
+    min_size = int(np.median(sizes)) + 1
+    job = _succeeded(
+        client,
+        client.label(
+            "volumes/em/p.zarr", output="volumes/em/big.zarr", threshold=t,
+            min_size_voxels=min_size, block_shape=block, ground_truth="volumes/em/gt.zarr",
+        ),
+    )  # fmt: skip
+    kept = int((sizes >= min_size).sum())
+    assert 0 < kept < len(sizes) and job.metrics["objects"] == kept
+    filtered = check_evaluation(
+        store, job, "volumes/em/p.zarr", EvaluateSpec(threshold=t, min_size_voxels=min_size)
+    )
+    tp, fp = filtered["object_true_positives"], filtered["object_false_positives"]
+    assert tp + fp == kept
+    assert store.list(f"jobs/{job.id}/labelling") == []
 
 
 def test_a_postprocess_worker_killed_mid_stage_changes_nothing(

@@ -101,7 +101,7 @@ def test_pyramid_levels_are_planned_as_chunk_aligned_block_stages() -> None:
     facts = VolumeFacts("file:///s", "l.zarr", "", (20, 2048, 1100), "uint32", (4, 256, 256),
                         (40.0, 6.0, 6.0))  # fmt: skip
     spec = common_pb2.LabelSpec(block_shape=[4, 512, 512], table_shards=2)
-    names = [s.name for s in labelling_stages(facts)]
+    names = [s.name for s in labelling_stages(facts, spec)]
     assert names[-4:] == ["pyramid_1", "pyramid_2", "pyramid_3", "pyramid"]
     got = [plan_labelling(i, 0, facts, spec) for i in range(len(names) + 1)]
     assert got[-1] is None

@@ -21,6 +21,7 @@ from deep3m.core.geometry import Box
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.core.store.keys import labelling_documents
+from deep3m.postprocess.evaluate import Operand
 from deep3m.postprocess.foreground import volume_kind
 from deep3m.postprocess.label_image import mark_label_image, register_label_image
 from deep3m.postprocess.labels import LabelSpec
@@ -36,12 +37,16 @@ from deep3m.postprocess.sharded.pipeline import labelling_for
 from deep3m.postprocess.sharded.stored import (
     Documents,
     equivalences_task,
+    evaluate_block_task,
+    evaluate_task,
     merge_task,
     reduce_part_task,
     reduce_task,
     relabel_task,
     summarize_task,
+    truth_summarize_task,
 )
+from deep3m.postprocess.sharded.table import evaluation_key
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import TaskContext, TaskHandler, TaskResult
 from deep3m.v1 import common_pb2
@@ -59,6 +64,35 @@ class LabellingJob:
     docs: Documents
     # Predict jobs also get a pyramid of their probabilities.
     pyramid_source: bool
+    # The ground truth of an evaluating job.
+    truth_store: Store | None = None
+    truth: common_pb2.ResolvedVolume | None = None
+
+    def truth_operand(self) -> Operand:
+        if self.truth_store is None or self.truth is None:
+            raise InvalidArgumentError(
+                "the job has no resolved ground_truth volume; resubmit it", field="ground_truth"
+            )
+        info = self.truth_store.volume_info(self.truth.path, self.truth.array)
+        array = self.truth_store.open_volume(self.truth.path, self.truth.array)
+        return Operand.of(array, dict(info.attributes))
+
+    def truth_labelling(self, truth: Operand) -> Labelling:
+        """How the ground truth's objects are found: its components, never size-filtered."""
+        spec = LabelSpec(threshold=self.spec.threshold, connectivity=self.spec.connectivity)
+        return labelling_for(spec, truth.kind, self.voxel_size_nm)
+
+    def merges_truth(self) -> Operand | None:
+        """The ground truth, when its components go through the labelling stages
+        (given, and not a declared label volume)."""
+        if self.truth is None:
+            return None
+        truth = self.truth_operand()
+        return None if truth.declared_labels else truth
+
+    def source_operand(self) -> Operand:
+        info = self.source_store.volume_info(self.source.path, self.source.array)
+        return Operand.of(self.open_source(), dict(info.attributes))
 
     @property
     def block_shape(self) -> tuple[int, ...]:
@@ -150,6 +184,12 @@ def labelling_job(lease: common_pb2.TaskLease, roots: StoreRoots) -> LabellingJo
             field="block_shape",
         )
     source, labels = lease.volumes[source_name], lease.volumes["labels"]
+    truth = lease.volumes["ground_truth"] if label.ground_truth.path else None
+    if label.ground_truth.path and "ground_truth" not in lease.volumes:
+        raise InvalidArgumentError(
+            f"task {lease.task.id!r} carries no resolved 'ground_truth' volume; resubmit the job",
+            field="ground_truth",
+        )
     return LabellingJob(
         label,
         roots.store(source.store_url, field=f"{source_name}.store_url"),
@@ -158,19 +198,26 @@ def labelling_job(lease: common_pb2.TaskLease, roots: StoreRoots) -> LabellingJo
         labels,
         Documents(roots.store(), labelling_documents(lease.task.job_id)),
         pyramid_source=which == "predict",
+        truth_store=roots.store(truth.store_url, field="ground_truth.store_url") if truth else None,
+        truth=truth,
     )
 
 
 def summarize(job: LabellingJob, ctx: TaskContext) -> TaskResult:
     index, core = job.block(ctx.task)
-    return TaskResult(
-        metrics=summarize_task(job.docs, job.open_source(), index, core, job.labelling())
-    )
+    metrics = summarize_task(job.docs, job.open_source(), index, core, job.labelling())
+    truth = job.merges_truth()
+    if truth is not None:
+        labelling = job.truth_labelling(truth)
+        metrics.update(truth_summarize_task(job.docs, truth.array, index, core, labelling))
+    return TaskResult(metrics=metrics)
 
 
 def equivalences(job: LabellingJob, ctx: TaskContext) -> TaskResult:
     index, core = job.block(ctx.task)
     metrics = equivalences_task(job.docs, index, job.grid_shape, job.spec.connectivity)
+    if job.merges_truth() is not None:
+        equivalences_task(job.docs.truth, index, job.grid_shape, job.spec.connectivity)
     return TaskResult(metrics={**metrics, "voxels": float(core.size)})
 
 
@@ -182,9 +229,41 @@ def merge(job: LabellingJob, ctx: TaskContext) -> TaskResult:
         min_size_voxels=int(job.spec.min_size_voxels),
         watershed=job.spec.watershed,
     )
-    return TaskResult(
-        metrics={"objects": float(id_map.object_count), "equivalences": float(id_map.equivalences)}
+    metrics = {"objects": float(id_map.object_count), "equivalences": float(id_map.equivalences)}
+    if job.merges_truth() is not None:
+        truth_map = merge_task(job.docs.truth, job.grid_shape)
+        metrics["truth_objects"] = float(truth_map.object_count)
+    return TaskResult(metrics=metrics)
+
+
+def evaluate_blocks(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    index, core = job.block(ctx.task)
+    truth = job.truth_operand()
+    labels = job.labels_store.open_volume(job.labels.path, require_complete=False)
+    metrics = evaluate_block_task(
+        job.docs, job.source_operand(), truth, labels, index, core, job.truth_labelling(truth),
+        threshold=job.spec.threshold, exclusion_zone=int(job.spec.exclusion_zone_voxels),
+    )  # fmt: skip
+    return TaskResult(metrics=metrics)
+
+
+def evaluate(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    """The evaluation reduced, written beside the object tables, and as job metrics."""
+    del ctx
+    shape = tuple(int(s) for s in job.labels.shape)
+    declared = job.truth_operand().declared_labels
+    figures = evaluate_task(job.docs, job.grid_shape, shape, declared_labels=declared).as_dict()
+    key = evaluation_key(job.labels.path)
+    job.labels_store.write_json(
+        key,
+        {
+            "threshold": float(job.spec.threshold),
+            "exclusion_zone_voxels": int(job.spec.exclusion_zone_voxels),
+            "min_size_voxels": int(job.spec.min_size_voxels),
+            **figures,
+        },
     )
+    return TaskResult(metrics=figures, outputs={"evaluation": job.labels_store.key_url(key)})
 
 
 def relabel(job: LabellingJob, ctx: TaskContext) -> TaskResult:
@@ -261,6 +340,8 @@ BODIES: Mapping[str, Body] = {
     "relabel": relabel,
     "reduce_parts": reduce_part,
     "reduce": reduce,
+    "evaluate_blocks": evaluate_blocks,
+    "evaluate": evaluate,
     "pyramid": pyramid,
     **{f"pyramid_{n}": pyramid_level for n in range(1, MAX_LEVELS + 1)},
 }

@@ -30,6 +30,7 @@ from deep3m.scheduler.kinds.labelling import (
     labelling_stages,
     labels_volume,
     plan_labelling,
+    resolve_ground_truth,
     resolve_labelling,
 )
 from deep3m.scheduler.kinds.refs import (
@@ -79,7 +80,8 @@ class PredictKind(JobKind):
     def stages_for(self, resolved: Resolved) -> tuple[StageDef, ...]:
         if not resolved.spec.predict.postprocess:
             return self.stages
-        return (self.stages[0], *labelling_stages(resolved.volume("labels")))
+        labelling = resolved.spec.predict.labelling
+        return (self.stages[0], *labelling_stages(resolved.volume("labels"), labelling))
 
     def validate(self, spec: common_pb2.JobSpec, ctx: KindContext) -> PreparedJob:
         from deep3m.core.augmentation import IDENTITY_LEVEL, SPEED_LEVELS
@@ -186,6 +188,9 @@ class PredictKind(JobKind):
                 field="output",
             )  # fmt: skip
             volumes = (*volumes, *new_labels)
+            truth = resolve_ground_truth(ctx.roots, labelling, shape, prefix="labelling.")
+            if truth is not None:
+                labels["ground_truth"] = truth
         r.tta_level = tta_level
         r.threshold = threshold
         replace_repeated(r.members, members)
@@ -263,4 +268,5 @@ class PredictKind(JobKind):
         if plan.name == "predict":
             mark_output_complete(ctx.roots, resolved.volume("output"), job_id)
         elif resolved.spec.predict.postprocess:
-            finish_labelling(plan, 1, resolved.volume("labels"), ctx, job_id)
+            labelling = resolved.spec.predict.labelling
+            finish_labelling(plan, 1, resolved.volume("labels"), labelling, ctx, job_id)
