@@ -321,15 +321,23 @@ def test_submit_label_from_the_cli_follows_every_stage(address: str, store_url: 
     store = Store(store_url)
     prob = smooth_field((4, 64, 64), seed=9)
     write_volume(store, "volumes/cli/prob.zarr", prob, chunk_shape=(2, 32, 32))
+    truth = (smooth_field((4, 64, 64), seed=10) > 0.6).astype(np.uint8)
+    write_volume(store, "volumes/cli/gt.zarr", truth, chunk_shape=(2, 32, 32))
     result = CliRunner().invoke(
         app,
         ["--scheduler", address, "--output", "json", "submit-label", "volumes/cli/prob.zarr",
-         "--threshold", "0.6", "--block-shape", "2,32,32", "--name", "cells"],
+         "--threshold", "0.6", "--block-shape", "2,32,32", "--name", "cells",
+         "--ground-truth", "volumes/cli/gt.zarr", "--exclusion-zone", "2"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     *events, final = [json.loads(line) for line in result.stdout.splitlines()]
     assert final["state"] == "JOB_STATE_SUCCEEDED"
-    assert {"summarize", "equivalences", "merge", "relabel", "reduce"} <= {
+    assert {"summarize", "equivalences", "merge", "relabel", "reduce", "evaluate"} <= {
         e.get("stage") for e in events
     }
+    want = evaluate_volumes(
+        (store, "volumes/cli/prob.zarr"), (store, "volumes/cli/gt.zarr"),
+        EvaluateSpec(threshold=0.6, exclusion_zone_voxels=2),
+    ).as_dict()  # fmt: skip
+    assert {k: final["metrics"][k] for k in want} == pytest.approx(want, abs=1e-12)
     check_labels(store, "volumes/cli/prob.zarr/labels/cells", prob, 0.6)
