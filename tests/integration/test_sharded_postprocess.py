@@ -150,8 +150,8 @@ def test_sharded_pyramid_equals_whole_volume_downsampling(
     write_volume(store, "volumes/pyr/prob.zarr", prob, chunk_shape=(2, 128, 128))
     job = _succeeded(client, client.label("volumes/pyr/prob.zarr", block_shape=[4, 256, 256]))
     stages = {s.name: s.tasks_total for s in job.stages}
-    # Level 1 (4 x 300 x 260) in 2 x 2 regions of 256², level 2 (4 x 150 x 130) in one.
-    assert (stages["pyramid_1"], stages["pyramid_2"], stages["pyramid"]) == (4, 1, 1)
+    # Level 1 (4 x 300 x 260) and level 2 (4 x 150 x 130) in regions of one 128² chunk.
+    assert (stages["pyramid_1"], stages["pyramid_2"], stages["pyramid"]) == (9, 4, 1)
     assert job.metrics["pyramid_levels"] == 3.0
     path = "volumes/pyr/prob.zarr/labels/segmentation"
     want = np.asarray(store.open_volume(path)[:])

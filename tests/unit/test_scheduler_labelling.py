@@ -107,11 +107,13 @@ def test_pyramid_levels_are_planned_as_chunk_aligned_block_stages() -> None:
     assert got[-1] is None
     level1, level2, level3 = (got[names.index(f"pyramid_{n}")] for n in (1, 2, 3))
     assert level1 is not None and level2 is not None and level3 is not None
-    # Level 1: 20 x 1024 x 550 in 4 x 512² regions; level 3: 20 x 256 x 138, x in one chunk.
-    assert level1.layout == "blocks" and level1.n_tasks == 5 * 2 * 2
-    assert level1.task(3).block.core == Box((0, 512, 512), (4, 1024, 550))  # type: ignore[union-attr]
-    assert level2.n_tasks == 5 * 1 * 1
-    assert level3.params["block_shape"] == [4, 512, 138] and level3.n_tasks == 5
+    # Each task reads about one block of level 0: level 1 (20 x 1024 x 550) in regions
+    # of 4 x 256², level 2 (20 x 512 x 275) of one chunk, level 3 (20 x 256 x 138) in
+    # one chunk per z-range (x narrower than a chunk).
+    assert level1.layout == "blocks" and level1.n_tasks == 5 * 4 * 3
+    assert level1.task(11).block.core == Box((0, 768, 512), (4, 1024, 550))  # type: ignore[union-attr]
+    assert level2.params["block_shape"] == [4, 256, 256] and level2.n_tasks == 5 * 2 * 2
+    assert level3.params["block_shape"] == [4, 256, 138] and level3.n_tasks == 5
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError
 from deep3m.core.geometry import plan_blocks
 from deep3m.core.levels import Level, plan_levels
@@ -193,10 +195,19 @@ def labelling_stages(labels: VolumeFacts, spec: common_pb2.LabelSpec) -> tuple[S
     )
 
 
-def level_block(block: Sequence[int], level_shape: Sequence[int], grid: Sequence[int]) -> list[int]:
-    """A level's task region: the labelling block where the level spans at least one
-    grid cell (then a multiple of the level's chunks), else the whole axis (one chunk)."""
-    return [int(b) if s >= g else int(s) for b, s, g in zip(block, level_shape, grid, strict=True)]
+def level_block(
+    block: Sequence[int], level: int, levels: Sequence[Level], grid: Sequence[int]
+) -> list[int]:
+    """The task region of pyramid level ``level`` (1..): the labelling block shrunk by
+    the level's total factor, so a task reads about one block of level 0, rounded
+    down to whole grid cells (at least one) where the level spans a cell, else the
+    whole axis (the level's one chunk)."""
+    total = np.prod([lv.factor for lv in levels[:level]], axis=0)
+    shape = levels[level - 1].shape
+    return [
+        max(g, (int(b) // int(f)) // g * g) if s >= g else int(s)
+        for b, f, s, g in zip(block, total, shape, grid, strict=True)
+    ]
 
 
 def finish_labelling(
@@ -232,10 +243,11 @@ def plan_labelling(
     if sdef.name == "reduce_parts":
         return StagePlan(index, sdef.name, sdef.role, "shards", {"shards": spec.table_shards})
     if sdef.name.startswith("pyramid_"):
-        level = pyramid_levels(labels)[int(sdef.name.removeprefix("pyramid_")) - 1]
+        levels = pyramid_levels(labels)
+        n = int(sdef.name.removeprefix("pyramid_"))
         params = {
-            "volume_shape": list(level.shape),
-            "block_shape": level_block(block, level.shape, labels.grid),
+            "volume_shape": list(levels[n - 1].shape),
+            "block_shape": level_block(block, n, levels, labels.grid),
             "halo": [0, 0, 0],
         }
         return StagePlan(index, sdef.name, sdef.role, "blocks", params)
