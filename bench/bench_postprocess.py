@@ -192,28 +192,30 @@ def cluster(argv: Sequence[str] = ()) -> None:
         # One worker runs every task of a sharded stage in turn.
         per_block = sum(s for n, s in one.stage_seconds.items() if n in sharded)
         serial = one.seconds - per_block
-        merge_s = one.stage_seconds.get("merge", 0.0)
-        equivalences = one.job.metrics.get("equivalences", 0.0)
+        merge_wall = one.stage_seconds.get("merge", 0.0)
+        merge_s = one.job.metrics["merge_seconds"]
+        equivalences = one.job.metrics["equivalences"]
         print(
-            f"per block (all per-block stages, 1 worker): {per_block / blocks * 1e3:.1f} ms "
-            f"= {per_block / voxels * 1e9:.1f} ns/voxel; merge {merge_s:.3f} s for "
-            f"{equivalences:.0f} equivalences over {blocks} blocks; other single-task stages "
-            f"{serial - merge_s:.3f} s"
+            f"per block (all sharded stages, 1 worker): {per_block / blocks * 1e3:.1f} ms "
+            f"= {per_block / voxels * 1e9:.1f} ns/voxel; merge {merge_s * 1e3:.1f} ms of work "
+            f"({merge_s / max(equivalences, 1) * 1e6:.1f} us per equivalence, "
+            f"{equivalences:.0f} over {blocks} blocks; {merge_wall:.3f} s stage wall); "
+            f"single-task stages {serial:.3f} s wall, mostly stage hand-overs"
         )
         tera = 1e12
         scale = tera / voxels
-        # Per-block stages spread over the workers; the merge reads one small document
-        # pair per block and its union-find grows with the face equivalences, which at a
-        # fixed block shape and object density grow with the number of blocks.
+        # Sharded stages spread over the workers; the merge reads one small document
+        # pair per block and its union-find grows with the face equivalences, which at
+        # a fixed block shape and object density grow with the number of blocks; the
+        # hand-overs between stages are a fixed cost per stage.
         parallel_s = per_block * scale / 100
         merge_tera = merge_s * scale
-        # The other single-task stages join per-shard parts (a few documents each).
-        other_tera = serial - merge_s
-        total = parallel_s + merge_tera + other_tera
+        total = parallel_s + merge_tera + serial
         print(
             f"predicted 100 workers, 1 teravoxel ({scale * blocks:.0f} blocks of {block}): "
-            f"{total / 3600:.2f} h, of which merge {merge_tera / 3600:.2f} h "
-            f"({100 * merge_tera / total:.1f} %)"
+            f"{total / 3600:.2f} h = sharded {parallel_s / 3600:.2f} h + merge "
+            f"{merge_tera / 3600:.2f} h ({100 * merge_tera / total:.1f} %) + hand-overs "
+            f"{serial:.1f} s"
         )
         four = label_job(store.url, "volumes/p4.zarr", 1, block, tag="x4", capacity=capacity)
         if int(four.job.metrics["objects"]) != int(ndimage.label(big >= 0.5)[1]):
