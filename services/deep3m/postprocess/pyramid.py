@@ -55,8 +55,11 @@ def downsample(data: np.ndarray, factor: Sequence[int], method: Method) -> np.nd
 
     windows = windows_of(data)
     valid = windows_of(np.ones(data.shape, bool))
-    votes = ((windows[..., :, None] == windows[..., None, :]) & valid[..., None, :]).sum(axis=-1)
-    votes = np.where(valid, votes, -1)
+    # One entry at a time (k <= 8), so no (..., k, k) temporary.
+    votes = np.zeros(windows.shape, np.int8)
+    for j in range(windows.shape[-1]):
+        votes += (windows == windows[..., j : j + 1]) & valid[..., j : j + 1]
+    votes = np.where(valid, votes, np.int8(-1))
     best = votes.max(axis=-1, keepdims=True)
     # Among the most frequent labels take the smallest.
     candidates = np.where(votes == best, windows, windows.max())
