@@ -1,24 +1,22 @@
-"""Blockwise postprocessing against whole-volume scipy, on real EM labels.
+"""Sharded postprocess on 1 and 2 worker processes, beside scipy and cc3d in memory.
 
-Data: the cdeep3m-mito training masks (20 x 1024 x 1024, mitochondria), turned
-into a probability map (0.9 inside, 0.1 outside) and stored as an OME-Zarr
-volume on file:// with the default chunks (8 x 256 x 256).
+``python -m bench postprocess [--size=1024] [--chunk=256] [--block=512] [--capacity=2]``
+runs the sharded stages as ``label`` jobs (:mod:`bench.sharded_cluster`) over the
+cdeep3m-mito training masks (20 x size x size, mitochondria) turned into a
+probability map (0.9 inside, 0.1 outside), stored on file:// in chunks of
+4 x chunk² and labelled in blocks of 4 x block² (several chunks per task), on 1
+and 2 ``deep3m serve postprocess`` processes pinned to one core each (each
+holding ``capacity`` leases, so store I/O overlaps compute). Beside them, in the
+same run: whole-volume ``scipy.ndimage.label`` (the baseline) and
+``cc3d.connected_components`` on the same mask in memory, one process. Printed:
+the 2-vs-1 ratio, each stage's wall time, the per-block and merge costs, the
+predicted time of 100 workers on a teravoxel with the merge's share, and the
+workers' peak RSS on this volume and on one 4x as large (a mirrored 2 x 2
+mosaic of it). One run each: the job rows include every scheduler round trip.
 
-Baselines, measured side by side in the same run on the same data already in
-memory: ``scipy.ndimage.label`` on the whole thresholded volume (labelling),
-and ``deep3m.core.metrics.confusion_counts`` on the whole volume (evaluation).
-The blockwise figures include reading from and writing to the store, the
-object table, and (for labelling) three passes over the blocks; the baselines
-do none of that. Times are medians of REPEATS runs after one warm-up run;
-peak memory is the largest numpy allocation footprint traced by tracemalloc
-during one extra run.
-
-``python -m bench.bench_postprocess cluster [size]`` runs the sharded stages as a
-``label`` job instead (:mod:`bench.sharded_cluster`): the masks cropped to
-20 x size x size (default 512) in chunks of 4 x 128 x 128 (many blocks), on 1 and
-2 postprocess worker processes pinned to one core each, beside whole-volume
-``scipy.ndimage.label`` and ``cc3d.connected_components`` in memory (one run
-each: the job rows include a process-level scheduler round trip per task).
+``python -m bench.bench_postprocess blockwise`` times the in-process blockwise
+passes (``label_volume`` and ``voxel_counts`` on threads) against whole-volume
+scipy and ``confusion_counts`` (medians of REPEATS runs, tracemalloc peaks).
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from deep3m.core.metrics import confusion_counts
@@ -44,7 +42,8 @@ def timed(run: Callable[[], object]) -> float:
     return median_seconds(run, REPEATS, warm_up=True)
 
 
-def main() -> None:
+def blockwise() -> None:
+    """The in-process blockwise passes (threads) against whole-volume scipy."""
     loaded = mito_masks()
     if loaded is None:
         return
@@ -114,15 +113,33 @@ def main() -> None:
             )
 
 
-def cluster(size: int = 512) -> None:
+def _store_probabilities(store: Store, key: str, prob: np.ndarray, chunks: tuple[int, ...]) -> None:
+    arr = store.create_volume(
+        key, prob.shape, "float32", voxel_size_nm=(40, 6, 6),
+        chunk_shape=chunks, attributes={"kind": "probabilities"},
+    )  # fmt: skip
+    arr[:] = prob
+    store.mark_complete(key)
+
+
+def cluster(argv: Sequence[str] = ()) -> None:
+    """The sharded label job on 1 and 2 single-core worker processes (see the module doc)."""
     import cc3d
 
-    from bench.sharded_cluster import label_job_seconds
+    from bench.sharded_cluster import label_job
 
+    options = {k: int(v) for k, v in (a.removeprefix("--").split("=") for a in argv)}
+    size = options.get("size", 1024)
+    chunk_yx = options.get("chunk", 256)
+    block_yx = options.get("block", 512)
+    capacity = options.get("capacity", 2)
     loaded = mito_masks()
     if loaded is None:
         return
     prob = np.ascontiguousarray(loaded[1][:, :size, :size])
+    # 4x: the slices mirrored into a 2 x 2 mosaic in y and x (a synthetic enlargement).
+    big = np.block([[prob, prob[:, :, ::-1]], [prob[:, ::-1, :], prob[:, ::-1, ::-1]]])
+    chunks, block = (4, chunk_yx, chunk_yx), (4, block_yx, block_yx)
     voxels = prob.size
 
     def once(run: Callable[[], int]) -> tuple[float, int]:
@@ -132,45 +149,90 @@ def cluster(size: int = 512) -> None:
 
     with tempfile.TemporaryDirectory(prefix="deep3m-bench-") as tmp:
         store = Store(f"file://{tmp}")
-        chunks = (4, 128, 128)
-        arr = store.create_volume(
-            "volumes/p.zarr", prob.shape, "float32", voxel_size_nm=(40, 6, 6),
-            chunk_shape=chunks, attributes={"kind": "probabilities"},
-        )  # fmt: skip
-        arr[:] = prob
-        store.mark_complete("volumes/p.zarr")
-        blocks = int(np.prod([-(-s // c) for s, c in zip(prob.shape, chunks, strict=True)]))
-        print(f"volume {prob.shape} = {voxels / 1e6:.1f} Mvoxels, {blocks} blocks of {chunks}")
+        _store_probabilities(store, "volumes/p.zarr", prob, chunks)
+        _store_probabilities(store, "volumes/p4.zarr", big, chunks)
+        blocks = int(np.prod([-(-s // c) for s, c in zip(prob.shape, block, strict=True)]))
+        print(
+            f"volume {prob.shape} = {voxels / 1e6:.1f} Mvoxels (real masks), chunks {chunks}, "
+            f"{blocks} blocks of {block}; workers pinned to one core each, {capacity} leases "
+            f"each; 4x volume {big.shape} (mirrored mosaic)"
+        )
         rows = [
             ("scipy.ndimage.label, in memory (baseline)",
              once(lambda: int(ndimage.label(prob >= 0.5)[1]))),
             ("cc3d.connected_components, in memory",
              once(lambda: int(cc3d.connected_components(prob >= 0.5, connectivity=6).max()))),
         ]  # fmt: skip
+        runs = {}
         for workers in (1, 2):
-            seconds, job = label_job_seconds(
-                store.url, "volumes/p.zarr", workers, chunks, tag=f"w{workers}"
+            run = label_job(
+                store.url, "volumes/p.zarr", workers, block, tag=f"w{workers}", capacity=capacity
             )
+            runs[workers] = run
             rows.append(
-                (
-                    f"label job, {workers} worker process(es) x 1 core",
-                    (seconds, int(job.metrics["objects"])),
-                )
-            )
+                (f"label job, {workers} worker process(es) x 1 core",
+                 (run.seconds, int(run.job.metrics["objects"]))),
+            )  # fmt: skip
         base = rows[0][1][0]
-        print(f"{'':48s} {'seconds':>8s} {'Mvox/s':>8s} {'x baseline':>10s} {'objects':>8s}")
+        print(f"{'':48s} {'seconds':>8s} {'Mvox/s':>8s} {'x scipy':>8s} {'objects':>8s}")
         for name, (seconds, found) in rows:
             print(
                 f"{name:48s} {seconds:8.2f} {voxels / seconds / 1e6:8.2f} "
-                f"{base / seconds:10.3f} {found:8d}"
+                f"{base / seconds:8.3f} {found:8d}"
             )
         counts = {found for _, (_, found) in rows}
         if len(counts) != 1:
             raise RuntimeError(f"object counts differ between rows: {rows}")
+        one, two = runs[1], runs[2]
+        print(f"2 workers vs 1: {one.seconds / two.seconds:.2f}x (target >= 1.7x)")
+        print("stage seconds (1 worker / 2 workers):")
+        for name in one.stage_seconds:
+            print(f"  {name:14s} {one.stage_seconds[name]:7.3f} {two.stage_seconds[name]:7.3f}")
+        sharded = {s.name for s in one.job.stages if s.tasks_total > 1}
+        # One worker runs every task of a sharded stage in turn.
+        per_block = sum(s for n, s in one.stage_seconds.items() if n in sharded)
+        serial = one.seconds - per_block
+        merge_wall = one.stage_seconds.get("merge", 0.0)
+        merge_s = one.job.metrics["merge_seconds"]
+        equivalences = one.job.metrics["equivalences"]
+        print(
+            f"per block (all sharded stages, 1 worker): {per_block / blocks * 1e3:.1f} ms "
+            f"= {per_block / voxels * 1e9:.1f} ns/voxel; merge {merge_s * 1e3:.1f} ms of work "
+            f"({merge_s / max(equivalences, 1) * 1e6:.1f} us per equivalence, "
+            f"{equivalences:.0f} over {blocks} blocks; {merge_wall:.3f} s stage wall); "
+            f"single-task stages {serial:.3f} s wall, mostly stage hand-overs"
+        )
+        tera = 1e12
+        scale = tera / voxels
+        # Sharded stages spread over the workers; the merge reads one small document
+        # pair per block and its union-find grows with the face equivalences, which at
+        # a fixed block shape and object density grow with the number of blocks; the
+        # hand-overs between stages are a fixed cost per stage.
+        parallel_s = per_block * scale / 100
+        merge_tera = merge_s * scale
+        total = parallel_s + merge_tera + serial
+        print(
+            f"predicted 100 workers, 1 teravoxel ({scale * blocks:.0f} blocks of {block}): "
+            f"{total / 3600:.2f} h = sharded {parallel_s / 3600:.2f} h + merge "
+            f"{merge_tera / 3600:.2f} h ({100 * merge_tera / total:.1f} %) + hand-overs "
+            f"{serial:.1f} s"
+        )
+        four = label_job(store.url, "volumes/p4.zarr", 1, block, tag="x4", capacity=capacity)
+        if int(four.job.metrics["objects"]) != int(ndimage.label(big >= 0.5)[1]):
+            raise RuntimeError("the 4x volume's object count differs from scipy's")
+        print(
+            f"worker peak RSS: 1x volume {one.worker_peak_mb:.0f} MB, 4x volume "
+            f"{four.worker_peak_mb:.0f} MB ({four.seconds:.2f} s, "
+            f"{big.size / four.seconds / 1e6:.2f} Mvox/s on 1 worker)"
+        )
+
+
+def main(argv: Sequence[str] = ()) -> None:
+    cluster(argv)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["cluster"]:
-        cluster(*(int(a) for a in sys.argv[2:3]))
+    if sys.argv[1:2] == ["blockwise"]:
+        blockwise()
     else:
-        main()
+        main(sys.argv[1:])

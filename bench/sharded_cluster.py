@@ -1,14 +1,12 @@
 """The sharded labelling stages run as a ``label`` job on postprocess worker processes.
 
 A scheduler process and N ``deep3m serve postprocess`` processes, each pinned to
-one core (``sched_setaffinity``) and taking one task at a time, label a stored
-probability volume of many blocks: threshold + connected components joined
-across blocks + object table (+ the label pyramid), measured from submit to the
-job's end, so scheduling, leases and store I/O are included. Start-up is not.
-Every block passes through three per-block stages, so a job of B blocks is
-about 3B + 4 + table_shards tasks, each a lease, a completion record in the
-store and a worker poll: with small blocks that round trip, not the labelling,
-sets the rate.
+one core (``sched_setaffinity``), label a stored probability volume of many
+blocks: threshold + connected components joined across blocks + object table
+(+ the label pyramid), measured from submit to the job's end, so scheduling,
+leases and store I/O are included. Start-up is not. Each worker holds
+``capacity`` leases at once (leased together, completions batched), so one
+task's store reads and writes overlap another's compute on the same core.
 """
 
 from __future__ import annotations
@@ -18,29 +16,54 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from deep3m.client.client import Deep3mClient
 from deep3m.launcher.local import LocalCluster, LocalClusterSpec, free_port, wait_serving
 from deep3m.v1 import common_pb2
 
 
+@dataclass(frozen=True)
+class JobRun:
+    seconds: float
+    job: common_pb2.Job
+    # Stage name → wall seconds from its planning to its last event.
+    stage_seconds: dict[str, float]
+    # Largest peak resident set (VmHWM) among the worker processes, MB.
+    worker_peak_mb: float
+
+
 def _pin(core: int) -> None:
     os.sched_setaffinity(0, {core})
 
 
-def label_job_seconds(
-    store_url: str, volume: str, workers: int, block_shape: Sequence[int], *, tag: str
-) -> tuple[float, common_pb2.Job]:
-    """Seconds from submitting a label job of ``volume`` to its end, on ``workers``
-    single-core postprocess processes; and the finished job."""
-    env = {"DEEP3M_POLL_INTERVAL_SECONDS": "0.02", "DEEP3M_WORKER_CAPACITY": "1"}
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def label_job(
+    store_url: str,
+    volume: str,
+    workers: int,
+    block_shape: Sequence[int],
+    *,
+    tag: str,
+    capacity: int = 2,
+) -> JobRun:
+    """A label job of ``volume`` on ``workers`` single-core postprocess processes."""
+    env = {"DEEP3M_POLL_INTERVAL_SECONDS": "0.02", "DEEP3M_WORKER_CAPACITY": str(capacity)}
     cores = sorted(os.sched_getaffinity(0))
     spec = LocalClusterSpec(store_url=store_url, roles=("scheduler",), extra_env=env)
+    names = [f"postprocess-{n}" for n in range(workers)]
     with LocalCluster(spec) as cluster:
         cluster.start(free_ports=True)
-        for n in range(workers):
+        for n, name in enumerate(names):
             port = free_port()
-            cluster.processes[f"postprocess-{n}"] = subprocess.Popen(
+            cluster.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "deep3m.client.cli", "serve", "postprocess"],
                 env={
                     **os.environ,
@@ -57,9 +80,9 @@ def label_job_seconds(
                 start_new_session=True,
                 preexec_fn=lambda core=cores[n % len(cores)]: _pin(core),
             )
-            wait_serving(
-                f"127.0.0.1:{port}", cluster.processes[f"postprocess-{n}"], 120, "postprocess"
-            )
+            wait_serving(f"127.0.0.1:{port}", cluster.processes[name], 120, "postprocess")
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
         with Deep3mClient(cluster.scheduler_address, timeout_s=60) as client:
             started = time.perf_counter()
             job = client.label(
@@ -68,8 +91,19 @@ def label_job_seconds(
                 block_shape=list(block_shape),
                 job_id=f"bench-label-{tag}",
             )
-            final = client.wait(job.id, 3600)
+            for event in client.watch(job.id, timeout_s=3600):
+                if event.stage:
+                    first.setdefault(event.stage, event.time_unix_s)
+                    last[event.stage] = event.time_unix_s
+                if event.terminal:
+                    break
             seconds = time.perf_counter() - started
+            final = client.get(job.id)
+        peak = max(_peak_rss_mb(cluster.processes[name].pid) for name in names)
     if final.state != common_pb2.JOB_STATE_SUCCEEDED:
         raise RuntimeError(f"label job failed: {[e.message for e in final.errors]}")
-    return seconds, final
+    stages = [s.name for s in final.stages]
+    # A stage runs from its planning until the next one is planned (the last: until its end).
+    ends = [first.get(n, 0.0) for n in stages[1:]] + [last.get(stages[-1], 0.0)]
+    durations = {n: max(0.0, e - first.get(n, e)) for n, e in zip(stages, ends, strict=True)}
+    return JobRun(seconds, final, durations, peak)

@@ -458,11 +458,7 @@ class SchedulerDouble:
 def test_the_worker_runs_finalize_tasks(store: Store, tmp_path: Path) -> None:
     prob = probabilities((4, 32, 32), seed=4)
     put(store, "volumes/p.zarr", prob, (4, 16, 16), complete=False, kind="probabilities")
-    spec = common_pb2.JobSpec(
-        predict=common_pb2.PredictSpec(
-            output=ref("volumes/p.zarr"), postprocess=True, threshold=0.5
-        )
-    )
+    spec = common_pb2.JobSpec(predict=common_pb2.PredictSpec(output=ref("volumes/p.zarr")))
     lease = common_pb2.TaskLease(
         task=common_pb2.Task(id="j1/finalize/0", job_id="j1", stage="finalize", role="postprocess"),
         spec=spec,
@@ -489,7 +485,5 @@ def test_the_worker_runs_finalize_tasks(store: Store, tmp_path: Path) -> None:
         scheduler.stop(0)
     assert servicer.failed is None, servicer.failed
     outputs = dict(servicer.completed.outputs)
-    assert outputs["labels"] == f"{store.url}/volumes/p.zarr/labels/segmentation"
-    assert servicer.completed.metrics["objects"] == ndimage.label(prob >= 0.5)[1]
+    assert outputs == {"probabilities": f"{store.url}/volumes/p.zarr"}
     assert store.volume_info("volumes/p.zarr").complete
-    assert store.volume_info("volumes/p.zarr/labels/segmentation").complete

@@ -20,8 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from deep3m.client.client import Deep3mClient
+from deep3m.core.levels import plan_levels
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port, wait_serving
+from deep3m.postprocess.evaluate import EvaluateSpec, evaluate_volumes
+from deep3m.postprocess.pyramid import downsample
 from deep3m.postprocess.sharded.table import table_keys
 from deep3m.testing.scheduler import roles_in_process, save_random_model, write_volume
 from deep3m.testing.volumes import same_partition, smooth_field
@@ -133,13 +136,63 @@ def test_label_job_shards_over_two_postprocess_workers(
     ome = store.read_json("volumes/label/prob.zarr/labels/zarr.json")["attributes"]["ome"]
     assert ome["labels"] == ["segmentation"]
     assert stages["pyramid"] == (1, 1) and job.metrics["pyramid_levels"] == 1.0
+    assert not any(name.startswith("pyramid_") for name in stages)
+    # The stages' documents went once the job succeeded; its records stay.
+    assert store.list(f"jobs/{job.id}/labelling") == []
+    assert store.list(f"jobs/{job.id}/done/merge")
 
 
-def _real_slices() -> np.ndarray:
-    if not IMAGES.is_dir():
-        pytest.skip(f"real EM slices missing at {IMAGES}")
-    files = sorted(IMAGES.glob("*.png"))[:4]
+def test_sharded_pyramid_equals_whole_volume_downsampling(
+    client: Deep3mClient, store_url: str
+) -> None:
+    store = Store(store_url)
+    prob = smooth_field((4, 600, 520), seed=4, sigma=4.0)
+    write_volume(store, "volumes/pyr/prob.zarr", prob, chunk_shape=(2, 128, 128))
+    job = _succeeded(client, client.label("volumes/pyr/prob.zarr", block_shape=[4, 256, 256]))
+    stages = {s.name: s.tasks_total for s in job.stages}
+    # Level 1 (4 x 300 x 260) and level 2 (4 x 150 x 130) in regions of one 128² chunk.
+    assert (stages["pyramid_1"], stages["pyramid_2"], stages["pyramid"]) == (9, 4, 1)
+    assert job.metrics["pyramid_levels"] == 3.0
+    path = "volumes/pyr/prob.zarr/labels/segmentation"
+    want = np.asarray(store.open_volume(path)[:])
+    ome = store.read_json(f"{path}/zarr.json")["attributes"]["ome"]
+    datasets = ome["multiscales"][0]["datasets"]
+    assert ome["version"] == "0.5" and [d["path"] for d in datasets] == ["0", "1", "2"]
+    assert [a["name"] for a in ome["multiscales"][0]["axes"]] == ["z", "y", "x"]
+    for n, level in enumerate(plan_levels(prob.shape, VOXEL_SIZE_NM), start=1):
+        want = downsample(want, level.factor, "mode")
+        got = np.asarray(store.open_volume(path, level.path)[:])
+        np.testing.assert_array_equal(got, want)
+        assert datasets[n]["coordinateTransformations"] == [
+            {"type": "scale", "scale": list(level.scale_nm)},
+            {"type": "translation", "translation": list(level.translation_nm)},
+        ]
+    assert set(np.unique(got)) <= set(np.unique(store.open_volume(path)[:]))
+
+
+def _real_slices(folder: Path = IMAGES) -> np.ndarray:
+    if not folder.is_dir():
+        pytest.skip(f"real EM slices missing at {folder}")
+    files = sorted(folder.glob("*.png"))[:4]
     return np.stack([np.asarray(Image.open(f))[200:296, 300:428] for f in files]).astype(np.uint8)
+
+
+def store_key(store: Store, url: str) -> str:
+    assert url.startswith(store.url + "/"), url
+    return url.removeprefix(store.url + "/")
+
+
+def check_evaluation(
+    store: Store, job: common_pb2.Job, prob_path: str, spec: EvaluateSpec
+) -> dict[str, float]:
+    """Every figure of the job's evaluation equals the whole-volume reference computation."""
+    want = evaluate_volumes((store, prob_path), (store, "volumes/em/gt.zarr"), spec).as_dict()
+    got = {k: job.metrics[k] for k in want}
+    assert got == pytest.approx(want, abs=1e-12), (got, want)
+    written = store.read_json(store_key(store, job.outputs["evaluation"]))
+    assert {k: written[k] for k in want} == pytest.approx(want, abs=1e-12)
+    assert written["min_size_voxels"] == spec.min_size_voxels
+    return want
 
 
 def test_predict_then_sharded_postprocess_on_real_slices(
@@ -159,15 +212,21 @@ def test_predict_then_sharded_postprocess_on_real_slices(
     threshold = float(np.round(np.quantile(p0, 0.75), 4))
     assert 0.0 < threshold < 1.0
 
+    # The real mitochondria labels of the same slices are the ground truth.
+    truth = _real_slices(IMAGES.parent / "labels")
+    assert truth.any()
+    write_volume(store, "volumes/em/gt.zarr", truth, chunk_shape=(2, 32, 32))
     job = client.predict(
         "volumes/em/img.zarr", "tiny", "volumes/em/p.zarr",
         block_shape=block, postprocess=True, threshold=threshold,
+        ground_truth="volumes/em/gt.zarr", exclusion_zone_voxels=1,
     )  # fmt: skip
     seen = {event.stage for event in client.watch(job.id, timeout_s=300)}
     final = _succeeded(client, job)
     names = [s.name for s in final.stages]
-    assert names == ["predict", "summarize", "equivalences", "merge", "relabel",
-                     "reduce_parts", "reduce", "pyramid"]  # fmt: skip
+    # No pyramid levels: 96 x 128 fits one level.
+    assert names == ["predict", "summarize", "equivalences", "merge", "relabel", "reduce_parts",
+                     "reduce", "evaluate_blocks", "evaluate", "pyramid"]  # fmt: skip
     # One progress stream followed prediction and every postprocess stage.
     assert {"predict", "summarize", "relabel", "reduce"} <= seen
     prob = np.asarray(store.open_volume("volumes/em/p.zarr")[:])
@@ -176,6 +235,30 @@ def test_predict_then_sharded_postprocess_on_real_slices(
     assert final.outputs["labels"] == store.key_url(labels_path)
     assert final.metrics["objects"] == float(ndimage.label(prob >= np.float32(threshold))[1])
     assert store.read_json(f"{labels_path}/zarr.json")["attributes"]["ome"]["multiscales"]
+    t = np.float32(threshold).item()
+    figures = check_evaluation(
+        store, final, "volumes/em/p.zarr", EvaluateSpec(threshold=t, exclusion_zone_voxels=1)
+    )
+    assert figures["object_true_positives"] + figures["object_false_negatives"] > 0
+
+    # Labelled again with a size filter: the evaluation counts the objects the labels keep.
+    sizes = np.bincount(ndimage.label(prob >= t)[0].ravel())[1:]
+    min_size = int(np.median(sizes)) + 1
+    job = _succeeded(
+        client,
+        client.label(
+            "volumes/em/p.zarr", output="volumes/em/big.zarr", threshold=t,
+            min_size_voxels=min_size, block_shape=block, ground_truth="volumes/em/gt.zarr",
+        ),
+    )  # fmt: skip
+    kept = int((sizes >= min_size).sum())
+    assert 0 < kept < len(sizes) and job.metrics["objects"] == kept
+    filtered = check_evaluation(
+        store, job, "volumes/em/p.zarr", EvaluateSpec(threshold=t, min_size_voxels=min_size)
+    )
+    tp, fp = filtered["object_true_positives"], filtered["object_false_positives"]
+    assert tp + fp == kept
+    assert store.list(f"jobs/{job.id}/labelling") == []
 
 
 def test_a_postprocess_worker_killed_mid_stage_changes_nothing(
@@ -238,15 +321,23 @@ def test_submit_label_from_the_cli_follows_every_stage(address: str, store_url: 
     store = Store(store_url)
     prob = smooth_field((4, 64, 64), seed=9)
     write_volume(store, "volumes/cli/prob.zarr", prob, chunk_shape=(2, 32, 32))
+    truth = (smooth_field((4, 64, 64), seed=10) > 0.6).astype(np.uint8)
+    write_volume(store, "volumes/cli/gt.zarr", truth, chunk_shape=(2, 32, 32))
     result = CliRunner().invoke(
         app,
         ["--scheduler", address, "--output", "json", "submit-label", "volumes/cli/prob.zarr",
-         "--threshold", "0.6", "--block-shape", "2,32,32", "--name", "cells"],
+         "--threshold", "0.6", "--block-shape", "2,32,32", "--name", "cells",
+         "--ground-truth", "volumes/cli/gt.zarr", "--exclusion-zone", "2"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     *events, final = [json.loads(line) for line in result.stdout.splitlines()]
     assert final["state"] == "JOB_STATE_SUCCEEDED"
-    assert {"summarize", "equivalences", "merge", "relabel", "reduce"} <= {
+    assert {"summarize", "equivalences", "merge", "relabel", "reduce", "evaluate"} <= {
         e.get("stage") for e in events
     }
+    want = evaluate_volumes(
+        (store, "volumes/cli/prob.zarr"), (store, "volumes/cli/gt.zarr"),
+        EvaluateSpec(threshold=0.6, exclusion_zone_voxels=2),
+    ).as_dict()  # fmt: skip
+    assert {k: final["metrics"][k] for k in want} == pytest.approx(want, abs=1e-12)
     check_labels(store, "volumes/cli/prob.zarr/labels/cells", prob, 0.6)

@@ -1,4 +1,4 @@
-"""The finalize task of a prediction job: complete, label, table, pyramid; idempotent."""
+"""The finalize task of a prediction job without postprocessing: complete; idempotent."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from deep3m.runtime.worker import TaskContext, TaskResult
 from deep3m.v1 import common_pb2
 from scipy import ndimage
 
-SHAPE = (4, 300, 260)  # wide enough in-plane for one pyramid level
+SHAPE = (4, 300, 260)
 
 
 def probability_volume(store: Store, path: str) -> np.ndarray:
@@ -53,48 +53,21 @@ def test_without_postprocess_only_marks_complete(tmp_path: Path) -> None:
     assert not store.exists("volumes/p.zarr/labels")
 
 
-def test_postprocess_labels_tables_pyramids_and_is_idempotent(tmp_path: Path) -> None:
+def test_the_handler_marks_complete_and_retries_are_harmless(tmp_path: Path) -> None:
     store = Store(f"file://{tmp_path}")
-    prob = probability_volume(store, "volumes/p.zarr")
+    probability_volume(store, "volumes/p.zarr")
     settings = Settings(store_url=store.url, metrics_port=0, worker_enabled=False)
     lease = common_pb2.TaskLease(
         task=common_pb2.Task(id="t1", job_id="j1", stage="finalize"),
-        spec=predict_spec("volumes/p.zarr", postprocess=True, threshold=0.6),
+        spec=predict_spec("volumes/p.zarr", postprocess=False),
     )
     ctx = TaskContext(lease, worker_id="w", settings=settings)
     result = handle_finalize_predict(ctx)
     assert isinstance(result, TaskResult)
-    labels_path = "volumes/p.zarr/labels/segmentation"
-    assert result.outputs == {
-        "probabilities": f"{store.url}/volumes/p.zarr",
-        "labels": f"{store.url}/{labels_path}",
-        "objects_csv": f"{store.url}/volumes/p.segmentation.objects.csv",
-        "objects_json": f"{store.url}/volumes/p.segmentation.objects.json",
-    }
-    _, n = ndimage.label(prob >= 0.6)
-    assert result.metrics["objects"] == n > 1
-    assert result.metrics["threshold"] == pytest.approx(0.6)
-    assert store.volume_info("volumes/p.zarr").complete
-    assert store.volume_info(labels_path).complete
-    assert store.open_volume(labels_path)[:].max() == n
-    assert store.volume_info("volumes/p.zarr", "1").shape == (4, 150, 130)
-    assert store.volume_info(labels_path, "1").shape == (4, 150, 130)
-    assert store.read_json("volumes/p.segmentation.objects.json")["object_count"] == n
+    assert result.outputs == {"probabilities": f"{store.url}/volumes/p.zarr"}
     before = {k: store.read_bytes(k) for k in store.walk_files("volumes")}
-    again = handle_finalize_predict(ctx)  # a retried task
-    after = {k: store.read_bytes(k) for k in store.walk_files("volumes")}
-    assert again == result
-    assert before == after
-
-
-def test_default_threshold_is_one_half(tmp_path: Path) -> None:
-    store = Store(f"file://{tmp_path}")
-    prob = probability_volume(store, "volumes/p.zarr")
-    _, metrics = finalize_predict(
-        predict_spec("volumes/p.zarr", postprocess=True), StoreRoots(store.url)
-    )
-    assert metrics["threshold"] == 0.5
-    assert metrics["objects"] == ndimage.label(prob >= 0.5)[1]
+    assert handle_finalize_predict(ctx) == result  # a retried task
+    assert before == {k: store.read_bytes(k) for k in store.walk_files("volumes")}
 
 
 def test_bad_specs(tmp_path: Path) -> None:
@@ -103,7 +76,11 @@ def test_bad_specs(tmp_path: Path) -> None:
         finalize_predict(common_pb2.JobSpec(ingest=common_pb2.IngestSpec(source="x")), roots)
     assert kind.value.field == "spec"
     with pytest.raises(NotFoundError):
+        finalize_predict(predict_spec("volumes/none.zarr", postprocess=False), roots)
+    # Postprocessing is the sharded stages' work; finalize refuses it, writing nothing.
+    with pytest.raises(InvalidArgumentError) as sharded:
         finalize_predict(predict_spec("volumes/none.zarr", postprocess=True), roots)
+    assert sharded.value.field == "postprocess"
 
 
 def test_the_handler_uses_the_output_resolved_at_submit(tmp_path: Path) -> None:

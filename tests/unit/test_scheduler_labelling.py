@@ -7,20 +7,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
-from deep3m.core.geometry import plan_blocks
+from deep3m.core.geometry import Box, plan_blocks
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.runtime.settings import Settings
 from deep3m.scheduler import kinds
 from deep3m.scheduler.kinds import KINDS, KindContext
-from deep3m.scheduler.kinds.labelling import LABELLING_STAGES, table_shards
+from deep3m.scheduler.kinds.base import VolumeFacts
+from deep3m.scheduler.kinds.labelling import (
+    LABELLING_STAGES,
+    labelling_stages,
+    plan_labelling,
+    table_shards,
+)
 from deep3m.scheduler.kinds.refs import create_outputs
 from deep3m.scheduler.stages import StagePlan
 from deep3m.testing.scheduler import save_test_model, write_volume
 from deep3m.v1 import common_pb2
 
 SHAPE = (8, 64, 96)
-NAMES = [s.name for s in LABELLING_STAGES]
+NAMES = [*(s.name for s in LABELLING_STAGES), "pyramid"]  # volumes too small for levels
 
 
 @pytest.fixture
@@ -89,6 +95,25 @@ def test_label_defaults_volume_and_plans(ctx: KindContext, store: Store) -> None
     assert dict(parts.task(2).params) == {"shard": "2", "shards": "3"}
     assert StagePlan.from_json(parts.to_json()).task(1).params["shard"] == "1"
     assert [p.n_tasks for p in got if p.layout == "single"] == [1, 1, 1]
+
+
+def test_pyramid_levels_are_planned_as_chunk_aligned_block_stages() -> None:
+    facts = VolumeFacts("file:///s", "l.zarr", "", (20, 2048, 1100), "uint32", (4, 256, 256),
+                        (40.0, 6.0, 6.0))  # fmt: skip
+    spec = common_pb2.LabelSpec(block_shape=[4, 512, 512], table_shards=2)
+    names = [s.name for s in labelling_stages(facts, spec)]
+    assert names[-4:] == ["pyramid_1", "pyramid_2", "pyramid_3", "pyramid"]
+    got = [plan_labelling(i, 0, facts, spec) for i in range(len(names) + 1)]
+    assert got[-1] is None
+    level1, level2, level3 = (got[names.index(f"pyramid_{n}")] for n in (1, 2, 3))
+    assert level1 is not None and level2 is not None and level3 is not None
+    # Each task reads about one block of level 0: level 1 (20 x 1024 x 550) in regions
+    # of 4 x 256², level 2 (20 x 512 x 275) of one chunk, level 3 (20 x 256 x 138) in
+    # one chunk per z-range (x narrower than a chunk).
+    assert level1.layout == "blocks" and level1.n_tasks == 5 * 4 * 3
+    assert level1.task(11).block.core == Box((0, 768, 512), (4, 1024, 550))  # type: ignore[union-attr]
+    assert level2.params["block_shape"] == [4, 256, 256] and level2.n_tasks == 5 * 2 * 2
+    assert level3.params["block_shape"] == [4, 256, 138] and level3.n_tasks == 5
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,10 @@ def volume_ref(volume: Volume, *, name: str = "volume") -> common_pb2.VolumeRef:
     return common_pb2.VolumeRef(path=volume)
 
 
+def _optional_ref(volume: Volume | None, name: str) -> common_pb2.VolumeRef | None:
+    return volume_ref(volume, name=name) if volume is not None else None
+
+
 def is_terminal(job: common_pb2.Job) -> bool:
     """Whether the job has ended (succeeded, failed or was cancelled)."""
     return state_from_proto(job.state) in TERMINAL_STATES
@@ -142,8 +146,13 @@ class Deep3mClient:
         name: str = "",
         max_attempts: int = 0,
         job_id: str = "",
+        ground_truth: Volume | None = None,
+        min_size_voxels: int = 0,
+        exclusion_zone_voxels: int = 0,
     ) -> common_pb2.Job:
-        """Segment ``input`` with ``model`` into a probability volume at ``output``."""
+        """Segment ``input`` with ``model`` into a probability volume at ``output``; with
+        ``postprocess``, label it (dropping objects under ``min_size_voxels``) and, given a
+        ``ground_truth``, evaluate it."""
         spec = common_pb2.JobSpec(
             name=name,
             max_attempts=max_attempts,
@@ -158,6 +167,11 @@ class Deep3mClient:
                 postprocess=postprocess,
                 threshold=threshold,
                 overwrite=overwrite,
+                labelling=common_pb2.LabelSpec(
+                    min_size_voxels=min_size_voxels,
+                    ground_truth=_optional_ref(ground_truth, "ground_truth"),
+                    exclusion_zone_voxels=exclusion_zone_voxels,
+                ),
             ),
         )
         return self.submit(spec, job_id)
@@ -176,9 +190,12 @@ class Deep3mClient:
         name: str = "",
         max_attempts: int = 0,
         job_id: str = "",
+        ground_truth: Volume | None = None,
+        exclusion_zone_voxels: int = 0,
     ) -> common_pb2.Job:
         """Label the probability (or mask) volume ``input`` on the postprocess workers:
-        labels in ``<input>/labels/<label_name>`` (or ``output``) and an object table."""
+        labels in ``<input>/labels/<label_name>`` (or ``output``) and an object table;
+        given a ``ground_truth``, the voxel and object accuracy too."""
         spec = common_pb2.JobSpec(
             name=name,
             max_attempts=max_attempts,
@@ -191,6 +208,8 @@ class Deep3mClient:
                 watershed=watershed,
                 name=label_name,
                 block_shape=list(block_shape),
+                ground_truth=_optional_ref(ground_truth, "ground_truth"),
+                exclusion_zone_voxels=exclusion_zone_voxels,
             ),
         )
         return self.submit(spec, job_id)

@@ -12,6 +12,7 @@ harmless.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,28 +21,36 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.geometry import Box
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
+from deep3m.core.store.keys import labelling_documents
+from deep3m.postprocess.evaluate import Operand
 from deep3m.postprocess.foreground import volume_kind
 from deep3m.postprocess.label_image import mark_label_image, register_label_image
 from deep3m.postprocess.labels import LabelSpec
-from deep3m.postprocess.pyramid import build_pyramid
+from deep3m.postprocess.pyramid import (
+    MAX_LEVELS,
+    prepare_pyramid,
+    pyramid_plan,
+    record_pyramid,
+    write_level_region,
+)
 from deep3m.postprocess.sharded.block import Labelling
 from deep3m.postprocess.sharded.pipeline import labelling_for
 from deep3m.postprocess.sharded.stored import (
     Documents,
     equivalences_task,
+    evaluate_block_task,
+    evaluate_task,
     merge_task,
     reduce_part_task,
     reduce_task,
     relabel_task,
     summarize_task,
+    truth_summarize_task,
 )
+from deep3m.postprocess.sharded.table import evaluation_key
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import TaskContext, TaskHandler, TaskResult
 from deep3m.v1 import common_pb2
-
-
-def documents_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/labelling"
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,35 @@ class LabellingJob:
     docs: Documents
     # Predict jobs also get a pyramid of their probabilities.
     pyramid_source: bool
+    # The ground truth of an evaluating job.
+    truth_store: Store | None = None
+    truth: common_pb2.ResolvedVolume | None = None
+
+    def truth_operand(self) -> Operand:
+        if self.truth_store is None or self.truth is None:
+            raise InvalidArgumentError(
+                "the job has no resolved ground_truth volume; resubmit it", field="ground_truth"
+            )
+        info = self.truth_store.volume_info(self.truth.path, self.truth.array)
+        array = self.truth_store.open_volume(self.truth.path, self.truth.array)
+        return Operand.of(array, dict(info.attributes))
+
+    def truth_labelling(self, truth: Operand) -> Labelling:
+        """How the ground truth's objects are found: its components, never size-filtered."""
+        spec = LabelSpec(threshold=self.spec.threshold, connectivity=self.spec.connectivity)
+        return labelling_for(spec, truth.kind, self.voxel_size_nm)
+
+    def merges_truth(self) -> Operand | None:
+        """The ground truth, when its components go through the labelling stages
+        (given, and not a declared label volume)."""
+        if self.truth is None:
+            return None
+        truth = self.truth_operand()
+        return None if truth.declared_labels else truth
+
+    def source_operand(self) -> Operand:
+        info = self.source_store.volume_info(self.source.path, self.source.array)
+        return Operand.of(self.open_source(), dict(info.attributes))
 
     @property
     def block_shape(self) -> tuple[int, ...]:
@@ -97,14 +135,27 @@ class LabellingJob:
     def open_labels(self) -> Any:
         return self.labels_store.open_volume(self.labels.path, mode="r+", require_complete=False)
 
-    def block(self, task: common_pb2.Task) -> tuple[tuple[int, ...], Box]:
-        """The block index and core box of a per-block task."""
+    def pyramids(self) -> list[tuple[Store, str]]:
+        """The volumes the pyramid stages reduce: the labels (and a predict job's
+        probabilities)."""
+        out = [(self.labels_store, self.labels.path)]
+        if self.pyramid_source:
+            out.append((self.source_store, self.source.path))
+        return out
+
+    @staticmethod
+    def region(task: common_pb2.Task) -> Box:
+        """The core box of a task planned over blocks."""
         core = task.block.core
         if len(core.start) != 3 or len(core.stop) != 3:
             raise InvalidArgumentError(
                 f"labelling task {task.id!r} carries no 3-D block", field="task.block"
             )
-        box = Box(tuple(int(v) for v in core.start), tuple(int(v) for v in core.stop))
+        return Box(tuple(int(v) for v in core.start), tuple(int(v) for v in core.stop))
+
+    def block(self, task: common_pb2.Task) -> tuple[tuple[int, ...], Box]:
+        """The block index and core box of a per-block task."""
+        box = self.region(task)
         index = tuple(a // b for a, b in zip(box.start, self.block_shape, strict=True))
         return index, box
 
@@ -134,41 +185,92 @@ def labelling_job(lease: common_pb2.TaskLease, roots: StoreRoots) -> LabellingJo
             field="block_shape",
         )
     source, labels = lease.volumes[source_name], lease.volumes["labels"]
+    truth = lease.volumes["ground_truth"] if label.ground_truth.path else None
+    if label.ground_truth.path and "ground_truth" not in lease.volumes:
+        raise InvalidArgumentError(
+            f"task {lease.task.id!r} carries no resolved 'ground_truth' volume; resubmit the job",
+            field="ground_truth",
+        )
     return LabellingJob(
         label,
         roots.store(source.store_url, field=f"{source_name}.store_url"),
         source,
         roots.store(labels.store_url, field="labels.store_url"),
         labels,
-        Documents(roots.store(), documents_prefix(lease.task.job_id)),
+        Documents(roots.store(), labelling_documents(lease.task.job_id)),
         pyramid_source=which == "predict",
+        truth_store=roots.store(truth.store_url, field="ground_truth.store_url") if truth else None,
+        truth=truth,
     )
 
 
 def summarize(job: LabellingJob, ctx: TaskContext) -> TaskResult:
     index, core = job.block(ctx.task)
-    return TaskResult(
-        metrics=summarize_task(job.docs, job.open_source(), index, core, job.labelling())
-    )
+    metrics = summarize_task(job.docs, job.open_source(), index, core, job.labelling())
+    truth = job.merges_truth()
+    if truth is not None:
+        labelling = job.truth_labelling(truth)
+        metrics.update(truth_summarize_task(job.docs, truth.array, index, core, labelling))
+    return TaskResult(metrics=metrics)
 
 
 def equivalences(job: LabellingJob, ctx: TaskContext) -> TaskResult:
     index, core = job.block(ctx.task)
     metrics = equivalences_task(job.docs, index, job.grid_shape, job.spec.connectivity)
+    if job.merges_truth() is not None:
+        equivalences_task(job.docs.truth, index, job.grid_shape, job.spec.connectivity)
     return TaskResult(metrics={**metrics, "voxels": float(core.size)})
 
 
 def merge(job: LabellingJob, ctx: TaskContext) -> TaskResult:
     del ctx
+    started = time.perf_counter()
     id_map = merge_task(
         job.docs,
         job.grid_shape,
         min_size_voxels=int(job.spec.min_size_voxels),
         watershed=job.spec.watershed,
     )
-    return TaskResult(
-        metrics={"objects": float(id_map.object_count), "equivalences": float(id_map.equivalences)}
+    metrics = {
+        "objects": float(id_map.object_count),
+        "equivalences": float(id_map.equivalences),
+        # The merge's own cost (reads and union-find), apart from scheduling.
+        "merge_seconds": time.perf_counter() - started,
+    }
+    if job.merges_truth() is not None:
+        truth_map = merge_task(job.docs.truth, job.grid_shape)
+        metrics["truth_objects"] = float(truth_map.object_count)
+    return TaskResult(metrics=metrics)
+
+
+def evaluate_blocks(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    index, core = job.block(ctx.task)
+    truth = job.truth_operand()
+    labels = job.labels_store.open_volume(job.labels.path, require_complete=False)
+    metrics = evaluate_block_task(
+        job.docs, job.source_operand(), truth, labels, index, core, job.truth_labelling(truth),
+        threshold=job.spec.threshold, exclusion_zone=int(job.spec.exclusion_zone_voxels),
+    )  # fmt: skip
+    return TaskResult(metrics=metrics)
+
+
+def evaluate(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    """The evaluation reduced, written beside the object tables, and as job metrics."""
+    del ctx
+    shape = tuple(int(s) for s in job.labels.shape)
+    declared = job.truth_operand().declared_labels
+    figures = evaluate_task(job.docs, job.grid_shape, shape, declared_labels=declared).as_dict()
+    key = evaluation_key(job.labels.path)
+    job.labels_store.write_json(
+        key,
+        {
+            "threshold": float(job.spec.threshold),
+            "exclusion_zone_voxels": int(job.spec.exclusion_zone_voxels),
+            "min_size_voxels": int(job.spec.min_size_voxels),
+            **figures,
+        },
     )
+    return TaskResult(metrics=figures, outputs={"evaluation": job.labels_store.key_url(key)})
 
 
 def relabel(job: LabellingJob, ctx: TaskContext) -> TaskResult:
@@ -209,6 +311,9 @@ def reduce(job: LabellingJob, ctx: TaskContext) -> TaskResult:
         watershed=job.spec.watershed, min_size_voxels=int(job.spec.min_size_voxels),
         connectivity=job.spec.connectivity,
     )  # fmt: skip
+    # The pyramid stages that follow write into these levels, region by region.
+    for pyramid_store, pyramid_path in job.pyramids():
+        prepare_pyramid(pyramid_store, pyramid_path)
     outputs = {name: store.key_url(key) for name, key in keys.items()}
     outputs["labels"] = store.key_url(path)
     return TaskResult(
@@ -217,12 +322,21 @@ def reduce(job: LabellingJob, ctx: TaskContext) -> TaskResult:
     )
 
 
+def pyramid_level(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    """One chunk-aligned region of one level (the stage's name says which), for the
+    labels and, in a predict job, the probabilities."""
+    level = int(ctx.task.stage.removeprefix("pyramid_"))
+    core = job.region(ctx.task)
+    for store, path in job.pyramids():
+        write_level_region(store, pyramid_plan(store, path), level, core)
+    return TaskResult(metrics={"voxels": float(core.size)})
+
+
 def pyramid(job: LabellingJob, ctx: TaskContext) -> TaskResult:
-    levels = build_pyramid(job.labels_store, job.labels.path, cancelled=ctx.cancelled)
-    if job.pyramid_source:
-        source_levels = build_pyramid(job.source_store, job.source.path, cancelled=ctx.cancelled)
-        levels = max(levels, source_levels, key=len)
-    return TaskResult(metrics={"pyramid_levels": float(len(levels))})
+    """The multiscales metadata, once every level is written."""
+    del ctx
+    levels = [record_pyramid(store, pyramid_plan(store, path)) for store, path in job.pyramids()]
+    return TaskResult(metrics={"pyramid_levels": float(max(len(p) for p in levels))})
 
 
 Body = Callable[[LabellingJob, TaskContext], TaskResult]
@@ -233,7 +347,10 @@ BODIES: Mapping[str, Body] = {
     "relabel": relabel,
     "reduce_parts": reduce_part,
     "reduce": reduce,
+    "evaluate_blocks": evaluate_blocks,
+    "evaluate": evaluate,
     "pyramid": pyramid,
+    **{f"pyramid_{n}": pyramid_level for n in range(1, MAX_LEVELS + 1)},
 }
 
 

@@ -1,15 +1,14 @@
 """Multiscale pyramids for OME-Zarr volumes.
 
-Each level halves y and x. z is halved only once the in-plane voxel size has
-caught up with it (when halving z brings the level closer to isotropic: z
-voxel size × √2 ≤ the new y size), so anisotropic EM (e.g. 40 × 6 × 6 nm)
-keeps every slice in the first levels while isotropic data shrinks in all
-three axes. Images and probabilities are averaged over each
-window (edge windows over the voxels they hold); label volumes take the most
-frequent label of each window (ties: the smallest label), so ids stay valid.
-Levels are written block by block on the level's chunk grid and recorded in
-the group's ``ome.multiscales`` datasets with scale and translation (voxel
-centres stay aligned with level 0).
+The levels are planned by :func:`deep3m.core.levels.plan_levels` (the
+scheduler plans the sharded pyramid stages from the same function). Images
+and probabilities are averaged over each window (edge windows over the voxels
+they hold); label volumes take the most frequent label of each window (ties:
+the smallest label), so ids stay valid. Level n is made from level n - 1.
+Levels are written block by block on the level's chunk grid — by one process
+(:func:`build_pyramid`) or by the tasks of sharded stages
+(:func:`write_level_region`) — and recorded in the group's ``ome.multiscales``
+datasets with scale and translation (voxel centres stay aligned with level 0).
 """
 
 from __future__ import annotations
@@ -24,64 +23,13 @@ import zarr
 
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.geometry import Block, Box
+from deep3m.core.levels import MAX_LEVELS, Level, plan_levels
 from deep3m.core.store import FULL_RESOLUTION, Store, check_key, ome_multiscales
 from deep3m.postprocess.blockwise import Progress, block_plan, map_blocks, write_grid
 
+__all__ = ["MAX_LEVELS", "Level", "plan_levels"]
+
 Method = Literal["mean", "mode"]
-MAX_LEVELS = 16
-# Automatic depth: stop once the largest in-plane side fits in this many voxels.
-AUTO_STOP_SIDE = 256
-
-
-@dataclass(frozen=True)
-class Level:
-    path: str
-    shape: tuple[int, int, int]
-    factor: tuple[int, int, int]  # relative to the previous level
-    scale_nm: tuple[float, float, float]
-    translation_nm: tuple[float, float, float]
-
-
-def plan_levels(
-    shape: Sequence[int], voxel_size_nm: Sequence[float], levels: int = 0
-) -> list[Level]:
-    """Levels 1.. of a pyramid over a level-0 ``shape``; ``levels=0`` chooses the depth."""
-    if levels < 0 or levels > MAX_LEVELS:
-        raise InvalidArgumentError(
-            f"levels must lie in 0..{MAX_LEVELS} (0: automatic), got {levels}", field="levels"
-        )
-    base = np.asarray(voxel_size_nm, float)
-    cur_shape = np.asarray(shape, int)
-    scale = base.copy()
-    out: list[Level] = []
-    while len(out) < (levels or MAX_LEVELS):
-        if levels == 0 and max(cur_shape[1:]) <= AUTO_STOP_SIDE:
-            break
-        if max(cur_shape[1:]) <= 1:
-            if levels:
-                raise InvalidArgumentError(
-                    f"a {list(shape)} volume has at most {len(out)} pyramid levels, "
-                    f"{levels} were asked for",
-                    field="levels",
-                )
-            break
-        # Halve z when that leaves it at most sqrt(2) coarser than the new in-plane
-        # size, i.e. when halving brings the level closer to isotropic.
-        fz = 2 if scale[0] * np.sqrt(2) <= 2 * scale[1] and cur_shape[0] > 1 else 1
-        factor = np.array([fz, 2, 2])
-        cur_shape = -(-cur_shape // factor)
-        scale = scale * factor
-        translation = (scale - base) / 2
-        out.append(
-            Level(
-                str(len(out) + 1),
-                (int(cur_shape[0]), int(cur_shape[1]), int(cur_shape[2])),
-                (int(factor[0]), int(factor[1]), int(factor[2])),
-                (float(scale[0]), float(scale[1]), float(scale[2])),
-                (float(translation[0]), float(translation[1]), float(translation[2])),
-            )
-        )
-    return out
 
 
 def downsample(data: np.ndarray, factor: Sequence[int], method: Method) -> np.ndarray:
@@ -107,8 +55,11 @@ def downsample(data: np.ndarray, factor: Sequence[int], method: Method) -> np.nd
 
     windows = windows_of(data)
     valid = windows_of(np.ones(data.shape, bool))
-    votes = ((windows[..., :, None] == windows[..., None, :]) & valid[..., None, :]).sum(axis=-1)
-    votes = np.where(valid, votes, -1)
+    # One entry at a time (k <= 8), so no (..., k, k) temporary.
+    votes = np.zeros(windows.shape, np.int8)
+    for j in range(windows.shape[-1]):
+        votes += (windows == windows[..., j : j + 1]) & valid[..., j : j + 1]
+    votes = np.where(valid, votes, np.int8(-1))
     best = votes.max(axis=-1, keepdims=True)
     # Among the most frequent labels take the smallest.
     candidates = np.where(votes == best, windows, windows.max())
@@ -140,6 +91,17 @@ class PyramidPlan:
         return [FULL_RESOLUTION, *(level.path for level in self.levels)]
 
 
+def pyramid_plan(
+    store: Store, path: str, levels: int = 0, *, method: Method | None = None
+) -> PyramidPlan:
+    """The levels of the volume at ``path`` and how to reduce to them (nothing written)."""
+    path = check_key(path)
+    info = store.volume_info(path)
+    attrs = _group_attrs(zarr.open_group(store.zarr_store(path), mode="r"))
+    chosen = method or method_for(dict(attrs.get("deep3m") or {}), dict(attrs.get("ome") or {}))
+    return PyramidPlan(path, chosen, tuple(plan_levels(info.shape, info.voxel_size_nm, levels)))
+
+
 def prepare_pyramid(
     store: Store, path: str, levels: int = 0, *, method: Method | None = None
 ) -> PyramidPlan:
@@ -149,20 +111,33 @@ def prepare_pyramid(
     (:func:`write_level_block`), level after level, and the metadata last
     (:func:`record_pyramid`).
     """
-    path = check_key(path)
-    info = store.volume_info(path)
-    base = store.open_volume(path, require_complete=False)
-    group = zarr.open_group(store.zarr_store(path), mode="r+")
-    attrs = _group_attrs(group)
-    chosen = method or method_for(dict(attrs.get("deep3m") or {}), dict(attrs.get("ome") or {}))
-    plan = plan_levels(info.shape, info.voxel_size_nm, levels)
-    for level in plan:
+    plan = pyramid_plan(store, path, levels, method=method)
+    info = store.volume_info(plan.path)
+    base = store.open_volume(plan.path, require_complete=False)
+    group = zarr.open_group(store.zarr_store(plan.path), mode="r+")
+    for level in plan.levels:
         chunks = tuple(min(c, s) for c, s in zip(info.chunk_shape, level.shape, strict=True))
         group.create_array(
             level.path, shape=level.shape, chunks=chunks, dtype=base.dtype,
             fill_value=base.fill_value, dimension_names=("z", "y", "x"), overwrite=True,
         )  # fmt: skip
-    return PyramidPlan(path, chosen, tuple(plan))
+    return plan
+
+
+def write_level_region(store: Store, plan: PyramidPlan, level: int, core: Box) -> None:
+    """Write ``core`` of level ``level`` (1..) of a prepared pyramid from level ``level`` - 1:
+    what one task of a sharded pyramid stage does."""
+    if not 1 <= level <= len(plan.levels):
+        raise InvalidArgumentError(
+            f"level {level} outside 1..{len(plan.levels)} of the pyramid of {plan.path}",
+            field="level",
+        )
+    below = FULL_RESOLUTION if level == 1 else plan.levels[level - 2].path
+    source = store.open_volume(plan.path, below, require_complete=False)
+    target = store.open_volume(
+        plan.path, plan.levels[level - 1].path, mode="r+", require_complete=False
+    )
+    write_level_block(source, target, core, plan.levels[level - 1].factor, plan.method)
 
 
 def write_level_block(

@@ -165,7 +165,7 @@ class TrainSpec(_message.Message):
     def __init__(self, images: _Optional[_Union[VolumeRef, _Mapping]] = ..., labels: _Optional[_Union[VolumeRef, _Mapping]] = ..., validation_images: _Optional[_Union[VolumeRef, _Mapping]] = ..., validation_labels: _Optional[_Union[VolumeRef, _Mapping]] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., width: _Optional[float] = ..., members: _Optional[_Iterable[str]] = ..., iterations: _Optional[int] = ..., base_model: _Optional[str] = ..., add_iterations: _Optional[int] = ..., batch_size: _Optional[int] = ..., patch_shape: _Optional[_Iterable[int]] = ..., validate_every: _Optional[int] = ..., snapshot_every: _Optional[int] = ..., intensity_augmentations: _Optional[_Iterable[str]] = ..., learning_rate: _Optional[float] = ..., accumulate_gradients: _Optional[int] = ..., voxel_size_nm: _Optional[_Iterable[float]] = ..., num_classes: _Optional[int] = ..., seed: _Optional[int] = ..., recipe: _Optional[str] = ..., max_minutes: _Optional[float] = ..., optimizer: _Optional[str] = ..., loss: _Optional[str] = ..., schedule: _Optional[str] = ..., input_scale: _Optional[int] = ..., foreground_fraction: _Optional[float] = ..., adapt_to: _Optional[_Union[VolumeRef, _Mapping]] = ..., adaptation: _Optional[str] = ..., select_by: _Optional[str] = ..., adaptation_iterations: _Optional[int] = ..., adaptation_checkpoints: _Optional[int] = ..., match_histogram_at_predict: _Optional[bool] = ...) -> None: ...
 
 class LabelSpec(_message.Message):
-    __slots__ = ("input", "output", "threshold", "connectivity", "min_size_voxels", "watershed", "name", "block_shape", "table_shards")
+    __slots__ = ("input", "output", "threshold", "connectivity", "min_size_voxels", "watershed", "name", "block_shape", "table_shards", "ground_truth", "exclusion_zone_voxels")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,8 @@ class LabelSpec(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SHAPE_FIELD_NUMBER: _ClassVar[int]
     TABLE_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    GROUND_TRUTH_FIELD_NUMBER: _ClassVar[int]
+    EXCLUSION_ZONE_VOXELS_FIELD_NUMBER: _ClassVar[int]
     input: VolumeRef
     output: VolumeRef
     threshold: float
@@ -184,7 +186,9 @@ class LabelSpec(_message.Message):
     name: str
     block_shape: _containers.RepeatedScalarFieldContainer[int]
     table_shards: int
-    def __init__(self, input: _Optional[_Union[VolumeRef, _Mapping]] = ..., output: _Optional[_Union[VolumeRef, _Mapping]] = ..., threshold: _Optional[float] = ..., connectivity: _Optional[int] = ..., min_size_voxels: _Optional[int] = ..., watershed: _Optional[bool] = ..., name: _Optional[str] = ..., block_shape: _Optional[_Iterable[int]] = ..., table_shards: _Optional[int] = ...) -> None: ...
+    ground_truth: VolumeRef
+    exclusion_zone_voxels: int
+    def __init__(self, input: _Optional[_Union[VolumeRef, _Mapping]] = ..., output: _Optional[_Union[VolumeRef, _Mapping]] = ..., threshold: _Optional[float] = ..., connectivity: _Optional[int] = ..., min_size_voxels: _Optional[int] = ..., watershed: _Optional[bool] = ..., name: _Optional[str] = ..., block_shape: _Optional[_Iterable[int]] = ..., table_shards: _Optional[int] = ..., ground_truth: _Optional[_Union[VolumeRef, _Mapping]] = ..., exclusion_zone_voxels: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("name", "predict", "train", "ingest", "label", "max_attempts")

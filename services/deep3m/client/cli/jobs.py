@@ -96,6 +96,20 @@ def ingest(
         finish(c, job, wait)
 
 
+def _ground_truth_option() -> Any:
+    return typer.Option(
+        "",
+        "--ground-truth",
+        help="Volume to evaluate against (voxel and object accuracy, as sharded stages).",
+    )
+
+
+def _exclusion_zone_option() -> Any:
+    return typer.Option(
+        0, "--exclusion-zone", min=0, help="With --ground-truth: ignore voxels this near borders."
+    )
+
+
 @app.command()
 def predict(
     input: str = typer.Argument(..., help="Input volume path in the store."),
@@ -110,6 +124,11 @@ def predict(
         help="Then threshold, label and tabulate objects, sharded over the postprocess workers.",
     ),
     threshold: ThresholdOption = 0.5,
+    min_size: int = typer.Option(
+        0, "--min-size", min=0, help="With --postprocess: drop objects below this (voxels)."
+    ),
+    ground_truth: str = _ground_truth_option(),
+    exclusion_zone: int = _exclusion_zone_option(),
     overwrite: OverwriteOption = False,
     wait: WaitOption = True,
 ) -> None:
@@ -126,6 +145,9 @@ def predict(
             postprocess=postprocess,
             threshold=threshold,
             overwrite=overwrite,
+            min_size_voxels=min_size,
+            ground_truth=volume_ref(ground_truth) if ground_truth else None,
+            exclusion_zone_voxels=exclusion_zone,
         )
         finish(c, job, wait)
 
@@ -142,10 +164,13 @@ def submit_label(
     watershed: WatershedOption = False,
     name: LabelNameOption = "segmentation",
     block_shape: str = typer.Option("", help="z,y,x block of one labelling task."),
+    ground_truth: str = _ground_truth_option(),
+    exclusion_zone: int = _exclusion_zone_option(),
     wait: WaitOption = True,
 ) -> None:
     """Label a volume on the cluster: its blocks sharded over the postprocess workers
-    (summarize, equivalences, merge, relabel, reduce, pyramid); `deep3m label` runs locally."""
+    (summarize, equivalences, merge, relabel, reduce, evaluation with --ground-truth,
+    pyramid); `deep3m label` runs locally."""
     with client() as c:
         job = c.label(
             volume_ref(input),
@@ -156,6 +181,8 @@ def submit_label(
             watershed=watershed,
             label_name=name,
             block_shape=shape(block_shape, "block-shape"),
+            ground_truth=volume_ref(ground_truth) if ground_truth else None,
+            exclusion_zone_voxels=exclusion_zone,
         )
         finish(c, job.id, wait)
 

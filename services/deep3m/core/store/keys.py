@@ -58,3 +58,10 @@ def check_key(key: str) -> str:
             field="path",
         )
     return "/".join(parts)
+
+
+def labelling_documents(job_id: str) -> str:
+    """Where the sharded labelling stages of job ``job_id`` keep their small documents
+    (in the default store): written by the postprocess workers while the job runs,
+    deleted by the scheduler once it has succeeded."""
+    return f"jobs/{job_id}/labelling"

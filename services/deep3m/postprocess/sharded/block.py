@@ -237,26 +237,24 @@ def _boundary_faces(local: np.ndarray, halo_mask: np.ndarray, n: int) -> np.ndar
 
 
 def _hull_candidates(
-    fg: tuple[np.ndarray, ...], ids: np.ndarray, origin: np.ndarray, n: int
+    local: np.ndarray, origin: np.ndarray, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Doubled voxel face centres whose hull is each piece's convex hull.
 
-    ``fg`` are the foreground coordinates in raster order and ``ids`` their
-    labels. Hull vertices are extremes of their rows, so only voxels that end
-    a run of their piece along x are candidates, and of those only the
-    vertices of their hull.
+    Hull vertices are extremes of their rows, so only voxels that end a run of
+    their piece along x are candidates (found on the whole block at once), and
+    of those only the vertices of their hull.
     """
-    if not len(ids):
+    if not n:
         return np.zeros((0, 3), np.int64), np.zeros(n + 1, np.int64)
-    z, y, x = fg
-    # Raster order: a run continues when the next voxel is x + 1 of the same row and piece.
-    joined = (z[1:] == z[:-1]) & (y[1:] == y[:-1]) & (x[1:] == x[:-1] + 1) & (ids[1:] == ids[:-1])
-    ends = np.ones(len(ids), bool)
-    ends[1:-1] = ~(joined[:-1] & joined[1:])
-    order = np.flatnonzero(ends)
-    order = order[np.argsort(ids[order], kind="stable")]
+    # A voxel is inside a run when both x-neighbours hold its piece.
+    inside = np.zeros(local.shape, bool)
+    inside[..., 1:-1] = (local[..., 1:-1] == local[..., :-2]) & (local[..., 1:-1] == local[..., 2:])
+    z, y, x = np.nonzero((local > 0) & ~inside)
+    ends = local[z, y, x].astype(np.int64)
+    order = np.argsort(ends, kind="stable")  # raster order within each piece
     coords = np.stack([z[order], y[order], x[order]], axis=1).astype(np.int64) + origin
-    labels = ids[order]
+    labels = ends[order]
     bounds = np.searchsorted(labels, np.arange(1, n + 2))
     points, offsets = [], [0]
     for i in range(n):
@@ -314,7 +312,7 @@ def summarize_block(
     probability = np.bincount(
         ids, weights=_probabilities(values[fg], labelling.kind), minlength=n + 1
     )[1:]
-    hull_points, hull_offsets = _hull_candidates(fg, ids, origin, n)
+    hull_points, hull_offsets = _hull_candidates(local, origin, n)
 
     idx = tuple(int(v) for v in index)
     faces = BlockFaces(

@@ -8,6 +8,9 @@ All documents of one labelling live under one prefix (e.g. ``jobs/<job>/labels``
     <prefix>/blocks/<block>.pairs.npz    stage (b), per block: equivalences
     <prefix>/idmap.npz                   stage (b), once: the global id map
     <prefix>/tables/<k>-of-<n>.npz       stage (d), per shard: part of the table
+    <prefix>/objects.npz                 stage (d), once: the whole table (for evaluation)
+    <prefix>/truth/...                   the ground truth's faces, sizes, pairs, id map
+    <prefix>/evaluation/<block>.npz      evaluation, per block: its part
 
 Each task reads what earlier stages wrote and writes its own documents whole
 (a store write replaces a document atomically), so a task that is retried, or
@@ -16,14 +19,16 @@ killed and run again elsewhere, leaves the same bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from deep3m.core.executor import bounded_map
 from deep3m.core.geometry import Box
 from deep3m.core.store import Store, check_key
+from deep3m.postprocess.evaluate import Evaluation, Operand
 from deep3m.postprocess.sharded.block import (
     BlockFaces,
     Labelling,
@@ -33,6 +38,14 @@ from deep3m.postprocess.sharded.block import (
     to_npz_bytes,
 )
 from deep3m.postprocess.sharded.density import write_density_outputs
+from deep3m.postprocess.sharded.evaluation import (
+    BlockEvaluation,
+    ObjectPoints,
+    evaluate_block,
+    global_truth_ids,
+    ground_truth_pieces,
+    reduce_evaluation,
+)
 from deep3m.postprocess.sharded.merge import (
     IdMap,
     block_equivalences,
@@ -46,6 +59,9 @@ from deep3m.postprocess.sharded.table import (
     reduce_objects,
     write_object_tables,
 )
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,18 @@ class Documents:
     def id_map_key(self) -> str:
         return f"{self.prefix}/idmap.npz"
 
+    @property
+    def objects_key(self) -> str:
+        return f"{self.prefix}/objects.npz"
+
+    @property
+    def truth(self) -> Documents:
+        """Where the ground truth's components are merged (same layout)."""
+        return Documents(self.store, f"{self.prefix}/truth")
+
+    def evaluation_key(self, index: Sequence[int]) -> str:
+        return self._block(index, "evaluation")
+
     def table_part_key(self, shard: tuple[int, int]) -> str:
         return f"{self.prefix}/tables/{int(shard[0])}-of-{int(shard[1])}.npz"
 
@@ -102,6 +130,22 @@ def _grid_indices(grid_shape: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(int(v) for v in i) for i in np.ndindex(*grid_shape)]
 
 
+# Small-document reads in flight at once: store round trips, not CPU, set their pace.
+READ_THREADS = 8
+
+
+def in_order(read: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+    """``read(item)`` for each item, in order, with up to READ_THREADS reads ahead
+    (results are reduced in block order, so every run gives the same bytes)."""
+    ready: dict[int, R] = {}
+    following = 0
+    for i, value in bounded_map(read, items, READ_THREADS, in_flight=2 * READ_THREADS):
+        ready[i] = value
+        while following in ready:
+            yield ready.pop(following)
+            following += 1
+
+
 def summarize_task(
     docs: Documents, source: Any, index: Sequence[int], core: Box, labelling: Labelling
 ) -> dict[str, float]:
@@ -119,8 +163,9 @@ def equivalences_task(
 ) -> dict[str, float]:
     """Stage (b), per block: the equivalences across the block's upper seams."""
     wanted = neighbour_indices(index, grid_shape, connectivity)
+    own, *theirs = in_order(docs.faces, [tuple(index), *wanted])
     pairs = block_equivalences(
-        docs.faces(index), {n: docs.faces(n) for n in wanted}, grid_shape, connectivity
+        own, dict(zip(wanted, theirs, strict=True)), grid_shape, connectivity
     )
     docs.store.write_bytes(docs.pairs_key(index), to_npz_bytes({"pairs": pairs}))
     return {"equivalences": float(len(pairs))}
@@ -136,10 +181,10 @@ def merge_task(
     """Stage (b), once: the global id map from every block's piece sizes and
     equivalences (with ``watershed``, pieces tie by seed); reads only small documents."""
     blocks = _grid_indices(grid_shape)
-    sizes = [docs.sizes(i) for i in blocks]
+    sizes = list(in_order(docs.sizes, blocks))
     id_map = merge_pieces(
         [counts for counts, _ in sizes],
-        (docs.pairs(i) for i in blocks),
+        in_order(docs.pairs, blocks),
         grid_shape,
         min_size_voxels=min_size_voxels,
         seeds=[seeds for _, seeds in sizes] if watershed else None,
@@ -169,10 +214,7 @@ def reduce_part_task(
 ) -> dict[str, float]:
     """Stage (d), per shard (objects whose label is k + 1 modulo n): part of the table."""
     stats = reduce_objects(
-        (docs.pieces(i) for i in _grid_indices(grid_shape)),
-        docs.id_map(),
-        voxel_size_nm,
-        shard=shard,
+        in_order(docs.pieces, _grid_indices(grid_shape)), docs.id_map(), voxel_size_nm, shard=shard
     )
     docs.store.write_bytes(docs.table_part_key(shard), stats.to_bytes())
     return {"objects": float(len(stats))}
@@ -204,6 +246,7 @@ def reduce_task(
         stats = reduce_objects(
             (docs.pieces(i) for i in _grid_indices(grid_shape)), docs.id_map(), voxel_size_nm
         )
+    docs.store.write_bytes(docs.objects_key, stats.to_bytes())
     csv_key, parquet_key = write_object_tables(labels_store, labels_path, stats)
     outputs = {"objects_csv": csv_key, "objects_parquet": parquet_key}
     if window_um is not None:
@@ -211,3 +254,55 @@ def reduce_task(
             write_density_outputs(labels_store, labels_path, stats, volume, window_um=window_um)
         )
     return stats, outputs
+
+
+def truth_summarize_task(
+    docs: Documents, ground_truth: Any, index: Sequence[int], core: Box, labelling: Labelling
+) -> dict[str, float]:
+    """Stage (a) for the ground truth of one block: faces and piece sizes only."""
+    faces, counts = ground_truth_pieces(ground_truth, index, core, labelling)
+    truth = docs.truth
+    truth.store.write_bytes(truth.faces_key(index), faces.to_bytes())
+    sizes = {"counts": counts, "seeds": np.full(len(counts), -1, np.int64)}
+    truth.store.write_bytes(truth.sizes_key(index), to_npz_bytes(sizes))
+    return {"truth_pieces": float(len(counts))}
+
+
+def _object_points(docs: Documents, shape: Sequence[int]) -> ObjectPoints:
+    stats = ObjectStats.from_bytes(docs.store.read_bytes(docs.objects_key))
+    return ObjectPoints.of(stats.labels, stats.volume_voxels, stats.centroid, shape)
+
+
+def evaluate_block_task(
+    docs: Documents,
+    prediction: Operand,
+    ground_truth: Operand,
+    labels: Any,
+    index: Sequence[int],
+    core: Box,
+    truth_labelling: Labelling,
+    *,
+    threshold: float,
+    exclusion_zone: int,
+) -> dict[str, float]:
+    """Evaluation for one block: its counts and object points, as a document."""
+    id_map = None if ground_truth.declared_labels else docs.truth.id_map()
+    part = evaluate_block(
+        prediction, ground_truth, labels, core, _object_points(docs, labels.shape),
+        global_truth_ids(ground_truth, truth_labelling, index, id_map),
+        threshold=threshold, exclusion_zone=exclusion_zone,
+    )  # fmt: skip
+    docs.store.write_bytes(docs.evaluation_key(index), part.to_bytes())
+    return {"voxels": float(core.size)}
+
+
+def evaluate_task(
+    docs: Documents, grid_shape: Sequence[int], shape: Sequence[int], *, declared_labels: bool
+) -> Evaluation:
+    """Evaluation, once: every block's part reduced."""
+    parts = in_order(
+        lambda i: BlockEvaluation.from_bytes(docs.store.read_bytes(docs.evaluation_key(i))),
+        _grid_indices(grid_shape),
+    )
+    truth_count = None if declared_labels else docs.truth.id_map().object_count
+    return reduce_evaluation(parts, _object_points(docs, shape), truth_count)

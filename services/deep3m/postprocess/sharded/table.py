@@ -276,6 +276,11 @@ def table_keys(labels_path: str) -> tuple[str, str]:
     return csv_key, csv_key.removesuffix(".csv") + ".parquet"
 
 
+def evaluation_key(labels_path: str) -> str:
+    """Key of the evaluation figures of the labels at ``labels_path``, beside the tables."""
+    return table_keys(labels_path)[0].removesuffix(".objects.csv") + ".evaluation.json"
+
+
 def write_object_tables(store: Store, labels_path: str, stats: ObjectStats) -> tuple[str, str]:
     """Write the CSV and Parquet tables; returns their keys."""
     csv_key, parquet_key = table_keys(labels_path)

@@ -11,13 +11,16 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.scheduler.kinds.base import JobKind, KindContext, PreparedJob, Resolved
 from deep3m.scheduler.kinds.labelling import (
     LABELLING_STAGES,
+    finish_labelling,
+    labelling_stages,
     labels_volume,
     plan_labelling,
+    resolve_ground_truth,
     resolve_labelling,
 )
 from deep3m.scheduler.kinds.predict import default_block
 from deep3m.scheduler.kinds.refs import facts, input_volume, output_location
-from deep3m.scheduler.stages import StagePlan
+from deep3m.scheduler.stages import StageDef, StagePlan
 from deep3m.v1 import common_pb2
 
 
@@ -53,15 +56,28 @@ class LabelKind(JobKind):
             shape=info.shape, chunk_shape=info.chunk_shape, shard_shape=info.shard_shape,
             voxel_size_nm=info.voxel_size_nm, source=in_store.key_url(in_key), field="output",
         )  # fmt: skip
+        truth = resolve_ground_truth(ctx.roots, label, info.shape)
         return PreparedJob(
             self.name,
             Resolved(
                 resolved,
-                {"input": facts(in_store, in_key, given.input.array, info), "labels": labels},
+                {
+                    "input": facts(in_store, in_key, given.input.array, info),
+                    "labels": labels,
+                    **({"ground_truth": truth} if truth else {}),
+                },
             ),
             {"labels": out_store.key_url(out_key)},
             volumes,
         )
 
+    def stages_for(self, resolved: Resolved) -> tuple[StageDef, ...]:
+        return labelling_stages(resolved.volume("labels"), resolved.spec.label)
+
     def plan(self, index: int, resolved: Resolved) -> StagePlan | None:
         return plan_labelling(index, 0, resolved.volume("labels"), resolved.spec.label)
+
+    def on_stage_finished(
+        self, plan: StagePlan, resolved: Resolved, ctx: KindContext, job_id: str
+    ) -> None:
+        finish_labelling(plan, 0, resolved.volume("labels"), resolved.spec.label, ctx, job_id)

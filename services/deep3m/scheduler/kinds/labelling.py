@@ -5,37 +5,50 @@ their own stages: ``summarize`` (per block: threshold, local components, face
 and piece documents) → ``equivalences`` (per block: pairs across its upper
 seams) → ``merge`` (once: the global id map) → ``relabel`` (per block: the
 label chunks) → ``reduce_parts`` (a few shards of the object table) →
-``reduce`` (once: the tables, the label image sealed) → ``pyramid`` (once:
-multiscale levels of the probabilities and labels). Blocks lie on the labels
-volume's write grid, so each task writes chunks no other task touches.
+``reduce`` (once: the tables, the label image sealed, the pyramid's empty
+levels created) → with a ground truth, ``evaluate_blocks`` (per block: voxel
+counts and object points; the ground truth's components are found by the
+first three stages beside the prediction's) and ``evaluate`` (once) →
+``pyramid_1`` … ``pyramid_L`` (per chunk-aligned region of each level: level
+n from level n - 1, labels by mode, probabilities by mean) → ``pyramid``
+(once: the multiscales metadata). Blocks lie on the labels volume's write
+grid, so each task writes chunks no other task touches. The stages' documents
+are deleted once the last one is done.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError
 from deep3m.core.geometry import plan_blocks
+from deep3m.core.levels import Level, plan_levels
+from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store, VolumeInfo
-from deep3m.scheduler.kinds.base import NewVolume, VolumeFacts, replace_repeated
-from deep3m.scheduler.kinds.refs import check_same_array, shape3
+from deep3m.core.store.keys import labelling_documents
+from deep3m.scheduler.kinds.base import KindContext, NewVolume, VolumeFacts, replace_repeated
+from deep3m.scheduler.kinds.refs import check_same_array, facts, input_volume, shape3
 from deep3m.scheduler.stages import StageDef, StagePlan
 from deep3m.v1 import common_pb2
 
 ROLE = "postprocess"
 LABELLING_STAGES: tuple[StageDef, ...] = tuple(
     StageDef(name, ROLE)
-    for name in (
-        "summarize",
-        "equivalences",
-        "merge",
-        "relabel",
-        "reduce_parts",
-        "reduce",
-        "pyramid",
-    )
+    for name in ("summarize", "equivalences", "merge", "relabel", "reduce_parts", "reduce")
 )
-PER_BLOCK = frozenset({"summarize", "equivalences", "relabel"})
+# With ground truth, after ``reduce``: per block counts, then their reduction.
+EVALUATION_STAGES: tuple[StageDef, ...] = (
+    StageDef("evaluate_blocks", ROLE),
+    StageDef("evaluate", ROLE),
+)
+PER_BLOCK = frozenset({"summarize", "equivalences", "relabel", "evaluate_blocks"})
+MAX_EXCLUSION_ZONE_VOXELS = 1024
+# Level n of the pyramid (1..), one task per chunk-aligned region of the level.
+PYRAMID_LEVEL_STAGE = "pyramid_{}"
+# Once, after the levels: the multiscales metadata.
+PYRAMID_STAGE = "pyramid"
 LABELS_DTYPE = "uint32"
 DEFAULT_LABEL_NAME = "segmentation"
 DEFAULT_THRESHOLD = 0.5
@@ -97,6 +110,35 @@ def resolve_labelling(
     return out
 
 
+def resolve_ground_truth(
+    roots: StoreRoots, spec: common_pb2.LabelSpec, shape: Sequence[int], *, prefix: str = ""
+) -> VolumeFacts | None:
+    """The ground truth an evaluating labelling reads (None without one), checked:
+    complete, and the labels' shape; the exclusion zone in range."""
+    zone = spec.exclusion_zone_voxels
+    if not 0 <= zone <= MAX_EXCLUSION_ZONE_VOXELS:
+        raise InvalidArgumentError(
+            f"exclusion_zone_voxels must be 0..{MAX_EXCLUSION_ZONE_VOXELS}, got {zone}",
+            field=f"{prefix}exclusion_zone_voxels",
+        )
+    if not spec.ground_truth.path:
+        if zone:
+            raise InvalidArgumentError(
+                "exclusion_zone_voxels needs a ground_truth to evaluate against",
+                field=f"{prefix}exclusion_zone_voxels",
+            )
+        return None
+    name = f"{prefix}ground_truth"
+    store, key, info = input_volume(roots, spec.ground_truth, name)
+    if tuple(info.shape) != tuple(shape):
+        raise InvalidArgumentError(
+            f"ground truth {store.key_url(key)} has shape {list(info.shape)}, the labels "
+            f"{list(shape)}",
+            field=name,
+        )
+    return facts(store, key, spec.ground_truth.array, info)
+
+
 def labels_volume(
     store: Store,
     key: str,
@@ -137,21 +179,76 @@ def labels_volume(
     return new, facts
 
 
+def pyramid_levels(labels: VolumeFacts) -> list[Level]:
+    """The pyramid levels 1.. the labelling writes (of the labels, and of a predict
+    job's probabilities, which share their shape, grid and voxel size)."""
+    return plan_levels(labels.shape, labels.voxel_size_nm)
+
+
+def labelling_stages(labels: VolumeFacts, spec: common_pb2.LabelSpec) -> tuple[StageDef, ...]:
+    levels = pyramid_levels(labels)
+    return (
+        *LABELLING_STAGES,
+        *(EVALUATION_STAGES if spec.ground_truth.path else ()),
+        *(StageDef(PYRAMID_LEVEL_STAGE.format(n), ROLE) for n in range(1, len(levels) + 1)),
+        StageDef(PYRAMID_STAGE, ROLE),
+    )
+
+
+def level_block(
+    block: Sequence[int], level: int, levels: Sequence[Level], grid: Sequence[int]
+) -> list[int]:
+    """The task region of pyramid level ``level`` (1..): the labelling block shrunk by
+    the level's total factor, so a task reads about one block of level 0, rounded
+    down to whole grid cells (at least one) where the level spans a cell, else the
+    whole axis (the level's one chunk)."""
+    total = np.prod([lv.factor for lv in levels[:level]], axis=0)
+    shape = levels[level - 1].shape
+    return [
+        max(g, (int(b) // int(f)) // g * g) if s >= g else int(s)
+        for b, f, s, g in zip(block, total, shape, grid, strict=True)
+    ]
+
+
+def finish_labelling(
+    plan: StagePlan,
+    first: int,
+    labels: VolumeFacts,
+    spec: common_pb2.LabelSpec,
+    ctx: KindContext,
+    job_id: str,
+) -> None:
+    """After the last labelling stage (the job has succeeded): its documents go.
+
+    Until then they stay, so a restarted scheduler can resume any stage; once the
+    last stage is sealed no task will read them again (a restart that repeats this
+    step deletes nothing twice)."""
+    if plan.index == first + len(labelling_stages(labels, spec)) - 1:
+        ctx.roots.store().delete(labelling_documents(job_id))
+
+
 def plan_labelling(
     index: int, first: int, labels: VolumeFacts, spec: common_pb2.LabelSpec
 ) -> StagePlan | None:
     """Stage ``index`` of a job whose labelling stages start at index ``first``."""
+    stages = labelling_stages(labels, spec)
     k = index - first
-    if not 0 <= k < len(LABELLING_STAGES):
+    if not 0 <= k < len(stages):
         return None
-    sdef = LABELLING_STAGES[k]
+    sdef = stages[k]
+    block = [int(b) for b in spec.block_shape]
     if sdef.name in PER_BLOCK:
-        params = {
-            "volume_shape": list(labels.shape),
-            "block_shape": [int(b) for b in spec.block_shape],
-            "halo": [0, 0, 0],
-        }
+        params = {"volume_shape": list(labels.shape), "block_shape": block, "halo": [0, 0, 0]}
         return StagePlan(index, sdef.name, sdef.role, "blocks", params)
     if sdef.name == "reduce_parts":
         return StagePlan(index, sdef.name, sdef.role, "shards", {"shards": spec.table_shards})
+    if sdef.name.startswith("pyramid_"):
+        levels = pyramid_levels(labels)
+        n = int(sdef.name.removeprefix("pyramid_"))
+        params = {
+            "volume_shape": list(levels[n - 1].shape),
+            "block_shape": level_block(block, n, levels, labels.grid),
+            "halo": [0, 0, 0],
+        }
+        return StagePlan(index, sdef.name, sdef.role, "blocks", params)
     return StagePlan(index, sdef.name, sdef.role, "single")

@@ -27,9 +27,11 @@ from deep3m.scheduler.kinds.base import (
 )
 from deep3m.scheduler.kinds.labelling import (
     DEFAULT_THRESHOLD,
-    LABELLING_STAGES,
+    finish_labelling,
+    labelling_stages,
     labels_volume,
     plan_labelling,
+    resolve_ground_truth,
     resolve_labelling,
 )
 from deep3m.scheduler.kinds.refs import (
@@ -75,10 +77,12 @@ def default_block(shape: Sequence[int], grid: Sequence[int]) -> tuple[int, ...]:
 class PredictKind(JobKind):
     name = "predict"
     stages = (StageDef("predict", "inference"), StageDef("finalize", "postprocess"))
-    labelled_stages = (StageDef("predict", "inference"), *LABELLING_STAGES)
 
     def stages_for(self, resolved: Resolved) -> tuple[StageDef, ...]:
-        return self.labelled_stages if resolved.spec.predict.postprocess else self.stages
+        if not resolved.spec.predict.postprocess:
+            return self.stages
+        labelling = resolved.spec.predict.labelling
+        return (self.stages[0], *labelling_stages(resolved.volume("labels"), labelling))
 
     def validate(self, spec: common_pb2.JobSpec, ctx: KindContext) -> PreparedJob:
         from deep3m.core.augmentation import IDENTITY_LEVEL, SPEED_LEVELS
@@ -185,6 +189,9 @@ class PredictKind(JobKind):
                 field="output",
             )  # fmt: skip
             volumes = (*volumes, *new_labels)
+            truth = resolve_ground_truth(ctx.roots, labelling, shape, prefix="labelling.")
+            if truth is not None:
+                labels["ground_truth"] = truth
         r.tta_level = tta_level
         r.threshold = threshold
         replace_repeated(r.members, members)
@@ -286,3 +293,6 @@ class PredictKind(JobKind):
     ) -> None:
         if plan.name == "predict":
             mark_output_complete(ctx.roots, resolved.volume("output"), job_id)
+        elif resolved.spec.predict.postprocess:
+            labelling = resolved.spec.predict.labelling
+            finish_labelling(plan, 1, resolved.volume("labels"), labelling, ctx, job_id)
