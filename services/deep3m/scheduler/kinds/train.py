@@ -58,6 +58,7 @@ LIMITS: Mapping[str, float] = {
     "add_iterations": MAX_COUNT,
     "validate_every": MAX_COUNT,
     "snapshot_every": MAX_COUNT,
+    "snapshot_every_minutes": 1440.0,  # config.MAX_SNAPSHOT_MINUTES
 }
 
 
