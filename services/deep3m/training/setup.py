@@ -28,7 +28,7 @@ from deep3m.training.data import (
     to_classes,
 )
 from deep3m.training.objectives import training_loss
-from deep3m.training.validate import CheckedInputs, resolve_source
+from deep3m.training.validate import CheckedInputs, LocatedVolumes, resolve_source
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,16 @@ def pick_device(device: torch.device | str | None = None) -> torch.device:
 
 
 def load_training_set(
-    config: TrainConfig, store: Store, checked: CheckedInputs, *, roots: StoreRoots | None = None
+    config: TrainConfig,
+    store: Store,
+    checked: CheckedInputs,
+    *,
+    roots: StoreRoots | None = None,
+    located: LocatedVolumes | None = None,
 ) -> TrainingSet:
-    s, key = resolve_source(config.images, store, roots, field="images")
+    s, key = resolve_source(config.images, store, roots, field="images", located=located)
     raw_images = read_volume(s, key, config.images.array, what="images")
-    s, key = resolve_source(config.labels, store, roots, field="labels")
+    s, key = resolve_source(config.labels, store, roots, field="labels", located=located)
     labels = to_classes(
         read_volume(s, key, config.labels.array, what="labels"),
         config.num_classes,
@@ -68,9 +73,13 @@ def load_training_set(
     train = LabelledVolume(norm.apply(raw_images), labels, config.images.describe())
     del raw_images
     if config.validation_images is not None and config.validation_labels is not None:
-        s, key = resolve_source(config.validation_images, store, roots, field="validation_images")
+        s, key = resolve_source(
+            config.validation_images, store, roots, field="validation_images", located=located
+        )
         val_raw = read_volume(s, key, config.validation_images.array, what="validation_images")
-        s, key = resolve_source(config.validation_labels, store, roots, field="validation_labels")
+        s, key = resolve_source(
+            config.validation_labels, store, roots, field="validation_labels", located=located
+        )
         val_labels = to_classes(
             read_volume(s, key, config.validation_labels.array, what="validation_labels"),
             config.num_classes,

@@ -69,7 +69,7 @@ from deep3m.training.setup import (
     member_loss,
     pick_device,
 )
-from deep3m.training.validate import check_training_inputs
+from deep3m.training.validate import LocatedVolumes, check_training_inputs
 
 # Callers import these from here; they live in the modules named above.
 __all__ = [
@@ -106,13 +106,15 @@ def train_member(
     roots: StoreRoots | None = None,
     job_id: str = "",
     clock: Callable[[], float] = time.monotonic,
+    located: LocatedVolumes | None = None,
 ) -> MemberResult:
     """Train (or fine-tune, or resume) one member; returns its result once written.
 
     Raises InvalidArgumentError/NotFoundError for bad inputs before training,
     CancelledError when ``cancelled`` is set (after writing a snapshot), and
     FailedPreconditionError when the member's folder holds snapshots of a
-    different configuration.
+    different configuration. Volumes in ``located`` (resolved and checked at
+    submission) are read where they are, not looked up again.
     """
     if member not in config.members:
         from deep3m.core.errors import InvalidArgumentError
@@ -128,8 +130,8 @@ def train_member(
         if finished is not None:
             log.info("member already trained", extra={"model": config.model_id, "member": member})
             return result_from_store(store, config, member, finished)
-    checked = check_training_inputs(config, store, roots=roots)
-    data = load_training_set(config, store, checked, roots=roots)
+    checked = check_training_inputs(config, store, roots=roots, located=located)
+    data = load_training_set(config, store, checked, roots=roots, located=located)
     net = initial_network(config, member, store, checked).to(dev)
     run = Run(config, member, store, dev, data, net, observer, job_id, clock)
     start = restore(run, resume)
