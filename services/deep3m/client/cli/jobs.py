@@ -194,6 +194,11 @@ def train(
     ),
     batch_size: int = typer.Option(0, help="Batch size (0: default)."),
     patch_shape: str = typer.Option("", help="y,x training patch."),
+    snapshot_every_minutes: float = typer.Option(
+        0.0,
+        help="Snapshot a member at least this often (wall-clock minutes; 0: every 5), "
+        "so a preempted worker loses at most that much training.",
+    ),
     wait: bool = typer.Option(
         True, help="Follow the job until it ends (iteration, loss, it/s, ETA, validation)."
     ),
@@ -222,6 +227,7 @@ def train(
             add_iterations=add_iterations,
             batch_size=batch_size,
             patch_shape=shape(patch_shape, "patch-shape"),
+            snapshot_every_minutes=snapshot_every_minutes,
         )
         finish(c, job, wait)
 
