@@ -10,6 +10,7 @@ attempt) and the job still finishes with the model in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from deep3m.client.client import Deep3mClient
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port, wait_serving
@@ -31,20 +31,12 @@ from deep3m.testing.training import stage_synthetic
 from deep3m.training import checkpoint as ckpt
 from deep3m.v1 import common_pb2
 
-pytestmark = pytest.mark.slow
+# The replacement worker trains in this process: tiny networks gain nothing from threads.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 LEASE_S = 1.5  # progress rides on renewals (a third of this); an expiry takes this long
 ITERATIONS = 150
 PROGRESS = 5  # iterations seen on the watch stream before the worker is stopped
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The replacement trains in this process: tiny networks gain nothing from threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +74,12 @@ def scheduler(store: Store) -> Iterator[RunningServer]:
     running.stop(grace=1.0)
 
 
-def spawn_worker(store: Store, address: str, worker_id: str, log: Path) -> subprocess.Popen[bytes]:
-    """``deep3m serve training`` in its own process, serving once this returns."""
+@contextlib.contextmanager
+def doomed_worker(
+    store: Store, address: str, worker_id: str, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``deep3m serve training`` in its own process, serving once entered; killed on exit
+    if the test left it running."""
     port = free_port()
     env = {
         **os.environ,
@@ -101,11 +97,11 @@ def spawn_worker(store: Store, address: str, worker_id: str, log: Path) -> subpr
         )  # fmt: skip
     try:
         wait_serving(f"127.0.0.1:{port}", proc, 120, "training")
-    except BaseException:
-        proc.kill()
-        proc.wait(timeout=30)
-        raise
-    return proc
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def submit_and_wait_for_progress(client: Deep3mClient, paths: dict[str, str], model: str,
@@ -162,24 +158,22 @@ def finish_with_replacement(
 def test_sigterm_mid_member_snapshots_gives_the_task_back_and_a_new_worker_resumes(
     store: Store, paths: dict[str, str], scheduler: RunningServer, tmp_path: Path
 ) -> None:
-    doomed = spawn_worker(store, scheduler.address, "terminated", tmp_path / "terminated.log")
-    try:
-        with Deep3mClient(scheduler.address, timeout_s=30) as client:
-            # No snapshot falls due by count or by time (5 minutes) in this run: the only
-            # snapshot there can be is the one written on the way out.
-            job = submit_and_wait_for_progress(client, paths, "stopped", ITERATIONS + 1)
-            doomed.send_signal(signal.SIGTERM)
-            assert doomed.wait(timeout=90) == 0, (tmp_path / "terminated.log").read_text()
-            stopped_at = ckpt.latest_checkpoint(store, "stopped", "1fm")
-            assert stopped_at is not None and PROGRESS <= stopped_at < ITERATIONS
-            given_back = client.get(job.id)
-            assert given_back.stages[0].tasks_done == 0
-            assert given_back.stages[0].tasks_leased == 0, "the lease was given back at once"
-            final = finish_with_replacement(store, scheduler, client, job)
-    finally:
-        if doomed.poll() is None:
-            doomed.kill()
-            doomed.wait(timeout=30)
+    log = tmp_path / "terminated.log"
+    with (
+        doomed_worker(store, scheduler.address, "terminated", log) as doomed,
+        Deep3mClient(scheduler.address, timeout_s=30) as client,
+    ):
+        # No snapshot falls due by count or by time (5 minutes) in this run: the only
+        # snapshot there can be is the one written on the way out.
+        job = submit_and_wait_for_progress(client, paths, "stopped", ITERATIONS + 1)
+        doomed.send_signal(signal.SIGTERM)
+        assert doomed.wait(timeout=90) == 0, log.read_text()
+        stopped_at = ckpt.latest_checkpoint(store, "stopped", "1fm")
+        assert stopped_at is not None and PROGRESS <= stopped_at < ITERATIONS
+        given_back = client.get(job.id)
+        assert given_back.stages[0].tasks_done == 0
+        assert given_back.stages[0].tasks_leased == 0, "the lease was given back at once"
+        final = finish_with_replacement(store, scheduler, client, job)
     record = train_record(store, job.id)
     assert record["worker_id"] == "replacement"
     assert record["metrics"]["resumed_from"] == stopped_at > 0
@@ -192,18 +186,15 @@ def test_sigterm_mid_member_snapshots_gives_the_task_back_and_a_new_worker_resum
 def test_sigkill_mid_member_the_task_is_leased_again_after_expiry_and_finishes(
     store: Store, paths: dict[str, str], scheduler: RunningServer, tmp_path: Path
 ) -> None:
-    doomed = spawn_worker(store, scheduler.address, "killed", tmp_path / "killed.log")
-    try:
-        with Deep3mClient(scheduler.address, timeout_s=30) as client:
-            job = submit_and_wait_for_progress(client, paths, "killed", 2)
-            doomed.send_signal(signal.SIGKILL)
-            assert doomed.wait(timeout=30) == -signal.SIGKILL
-            newest = ckpt.latest_checkpoint(store, "killed", "1fm") or 0
-            final = finish_with_replacement(store, scheduler, client, job)
-    finally:
-        if doomed.poll() is None:
-            doomed.kill()
-            doomed.wait(timeout=30)
+    with (
+        doomed_worker(store, scheduler.address, "killed", tmp_path / "killed.log") as doomed,
+        Deep3mClient(scheduler.address, timeout_s=30) as client,
+    ):
+        job = submit_and_wait_for_progress(client, paths, "killed", 2)
+        doomed.send_signal(signal.SIGKILL)
+        assert doomed.wait(timeout=30) == -signal.SIGKILL
+        newest = ckpt.latest_checkpoint(store, "killed", "1fm") or 0
+        final = finish_with_replacement(store, scheduler, client, job)
     record = train_record(store, job.id)
     assert record["worker_id"] == "replacement"
     assert record["attempt"] == 2, "the expired lease counts as an attempt"

@@ -3,11 +3,9 @@ scheduler resolved them at submission (``lease.volumes``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from deep3m.core.errors import NotFoundError
 from deep3m.core.store import Store
 from deep3m.runtime.settings import Settings
@@ -18,13 +16,7 @@ from deep3m.training.tasks import TrainingTasks
 from deep3m.training.trainer import train_member
 from deep3m.v1 import common_pb2
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
