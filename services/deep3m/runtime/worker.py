@@ -6,7 +6,10 @@ completes or fails it. Completions that finish while another is being sent
 go together in the next ``CompleteTasks`` call (one call, one store write, for
 many tasks). A heartbeat thread renews every lease at about a third of its
 length; a renew that answers *cancelled* (or finds the lease taken over) sets
-``ctx.cancelled``, which handlers check between steps.
+``ctx.cancelled``, which handlers check between steps. ``stop`` sets
+``ctx.stopping`` on the running tasks: one that saves its progress and raises
+``CancelledError`` is given back at once (no attempt counted); the others get
+the grace period to finish, then are given back too.
 
 The scheduler is reached through a ``SchedulerClient``: gRPC by default, or a
 scheduler in the same process (``deep3m.scheduler.inprocess``). Failures: a
