@@ -78,6 +78,10 @@ def test_train_flags_reach_the_job_and_bad_values_are_refused_at_submission(
             app, [*cli, *common, "--model", "m0", "--foreground-fraction", "2"]
         )
         assert bad_fraction.exit_code != 0 and "foreground_fraction" in bad_fraction.output
+        bad_snapshots = CliRunner().invoke(
+            app, [*cli, *common, "--model", "m0", "--snapshot-every-minutes", "-1"]
+        )
+        assert bad_snapshots.exit_code != 0 and "snapshot_every_minutes" in bad_snapshots.output
         result = CliRunner().invoke(
             app,
             [
@@ -101,6 +105,8 @@ def test_train_flags_reach_the_job_and_bad_values_are_refused_at_submission(
                 "0.25",
                 "--members",
                 "1fm",
+                "--snapshot-every-minutes",
+                "2.5",
             ],
         )
         assert result.exit_code == 0, result.output
@@ -116,6 +122,7 @@ def test_train_flags_reach_the_job_and_bad_values_are_refused_at_submission(
     )
     assert (spec.optimizer, spec.input_scale, spec.foreground_fraction) == ("adam", 2, 0.25)
     assert spec.architecture == "deepem3d" and list(spec.members) == ["1fm"]
+    assert spec.snapshot_every_minutes == 2.5
 
 
 def test_predict_into_a_complete_output_needs_overwrite(tmp_path: Path) -> None:

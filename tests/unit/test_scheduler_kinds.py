@@ -463,6 +463,10 @@ def test_a_patch_larger_than_the_image_is_clipped_with_a_note(
         ({"schedule": "step"}, "schedule"),
         ({"max_minutes": float("nan")}, "max_minutes"),
         ({"max_minutes": -1.0}, "max_minutes"),
+        ({"snapshot_every_minutes": float("nan")}, "snapshot_every_minutes"),
+        ({"snapshot_every_minutes": float("inf")}, "snapshot_every_minutes"),
+        ({"snapshot_every_minutes": -1.0}, "snapshot_every_minutes"),
+        ({"snapshot_every_minutes": 1e5}, "snapshot_every_minutes"),
         ({"input_scale": 9}, "input_scale"),
         ({"foreground_fraction": 1.5}, "foreground_fraction"),
         ({"foreground_fraction": float("nan")}, "foreground_fraction"),
@@ -492,6 +496,7 @@ def test_the_scheduler_copies_of_network_facts_match_the_models() -> None:
     from deep3m.training import config, objectives
 
     assert train_kind.MAX_INPUT_SCALE == MAX_INPUT_SCALE
+    assert train_kind.LIMITS["snapshot_every_minutes"] == config.MAX_SNAPSHOT_MINUTES
     assert train_kind.CHOICES["loss"] == get_args(objectives.Loss)
     assert train_kind.CHOICES["schedule"] == get_args(objectives.Schedule)
     assert train_kind.CHOICES["optimizer"] == get_args(

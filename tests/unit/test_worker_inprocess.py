@@ -16,7 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from deep3m.core.errors import Deep3mError, InvalidArgumentError, UnavailableError
+from deep3m.core.errors import (
+    CancelledError,
+    Deep3mError,
+    InvalidArgumentError,
+    UnavailableError,
+)
 from deep3m.core.events import ProgressEvent
 from deep3m.core.geometry import grid_cells
 from deep3m.core.store import Store
@@ -225,6 +230,37 @@ def test_stop_releases_tasks_that_outlast_the_grace(env: Env) -> None:
     assert env.scheduler.get(job_id).stages[0].tasks_done == 0
     env.clock.offset += 10.0  # past the retry backoff
     assert len(env.scheduler.lease("other", "inference", 4)) == 4
+
+
+def test_stop_gives_back_tasks_that_saved_their_progress_without_an_attempt(env: Env) -> None:
+    """A handler that can save its progress is told the worker is stopping, saves and
+    raises CancelledError: its task is given back at once, not failed, within the grace."""
+    entered = threading.Semaphore(0)
+    saved: list[str] = []
+
+    def saver(ctx: TaskContext) -> TaskResult:
+        entered.release()
+        while not ctx.stopping.wait(0.01):
+            assert not ctx.cancelled.is_set(), "stopping is not cancelling"
+        assert ctx.interrupted.is_set()
+        saved.append(ctx.task.id)
+        raise CancelledError(f"{ctx.task.id} saved; it resumes from there")
+
+    worker = env.worker("inference", {"predict": saver})
+    job_id = env.submit()
+    worker.start()
+    for _ in range(2):
+        assert entered.acquire(timeout=WAIT_S), "the handler was not called"
+    started = time.monotonic()
+    worker.stop(grace=60.0)
+    assert time.monotonic() - started < 30.0, "stop waited out the grace"
+    assert len(saved) == 2
+    assert (worker.released, worker.failed, worker.completed) == (2, 0, 0)
+    assert env.scheduler.queue_stats()["inference"] == (4, 0)
+    # No retry backoff and no attempt counted: leased again at once, still first attempts.
+    again = env.scheduler.lease("other", "inference", 4)
+    assert len(again) == 4 and {lease.attempt for lease in again} == {1}
+    assert env.scheduler.get(job_id).stages[0].tasks_done == 0
 
 
 def test_a_worker_refuses_a_scheduler_role_and_empty_handlers(env: Env) -> None:

@@ -6,6 +6,11 @@ params), the *resolved* job spec, and the job's volumes as checked at
 submission (``lease.volumes``: shape, dtype, write grid, voxel size), so a
 handler does not re-derive them. ``ctx.cancelled`` is set when the job is
 cancelled or the lease is lost; handlers check it between steps.
+``ctx.stopping`` is set when the worker is going away (SIGTERM: scale-down,
+spot interruption, rollout): a handler that can save its progress (training
+snapshots) does so and raises ``CancelledError``, and the task is given back
+without counting an attempt; others may simply finish within the grace.
+``ctx.interrupted`` is set when either is.
 ``ctx.report`` sends progress with the next heartbeat.
 
 Failures: raise a ``Deep3mError`` with ``retryable=False`` for bad input (the
@@ -39,6 +44,16 @@ class TaskResult:
     outputs: Mapping[str, str] = field(default_factory=dict)
 
 
+class AnySet:
+    """A read-only flag set when any of its events is (for code that polls ``is_set``)."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self._events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
+
+
 class TaskContext:
     """A running task: its lease, a cancellation flag, and a progress channel."""
 
@@ -49,6 +64,8 @@ class TaskContext:
         self.worker_id = worker_id
         self.settings = settings
         self.cancelled = threading.Event()
+        self.stopping = threading.Event()
+        self.interrupted = AnySet(self.cancelled, self.stopping)
         self._lock = threading.Lock()
         self._metrics: dict[str, float] = {}
         self._message = ""

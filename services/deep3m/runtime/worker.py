@@ -6,7 +6,10 @@ completes or fails it. Completions that finish while another is being sent
 go together in the next ``CompleteTasks`` call (one call, one store write, for
 many tasks). A heartbeat thread renews every lease at about a third of its
 length; a renew that answers *cancelled* (or finds the lease taken over) sets
-``ctx.cancelled``, which handlers check between steps.
+``ctx.cancelled``, which handlers check between steps. ``stop`` sets
+``ctx.stopping`` on the running tasks: one that saves its progress and raises
+``CancelledError`` is given back at once (no attempt counted); the others get
+the grace period to finish, then are given back too.
 
 The scheduler is reached through a ``SchedulerClient``: gRPC by default, or a
 scheduler in the same process (``deep3m.scheduler.inprocess``). Failures: a
@@ -123,6 +126,7 @@ class _Outcome:
     result: TaskResult | None = None
     error: common_pb2.ErrorDetail | None = None
     retryable: bool = True
+    release: bool = False  # given back unfinished (the worker is stopping): no attempt
 
 
 class Worker:
@@ -179,6 +183,7 @@ class Worker:
         )
         self.completed = 0
         self.failed = 0
+        self.released = 0
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -198,7 +203,8 @@ class Worker:
         )
 
     def stop(self, grace: float) -> None:
-        """Stop leasing; let running tasks finish within ``grace`` s, then give them back."""
+        """Stop leasing; tell running tasks (``ctx.stopping``): they finish, or save their
+        progress and are given back, within ``grace`` s; what is left is given back then."""
         self._stop.set()
         with self._changed:
             self._changed.notify_all()
@@ -207,6 +213,8 @@ class Worker:
             self._loop_thread = None
         end = time.monotonic() + max(grace, 0.0)
         with self._changed:
+            for active in self._active.values():
+                active.ctx.stopping.set()
             while self._active and (remaining := end - time.monotonic()) > 0:
                 self._changed.wait(remaining)
             leftover = list(self._active.values())
@@ -331,6 +339,9 @@ class Worker:
         except Deep3mError as exc:
             if ctx.cancelled.is_set():
                 return self._cancelled(ctx)
+            if ctx.stopping.is_set() and isinstance(exc, CancelledError):
+                # The handler saved its progress because this worker is going away.
+                return _Outcome(False, release=True)
             log.warning(
                 "task %s failed: %s",
                 task.id,
@@ -390,6 +401,10 @@ class Worker:
 
     def _report(self, ctx: TaskContext, outcome: _Outcome) -> None:
         lease_id = ctx.lease.lease_id
+        if outcome.release:
+            self._client.release(lease_id, self.worker_id, timeout=min(self._timeout, 5.0))
+            self.released += 1
+            return
         if outcome.complete and outcome.result is not None:
             result = outcome.result
             self._completions.complete((lease_id, result.metrics, result.outputs))

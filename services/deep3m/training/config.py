@@ -36,6 +36,7 @@ from deep3m.training.objectives import Loss, Schedule, lr_factor
 
 INTENSITY_AUGMENTATIONS = ("contrast", "blur", "noise", "elastic")
 DEFAULT_LEARNING_RATE = {"sgd": 1e-2, "adam": 1e-3}
+MAX_SNAPSHOT_MINUTES = 1440.0
 
 
 class VolumeSource(BaseModel):
@@ -75,6 +76,8 @@ class TrainConfig(BaseModel):
     accumulate_gradients: int = Field(default=8, ge=1, le=1024)
     validate_every: int = Field(default=500, ge=1)
     snapshot_every: int = Field(default=2000, ge=1)
+    # Also snapshot after this much wall time, so a preemption costs minutes.
+    snapshot_every_minutes: float = Field(default=5.0, gt=0, le=MAX_SNAPSHOT_MINUTES)
     # Loss values are reported at least this often between validations.
     log_every: int = Field(default=10, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -310,6 +313,7 @@ class TrainConfig(BaseModel):
             "patch_shape": tuple(spec.patch_shape),
             "validate_every": spec.validate_every,
             "snapshot_every": spec.snapshot_every,
+            "snapshot_every_minutes": spec.snapshot_every_minutes,
             "intensity_augmentations": tuple(spec.intensity_augmentations),
             "learning_rate": spec.learning_rate,
             "accumulate_gradients": spec.accumulate_gradients,

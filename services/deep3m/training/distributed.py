@@ -27,6 +27,7 @@ from deep3m.core.errors import CancelledError, Deep3mError, UnavailableError
 from deep3m.core.events import ProgressEvent
 from deep3m.core.store import Store
 from deep3m.training.config import TrainConfig
+from deep3m.training.run.state import StopFlag
 
 log = logging.getLogger("deep3m.training")
 
@@ -140,7 +141,7 @@ def train_member_distributed(
     *,
     device_type: str = "cpu",
     observer: Callable[[ProgressEvent], None] | None = None,
-    cancelled: threading.Event | None = None,
+    cancelled: StopFlag | None = None,
     job_id: str = "",
     dump_rank_weights: Path | None = None,
     threads_per_rank: int = 0,

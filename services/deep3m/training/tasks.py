@@ -3,9 +3,11 @@
 ``train`` trains one member (task param ``member``) of the job's TrainSpec,
 resuming from the member's newest snapshot when the task is a retry (a worker
 that died mid-training is replaced and continues, not restarts); progress goes
-to the scheduler through ``ctx.report``; ``ctx.cancelled`` stops it after a
-snapshot. With several visible GPUs the member trains data-parallel over all of
-them. ``finalize`` assembles ``models/<id>/model.json`` from the members'
+to the scheduler through ``ctx.report``; ``ctx.cancelled`` (the job cancelled)
+and ``ctx.stopping`` (the worker going away: the task is given back) stop it
+after a snapshot. Volumes are read where the scheduler resolved them at
+submission (``lease.volumes``). With several visible GPUs the member trains
+data-parallel over all of them. ``finalize`` assembles ``models/<id>/model.json`` from the members'
 weights and metrics, scoring the ensemble on the validation slices; it rewrites
 the same card when retried.
 """
@@ -21,7 +23,7 @@ import torch
 from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
 from deep3m.core.events import ProgressEvent
 from deep3m.core.locations import StoreRoots
-from deep3m.core.store import Store
+from deep3m.core.store import Store, VolumeInfo
 from deep3m.models.card import MemberCard, ModelCard, card_key, load_card, save_card
 from deep3m.models.registry import INPUT_MULTIPLE, build_network
 from deep3m.runtime.settings import Settings
@@ -39,7 +41,7 @@ from deep3m.training.trainer import (
     plot_key,
     train_member,
 )
-from deep3m.training.validate import resolve_source
+from deep3m.training.validate import Located, LocatedVolumes, resolve_source
 from deep3m.v1 import common_pb2
 
 # What the card keeps of each member's adaptation choice.
@@ -58,6 +60,17 @@ def _config(lease: common_pb2.TaskLease) -> TrainConfig:
             f"task {lease.task.id!r} is not part of a training job", field="spec.train"
         )
     return TrainConfig.from_spec(lease.spec.train)
+
+
+def located_volumes(lease: common_pb2.TaskLease, roots: StoreRoots) -> dict[str, Located]:
+    """The job's input volumes as resolved and checked by the scheduler at submission."""
+    out = {}
+    for name, v in lease.volumes.items():
+        info = VolumeInfo(
+            v.path, tuple(v.shape), v.dtype, tuple(v.grid), None, tuple(v.voxel_size_nm), True
+        )
+        out[name] = Located(roots.store(v.store_url, field=f"{name}.store_url"), v.path, info)
+    return out
 
 
 class TrainingTasks:
@@ -80,6 +93,7 @@ class TrainingTasks:
                 f"train task {lease.task.id!r} names no member", field="task.params.member"
             )
         store = self.model_store()
+        located = located_volumes(lease, self.roots)
         last_report = [0.0]
 
         def observer(event: ProgressEvent) -> None:
@@ -104,7 +118,7 @@ class TrainingTasks:
         elif gpus > 1:
             from deep3m.training.validate import check_training_inputs
 
-            check_training_inputs(config, store, roots=self.roots)
+            check_training_inputs(config, store, roots=self.roots, located=located)
             result = train_member_distributed(
                 config,
                 member,
@@ -112,7 +126,7 @@ class TrainingTasks:
                 gpus,
                 device_type="cuda",
                 observer=observer,
-                cancelled=ctx.cancelled,
+                cancelled=ctx.interrupted,
                 job_id=lease.task.job_id,
             )
         else:
@@ -121,10 +135,11 @@ class TrainingTasks:
                 member,
                 store,
                 observer=observer,
-                cancelled=ctx.cancelled,
+                cancelled=ctx.interrupted,
                 device=device,
                 roots=self.roots,
                 job_id=lease.task.job_id,
+                located=located,
             )
         metrics = {
             "iterations": float(result.iterations),
@@ -154,6 +169,7 @@ class TrainingTasks:
             config,
             store,
             roots=self.roots,
+            located=located_volumes(ctx.lease, self.roots),
             device=pick_device(None if self.settings.device == "auto" else self.settings.device),
         )
         return _task_result(card.metrics, {"model": card_key(card.id)})
@@ -176,17 +192,7 @@ def _adaptation_record(
         return {}
     first = dict(docs[config.members[0]].get("adaptation", {}))
     per_member = {
-        m: {
-            k: docs[m].get("adaptation", {}).get(k)
-            for k in (
-                "chosen_checkpoint",
-                "chosen_iteration",
-                "chosen_figures",
-                "choice",
-                "fallback",
-            )
-        }
-        for m in config.members
+        m: {k: docs[m].get("adaptation", {}).get(k) for k in CHOSEN_FIELDS} for m in config.members
     }
     fallbacks = [f"{m}: {r['fallback']}" for m, r in per_member.items() if r.get("fallback")]
     return {
@@ -203,15 +209,27 @@ def _adaptation_record(
 
 
 def _validation_volume(
-    config: TrainConfig, store: Store, norm: Normalization, roots: StoreRoots | None
+    config: TrainConfig,
+    store: Store,
+    norm: Normalization,
+    roots: StoreRoots | None,
+    located: LocatedVolumes | None = None,
 ) -> LabelledVolume:
-    img_src = config.validation_images or config.images
-    lbl_src = config.validation_labels or config.labels
-    s, key = resolve_source(img_src, store, roots, field="validation_images")
-    images = norm.apply(read_volume(s, key, img_src.array, what="validation_images"))
-    s, key = resolve_source(lbl_src, store, roots, field="validation_labels")
+    img_src, img_field = (
+        (config.validation_images, "validation_images")
+        if config.validation_images
+        else (config.images, "images")
+    )
+    lbl_src, lbl_field = (
+        (config.validation_labels, "validation_labels")
+        if config.validation_labels
+        else (config.labels, "labels")
+    )
+    s, key = resolve_source(img_src, store, roots, field=img_field, located=located)
+    images = norm.apply(read_volume(s, key, img_src.array, what=img_field))
+    s, key = resolve_source(lbl_src, store, roots, field=lbl_field, located=located)
     labels = to_classes(
-        read_volume(s, key, lbl_src.array, what="validation_labels"),
+        read_volume(s, key, lbl_src.array, what=lbl_field),
         config.num_classes,
         where=lbl_src.describe(),
     )
@@ -225,6 +243,7 @@ def assemble_card(
     roots: StoreRoots | None = None,
     device: torch.device | None = None,
     score: bool = True,
+    located: LocatedVolumes | None = None,
 ) -> ModelCard:
     """Write ``models/<id>/model.json`` for a job whose members have all finished."""
     docs: dict[str, dict[str, Any]] = {}
@@ -272,7 +291,7 @@ def assemble_card(
             state = load_safetensors(store.read_bytes(f"models/{config.model_id}/{m.weights}"))
             net.load_state_dict(state, strict=True)
             nets.append((net.to(dev).eval(), m.frames))
-        volume = _validation_volume(config, store, norm, roots)
+        volume = _validation_volume(config, store, norm, roots, located)
         metrics = {f"ensemble_{k}": v for k, v in evaluate_ensemble(nets, volume, dev).items()}
         probs = [foreground_probabilities([(n, f, 1.0)], volume, dev) for n, f in nets]
         chosen = select_ensemble(probs, volume.labels > 0)

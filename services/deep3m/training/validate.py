@@ -10,6 +10,7 @@ class count, or lacking a member).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +25,31 @@ from deep3m.training.config import TrainConfig, VolumeSource
 _SLAB = 8
 
 
+@dataclass(frozen=True)
+class Located:
+    """A volume already resolved and checked (by the scheduler, at submission)."""
+
+    store: Store
+    key: str
+    info: VolumeInfo
+
+
+# Input volumes by field name ("images", "labels", "validation_images", ...).
+LocatedVolumes = Mapping[str, Located]
+
+
 def resolve_source(
-    src: VolumeSource, store: Store, roots: StoreRoots | None, *, field: str
+    src: VolumeSource,
+    store: Store,
+    roots: StoreRoots | None,
+    *,
+    field: str,
+    located: LocatedVolumes | None = None,
 ) -> tuple[Store, str]:
-    """The store and key of a referenced volume (checked against ``roots`` when given)."""
+    """The store and key of a referenced volume: as located, or resolved here (checked
+    against ``roots`` when given)."""
+    if located is not None and field in located:
+        return located[field].store, located[field].key
     if roots is not None:
         return roots.resolve(src.store_url, src.path, field=field)
     try:
@@ -48,7 +70,15 @@ class CheckedInputs:
     base_card: ModelCard | None
 
 
-def _info(src: VolumeSource, store: Store, roots: StoreRoots | None, field: str) -> VolumeInfo:
+def _info(
+    src: VolumeSource,
+    store: Store,
+    roots: StoreRoots | None,
+    field: str,
+    located: LocatedVolumes | None = None,
+) -> VolumeInfo:
+    if located is not None and field in located:
+        return located[field].info  # complete and numeric: checked at submission
     s, key = resolve_source(src, store, roots, field=field)
     info = s.volume_info(key, src.array)
     if not info.complete:
@@ -97,8 +127,9 @@ def _check_labels(
     num_classes: int,
     *,
     need_foreground: bool,
+    located: LocatedVolumes | None = None,
 ) -> None:
-    s, key = resolve_source(src, store, roots, field=field)
+    s, key = resolve_source(src, store, roots, field=field, located=located)
     arr = s.open_volume(key, src.array)
     found = False
     low, high = 0, 0
@@ -154,11 +185,17 @@ def _check_base(config: TrainConfig, store: Store) -> ModelCard:
 
 
 def check_training_inputs(
-    config: TrainConfig, store: Store, *, roots: StoreRoots | None = None
+    config: TrainConfig,
+    store: Store,
+    *,
+    roots: StoreRoots | None = None,
+    located: LocatedVolumes | None = None,
 ) -> CheckedInputs:
-    """Validate everything a training job reads; raises before any training starts."""
-    images = _info(config.images, store, roots, "images")
-    labels = _info(config.labels, store, roots, "labels")
+    """Validate everything a training job reads; raises before any training starts.
+
+    Volumes in ``located`` are not looked up again; their contents (labels) still are."""
+    images = _info(config.images, store, roots, "images", located)
+    labels = _info(config.labels, store, roots, "labels", located)
     _same_shape(images, labels, config.images, config.labels, "labels")
     _enough_slices(images, config.images, config, "images")
     py, px = config.patch_shape
@@ -170,8 +207,8 @@ def check_training_inputs(
         )
     val_images = val_labels = None
     if config.validation_images is not None and config.validation_labels is not None:
-        val_images = _info(config.validation_images, store, roots, "validation_images")
-        val_labels = _info(config.validation_labels, store, roots, "validation_labels")
+        val_images = _info(config.validation_images, store, roots, "validation_images", located)
+        val_labels = _info(config.validation_labels, store, roots, "validation_labels", located)
         _same_shape(
             val_images,
             val_labels,
@@ -182,7 +219,15 @@ def check_training_inputs(
         _enough_slices(val_images, config.validation_images, config, "validation_images")
     base = _check_base(config, store) if config.base_model else None
     # Reading labels is the one costly check: after everything cheap has passed.
-    _check_labels(config.labels, store, roots, "labels", config.num_classes, need_foreground=True)
+    _check_labels(
+        config.labels,
+        store,
+        roots,
+        "labels",
+        config.num_classes,
+        need_foreground=True,
+        located=located,
+    )
     if config.validation_labels is not None:
         _check_labels(
             config.validation_labels,
@@ -191,5 +236,6 @@ def check_training_inputs(
             "validation_labels",
             config.num_classes,
             need_foreground=False,
+            located=located,
         )
     return CheckedInputs(images, labels, val_images, val_labels, base)

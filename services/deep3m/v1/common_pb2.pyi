@@ -93,7 +93,7 @@ class PredictSpec(_message.Message):
     def __init__(self, input: _Optional[_Union[VolumeRef, _Mapping]] = ..., model: _Optional[str] = ..., output: _Optional[_Union[VolumeRef, _Mapping]] = ..., tta_level: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., block_shape: _Optional[_Iterable[int]] = ..., halo: _Optional[_Iterable[int]] = ..., postprocess: _Optional[bool] = ..., threshold: _Optional[float] = ..., labelling: _Optional[_Union[LabelSpec, _Mapping]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
-    __slots__ = ("images", "labels", "validation_images", "validation_labels", "model", "architecture", "width", "members", "iterations", "base_model", "add_iterations", "batch_size", "patch_shape", "validate_every", "snapshot_every", "intensity_augmentations", "learning_rate", "accumulate_gradients", "voxel_size_nm", "num_classes", "seed", "recipe", "max_minutes", "optimizer", "loss", "schedule", "input_scale", "foreground_fraction", "adapt_to", "adaptation", "select_by", "adaptation_iterations", "adaptation_checkpoints", "match_histogram_at_predict")
+    __slots__ = ("images", "labels", "validation_images", "validation_labels", "model", "architecture", "width", "members", "iterations", "base_model", "add_iterations", "batch_size", "patch_shape", "validate_every", "snapshot_every", "intensity_augmentations", "learning_rate", "accumulate_gradients", "voxel_size_nm", "num_classes", "seed", "recipe", "max_minutes", "optimizer", "loss", "schedule", "input_scale", "foreground_fraction", "snapshot_every_minutes", "adapt_to", "adaptation", "select_by", "adaptation_iterations", "adaptation_checkpoints", "match_histogram_at_predict")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class TrainSpec(_message.Message):
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     INPUT_SCALE_FIELD_NUMBER: _ClassVar[int]
     FOREGROUND_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_EVERY_MINUTES_FIELD_NUMBER: _ClassVar[int]
     ADAPT_TO_FIELD_NUMBER: _ClassVar[int]
     ADAPTATION_FIELD_NUMBER: _ClassVar[int]
     SELECT_BY_FIELD_NUMBER: _ClassVar[int]
@@ -156,13 +157,14 @@ class TrainSpec(_message.Message):
     schedule: str
     input_scale: int
     foreground_fraction: float
+    snapshot_every_minutes: float
     adapt_to: VolumeRef
     adaptation: str
     select_by: str
     adaptation_iterations: int
     adaptation_checkpoints: int
     match_histogram_at_predict: bool
-    def __init__(self, images: _Optional[_Union[VolumeRef, _Mapping]] = ..., labels: _Optional[_Union[VolumeRef, _Mapping]] = ..., validation_images: _Optional[_Union[VolumeRef, _Mapping]] = ..., validation_labels: _Optional[_Union[VolumeRef, _Mapping]] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., width: _Optional[float] = ..., members: _Optional[_Iterable[str]] = ..., iterations: _Optional[int] = ..., base_model: _Optional[str] = ..., add_iterations: _Optional[int] = ..., batch_size: _Optional[int] = ..., patch_shape: _Optional[_Iterable[int]] = ..., validate_every: _Optional[int] = ..., snapshot_every: _Optional[int] = ..., intensity_augmentations: _Optional[_Iterable[str]] = ..., learning_rate: _Optional[float] = ..., accumulate_gradients: _Optional[int] = ..., voxel_size_nm: _Optional[_Iterable[float]] = ..., num_classes: _Optional[int] = ..., seed: _Optional[int] = ..., recipe: _Optional[str] = ..., max_minutes: _Optional[float] = ..., optimizer: _Optional[str] = ..., loss: _Optional[str] = ..., schedule: _Optional[str] = ..., input_scale: _Optional[int] = ..., foreground_fraction: _Optional[float] = ..., adapt_to: _Optional[_Union[VolumeRef, _Mapping]] = ..., adaptation: _Optional[str] = ..., select_by: _Optional[str] = ..., adaptation_iterations: _Optional[int] = ..., adaptation_checkpoints: _Optional[int] = ..., match_histogram_at_predict: _Optional[bool] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Union[VolumeRef, _Mapping]] = ..., labels: _Optional[_Union[VolumeRef, _Mapping]] = ..., validation_images: _Optional[_Union[VolumeRef, _Mapping]] = ..., validation_labels: _Optional[_Union[VolumeRef, _Mapping]] = ..., model: _Optional[str] = ..., architecture: _Optional[str] = ..., width: _Optional[float] = ..., members: _Optional[_Iterable[str]] = ..., iterations: _Optional[int] = ..., base_model: _Optional[str] = ..., add_iterations: _Optional[int] = ..., batch_size: _Optional[int] = ..., patch_shape: _Optional[_Iterable[int]] = ..., validate_every: _Optional[int] = ..., snapshot_every: _Optional[int] = ..., intensity_augmentations: _Optional[_Iterable[str]] = ..., learning_rate: _Optional[float] = ..., accumulate_gradients: _Optional[int] = ..., voxel_size_nm: _Optional[_Iterable[float]] = ..., num_classes: _Optional[int] = ..., seed: _Optional[int] = ..., recipe: _Optional[str] = ..., max_minutes: _Optional[float] = ..., optimizer: _Optional[str] = ..., loss: _Optional[str] = ..., schedule: _Optional[str] = ..., input_scale: _Optional[int] = ..., foreground_fraction: _Optional[float] = ..., snapshot_every_minutes: _Optional[float] = ..., adapt_to: _Optional[_Union[VolumeRef, _Mapping]] = ..., adaptation: _Optional[str] = ..., select_by: _Optional[str] = ..., adaptation_iterations: _Optional[int] = ..., adaptation_checkpoints: _Optional[int] = ..., match_histogram_at_predict: _Optional[bool] = ...) -> None: ...
 
 class LabelSpec(_message.Message):
     __slots__ = ("input", "output", "threshold", "connectivity", "min_size_voxels", "watershed", "name", "block_shape", "table_shards", "ground_truth", "exclusion_zone_voxels")

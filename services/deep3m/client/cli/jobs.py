@@ -255,6 +255,11 @@ def train(
         "--match-at-predict",
         help="Prediction matches its input's histogram to the training data's.",
     ),
+    snapshot_every_minutes: float = typer.Option(
+        0.0,
+        help="Snapshot a member at least this often (wall-clock minutes; 0: every 5), "
+        "so a preempted worker loses at most that much training.",
+    ),
     wait: bool = typer.Option(
         True, help="Follow the job until it ends (iteration, loss, it/s, ETA, validation)."
     ),
@@ -289,6 +294,7 @@ def train(
             adaptation_iterations=adaptation_iterations,
             adaptation_checkpoints=adaptation_checkpoints,
             match_histogram_at_predict=match_at_predict,
+            snapshot_every_minutes=snapshot_every_minutes,
         )
         finish(c, job, wait)
 

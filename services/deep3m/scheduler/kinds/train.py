@@ -62,6 +62,7 @@ LIMITS: Mapping[str, float] = {
     "snapshot_every": MAX_COUNT,
     "adaptation_iterations": MAX_COUNT,
     "adaptation_checkpoints": MAX_CHECKPOINTS,
+    "snapshot_every_minutes": 1440.0,  # config.MAX_SNAPSHOT_MINUTES
 }
 
 
