@@ -106,11 +106,12 @@ class Scheduler:
         self.settings = settings
         roots = StoreRoots.from_settings(settings)
         self.store = store or roots.store()
-        self.jobs_store = JobStore(self.store)
+        self.jobs_store = JobStore(self.store, retry_s=settings.store_retry_seconds)
         self.context = context or kinds.KindContext(
             roots,
             max_region_voxels=settings.max_region_voxels,
             restrict_local_inputs=settings.restrict_local_inputs,
+            store_retry_s=settings.store_retry_seconds,
         )
         self.queue = TaskQueue(
             backoff_s=settings.retry_backoff_seconds, default_lease_s=settings.lease_seconds
