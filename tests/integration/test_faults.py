@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from deep3m.client.client import Deep3mClient
+from deep3m.core.errors import UnavailableError
 from deep3m.core.geometry import grid_cells
 from deep3m.core.store import S3Store, Store
 from deep3m.launcher.local import free_port, wait_serving
@@ -272,3 +273,25 @@ def test_a_tiling_worker_killed_mid_ingest_changes_nothing(tmp_path: Path) -> No
     np.testing.assert_array_equal(got, np.asarray(store.open_volume("volumes/ref.zarr")[:]))
     np.testing.assert_array_equal(got, stack)
     assert store.volume_info("volumes/out.zarr").complete
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_submitting_while_the_store_is_down_is_unavailable(seaweed: SeaweedServer) -> None:
+    url = seaweed.url("down")
+    store = Store(url, seaweed.storage_options)
+    write_volume(store, "volumes/in.zarr", np.zeros((4, 32, 32), np.uint16))
+    save_test_model(store, "m1")
+    with roles_in_process(url, **seaweed.settings_fields()) as address:
+        client = Deep3mClient(address, timeout_s=60)
+        try:
+            seaweed.stop()
+            # UNAVAILABLE (retryable), not an internal error; once the store is back the
+            # same submission goes through (no claim on the output is left behind).
+            with pytest.raises(UnavailableError, match="could not be reached"):
+                client.submit(predict_spec("volumes/out.zarr", block_shape=[4, 32, 32]))
+            seaweed.restart()
+            job = client.submit(predict_spec("volumes/out.zarr", block_shape=[4, 32, 32]))
+            assert client.get(job.id).stages[0].tasks_total == 1
+        finally:
+            client.close()

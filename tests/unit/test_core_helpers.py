@@ -105,6 +105,15 @@ def test_missing_store_credentials_are_named_not_internal() -> None:
     assert storage_access_error(ValueError("unrelated")) is None
 
 
+def test_an_unreachable_store_is_unavailable_not_internal() -> None:
+    from botocore.exceptions import EndpointConnectionError as BotoEndpointError
+    from deep3m.core.errors import UnavailableError, storage_access_error
+
+    err = storage_access_error(BotoEndpointError(endpoint_url="http://127.0.0.1:1/b/k"))
+    assert isinstance(err, UnavailableError) and err.retryable
+    assert "could not be reached" in err.message and err.field == "store_url"
+
+
 class EndpointConnectionError(Exception):
     """Named like botocore's (core matches by class name, importing no botocore)."""
 

@@ -18,7 +18,8 @@ _NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError"})
 
 
 def storage_access_error(exc: BaseException) -> Deep3mError | None:
-    """A domain error for an object store that refused us for want of credentials.
+    """A domain error for an object store that refused us for want of credentials, or
+    that could not be reached (UNAVAILABLE: worth retrying).
 
     botocore raises ``NoCredentialsError`` deep inside s3fs; s3fs turns an
     ``AccessDenied`` into ``PermissionError``. Both are a setup problem to name,
@@ -40,6 +41,12 @@ def storage_access_error(exc: BaseException) -> Deep3mError | None:
                 field="store_url",
             )
         chain = chain.__cause__ or chain.__context__
+    if store_unreachable(exc):
+        return UnavailableError(
+            f"the object store could not be reached ({type(exc).__name__}: {str(exc)[:200]}); "
+            "retry once it is back",
+            field="store_url",
+        )
     return None
 
 
