@@ -11,7 +11,6 @@ postprocess worker in ``test_sharded_postprocess.py``, a scheduler killed twice 
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from deep3m.scheduler.core import Scheduler
 from deep3m.testing.processes import spawn_role, stop
 from deep3m.testing.scheduler import (
     SchedulerProcess,
+    completion_records,
     predict_spec,
     roles_in_process,
     save_random_model,
@@ -52,17 +52,6 @@ def _succeeded(client: Deep3mClient, job_id: str) -> common_pb2.Job:
         (e.task_id, e.message) for e in final.errors
     ]
     return final
-
-
-def _records(store: Store, job_id: str, stage: str) -> dict[str, dict[str, object]]:
-    """Task id → completion record, whether stored alone or in a batch."""
-    prefix = f"jobs/{job_id}/done/{stage}"
-    out: dict[str, dict[str, object]] = {}
-    for name in store.list(prefix):
-        doc = json.loads(store.read_bytes(f"{prefix}/{name}"))
-        for record in doc["records"].values() if "records" in doc else [doc]:
-            out[str(record["task_id"])] = record
-    return out
 
 
 def _wait_midway(client: Deep3mClient, job_id: str, stage: str, at_least: int = 1) -> None:
@@ -144,7 +133,7 @@ def test_a_store_outage_mid_job_is_waited_out(seaweed: SeaweedServer, tmp_path: 
     assert store.volume_info("volumes/out.zarr").complete
     # The outage reached the worker, which waited it out without spending attempts.
     assert "store unreachable" in worker_log.read_text()
-    records = _records(store, job.id, "predict")
+    records = completion_records(store, job.id, "predict")
     assert len(records) == final.stages[0].tasks_total == 64
     assert {r["attempt"] for r in records.values()} == {1}
 
@@ -266,7 +255,7 @@ def test_a_tiling_worker_killed_mid_ingest_changes_nothing(tmp_path: Path) -> No
                 stop(proc)  # type: ignore[arg-type]
     # The kill cost the task(s) it held: their leases expired and they ran again elsewhere.
     assert any("lease expired: worker 'doomed'" in m for m in messages), messages
-    records = _records(store, job.id, "ingest")
+    records = completion_records(store, job.id, "ingest")
     assert len(records) == final.stages[0].tasks_total == len(stack)
     assert {str(r["worker_id"]) for r in records.values()} == {"doomed", "spare"}
     got = np.asarray(store.open_volume("volumes/out.zarr")[:])

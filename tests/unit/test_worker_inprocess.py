@@ -27,6 +27,7 @@ from deep3m.runtime.worker import Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.inprocess import InProcessSchedulerClient
 from deep3m.testing.scheduler import (
+    completion_records,
     double_block_metrics,
     predict_spec,
     save_test_model,
@@ -372,7 +373,7 @@ def test_a_store_outage_in_a_task_is_waited_out_without_spending_attempts(env: E
     assert sorted(calls.values()) == [1, 1, 1, 4]
     view = env.scheduler.get(job_id)
     assert view.state == "SUCCEEDED" and not view.errors
-    attempts = {r["attempt"] for r in _records(env.store, job_id)}
+    attempts = {r["attempt"] for r in completion_records(env.store, job_id, "predict").values()}
     assert attempts == {1}
 
     def bad(ctx: TaskContext) -> TaskResult:
@@ -387,14 +388,3 @@ def test_a_store_outage_in_a_task_is_waited_out_without_spending_attempts(env: E
         worker.stop(grace=1.0)
     assert calls["bad"] == 2  # once per task leased (capacity 2), never again in place
     assert env.scheduler.get(second).stages[0].tasks_quarantined == 2
-
-
-def _records(store: Store, job_id: str) -> list[dict[str, object]]:
-    import json
-
-    prefix = f"jobs/{job_id}/done/predict"
-    out: list[dict[str, object]] = []
-    for name in store.list(prefix):
-        doc = json.loads(store.read_bytes(f"{prefix}/{name}"))
-        out += list(doc["records"].values()) if "records" in doc else [doc]
-    return out
