@@ -32,6 +32,7 @@ from deep3m.runtime.worker import Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.inprocess import InProcessSchedulerClient
 from deep3m.testing.scheduler import (
+    completion_records,
     double_block_metrics,
     predict_spec,
     save_test_model,
@@ -382,3 +383,44 @@ def test_a_hung_worker_loses_its_task_and_its_late_completion_is_refused(env: En
     )
     assert outcomes == [None] * 4
     assert env.scheduler.get(job_id).stages[0].tasks_done == 4
+
+
+def test_a_store_outage_in_a_task_is_waited_out_without_spending_attempts(env: Env) -> None:
+    """A handler meeting an unreachable store runs again with backoff on the same lease;
+    a bad-input error is not retried that way."""
+    calls: dict[str, int] = {}
+
+    def predict(ctx: TaskContext) -> TaskResult:
+        calls[ctx.task.id] = calls.get(ctx.task.id, 0) + 1
+        # The first block fails as often as max_attempts (3) allows in all.
+        if ctx.task.id.endswith("b0-0-0") and calls[ctx.task.id] <= 3:
+            raise OSError("s3 down") from ConnectionRefusedError(111, "Connect call failed")
+        return TaskResult(metrics=double_block_metrics(env.store, ctx.lease))
+
+    inference = env.worker("inference", {"predict": predict}, worker_capacity=1)
+    postprocess = env.worker("postprocess", {"finalize": lambda ctx: TaskResult()})
+    job_id = env.submit()
+    try:
+        assert sum(inference.run_once() for _ in range(5)) == 4
+        assert postprocess.run_once() == 1
+    finally:
+        inference.stop(grace=1.0)
+        postprocess.stop(grace=1.0)
+    assert sorted(calls.values()) == [1, 1, 1, 4]
+    view = env.scheduler.get(job_id)
+    assert view.state == "SUCCEEDED" and not view.errors
+    attempts = {r["attempt"] for r in completion_records(env.store, job_id, "predict").values()}
+    assert attempts == {1}
+
+    def bad(ctx: TaskContext) -> TaskResult:
+        calls["bad"] = calls.get("bad", 0) + 1
+        raise InvalidArgumentError("no such channel", field="spec.channel")
+
+    worker = env.worker("inference", {"predict": bad})
+    second = env.scheduler.submit(predict_spec("volumes/out2.zarr", block_shape=BLOCK)).id
+    try:
+        worker.run_once()
+    finally:
+        worker.stop(grace=1.0)
+    assert calls["bad"] == 2  # once per task leased (capacity 2), never again in place
+    assert env.scheduler.get(second).stages[0].tasks_quarantined == 2

@@ -18,7 +18,8 @@ _NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError"})
 
 
 def storage_access_error(exc: BaseException) -> Deep3mError | None:
-    """A domain error for an object store that refused us for want of credentials.
+    """A domain error for an object store that refused us for want of credentials, or
+    that could not be reached (UNAVAILABLE: worth retrying).
 
     botocore raises ``NoCredentialsError`` deep inside s3fs; s3fs turns an
     ``AccessDenied`` into ``PermissionError``. Both are a setup problem to name,
@@ -40,7 +41,51 @@ def storage_access_error(exc: BaseException) -> Deep3mError | None:
                 field="store_url",
             )
         chain = chain.__cause__ or chain.__context__
+    if store_unreachable(exc):
+        return UnavailableError(
+            f"the object store could not be reached ({type(exc).__name__}: {str(exc)[:200]}); "
+            "retry once it is back",
+            field="store_url",
+        )
     return None
+
+
+# Errors of a store that did not answer (refused, reset, timed out): botocore's and
+# aiohttp's by class name, the built-in ones by type.
+_UNREACHABLE = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "HTTPClientError",
+        "ClientConnectionError",
+        "ServerDisconnectedError",
+    }
+)
+# S3 error codes that mean "the server is there but cannot serve now".
+_BUSY_CODES = frozenset({"ServiceUnavailable", "SlowDown", "InternalError", "RequestTimeout"})
+
+
+def store_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the store could not be reached or was
+    too busy to answer: an outage to wait out, not a fault of the request."""
+    chain: BaseException | None = exc
+    seen = 0
+    while chain is not None and seen < 32:
+        if isinstance(chain, ConnectionError | TimeoutError):
+            return True
+        if _UNREACHABLE & {cls.__name__ for cls in type(chain).__mro__}:
+            return True
+        response = getattr(chain, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = response.get("Error", {}).get("Code", "")
+            if (isinstance(status, int) and status >= 500) or code in _BUSY_CODES:
+                return True
+        chain = chain.__cause__ or chain.__context__
+        seen += 1
+    return False
 
 
 class Deep3mError(Exception):

@@ -8,7 +8,13 @@ the scheduler at the same moment so they do not reconnect in lockstep.
 from __future__ import annotations
 
 import random
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,3 +54,34 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+def retry_while(
+    call: Callable[[], T],
+    transient: Callable[[BaseException], bool],
+    *,
+    budget_s: float,
+    backoff: Backoff | None = None,
+    wait: Callable[[float], bool] | None = None,
+    on_retry: Callable[[BaseException, float], None] | None = None,
+) -> T:
+    """``call()``, again after each ``transient`` error until ``budget_s`` has passed.
+
+    ``wait(delay)`` waits between tries (``Event.wait``: returning True gives up at
+    once, e.g. on a stop request); the last error is raised when giving up.
+    ``on_retry(error, delay)`` hears each retry (to log the first, say).
+    """
+    policy = backoff or Backoff(0.2, 5.0, jitter=0.2)
+    pause = wait or threading.Event().wait
+    give_up = time.monotonic() + max(budget_s, 0.0)
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            delay = policy.next_delay()
+            if not transient(exc) or time.monotonic() + delay > give_up:
+                raise
+            if on_retry is not None:
+                on_retry(exc, delay)
+            if pause(delay):
+                raise

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
     worker_capacity: int = Field(default=1, ge=1)
     poll_interval_seconds: float = Field(default=0.5, gt=0)
+    # An unreachable store (S3 outage, restart) is waited out this long, with backoff,
+    # by the scheduler's writes and a worker's task, before it counts as a failure.
+    store_retry_seconds: float = Field(default=120.0, ge=0)
     # Finished jobs (and their documents) are deleted this long after they end; 0 keeps them.
     finished_job_retention_days: float = Field(default=30.0, ge=0)
     # WatchJob streams served at once; each holds a thread of its own, apart from the

@@ -36,8 +36,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from deep3m.core.errors import CancelledError, Deep3mError, InvalidArgumentError
-from deep3m.core.retry import Backoff
+from deep3m.core.errors import (
+    CancelledError,
+    Deep3mError,
+    InvalidArgumentError,
+    store_unreachable,
+)
+from deep3m.core.retry import Backoff, retry_while
 from deep3m.runtime.channel import ChannelSecurity
 from deep3m.runtime.scheduler_client import (
     WORKER_CHANNEL_OPTIONS,
@@ -118,6 +123,8 @@ class _Active:
     interval_s: float
     next_renew: float
     abandoned: threading.Event = field(default_factory=threading.Event)
+    # The outcome is being reported: the scheduler may be recording it right now.
+    delivering: bool = False
 
 
 @dataclass(frozen=True)
@@ -310,6 +317,7 @@ class Worker:
     def _run(self, active: _Active) -> None:
         try:
             outcome = self._execute(active.ctx)
+            active.delivering = True
             self._deliver(active, outcome)
         except Exception:  # a task thread must never take the worker down
             log.exception("task %s: reporting failed", active.ctx.task.id)
@@ -335,7 +343,7 @@ class Worker:
             )
         started = time.perf_counter()
         try:
-            result = handler(ctx)
+            result = self._call_waiting_out_outages(handler, ctx)
         except Deep3mError as exc:
             if ctx.cancelled.is_set():
                 return self._cancelled(ctx)
@@ -388,6 +396,35 @@ class Worker:
             },
         )
         return _Outcome(True, result=result)
+
+    def _call_waiting_out_outages(self, handler: TaskHandler, ctx: TaskContext) -> TaskResult:
+        """Run ``handler``; while the store is unreachable, run it again with backoff
+        (the lease is kept alive meanwhile) for up to ``store_retry_seconds``.
+
+        An outage is nobody's fault: waiting it out here counts no attempt, where a
+        failure would, and a few in a row would quarantine healthy blocks. Handlers
+        are idempotent (a task may run twice anyway), so a partial first run is fine.
+        """
+        task = ctx.task
+
+        def note(exc: BaseException, delay: float) -> None:
+            log.warning(
+                "task %s: store unreachable (%s: %s); running it again in %.1f s",
+                task.id,
+                type(exc).__name__,
+                str(exc)[:200],
+                delay,
+                extra={"task_id": task.id, "job_id": task.job_id},
+            )
+
+        return retry_while(
+            lambda: handler(ctx),
+            lambda exc: store_unreachable(exc) and not ctx.cancelled.is_set(),
+            budget_s=self.settings.store_retry_seconds,
+            backoff=Backoff(0.5, 5.0, jitter=0.2),
+            wait=ctx.cancelled.wait,
+            on_retry=note,
+        )
 
     @staticmethod
     def _cancelled(ctx: TaskContext) -> _Outcome:
@@ -472,7 +509,9 @@ class Worker:
                 timeout=min(self._timeout, max(active.interval_s, 1.0)),
             )
         except Deep3mError as exc:
-            if exc.retryable:
+            if exc.retryable or (active.delivering and not isinstance(exc, CancelledError)):
+                # While its completion is being recorded the lease is not renewable; if
+                # recording fails (the store is down) the lease is ours again: keep trying.
                 active.next_renew = time.monotonic() + min(active.interval_s, 0.5)
                 return
             if isinstance(exc, CancelledError):

@@ -79,6 +79,7 @@ class Scheduler:
             roots,
             max_region_voxels=settings.max_region_voxels,
             restrict_local_inputs=settings.restrict_local_inputs,
+            store_retry_s=settings.store_retry_seconds,
         )
         state = SchedulerState(settings, store or roots.store(), context, bus or EventBus(), clock)
         self._state = state

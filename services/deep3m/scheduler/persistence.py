@@ -33,19 +33,22 @@ store (S3): a late write of a fenced-off scheduler fails there too.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 from google.protobuf import json_format
 
-from deep3m.core.errors import InvalidArgumentError, NotFoundError
+from deep3m.core.errors import InvalidArgumentError, NotFoundError, store_unreachable
 from deep3m.core.executor import bounded_map
+from deep3m.core.retry import retry_while
 from deep3m.core.store import Store
 from deep3m.scheduler.fencing import FencedDocuments, WriteFence
 from deep3m.scheduler.kinds.base import Resolved, VolumeFacts, check_job_id, job_kind
@@ -61,6 +64,42 @@ BATCH_PREFIX = "batch-"
 READ_THREADS = 16
 # Leases older than the last few restarts have long expired; no need to adopt them.
 KEEP_EPOCHS = 16
+# How long an unreachable store is waited out by default (Settings.store_retry_seconds).
+STORE_RETRY_S = 120.0
+
+log = logging.getLogger("deep3m.scheduler")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _waits_out_outages(
+    method: Callable[Concatenate[JobStore, P], R],
+) -> Callable[Concatenate[JobStore, P], R]:
+    """Retry ``method`` with backoff while the store is unreachable, up to ``retry_s``.
+
+    Not on the completion path (``mark_done*``): a worker waits for that answer
+    within its call's deadline and retries the call itself.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: JobStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        def note(exc: BaseException, delay: float) -> None:
+            log.warning(
+                "store unreachable (%s: %s); %s retried in %.1f s",
+                type(exc).__name__,
+                str(exc)[:200],
+                method.__name__,
+                delay,
+            )
+
+        return retry_while(
+            lambda: method(self, *args, **kwargs),
+            store_unreachable,
+            budget_s=self.retry_s,
+            on_retry=note,
+        )
+
+    return wrapper
 
 
 def spec_to_json(spec: common_pb2.JobSpec) -> dict[str, Any]:
@@ -139,10 +178,17 @@ class JobRecord:
 
 
 class JobStore:
-    """Reads and writes the scheduler's documents; thread-safe for distinct keys."""
+    """Reads and writes the scheduler's documents; thread-safe for distinct keys.
 
-    def __init__(self, store: Store, fence: WriteFence | None = None) -> None:
+    Everything but submitting and recording completions (whose callers retry)
+    waits out an unreachable store for ``retry_s`` seconds.
+    """
+
+    def __init__(
+        self, store: Store, fence: WriteFence | None = None, *, retry_s: float = STORE_RETRY_S
+    ) -> None:
         self.store = store
+        self.retry_s = retry_s
         self._index_lock = threading.Lock()
         self._finished: dict[str, dict[str, Any]] | None = None
         self._fence: WriteFence | None = None
@@ -190,6 +236,7 @@ class JobStore:
         return f"{JOBS_PREFIX}/{check_job_id(job_id)}"
 
     # -- jobs -----------------------------------------------------------------
+    @_waits_out_outages
     def listed_job_ids(self) -> list[str]:
         """Every folder under ``jobs/``, without checking each (one listing)."""
         return self.store.list(JOBS_PREFIX)
@@ -200,20 +247,24 @@ class JobStore:
     def save_job(self, record: JobRecord) -> None:
         self._write_json(f"{self._job(record.id)}/job.json", record.to_json())
 
+    @_waits_out_outages
     def load_job(self, job_id: str) -> JobRecord:
         key = f"{self._job(job_id)}/job.json"
         if not self.store.exists(key):
             raise NotFoundError(f"job {job_id!r} not found", field="job_id")
         return JobRecord.from_json(self.store.read_json(key), where=self.store.key_url(key))
 
+    @_waits_out_outages
     def delete_job(self, job_id: str) -> None:
         self._check()
         self.store.delete(self._job(job_id))
 
     # -- stages ---------------------------------------------------------------
+    @_waits_out_outages
     def save_stage(self, job_id: str, plan: StagePlan) -> None:
         self._write_json(f"{self._job(job_id)}/stages/{plan.index}.json", plan.to_json())
 
+    @_waits_out_outages
     def load_stages(self, job_id: str) -> list[StagePlan]:
         prefix = f"{self._job(job_id)}/stages"
         names = [n for n in self.store.list(prefix) if n.endswith(".json")]
@@ -256,6 +307,7 @@ class JobStore:
             out[i] = dict(json.loads(raw)["records"])
         return out
 
+    @_waits_out_outages
     def done_tasks(self, job_id: str, stage: str) -> np.ndarray:
         names = self.store.list(f"{self._job(job_id)}/done/{stage}")
         tasks = {int(n) for n in names if n.isdigit()}
@@ -263,6 +315,7 @@ class JobStore:
             tasks.update(int(t) for t in batch)
         return np.fromiter(sorted(tasks), dtype=np.int64, count=len(tasks))
 
+    @_waits_out_outages
     def done_records(self, job_id: str, stage: str) -> dict[int, dict[str, Any]]:
         """Every completion record of a stage, by task number."""
         prefix = f"{self._job(job_id)}/done/{stage}"
@@ -276,6 +329,7 @@ class JobStore:
             records[singles[i]] = dict(json.loads(raw))
         return records
 
+    @_waits_out_outages
     def done_record(self, job_id: str, stage: str, task: int) -> dict[str, Any]:
         prefix = f"{self._job(job_id)}/done/{stage}"
         names = self.store.list(prefix)
@@ -286,6 +340,7 @@ class JobStore:
                 return dict(batch[str(task)])
         raise NotFoundError(f"no completion record of task {task} of {prefix}", field="task")
 
+    @_waits_out_outages
     def save_quarantine(
         self, job_id: str, stage: str, task: int, record: Mapping[str, Any]
     ) -> None:
@@ -294,6 +349,7 @@ class JobStore:
             json.dumps(dict(record), sort_keys=True).encode(),
         )
 
+    @_waits_out_outages
     def quarantined(self, job_id: str, stage: str) -> dict[int, dict[str, Any]]:
         prefix = f"{self._job(job_id)}/quarantine/{stage}"
         return {
@@ -303,6 +359,7 @@ class JobStore:
         }
 
     # -- scheduler instances ------------------------------------------------------
+    @_waits_out_outages
     def register_epoch(self, epoch: str) -> list[str]:
         """Record this instance; returns the earlier ones (newest last)."""
         data = self._read_index(EPOCHS_KEY)
@@ -311,16 +368,20 @@ class JobStore:
         return earlier
 
     # -- ends ---------------------------------------------------------------------
+    @_waits_out_outages
     def mark_cancelled(self, job_id: str) -> None:
         self._write_json(f"{self._job(job_id)}/cancelled", {"unix_s": time.time()})
 
+    @_waits_out_outages
     def is_cancelled(self, job_id: str) -> bool:
         return self.store.exists(f"{self._job(job_id)}/cancelled")
 
+    @_waits_out_outages
     def save_result(self, job_id: str, result: Mapping[str, Any]) -> None:
         self._write_json(f"{self._job(job_id)}/result.json", dict(result))
 
     # -- the index of finished jobs ------------------------------------------------
+    @_waits_out_outages
     def finished_index(self) -> dict[str, dict[str, Any]]:
         """job id → {state, created_unix_s, finished_unix_s} of every indexed finished job."""
         with self._index_lock:
@@ -330,6 +391,7 @@ class JobStore:
                 self._finished = {str(k): dict(v) for k, v in jobs.items()}
             return dict(self._finished)
 
+    @_waits_out_outages
     def index_finished(
         self, entries: Mapping[str, Mapping[str, Any]], removed: Iterable[str] = ()
     ) -> None:
@@ -342,6 +404,7 @@ class JobStore:
                 self._finished.pop(job_id, None)
             self._write_index(FINISHED_KEY, {"jobs": self._finished})
 
+    @_waits_out_outages
     def load_result(self, job_id: str) -> dict[str, Any] | None:
         key = f"{self._job(job_id)}/result.json"
         if not self.store.exists(key):

