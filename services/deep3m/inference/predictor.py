@@ -207,18 +207,31 @@ class EnsemblePredictor:
         raw = raw[before - need : z - after + need]
         before = after = need
         stack = _pad_to_multiple(self.card.normalize(raw), self.card.input_multiple)
+        weight_sum = sum(self._weights)
         with torch.inference_mode():
             data = torch.from_numpy(np.ascontiguousarray(stack)).to(self.device)
-            total = torch.zeros((z_out, *stack.shape[1:]), dtype=torch.float32, device=self.device)
+            # Accumulated in place into the first prediction: no zeroed buffers, and a
+            # single member under the identity costs no pass over the block at all.
+            total: torch.Tensor | None = None
             for member, weight in zip(self._members, self._weights, strict=True):
                 if weight <= 0:
                     continue
-                acc = torch.zeros_like(total)
+                acc: torch.Tensor | None = None
                 for v in member.variations:
-                    pred = self._predict_variation(member, data, v, before, after, cancelled)
-                    acc += invert_variation(pred, v)
-                total += acc * (weight / len(member.variations))
-            total /= sum(self._weights)
+                    pred = invert_variation(
+                        self._predict_variation(member, data, v, before, after, cancelled), v
+                    )
+                    acc = pred if acc is None else acc.add_(pred)
+                if acc is None:  # a speed level lists at least one variation
+                    continue
+                scale = weight / len(member.variations) / weight_sum
+                if scale != 1.0:
+                    acc = acc.mul_(scale)
+                total = acc if total is None else total.add_(acc)
+            if total is None:  # not reached: __init__ weighs all equally when none is positive
+                raise InvalidArgumentError(
+                    "no ensemble member has a positive weight", field="members"
+                )
             out = total[:, :y, :x].cpu().numpy()
         return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -260,17 +273,16 @@ class EnsemblePredictor:
         return out
 
     def read_box(self, block: Block) -> Box:
-        """The box to read for ``block``: its read box, widened in z to the context needed."""
+        """The box to read for ``block``: its read box in y/x; in z the core and exactly the
+        context the members need (slices of a z halo beyond it are never seen by a network,
+        so they are not read)."""
         core, read = block.core, block.read
         if not read.contains(core):
             raise InvalidArgumentError(
                 f"read box {read} does not contain the core {core}", field="block"
             )
         need = self.z_context
-        return Box(
-            (min(read.start[0], core.start[0] - need), *read.start[1:]),
-            (max(read.stop[0], core.stop[0] + need), *read.stop[1:]),
-        )
+        return Box((core.start[0] - need, *read.start[1:]), (core.stop[0] + need, *read.stop[1:]))
 
     def predict_core(
         self, raw: np.ndarray, core: Box, read: Box, *, cancelled: threading.Event | None = None

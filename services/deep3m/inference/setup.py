@@ -29,6 +29,8 @@ class BlockPrediction:
     probabilities: np.ndarray
     read_seconds: float
     predict_seconds: float
+    # Time spent waiting for a compute slot while other blocks computed (pipelining).
+    wait_seconds: float = 0.0
 
 
 class PredictorSetup:
@@ -62,7 +64,9 @@ class PredictorSetup:
         """Predict ``core`` of ``source`` from one mirror-padded read of ``read``.
 
         ``read`` defaults to the core grown by the model card's halo; either way
-        it is widened in z to the context the members need.
+        its z extent is the context the members need. Only the computation holds
+        a compute slot of the device: the model lookup and the read run while
+        other blocks compute.
         """
         with self.devices.acquire() as device:
             loaded = self.cache.get(self.roots.store(), model, list(members), device)
@@ -78,6 +82,8 @@ class PredictorSetup:
             t0 = time.perf_counter()
             raw = read_padded(source, box)
             t1 = time.perf_counter()
-            pred = predictor.predict_core(raw, core, box, cancelled=cancelled)
-            t2 = time.perf_counter()
-        return BlockPrediction(pred, t1 - t0, t2 - t1)
+            with self.devices.compute(device, cancelled):
+                t2 = time.perf_counter()
+                pred = predictor.predict_core(raw, core, box, cancelled=cancelled)
+            t3 = time.perf_counter()
+        return BlockPrediction(pred, t1 - t0, t3 - t2, t2 - t1)
