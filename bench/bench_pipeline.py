@@ -125,6 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=float, default=0.0625, help="DeepEM3D width")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")
     parser.add_argument("--batch", type=int, default=4, help="slices per forward pass")
+    parser.add_argument(
+        "--worker-threads",
+        type=int,
+        default=0,
+        help="torch threads of the inference worker, which then computes cores ÷ threads "
+        "blocks at once (default: as deep3m up starts it)",
+    )
     args = parser.parse_args(argv or [])
 
     volume, note = build_volume(args.slices, args.size)
@@ -141,7 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     outputs: dict[str, np.ndarray | None] = {"pure": None, "deep3m": None}
     block: tuple[int, ...] = ()
     with tempfile.TemporaryDirectory(prefix="deep3m-bench-") as tmp:
-        up = LocalPrediction(Path(tmp), volume, card, net, batch=args.batch)
+        worker_env = {}
+        if args.worker_threads:
+            worker_env = {
+                "DEEP3M_TORCH_THREADS": str(args.worker_threads),
+                "DEEP3M_WORKER_CAPACITY": str(max(1, (os.cpu_count() or 1) // args.worker_threads)),
+            }
+        up = LocalPrediction(Path(tmp), volume, card, net, batch=args.batch, env=worker_env)
         print(f"deep3m worker: {up.worker_config()}")
         try:
 

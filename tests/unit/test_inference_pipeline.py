@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from deep3m.core.errors import CancelledError, InvalidArgumentError
-from deep3m.core.events import ProgressEvent
 from deep3m.core.store import Store
 from deep3m.inference.app import pipelined
 from deep3m.inference.cache import ComputeGate, DevicePool, ModelCache
@@ -30,7 +29,7 @@ from deep3m.runtime.worker import Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.inprocess import InProcessSchedulerClient
 from deep3m.testing.nets import PointwiseNet
-from deep3m.testing.scheduler import predict_spec, save_test_model, write_volume
+from deep3m.testing.scheduler import predict_spec, save_test_model, wait_terminal, write_volume
 from torch import nn
 
 SHAPE = (6, 32, 32)
@@ -212,19 +211,6 @@ def env(tmp_path: Path) -> Iterator[Env]:
     scheduler.stop()
 
 
-def wait_terminal(scheduler: Scheduler, job_id: str) -> ProgressEvent:
-    first, sub = scheduler.watch(job_id)
-    if sub is None:
-        return first
-    try:
-        for event in sub:
-            if event.terminal:
-                return event
-    finally:
-        sub.close()
-    raise AssertionError(f"the event stream of {job_id} ended early")
-
-
 def test_every_block_is_predicted_once_one_at_a_time(env: Env) -> None:
     worker = env.worker()
     job = env.submit()
@@ -242,17 +228,28 @@ def test_every_block_is_predicted_once_one_at_a_time(env: Env) -> None:
     assert out.shape == SHAPE and np.all((out > 0) & (out < 1))
 
 
-def test_blocks_are_read_while_one_computes_and_no_more_than_the_depth(env: Env) -> None:
-    env.net.hold.clear()  # the first block computes until released
+def start_with_the_first_block_held(env: Env) -> tuple[Worker, str, ComputeGate]:
+    """A worker whose first block computes until ``env.net.hold`` is set, once the next
+    two blocks have been read and wait for the device (prefetched)."""
+    env.net.hold.clear()
     worker = env.worker()
     job = env.submit()
     worker.start()
+    gate = env.devices.gate(env.devices.devices[0])
     try:
         assert env.net.entered.wait(WAIT_S)
-        gate = env.devices.gate(env.devices.devices[0])
-        # While the first block computes the next two are read and wait for the device
-        # (prefetched); depth 3 leases no more than that.
         wait_until(lambda: gate.waiting == 2, "two blocks prefetched")
+    except BaseException:
+        env.net.hold.set()
+        worker.stop(grace=5.0)
+        raise
+    return worker, job, gate
+
+
+def test_blocks_are_read_while_one_computes_and_no_more_than_the_depth(env: Env) -> None:
+    worker, job, _ = start_with_the_first_block_held(env)
+    try:
+        # Depth 3: the block computing and the two prefetched, no more leased.
         assert env.leased() == 3
         env.net.hold.set()
         wait_until(lambda: worker.completed == SHAPE[0], "every block predicted")
@@ -281,14 +278,8 @@ def test_a_failing_write_fails_the_task_and_the_job(env: Env) -> None:
 
 
 def test_cancelling_mid_stream_ends_every_block_held(env: Env) -> None:
-    env.net.hold.clear()
-    worker = env.worker()
-    job = env.submit()
-    worker.start()
+    worker, job, gate = start_with_the_first_block_held(env)
     try:
-        assert env.net.entered.wait(WAIT_S)
-        gate = env.devices.gate(env.devices.devices[0])
-        wait_until(lambda: gate.waiting == 2, "two blocks prefetched")
         env.scheduler.cancel(job)
         # The prefetched blocks leave the queue through the heartbeat's cancellation.
         wait_until(lambda: gate.waiting == 0, "the waiting blocks cancelled")

@@ -106,6 +106,7 @@ class PredictTaskHandler(PredictorSetup):
         INFERENCE_PHASE_SECONDS.labels(phase="read").observe(predicted.read_seconds)
         INFERENCE_PHASE_SECONDS.labels(phase="predict").observe(predicted.predict_seconds)
         INFERENCE_PHASE_SECONDS.labels(phase="write").observe(write_seconds)
+        INFERENCE_PHASE_SECONDS.labels(phase="wait").observe(predicted.wait_seconds)
         return {
             "voxels": float(block.core.size),
             CHUNKS_WRITTEN: float(grid_cells(block.core, grid)),
@@ -113,6 +114,8 @@ class PredictTaskHandler(PredictorSetup):
             "read_seconds": predicted.read_seconds,
             "predict_seconds": predicted.predict_seconds,
             "write_seconds": write_seconds,
+            # Read, waiting for the device while other blocks computed (pipelining).
+            "wait_seconds": predicted.wait_seconds,
         }
 
     def _open_checked(self, spec: common_pb2.PredictSpec) -> tuple[Any, Any, str]:
