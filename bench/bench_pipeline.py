@@ -1,6 +1,6 @@
 """Pipeline efficiency of prediction: deep3m end to end vs. the bare model and MONAI.
 
-Three ways to predict the same volume with the same network, measured side by
+Four ways to predict the same volume with the same network, measured side by
 side in rounds (medians reported):
 
 (a) pure model compute in one process: whole slices, no I/O, no halo;
@@ -8,9 +8,15 @@ side in rounds (medians reported):
     to a scheduler process, blocks predicted by an inference worker process
     (``deep3m serve``, as ``deep3m up`` runs them) and written to zarr; timed
     from submit until the predict stage has written every block; default block
-    shape (the planner's) and halo (the model card's);
+    shape (the planner's) and halo (the model card's). The worker pipelines:
+    while one block computes, the next is read and the previous one written;
 (c) ``monai.inferers.sliding_window_inference`` (overlap 0.25, gaussian
-    blending) over whole slices, roi = the deep3m block's y/x shape.
+    blending) over whole slices, roi = the deep3m block's y/x shape;
+(d) deep3m's blocks one after another in this process, no overlap, each phase
+    timed: read (zarr, halo mirror-padded), compute (the predictor over the read
+    box), write (zarr, the store's codecs). It gives the cost breakdown of (b):
+    halo recomputation = (d) compute − (a); read and write; and scheduling, idle
+    and I/O not hidden = (b) − (d) compute.
 
 The volume is built from the real CDeep3M mitochondria slices in
 ``../shared/data/cdeep3m-mito`` (training + validation: 30 slices of 1024²),
@@ -18,7 +24,8 @@ mirrored in z to the requested depth. The network is a DeepEM3D 1fm member with
 random weights (throughput does not depend on the weights), at speed level 10
 (identity; the other levels multiply every method's work alike).
 
-Run: ``python -m bench pipeline`` or ``python -m bench.bench_pipeline --help``.
+Run: ``python -m bench pipeline`` (24×1024², 3 rounds) or
+``python -m bench.bench_pipeline --help``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,8 @@ import torch
 from torch import nn
 
 from bench.common import MEMBER, LocalPrediction, build_volume, make_model
+
+PHASES = ("read", "compute", "write")
 
 
 def pure_compute(
@@ -52,6 +62,46 @@ def pure_compute(
         for z in range(0, x.shape[0], batch):
             out[z : z + batch] = foreground_probability(net(x[z : z + batch, None]))
     return time.perf_counter() - t0, out.numpy()
+
+
+def blockwise_serial(
+    card: Any, net: nn.Module, volume: np.ndarray, batch: int, block: tuple[int, ...], root: Path
+) -> dict[str, float]:
+    """deep3m's blocks one after another here, no overlap: seconds per phase, summed, and
+    the fraction of the computed pixels that are halo (``halo_fraction``)."""
+    from deep3m.core.geometry import plan_blocks, read_padded
+    from deep3m.core.store import Store
+    from deep3m.inference.predictor import EnsemblePredictor
+
+    store = Store(str(root / "serial"))
+    source = store.create_volume("in.zarr", volume.shape, "uint8", overwrite=True)
+    source[...] = volume
+    target = store.create_volume(
+        "out.zarr", volume.shape, "float32", chunk_shape=block, overwrite=True
+    )
+    predictor = EnsemblePredictor(card, {MEMBER: net}, tta_level=10, batch_size=batch)
+    seconds = dict.fromkeys(PHASES, 0.0)
+    core_px = computed_px = 0
+    m = card.input_multiple
+    for b in plan_blocks(volume.shape, block, card.halo):
+        box = predictor.read_box(b)
+        # Pixels the network sees per output slice (y/x padded to the input multiple)
+        # against the core's: the share of compute spent on the halo.
+        core_px += b.core.size
+        computed_px += b.core.shape[0] * prod(-(-n // m) * m for n in box.shape[1:])
+        t0 = time.perf_counter()
+        raw = read_padded(source, box)
+        t1 = time.perf_counter()
+        pred = predictor.predict_core(raw, b.core, box)
+        t2 = time.perf_counter()
+        target[b.core.slices()] = pred
+        t3 = time.perf_counter()
+        for phase, spent in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            seconds[phase] += spent
+    store.delete("in.zarr")
+    store.delete("out.zarr")
+    seconds["halo_fraction"] = 1.0 - core_px / computed_px
+    return seconds
 
 
 def monai_sliding(
@@ -79,11 +129,18 @@ def monai_sliding(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="deep3m prediction pipeline efficiency")
-    parser.add_argument("--slices", type=int, default=40, help="z depth (default 40)")
+    parser.add_argument("--slices", type=int, default=24, help="z depth (default 24)")
     parser.add_argument("--size", type=int, default=1024, help="y = x size (default 1024)")
     parser.add_argument("--width", type=float, default=0.0625, help="DeepEM3D width")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")
     parser.add_argument("--batch", type=int, default=4, help="slices per forward pass")
+    parser.add_argument(
+        "--worker-threads",
+        type=int,
+        default=0,
+        help="torch threads of the inference worker, which then computes cores ÷ threads "
+        "blocks at once (default: as deep3m up starts it)",
+    )
     args = parser.parse_args(argv or [])
 
     volume, note = build_volume(args.slices, args.size)
@@ -95,11 +152,20 @@ def main(argv: list[str] | None = None) -> None:
         f"batch {args.batch}; torch threads {torch.get_num_threads()} per process; "
         f"{os.cpu_count()} CPUs, shared with other work"
     )
-    times: dict[str, list[float]] = {"pure": [], "deep3m": [], "monai": []}
+    times: dict[str, list[float]] = {"pure": [], "deep3m": [], "monai": [], "serial": []}
+    phases: dict[str, list[float]] = {p: [] for p in PHASES}
+    halo = [0.0]
     outputs: dict[str, np.ndarray | None] = {"pure": None, "deep3m": None}
     block: tuple[int, ...] = ()
     with tempfile.TemporaryDirectory(prefix="deep3m-bench-") as tmp:
-        up = LocalPrediction(Path(tmp), volume, card, net, batch=args.batch)
+        worker_env = {}
+        if args.worker_threads:
+            worker_env = {
+                "DEEP3M_TORCH_THREADS": str(args.worker_threads),
+                "DEEP3M_WORKER_CAPACITY": str(max(1, (os.cpu_count() or 1) // args.worker_threads)),
+            }
+        up = LocalPrediction(Path(tmp), volume, card, net, batch=args.batch, env=worker_env)
+        print(f"deep3m worker: {up.worker_config()}")
         try:
 
             def run_deep3m() -> float:
@@ -111,24 +177,37 @@ def main(argv: list[str] | None = None) -> None:
                 seconds, outputs["pure"] = pure_compute(card, net, volume, args.batch)
                 return seconds
 
+            def run_serial() -> float:
+                spent = blockwise_serial(card, net, volume, args.batch, block, Path(tmp))
+                halo[0] = spent["halo_fraction"]
+                for phase in PHASES:
+                    phases[phase].append(spent[phase])
+                return sum(spent[p] for p in PHASES)
+
             def run_monai() -> float:
                 return monai_sliding(card, net, volume, args.batch, (block[1], block[2]))
 
             runs: list[tuple[str, Callable[[], float]]] = [
                 ("deep3m", run_deep3m),
                 ("pure", run_pure),
+                ("serial", run_serial),
                 ("monai", run_monai),
             ]
             for r in range(args.rounds):
                 for name, fn in runs:
                     times[name].append(fn())
                 print(
-                    f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.1f} s" for n, _ in runs),
+                    f"round {r + 1}: "
+                    + ", ".join(f"{n} {times[n][-1]:.1f} s" for n, _ in runs)
+                    + " (serial: "
+                    + ", ".join(f"{p} {phases[p][-1]:.1f} s" for p in PHASES)
+                    + ")",
                     flush=True,
                 )
         finally:
             up.close()
-    rate = {n: voxels / statistics.median(t) for n, t in times.items()}
+    median = {n: statistics.median(t) for n, t in times.items()}
+    rate = {n: voxels / m for n, m in median.items()}
     print(
         f"\ndeep3m block shape {list(block)} (planner default), halo {list(card.halo)} "
         f"(card default); MONAI roi {list(block[1:])}"
@@ -137,16 +216,37 @@ def main(argv: list[str] | None = None) -> None:
         "pure": "(a) pure model compute (no I/O, no halo)",
         "deep3m": "(b) deep3m end to end (scheduler + worker)",
         "monai": "(c) MONAI sliding window (0.25, gaussian)",
+        "serial": "(d) deep3m blocks in series, here (no overlap)",
     }
-    print(f"{'method':<46}{'median s':>10}{'M voxels/s':>12}")
-    for n in ("pure", "deep3m", "monai"):
-        print(f"{labels[n]:<46}{statistics.median(times[n]):>10.2f}{rate[n] / 1e6:>12.3f}")
+    print(f"{'method':<48}{'median s':>10}{'M voxels/s':>12}")
+    for n in ("pure", "deep3m", "monai", "serial"):
+        print(f"{labels[n]:<48}{median[n]:>10.2f}{rate[n] / 1e6:>12.3f}")
     print(f"pipeline efficiency (b)/(a): {rate['deep3m'] / rate['pure']:.2f}")
     print(f"deep3m vs MONAI     (b)/(c): {rate['deep3m'] / rate['monai']:.2f}")
+    cost = {p: statistics.median(v) for p, v in phases.items()}
+    compute, e2e = cost["compute"], median["deep3m"]
+    # The halo's share of compute follows from pixel counts (convolutions cost per
+    # pixel), so it does not depend on how loaded the machine was between runs.
+    breakdown = [
+        ("compute, the cores ((d) compute x core pixels)", compute * (1 - halo[0])),
+        ("compute, the halo recomputed ((d) compute x halo pixels)", compute * halo[0]),
+        ("scheduling, idle, I/O not hidden ((b) - (d) compute)", e2e - compute),
+    ]
+    print(f"\ncost breakdown of (b), medians over {args.rounds} round(s):")
+    print(f"{'part':<60}{'s':>8}{'share of (b)':>14}")
+    for name, spent in breakdown:
+        print(f"{name:<60}{spent:>8.2f}{spent / e2e:>14.1%}")
+    print("measured in series in (d), overlapped with compute in (b):")
+    for phase in ("read", "write"):
+        print(f"{'  ' + phase:<60}{cost[phase]:>8.2f}{cost[phase] / e2e:>14.1%}")
+    print(
+        f"ceiling with this halo (core ÷ computed pixels): {1 - halo[0]:.3f}; (b) spends "
+        f"{compute / e2e:.2f} of its time computing ((d) compute ÷ (b))"
+    )
     pure, blockwise = outputs["pure"], outputs["deep3m"]
     if blockwise is not None and (unwritten := int((blockwise == 0).sum())):
         print(f"WARNING: {unwritten} output voxels still hold the fill value 0 (unwritten?)")
-    if pure is not None and blockwise is not None:
+    if pure is not None and blockwise is not None and min(pure.shape[1:]) > 128:
         inner = (slice(None), slice(64, -64), slice(64, -64))
         diff = np.abs(pure[inner] - blockwise[inner])
         print(

@@ -110,6 +110,15 @@ class LocalPrediction:
         self.cluster.start(free_ports=True)
         self.runs = 0
 
+    def worker_config(self) -> str:
+        """The inference worker's compute settings, as the launcher gave them."""
+        env = self.cluster.environment("inference")
+        return (
+            f"torch threads {env.get('DEEP3M_TORCH_THREADS', 'all')}, "
+            f"{env.get('DEEP3M_WORKER_CAPACITY', '1')} block(s) computing at once, "
+            f"pipeline depth {env.get('DEEP3M_INFERENCE_PIPELINE_DEPTH', 'default')}"
+        )
+
     @property
     def worker_pid(self) -> int:
         return int(self.cluster.processes["inference"].pid)

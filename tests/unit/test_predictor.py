@@ -16,7 +16,7 @@ from deep3m.core.errors import (
 )
 from deep3m.core.geometry import Block, Box, plan_blocks
 from deep3m.core.store import Store
-from deep3m.inference.app import one_task_per_gpu
+from deep3m.inference.app import compute_slots, pipelined
 from deep3m.inference.cache import DevicePool, ModelCache
 from deep3m.inference.predictor import (
     EnsemblePredictor,
@@ -281,13 +281,17 @@ def test_device_pool_hands_out_the_least_busy_device() -> None:
     assert pool.busy() == (0, 0)
 
 
-def test_one_task_per_gpu() -> None:
-    settings = Settings(worker_capacity=1, metrics_port=0)
+def test_pipelined_capacity_holds_depth_blocks_per_block_computed() -> None:
+    settings = Settings(worker_capacity=1, inference_pipeline_depth=3, metrics_port=0)
     gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]
-    assert one_task_per_gpu(settings, gpus).worker_capacity == 2
-    assert one_task_per_gpu(settings, [torch.device("cpu")]).worker_capacity == 1
-    more = Settings(worker_capacity=3, metrics_port=0)
-    assert one_task_per_gpu(more, gpus).worker_capacity == 3
+    # One block computes per GPU at a time; three in flight per GPU.
+    assert compute_slots(settings, gpus) == 1
+    assert pipelined(settings, gpus).worker_capacity == 6
+    cpu = [torch.device("cpu")]
+    two = Settings(worker_capacity=2, inference_pipeline_depth=2, metrics_port=0)
+    assert compute_slots(two, cpu) == 2
+    assert pipelined(two, cpu).worker_capacity == 4
+    assert pipelined(Settings(inference_pipeline_depth=1, metrics_port=0), cpu).worker_capacity == 1
 
 
 def test_model_cache_reuses_reloads_and_evicts(tmp_path: Path) -> None:

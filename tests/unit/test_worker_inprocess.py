@@ -22,7 +22,6 @@ from deep3m.core.errors import (
     InvalidArgumentError,
     UnavailableError,
 )
-from deep3m.core.events import ProgressEvent
 from deep3m.core.geometry import grid_cells
 from deep3m.core.store import Store
 from deep3m.runtime.scheduler_client import Completion
@@ -36,6 +35,7 @@ from deep3m.testing.scheduler import (
     double_block_metrics,
     predict_spec,
     save_test_model,
+    wait_terminal,
     write_volume,
 )
 
@@ -127,19 +127,6 @@ def env(tmp_path: Path) -> Iterator[Env]:
     scheduler.recover()
     yield Env(settings, store, scheduler, clock)
     scheduler.stop()
-
-
-def wait_terminal(scheduler: Scheduler, job_id: str) -> ProgressEvent:
-    first, sub = scheduler.watch(job_id)
-    if sub is None:
-        return first
-    try:
-        for event in sub:
-            if event.terminal:
-                return event
-    finally:
-        sub.close()
-    raise AssertionError(f"the event stream of {job_id} ended early")
 
 
 def test_a_worker_runs_no_more_than_its_capacity(env: Env) -> None:

@@ -5,6 +5,12 @@ are independent, so whole tasks on separate GPUs scale without splitting
 small batches or replicating the model on every forward pass. ``DevicePool``
 hands each task the least busy device; ``ModelCache`` keeps one copy of each
 model per device.
+
+Pipelining: a worker holds more blocks than its devices compute at once, so
+while one block computes the next one is read and the previous one written.
+``DevicePool.compute`` is the gate between them: at most ``slots`` computations
+per device at a time, admitted first come first served, so reads and writes of
+the other blocks overlap compute without ever adding a second computation.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.errors import CancelledError, InvalidArgumentError
 from deep3m.core.store import Store
 from deep3m.models.card import ModelCard, load_card, load_member
 from deep3m.runtime.metrics import MODEL_LOADS
+from deep3m.runtime.task import StopFlag
 
 MemberLoader = Callable[[Store, ModelCard, str, torch.device], nn.Module]
 
@@ -89,15 +96,78 @@ class ModelCache:
             return len(self._entries)
 
 
-class DevicePool:
-    """Hands out the least busy device; never blocks (concurrency is the worker's capacity)."""
+# How often a block waiting for its turn on a device looks at its cancellation flag.
+CANCEL_CHECK_S = 0.05
 
-    def __init__(self, devices: Sequence[torch.device]) -> None:
+
+class ComputeGate:
+    """At most ``slots`` holders at once, admitted in arrival order (no starvation)."""
+
+    def __init__(self, slots: int = 1) -> None:
+        if isinstance(slots, bool) or slots < 1:
+            raise InvalidArgumentError(f"compute slots must be >= 1, got {slots}", field="slots")
+        self.slots = int(slots)
+        self._changed = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+        self._holding = 0
+        self.most_holding = 0  # the highest number of holders seen at once
+
+    @contextlib.contextmanager
+    def hold(self, cancelled: StopFlag | None = None) -> Iterator[None]:
+        """Wait for a slot (CancelledError if ``cancelled`` is set meanwhile), hold it."""
+        ticket = object()
+        with self._changed:
+            self._queue.append(ticket)
+            try:
+                while self._holding >= self.slots or self._queue[0] is not ticket:
+                    if cancelled is not None and cancelled.is_set():
+                        raise CancelledError("cancelled while waiting for a device")
+                    self._changed.wait(CANCEL_CHECK_S if cancelled is not None else None)
+            except BaseException:
+                self._queue.remove(ticket)
+                self._changed.notify_all()
+                raise
+            self._queue.popleft()
+            self._holding += 1
+            self.most_holding = max(self.most_holding, self._holding)
+            self._changed.notify_all()  # the next in line may fit a free slot too
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._holding -= 1
+                self._changed.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        with self._changed:
+            return len(self._queue)
+
+
+class DevicePool:
+    """Hands out the least busy device (never blocks: a task holds one for its whole life,
+    reads and writes included); ``compute`` admits ``slots`` computations per device."""
+
+    def __init__(self, devices: Sequence[torch.device], *, slots: int = 1) -> None:
         if not devices:
             raise InvalidArgumentError("a device pool needs at least one device", field="device")
         self.devices = tuple(devices)
         self._busy = dict.fromkeys(range(len(self.devices)), 0)
+        self._gates = tuple(ComputeGate(slots) for _ in self.devices)
         self._lock = threading.Lock()
+
+    @property
+    def slots(self) -> int:
+        return self._gates[0].slots
+
+    def gate(self, device: torch.device) -> ComputeGate:
+        return self._gates[self.devices.index(device)]
+
+    def compute(
+        self, device: torch.device, cancelled: StopFlag | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Hold one of ``device``'s compute slots (first come, first served)."""
+        return self.gate(device).hold(cancelled)
 
     @contextlib.contextmanager
     def acquire(self) -> Iterator[torch.device]:

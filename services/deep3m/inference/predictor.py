@@ -18,7 +18,6 @@ Output: the foreground probability. Two classes: P(class 1). More classes:
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ from deep3m.core.errors import (
 )
 from deep3m.core.geometry import Block, Box, ReadableArray, read_padded
 from deep3m.models.card import ModelCard
+from deep3m.runtime.task import StopFlag
 
 
 def select_device(preference: str = "auto", *, cuda_available: bool | None = None) -> torch.device:
@@ -170,7 +170,7 @@ class EnsemblePredictor:
         raw: np.ndarray,
         *,
         z_margin: int | Sequence[int] | None = None,
-        cancelled: threading.Event | None = None,
+        cancelled: StopFlag | None = None,
     ) -> np.ndarray:
         """Foreground probability of the inner slices of ``raw`` (z, y, x).
 
@@ -207,18 +207,31 @@ class EnsemblePredictor:
         raw = raw[before - need : z - after + need]
         before = after = need
         stack = _pad_to_multiple(self.card.normalize(raw), self.card.input_multiple)
+        weight_sum = sum(self._weights)
         with torch.inference_mode():
             data = torch.from_numpy(np.ascontiguousarray(stack)).to(self.device)
-            total = torch.zeros((z_out, *stack.shape[1:]), dtype=torch.float32, device=self.device)
+            # Accumulated in place into the first prediction: no zeroed buffers, and a
+            # single member under the identity costs no pass over the block at all.
+            total: torch.Tensor | None = None
             for member, weight in zip(self._members, self._weights, strict=True):
                 if weight <= 0:
                     continue
-                acc = torch.zeros_like(total)
+                acc: torch.Tensor | None = None
                 for v in member.variations:
-                    pred = self._predict_variation(member, data, v, before, after, cancelled)
-                    acc += invert_variation(pred, v)
-                total += acc * (weight / len(member.variations))
-            total /= sum(self._weights)
+                    pred = invert_variation(
+                        self._predict_variation(member, data, v, before, after, cancelled), v
+                    )
+                    acc = pred if acc is None else acc.add_(pred)
+                if acc is None:  # a speed level lists at least one variation
+                    continue
+                scale = weight / len(member.variations) / weight_sum
+                if scale != 1.0:
+                    acc = acc.mul_(scale)
+                total = acc if total is None else total.add_(acc)
+            if total is None:  # not reached: __init__ weighs all equally when none is positive
+                raise InvalidArgumentError(
+                    "no ensemble member has a positive weight", field="members"
+                )
             out = total[:, :y, :x].cpu().numpy()
         return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -229,7 +242,7 @@ class EnsemblePredictor:
         v: int,
         before: int,
         after: int,
-        cancelled: threading.Event | None,
+        cancelled: StopFlag | None,
     ) -> torch.Tensor:
         stack = apply_variation(data, v)
         z = stack.shape[0]
@@ -260,20 +273,19 @@ class EnsemblePredictor:
         return out
 
     def read_box(self, block: Block) -> Box:
-        """The box to read for ``block``: its read box, widened in z to the context needed."""
+        """The box to read for ``block``: its read box in y/x; in z the core and exactly the
+        context the members need (slices of a z halo beyond it are never seen by a network,
+        so they are not read)."""
         core, read = block.core, block.read
         if not read.contains(core):
             raise InvalidArgumentError(
                 f"read box {read} does not contain the core {core}", field="block"
             )
         need = self.z_context
-        return Box(
-            (min(read.start[0], core.start[0] - need), *read.start[1:]),
-            (max(read.stop[0], core.stop[0] + need), *read.stop[1:]),
-        )
+        return Box((core.start[0] - need, *read.start[1:]), (core.stop[0] + need, *read.stop[1:]))
 
     def predict_core(
-        self, raw: np.ndarray, core: Box, read: Box, *, cancelled: threading.Event | None = None
+        self, raw: np.ndarray, core: Box, read: Box, *, cancelled: StopFlag | None = None
     ) -> np.ndarray:
         """Predict ``raw`` (the voxels of ``read``) and return the ``core`` (float32)."""
         if tuple(raw.shape) != read.shape or not read.contains(core):
@@ -292,7 +304,7 @@ class EnsemblePredictor:
         input_array: ReadableArray,
         block: Block,
         *,
-        cancelled: threading.Event | None = None,
+        cancelled: StopFlag | None = None,
     ) -> np.ndarray:
         """Read the block (one read, mirror-padded), predict, return the core (float32).
 

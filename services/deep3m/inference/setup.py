@@ -28,6 +28,7 @@ from deep3m.inference.cache import DevicePool, ModelCache
 from deep3m.inference.predictor import EnsemblePredictor, inference_devices
 from deep3m.models.card import ModelCard
 from deep3m.runtime.settings import Settings
+from deep3m.runtime.task import StopFlag
 
 # Prediction-time histogram maps kept (one per model and input volume).
 MAX_HISTOGRAM_MAPS = 64
@@ -40,6 +41,8 @@ class BlockPrediction:
     probabilities: np.ndarray
     read_seconds: float
     predict_seconds: float
+    # Time spent waiting for a compute slot while other blocks computed (pipelining).
+    wait_seconds: float = 0.0
 
 
 class PredictorSetup:
@@ -90,14 +93,16 @@ class PredictorSetup:
         model: str,
         members: Sequence[str],
         tta_level: int,
-        cancelled: threading.Event | None = None,
+        cancelled: StopFlag | None = None,
         volume_id: str = "",
     ) -> BlockPrediction:
         """Predict ``core`` of ``source`` from one mirror-padded read of ``read``.
 
         ``read`` defaults to the core grown by the model card's halo; either way
-        it is widened in z to the context the members need. ``volume_id`` names the
-        source volume (the key of its prediction-time histogram map).
+        its z extent is the context the members need. Only the computation holds
+        a compute slot of the device: the model lookup and the read run while
+        other blocks compute. ``volume_id`` names the source volume (the key of its
+        prediction-time histogram map).
         """
         with self.devices.acquire() as device:
             loaded = self.cache.get(self.roots.store(), model, list(members), device)
@@ -116,6 +121,8 @@ class PredictorSetup:
             if lut is not None:
                 raw = apply_lut(raw, lut)
             t1 = time.perf_counter()
-            pred = predictor.predict_core(raw, core, box, cancelled=cancelled)
-            t2 = time.perf_counter()
-        return BlockPrediction(pred, t1 - t0, t2 - t1)
+            with self.devices.compute(device, cancelled):
+                t2 = time.perf_counter()
+                pred = predictor.predict_core(raw, core, box, cancelled=cancelled)
+            t3 = time.perf_counter()
+        return BlockPrediction(pred, t1 - t0, t3 - t2, t2 - t1)

@@ -9,7 +9,6 @@ same chunk and a retried task rewrites the same bytes.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from deep3m.core.errors import CancelledError, InvalidArgumentError
 from deep3m.core.geometry import Block, Box, check_core_aligned, grid_cells
 from deep3m.inference.setup import PredictorSetup
 from deep3m.runtime.metrics import INFERENCE_PHASE_SECONDS
-from deep3m.runtime.task import CHUNKS_WRITTEN, TaskContext, TaskResult
+from deep3m.runtime.task import CHUNKS_WRITTEN, StopFlag, TaskContext, TaskResult
 from deep3m.v1 import common_pb2
 
 
@@ -58,11 +57,11 @@ class PredictTaskHandler(PredictorSetup):
     """``Callable[[TaskContext], TaskResult]`` for the worker's ``predict`` stage."""
 
     def __call__(self, ctx: TaskContext) -> TaskResult:
-        metrics = self.run(ctx.lease, cancelled=ctx.cancelled)
+        metrics = self.run(ctx.lease, cancelled=ctx.interrupted)
         return TaskResult(metrics=metrics)
 
     def run(
-        self, lease: common_pb2.TaskLease, *, cancelled: threading.Event | None = None
+        self, lease: common_pb2.TaskLease, *, cancelled: StopFlag | None = None
     ) -> dict[str, float]:
         """Predict one block and write its core; returns the task metrics."""
         started = time.perf_counter()
@@ -109,6 +108,7 @@ class PredictTaskHandler(PredictorSetup):
         INFERENCE_PHASE_SECONDS.labels(phase="read").observe(predicted.read_seconds)
         INFERENCE_PHASE_SECONDS.labels(phase="predict").observe(predicted.predict_seconds)
         INFERENCE_PHASE_SECONDS.labels(phase="write").observe(write_seconds)
+        INFERENCE_PHASE_SECONDS.labels(phase="wait").observe(predicted.wait_seconds)
         return {
             "voxels": float(block.core.size),
             CHUNKS_WRITTEN: float(grid_cells(block.core, grid)),
@@ -116,6 +116,8 @@ class PredictTaskHandler(PredictorSetup):
             "read_seconds": predicted.read_seconds,
             "predict_seconds": predicted.predict_seconds,
             "write_seconds": write_seconds,
+            # Read, waiting for the device while other blocks computed (pipelining).
+            "wait_seconds": predicted.wait_seconds,
         }
 
     def _open_checked(self, spec: common_pb2.PredictSpec) -> tuple[Any, Any, str]:

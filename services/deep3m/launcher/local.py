@@ -168,6 +168,10 @@ class LocalCluster:
     def scheduler_address(self) -> str:
         return f"127.0.0.1:{self.ports['scheduler']}"
 
+    def environment(self, role: str) -> Mapping[str, str]:
+        """The environment ``role`` was (or will be) started with, once ``start`` ran."""
+        return dict(self._envs.get(role, {}))
+
     def address(self, role: str) -> str:
         return f"127.0.0.1:{self.ports[role]}"
 

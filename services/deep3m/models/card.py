@@ -121,9 +121,11 @@ class ModelCard(BaseModel):
         return max(m.frames for m in self.members)
 
     def normalize(self, raw: np.ndarray) -> np.ndarray:
-        return (
-            (np.asarray(raw, dtype=np.float32) - self.normalization_mean) / self.normalization_std
-        ).astype(np.float32, copy=False)
+        """float32 (raw − mean) / std; one copy of ``raw``, the arithmetic in place."""
+        out = np.array(raw, dtype=np.float32)
+        out -= np.float32(self.normalization_mean)
+        out /= np.float32(self.normalization_std)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

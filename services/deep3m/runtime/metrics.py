@@ -42,7 +42,7 @@ AUTOSCALER_ERRORS = Counter(
 
 INFERENCE_PHASE_SECONDS = Histogram(
     "deep3m_inference_phase_seconds",
-    "Time per predict-task phase (read, predict, write)",
+    "Time per predict-task phase (read, wait for the device, predict, write)",
     ["phase"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
 )

@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     # CPU threads for torch in this process; 0 keeps torch's default (all cores).
     # Set it when several workers share one machine, as under `deep3m up`.
     torch_threads: int = Field(default=0, ge=0)
+    # Blocks an inference worker holds per block it computes: with 3, the next block is
+    # read and the previous one written while the current one computes.
+    inference_pipeline_depth: int = Field(default=3, ge=1)
     max_region_voxels: int = Field(default=64 * 1024 * 1024, ge=1)
     # Folder of the shared sample data (cdeep3m-mito, …) the demo trains on; empty:
     # ``<repo>/../shared/data`` of an editable checkout.

@@ -44,6 +44,12 @@ class TaskResult:
     outputs: Mapping[str, str] = field(default_factory=dict)
 
 
+class StopFlag(Protocol):
+    """A flag polled by long work (``threading.Event``, ``AnySet``): set when it must stop."""
+
+    def is_set(self) -> bool: ...
+
+
 class AnySet:
     """A read-only flag set when any of its events is (for code that polls ``is_set``)."""
 

@@ -17,13 +17,14 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deep3m.core.errors import UnavailableError
+from deep3m.core.events import ProgressEvent
 from deep3m.core.geometry import Box, grid_cells
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port, wait_serving
@@ -31,6 +32,9 @@ from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import CHUNKS_WRITTEN
 from deep3m.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from deep3m.scheduler.core import Scheduler
 
 
 def write_volume(
@@ -108,6 +112,20 @@ def predict_spec(
         ),
         max_attempts=max_attempts,
     )
+
+
+def wait_terminal(scheduler: Scheduler, job_id: str) -> ProgressEvent:
+    """The terminal event of a job of an in-process scheduler (waits on its event stream)."""
+    first, sub = scheduler.watch(job_id)
+    if sub is None:
+        return first
+    try:
+        for event in sub:
+            if event.terminal:
+                return event
+    finally:
+        sub.close()
+    raise AssertionError(f"the event stream of {job_id} ended early")
 
 
 def double_block(store: Store, lease: common_pb2.TaskLease) -> float:

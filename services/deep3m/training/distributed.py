@@ -26,8 +26,8 @@ import torch.distributed as dist
 from deep3m.core.errors import CancelledError, Deep3mError, UnavailableError
 from deep3m.core.events import ProgressEvent
 from deep3m.core.store import Store
+from deep3m.runtime.task import StopFlag
 from deep3m.training.config import TrainConfig
-from deep3m.training.run.state import StopFlag
 
 log = logging.getLogger("deep3m.training")
 

@@ -47,6 +47,7 @@ import torch
 
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
+from deep3m.runtime.task import StopFlag
 from deep3m.training.config import TrainConfig
 from deep3m.training.outputs import (
     MemberResult,
@@ -60,7 +61,7 @@ from deep3m.training.outputs import (
 from deep3m.training.run.finish import finish
 from deep3m.training.run.loop import loop
 from deep3m.training.run.resume import restore
-from deep3m.training.run.state import Observer, Run, StopFlag, rank_world
+from deep3m.training.run.state import Observer, Run, rank_world
 from deep3m.training.setup import (
     TrainingSet,
     initial_network,

@@ -10,11 +10,12 @@ import time
 import torch.distributed as dist
 
 from deep3m.core.errors import CancelledError
+from deep3m.runtime.task import StopFlag
 from deep3m.training.run.documents import write_metrics
 from deep3m.training.run.iteration import step
 from deep3m.training.run.selection import report
 from deep3m.training.run.snapshot import snapshot, snapshot_due
-from deep3m.training.run.state import Run, StopFlag, agree_int
+from deep3m.training.run.state import Run, agree_int
 
 
 def loop(run: Run, start: int, stop: StopFlag | None) -> int:

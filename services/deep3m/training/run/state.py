@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,12 +23,6 @@ from deep3m.training.config import TrainConfig
 from deep3m.training.setup import TrainingSet, make_optimizer
 
 Observer = Callable[[ProgressEvent], None]
-
-
-class StopFlag(Protocol):
-    """Polled between iterations: set when the run must snapshot and stop."""
-
-    def is_set(self) -> bool: ...
 
 
 def rank_world() -> tuple[int, int]:
