@@ -613,3 +613,45 @@ def test_manifests_are_plain_yaml_documents(render: Render) -> None:
     for path, text in render({}).files.items():
         if path.endswith(".yaml"):
             list(yaml.safe_load_all(text))
+
+
+def _pod_leases(values: dict[str, Any], role: str) -> int:
+    """Leases one worker pod holds at once: what its worker asks for."""
+    gpus = int(values["gpu"]["count"])
+    capacity = int(values["workerCapacity"]) * (gpus if gpus > 1 else 1)
+    return capacity * (int(values["pipelineDepth"]) if role == "inference" else 1)
+
+
+def test_autoscalers_count_a_pods_leases_as_its_worker_holds_them(scenario: Any) -> None:
+    # An inference worker reads ahead and writes behind: it holds pipelineDepth
+    # blocks per block it computes. Counted as one, every busy pod would look
+    # like several and keep pods (GPUs) up that no task needs.
+    autoscaling = merged(scenario, "autoscaling")
+    enabled = [r for r in GPU_ROLES if merged(scenario, r)["enabled"]]
+    for role in enabled:
+        values = merged(scenario, role)
+        worker = scenario.get("Deployment", name_of(role))
+        container = worker["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        if role == "inference":
+            assert env["DEEP3M_INFERENCE_PIPELINE_DEPTH"] == str(values["pipelineDepth"])
+        else:
+            assert "DEEP3M_INFERENCE_PIPELINE_DEPTH" not in env
+        if autoscaling["mode"] == "keda":
+            spec = scenario.get("ScaledObject", name_of(role))["spec"]
+            leased = next(t for t in spec["triggers"] if t["name"] == "leased")["metadata"]
+            target = leased.get("targetValue", leased.get("threshold"))
+            assert target == str(_pod_leases(values, role))
+    if autoscaling["mode"] != "scheduler" or not enabled:
+        return
+    scheduler = scenario.get("Deployment", name_of("scheduler"))
+    container = scheduler["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    capacity = dict(
+        item.split("=") for item in env["DEEP3M_AUTOSCALE_WORKER_CAPACITY_BY_ROLE"].split(",")
+    )
+    for role in enabled:
+        values = merged(scenario, role)
+        depth = int(values["pipelineDepth"]) if role == "inference" else 1
+        # The scheduler multiplies by GPUs per pod itself.
+        assert int(capacity[role]) == int(values["workerCapacity"]) * depth

@@ -69,6 +69,10 @@ spec:
         - name: DEEP3M_WORKER_CAPACITY
           value: {{ include "deep3m.podCapacity" . | quote }}
         {{- end }}
+        {{- if eq $role "inference" }}
+        - name: DEEP3M_INFERENCE_PIPELINE_DEPTH
+          value: {{ $cfg.pipelineDepth | quote }}
+        {{- end }}
         {{- if $gpu }}
         - name: DEEP3M_DEVICE
           value: {{ ternary "cuda" "cpu" (gt (int $cfg.gpu.count) 0) | quote }}
@@ -166,6 +170,17 @@ spec:
 {{- end }}
 {{- end }}
 
+{{/* Leases one pod holds at once: its capacity, times the pipeline depth of an
+inference pod (it reads ahead and writes behind the blocks it computes). (dict "root" $ "role" r) */}}
+{{- define "deep3m.podLeases" -}}
+{{- $capacity := int (include "deep3m.podCapacity" .) }}
+{{- if eq .role "inference" }}
+{{- mul $capacity (int (index .root.Values .role).pipelineDepth) }}
+{{- else }}
+{{- $capacity }}
+{{- end }}
+{{- end }}
+
 {{/* Either label marks on-demand capacity: EKS managed node groups, or Karpenter. */}}
 {{- define "deep3m.onDemandAffinity" -}}
 requiredDuringSchedulingIgnoredDuringExecution:
@@ -194,7 +209,8 @@ requiredDuringSchedulingIgnoredDuringExecution:
 {{- $deployments = append $deployments (printf "%s=%s" $role (include "deep3m.component" (dict "root" $root "role" $role))) }}
 {{- $maxima = append $maxima (printf "%s=%d" $role (int $cfg.autoscaling.maxReplicas)) }}
 {{- $perReplica = append $perReplica (printf "%s=%d" $role (int $cfg.autoscaling.tasksPerReplica)) }}
-{{- $capacity = append $capacity (printf "%s=%d" $role (int $cfg.workerCapacity)) }}
+{{- $leases := ternary (mul (int $cfg.workerCapacity) (int $cfg.pipelineDepth)) (int $cfg.workerCapacity) (eq $role "inference") }}
+{{- $capacity = append $capacity (printf "%s=%d" $role $leases) }}
 {{- $gpus = append $gpus (printf "%s=%d" $role (int $cfg.gpu.count)) }}
 {{- end }}
 {{- end -}}
