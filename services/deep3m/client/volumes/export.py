@@ -41,23 +41,6 @@ def parse_slices(text: str) -> list[int]:
     return list(dict.fromkeys(chosen))
 
 
-class _SliceView:
-    """The chosen z-slices of an array, read lazily one slice at a time."""
-
-    def __init__(self, array: Any, slices: Sequence[int]) -> None:
-        depth = int(array.shape[0])
-        for z in slices:
-            if not 0 <= z < depth:
-                raise InvalidArgumentError(f"slice {z} lies outside 0..{depth - 1}", field="slices")
-        self.array = array
-        self.slices = list(slices)
-        self.dtype = array.dtype
-        self.shape = (len(self.slices), *(int(s) for s in array.shape[1:]))
-
-    def __getitem__(self, z: int) -> Any:
-        return self.array[self.slices[z]]
-
-
 def export(
     store: Store,
     path: str,
@@ -75,8 +58,8 @@ def export(
     an existing destination (a file, or a folder that is not empty) only with ``overwrite``."""
     from deep3m.postprocess.export import (
         FORMATS,
-        export_array,
         export_overlay,
+        export_volume,
         refuse_existing,
         volume_name,
     )
@@ -94,9 +77,9 @@ def export(
         raise InvalidArgumentError(
             f"--image is only used with --format overlay, not {fmt}", field="image"
         )
+    # A missing or incomplete volume is refused before the destination is looked at.
     info = store.volume_info(path, array)
     data = store.open_volume(path, array)
-    kind = volume_kind(info.dtype, info.attributes)
     if not overwrite:
         refuse_existing(
             destination, storage_options=storage_options, hint="--overwrite replaces it"
@@ -108,16 +91,13 @@ def export(
             raise renamed(exc, "image") from exc
         files = export_overlay(
             image_data, data, destination,
-            kind=kind, slices=list(slices) or None, alpha=alpha, prefix=volume_name(path),
-            storage_options=storage_options,
+            kind=volume_kind(info.dtype, info.attributes), slices=list(slices) or None,
+            alpha=alpha, prefix=volume_name(path), storage_options=storage_options,
         )  # fmt: skip
     else:
-        count = info.attributes.get("object_count")
-        files = export_array(
-            _SliceView(data, slices) if slices else data, destination, fmt,
-            kind=kind, name=volume_name(path),
-            max_label=int(count) if isinstance(count, int) else None,
-            storage_options=storage_options,
+        files = export_volume(
+            store, path, destination, fmt,
+            array=array, slices=slices, storage_options=storage_options,
         )  # fmt: skip
     return jsonable(  # type: ignore[no-any-return]
         {
