@@ -128,12 +128,12 @@ def test_ssl_fine_tuning_leaves_the_encoder_frozen(baseline: dict) -> None:
     assert pretext_state.name == "ssl-pretext" and pretext_state.iterations == 2
     # Re-run the pretext alone with the same seed: the encoder must equal it after fine-tuning.
     spec = replace(TINY, method="ssl")
-    from deep3m.training.adaptation.methods import _ssl_pretext
     from deep3m.training.adaptation.networks import build_segmenter
+    from deep3m.training.adaptation.pretraining import ssl_pretext
 
     torch.manual_seed(spec.seed)
     net = build_segmenter(spec.architecture, frames=1, width=spec.width)
-    _ssl_pretext(net, spec, SOURCE, TARGET)
+    ssl_pretext(net, spec, SOURCE, TARGET)
     enc = {k: v for k, v in net.state_dict().items() if k.startswith(("inc.", "down."))}
     final = result.net.state_dict()
     assert enc and all(torch.equal(final[k], v) for k, v in enc.items())

@@ -271,6 +271,23 @@ def volume_name(path: str) -> str:
     return last.removesuffix(".zarr") or "volume"
 
 
+class SliceView:
+    """The chosen z-slices of an array, read lazily one slice at a time."""
+
+    def __init__(self, array: Any, slices: Sequence[int]) -> None:
+        depth = int(array.shape[0])
+        for z in slices:
+            if not 0 <= z < depth:
+                raise InvalidArgumentError(f"slice {z} lies outside 0..{depth - 1}", field="slices")
+        self.array = array
+        self.slices = list(slices)
+        self.dtype = array.dtype
+        self.shape = (len(self.slices), *(int(s) for s in array.shape[1:]))
+
+    def __getitem__(self, z: int) -> Any:
+        return self.array[self.slices[z]]
+
+
 def export_volume(
     store: Store,
     path: str,
@@ -278,14 +295,16 @@ def export_volume(
     fmt: str,
     *,
     array: str = "",
+    slices: Sequence[int] = (),
     storage_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """``export_array`` for a stored (complete) volume."""
+    """``export_array`` for a stored (complete) volume: all of it, or the z-``slices``
+    chosen, in that order."""
     info = store.volume_info(path, array)
     data = store.open_volume(path, array)
     count = info.attributes.get("object_count")
     return export_array(
-        data, destination, fmt,
+        SliceView(data, slices) if slices else data, destination, fmt,
         kind=volume_kind(info.dtype, info.attributes), name=volume_name(path),
         max_label=int(count) if isinstance(count, int) else None,
         storage_options=storage_options,

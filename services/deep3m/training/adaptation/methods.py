@@ -25,6 +25,9 @@ candidate's figures and returns the one ``spec.select_by`` chooses:
 
 The supervised stage has ``iterations`` for every method; unsupervised stages
 (pretext, Y-Net stages 1–2, translator) have ``unsupervised_iterations`` on top.
+
+The spec is in ``spec``; the unsupervised stages run before the supervised one
+are in ``pretraining``.
 """
 
 from __future__ import annotations
@@ -32,31 +35,23 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from deep3m.adaptation.histogram import (
-    HistogramReference,
-    match_stack,
-    reference_histogram,
-)
+from deep3m.adaptation.histogram import match_stack, reference_histogram
 from deep3m.adaptation.morphology import Morphology, morphology
-from deep3m.adaptation.options import ADAPTATIONS
-from deep3m.adaptation.pretext import degrade
 from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
-from deep3m.models.registry import INPUT_MULTIPLE, check_architecture
-from deep3m.models.translation import TranslationConfig, build_translator
+from deep3m.models.registry import INPUT_MULTIPLE
+from deep3m.models.translation import build_translator
 from deep3m.models.ynet import AttentionYNet
 from deep3m.training.adaptation.candidates import (
     Candidate,
     CandidateRecorder,
-    check_selector,
     choose,
     load_state,
     selections,
@@ -66,75 +61,30 @@ from deep3m.training.adaptation.loops import Schedule, StageLog, run_stage
 from deep3m.training.adaptation.networks import (
     build_segmenter,
     encoder_modules,
-    reconstruction,
     segmentation_loss,
+)
+from deep3m.training.adaptation.pretraining import (
+    SSL_FINETUNE_LR,
+    YNET_LRS,
+    ssl_pretext,
+    ynet_unsupervised,
+)
+from deep3m.training.adaptation.spec import (
+    LABEL_FREE,
+    METHODS,
+    NEEDS_TARGET_LABELS,
+    AdaptationSpec,
 )
 from deep3m.training.adaptation.translation import train_translator, translate_stack
 
-# The label-free methods (what a training job offers), then those using target labels.
-LABEL_FREE: tuple[str, ...] = ADAPTATIONS
-METHODS: tuple[str, ...] = (*LABEL_FREE, "fewlabel", "supervised")
-NEEDS_TARGET_LABELS: tuple[str, ...] = ("fewlabel", "supervised")
-
-SSL_PRETEXT_LR = 5e-4
-SSL_FINETUNE_LR = 1e-4
-YNET_ALPHAS = (0.98, 1.0, 0.0)
-YNET_BETAS = (0.02, 0.0, 1.0)
-YNET_LRS = (1e-3, 2e-4, 2e-4)
-
-
-@dataclass(frozen=True)
-class AdaptationSpec:
-    method: str = "none"
-    select_by: str = "solidity"
-    architecture: str = "resunet2d"
-    width: float = 0.125
-    frames: int = 1
-    iterations: int = 200
-    unsupervised_iterations: int = 200
-    batch: int = 4
-    patch: int = 128
-    lr: float = 1e-3
-    checkpoints: int = 5
-    histogram_p: float = 0.5
-    predict_histogram: bool = False
-    seed: int = 0
-    ynet_width: float = 0.5
-    ynet_dropout: bool = True
-    fewlabel_fraction: float = 0.1
-    translation: TranslationConfig = field(default_factory=TranslationConfig.cpu)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InvalidArgumentError(
-                f"unknown adaptation {self.method!r}; choose one of {', '.join(METHODS)}",
-                field="adaptation",
-            )
-        check_selector(self.select_by)
-        check_architecture(self.architecture)
-        for name in ("iterations", "unsupervised_iterations", "batch", "checkpoints"):
-            if int(getattr(self, name)) < 1:
-                raise InvalidArgumentError(
-                    f"{name} must be >= 1, got {getattr(self, name)!r}", field=name
-                )
-        if self.patch < INPUT_MULTIPLE or self.patch % INPUT_MULTIPLE:
-            raise InvalidArgumentError(
-                f"patch must be a positive multiple of {INPUT_MULTIPLE}, got {self.patch}",
-                field="patch",
-            )
-        if not 0.0 <= self.histogram_p <= 1.0:
-            raise InvalidArgumentError(
-                f"histogram_p must be in [0, 1], got {self.histogram_p!r}", field="histogram_p"
-            )
-        if not 0.0 < self.fewlabel_fraction <= 1.0:
-            raise InvalidArgumentError(
-                f"fewlabel_fraction must be in (0, 1], got {self.fewlabel_fraction!r}",
-                field="fewlabel_fraction",
-            )
-        if self.method == "multitask" and self.frames != 1:
-            raise InvalidArgumentError(
-                "the multi-task Y-Net is a 2D network: frames must be 1", field="frames"
-            )
+__all__ = [
+    "LABEL_FREE",
+    "METHODS",
+    "NEEDS_TARGET_LABELS",
+    "AdaptationResult",
+    "AdaptationSpec",
+    "adapt",
+]
 
 
 @dataclass
@@ -250,11 +200,11 @@ def adapt(
             [translate_stack(translator, s) for s in source.images], "+translated"
         )
     elif spec.method == "ssl":
-        stages.append(_ssl_pretext(net, spec, source, target))
+        stages.append(ssl_pretext(net, spec, source, target))
         frozen = encoder_modules(net)
         seg_lr = SSL_FINETUNE_LR
     elif isinstance(net, AttentionYNet):  # multitask
-        stages += _ynet_unsupervised(net, spec, source, target, target_hist)
+        stages += ynet_unsupervised(net, spec, source, target, target_hist)
         frozen = [*net.encoder, *net.reconstruction_modules()]
         seg_lr = YNET_LRS[2]
         alternate = [match_stack(s, target_hist) for s in source.images]
@@ -342,91 +292,3 @@ def adapt(
     return AdaptationResult(
         spec.method, net, chosen, recorder.candidates, reference, stages, metrics, card
     )
-
-
-def _unlabelled(*domains: Domain) -> Domain:
-    images = tuple(s for d in domains for s in d.images)
-    return Domain("+".join(d.name for d in domains), images)
-
-
-def _ssl_pretext(net: nn.Module, spec: AdaptationSpec, source: Domain, target: Domain) -> StageLog:
-    """Restore clean source and target patches from noisy, ×½-resolution copies."""
-    pool = _unlabelled(source, target)
-    sampler = PatchSampler(
-        pool, patch=spec.patch, frames=spec.frames, seed=spec.seed + 200, with_labels=False
-    )
-    gen = torch.Generator().manual_seed(spec.seed)
-    centre = spec.frames // 2
-
-    def step() -> torch.Tensor:
-        clean, _ = sampler.sample(spec.batch)
-        return F.mse_loss(reconstruction(net, degrade(clean, generator=gen)), clean[:, centre])
-
-    return run_stage(
-        "ssl-pretext",
-        step,
-        train=[net],
-        schedule=Schedule(spec.unsupervised_iterations, SSL_PRETEXT_LR),
-    )
-
-
-def _ynet_unsupervised(
-    net: AttentionYNet,
-    spec: AdaptationSpec,
-    source: Domain,
-    target: Domain,
-    target_hist: HistogramReference,
-) -> list[StageLog]:
-    """Stages 1 and 2 of the Y-Net schedule (half the unsupervised budget each)."""
-    matched = [match_stack(s, target_hist) for s in source.images]
-    logs = []
-    first = max(1, spec.unsupervised_iterations // 2)
-    second = max(1, spec.unsupervised_iterations - first)
-    for stage, iters in ((0, first), (1, second)):
-        alpha, beta = YNET_ALPHAS[stage], YNET_BETAS[stage]
-        src = PatchSampler(
-            source,
-            patch=spec.patch,
-            frames=1,
-            seed=spec.seed + 300 + stage,
-            alternate=matched if stage == 1 else None,
-            alternate_p=spec.histogram_p if stage == 1 else 0.0,
-        )
-        tgt = PatchSampler(
-            target, patch=spec.patch, frames=1, seed=spec.seed + 400 + stage, with_labels=False
-        )
-        turn = [0]
-
-        def step(
-            alpha: float = alpha,
-            beta: float = beta,
-            src: PatchSampler = src,
-            tgt: PatchSampler = tgt,
-            turn: list[int] = turn,
-        ) -> torch.Tensor:
-            # One domain per batch, alternating; BCE only where labels exist.
-            turn[0] += 1
-            if turn[0] % 2:
-                x, y = src.sample(spec.batch)
-            else:
-                x, y = tgt.sample(spec.batch)
-            image, mask = net(x)
-            loss = alpha * F.mse_loss(image, x)
-            if y is not None and beta > 0:
-                loss = loss + beta * F.binary_cross_entropy_with_logits(mask[:, 0], y.float())
-            return loss
-
-        logs.append(
-            run_stage(
-                f"ynet-stage{stage + 1}",
-                step,
-                train=[net],
-                schedule=Schedule(
-                    iters,
-                    YNET_LRS[stage],
-                    optimizer="sgd" if stage == 0 else "adam",
-                    one_cycle=False,
-                ),
-            )
-        )
-    return logs
