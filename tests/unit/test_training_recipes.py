@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from deep3m.core.errors import InvalidArgumentError
+from deep3m.core.errors import CancelledError, InvalidArgumentError
 from deep3m.core.events import ProgressEvent
 from deep3m.core.store import Store
 from deep3m.models.card import load_card, load_member
@@ -233,6 +234,27 @@ def test_default_recipe_trains_with_bf16_channels_last_and_scaled_input(
         assert key in last, key
     assert last["iterations_per_second"] > 0
     assert any(e.eta_seconds > 0 for e in events)
+    assert not any("h on cpu" in e.message for e in events)  # a short plan: no warning
+
+
+def test_a_plan_of_hours_is_announced_with_its_eta(
+    staged: tuple[Store, dict[str, str]],
+) -> None:
+    store, paths = staged
+    config = _default_tiny(paths, iterations=5_000_000, patch_shape=(48, 48))
+    events: list[ProgressEvent] = []
+    stop = threading.Event()
+
+    def first_report(event: ProgressEvent) -> None:
+        events.append(event)
+        stop.set()  # one measured rate is all the announcement needs
+
+    with pytest.raises(CancelledError):
+        train_member(config, "1fm", store, observer=first_report, cancelled=stop)
+    announced = [e for e in events if "h on cpu" in e.message]
+    assert announced, [e.message for e in events]
+    assert "--minutes" in announced[0].message
+    assert announced[0].eta_seconds > 3600
 
 
 def test_time_budget_stops_training_and_drives_the_schedule(

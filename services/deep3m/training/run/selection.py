@@ -26,6 +26,18 @@ def validate(run: Run, done: int) -> dict[str, float]:
     return scores
 
 
+# A plan this long (at the first measured rate) is announced, with how to bound it.
+LONG_PLAN_S = 3600.0
+
+
+def long_plan_note(eta_s: float, device_type: str) -> str:
+    """The note a member's first report carries when its plan would take hours."""
+    return (
+        f"; at this rate the plan needs about {eta_s / 3600.0:.1f} h on {device_type}: "
+        "bound it with --minutes or fewer --iterations"
+    )
+
+
 def report(
     run: Run, done: int, loss: float, lr: float, steps: int, seconds: float,
     samples_per_iteration: int, validate_now: bool,
@@ -45,6 +57,8 @@ def report(
         "elapsed_seconds": run.elapsed(),
     }
     message = f"{run.member}: iteration {done}/{total}, loss {loss:.4f}"
+    if not run.history and eta > LONG_PLAN_S:
+        message += long_plan_note(eta, run.device.type)
     if validate_now and run.rank == 0:
         scores = validate(run, done)
         entry.update(scores)
