@@ -289,7 +289,7 @@ def test_run_once_drives_a_whole_job_in_the_calling_thread(env: Env) -> None:
 
 def test_completions_finishing_while_one_is_sent_go_together_in_the_next_call() -> None:
     from deep3m.core.errors import FailedPreconditionError
-    from deep3m.runtime.worker import CompletionBatcher
+    from deep3m.runtime.batching import CompletionBatcher
 
     calls: list[list[str]] = []
     first_sent = threading.Event()

@@ -30,7 +30,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,13 +40,13 @@ from deep3m.core.errors import (
     CancelledError,
     Deep3mError,
     InvalidArgumentError,
-    store_unreachable,
 )
-from deep3m.core.retry import Backoff, retry_while
+from deep3m.core.retry import Backoff
+from deep3m.runtime.batching import CompletionBatcher
 from deep3m.runtime.channel import ChannelSecurity
+from deep3m.runtime.outcome import Outcome, execute
 from deep3m.runtime.scheduler_client import (
     WORKER_CHANNEL_OPTIONS,
-    Completion,
     GrpcSchedulerClient,
     SchedulerClient,
 )
@@ -61,60 +61,6 @@ log = logging.getLogger("deep3m.worker")
 
 MIN_RENEW_INTERVAL_S = 0.05
 MAX_UNREACHABLE_BACKOFF_S = 2.0
-MAX_COMPLETIONS_PER_CALL = 256
-
-
-@dataclass
-class _Pending:
-    completion: Completion
-    done: bool = False
-    error: BaseException | None = None
-
-
-class CompletionBatcher:
-    """Completions from many threads share calls: whoever finds no call in flight
-    sends everything waiting (no timer: a lone completion goes at once)."""
-
-    def __init__(
-        self,
-        send: Callable[[Sequence[Completion]], Sequence[Deep3mError | None]],
-        limit: int = MAX_COMPLETIONS_PER_CALL,
-    ) -> None:
-        self._send = send
-        self._limit = limit
-        self._changed = threading.Condition()
-        self._waiting: list[_Pending] = []
-        self._sending = False
-
-    def complete(self, completion: Completion) -> None:
-        """Returns once recorded; raises the error of this completion (or of the call)."""
-        item = _Pending(completion)
-        with self._changed:
-            self._waiting.append(item)
-            while not item.done:
-                if self._sending:
-                    self._changed.wait()
-                    continue
-                self._sending = True
-                batch, self._waiting = self._waiting[: self._limit], self._waiting[self._limit :]
-                self._changed.release()
-                try:
-                    self._deliver(batch)
-                finally:
-                    self._changed.acquire()
-                    self._sending = False
-                    self._changed.notify_all()
-        if item.error is not None:
-            raise item.error
-
-    def _deliver(self, batch: list[_Pending]) -> None:
-        try:
-            errors: Sequence[BaseException | None] = self._send([p.completion for p in batch])
-        except Exception as exc:  # the call failed: the same error for every completion
-            errors = [exc] * len(batch)
-        for pending, error in zip(batch, errors, strict=True):
-            pending.error = error
-            pending.done = True
 
 
 @dataclass
@@ -125,15 +71,6 @@ class _Active:
     abandoned: threading.Event = field(default_factory=threading.Event)
     # The outcome is being reported: the scheduler may be recording it right now.
     delivering: bool = False
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    complete: bool
-    result: TaskResult | None = None
-    error: common_pb2.ErrorDetail | None = None
-    retryable: bool = True
-    release: bool = False  # given back unfinished (the worker is stopping): no attempt
 
 
 class Worker:
@@ -326,117 +263,15 @@ class Worker:
                 self._active.pop(active.ctx.lease.lease_id, None)
                 self._changed.notify_all()
 
-    def _execute(self, ctx: TaskContext) -> _Outcome:
-        task = ctx.task
-        handler = self.handlers.get(task.stage)
-        if handler is None:
-            # Another replica (or version) of this role may handle it.
-            return _Outcome(
-                False,
-                error=common_pb2.ErrorDetail(
-                    code="FAILED_PRECONDITION",
-                    task_id=task.id,
-                    message=f"worker {self.worker_id} ({self.role}) has no handler for stage "
-                    f"{task.stage!r}",
-                ),
-                retryable=True,
-            )
-        started = time.perf_counter()
-        try:
-            result = self._call_waiting_out_outages(handler, ctx)
-        except Deep3mError as exc:
-            if ctx.cancelled.is_set():
-                return self._cancelled(ctx)
-            if ctx.stopping.is_set() and isinstance(exc, CancelledError):
-                # The handler saved its progress because this worker is going away.
-                return _Outcome(False, release=True)
-            log.warning(
-                "task %s failed: %s",
-                task.id,
-                exc.message,
-                extra={"task_id": task.id, "job_id": task.job_id, "retryable": exc.retryable},
-            )
-            return _Outcome(
-                False,
-                error=common_pb2.ErrorDetail(
-                    code=exc.grpc_code_name, message=exc.message, field=exc.field, task_id=task.id
-                ),
-                retryable=exc.retryable,
-            )
-        except Exception as exc:
-            if ctx.cancelled.is_set():
-                return self._cancelled(ctx)
-            log.exception(
-                "task %s raised", task.id, extra={"task_id": task.id, "job_id": task.job_id}
-            )
-            return _Outcome(
-                False,
-                error=common_pb2.ErrorDetail(
-                    code="INTERNAL", message=f"{type(exc).__name__}: {exc}", task_id=task.id
-                ),
-                retryable=True,
-            )
-        if not isinstance(result, TaskResult):
-            return _Outcome(
-                False,
-                error=common_pb2.ErrorDetail(
-                    code="INTERNAL",
-                    task_id=task.id,
-                    message=f"the {task.stage!r} handler returned {type(result).__name__}, not a "
-                    "TaskResult",
-                ),
-                retryable=False,
-            )
-        log.info(
-            "task done",
-            extra={
-                "task_id": task.id,
-                "job_id": task.job_id,
-                "seconds": round(time.perf_counter() - started, 3),
-            },
-        )
-        return _Outcome(True, result=result)
-
-    def _call_waiting_out_outages(self, handler: TaskHandler, ctx: TaskContext) -> TaskResult:
-        """Run ``handler``; while the store is unreachable, run it again with backoff
-        (the lease is kept alive meanwhile) for up to ``store_retry_seconds``.
-
-        An outage is nobody's fault: waiting it out here counts no attempt, where a
-        failure would, and a few in a row would quarantine healthy blocks. Handlers
-        are idempotent (a task may run twice anyway), so a partial first run is fine.
-        """
-        task = ctx.task
-
-        def note(exc: BaseException, delay: float) -> None:
-            log.warning(
-                "task %s: store unreachable (%s: %s); running it again in %.1f s",
-                task.id,
-                type(exc).__name__,
-                str(exc)[:200],
-                delay,
-                extra={"task_id": task.id, "job_id": task.job_id},
-            )
-
-        return retry_while(
-            lambda: handler(ctx),
-            lambda exc: store_unreachable(exc) and not ctx.cancelled.is_set(),
-            budget_s=self.settings.store_retry_seconds,
-            backoff=Backoff(0.5, 5.0, jitter=0.2),
-            wait=ctx.cancelled.wait,
-            on_retry=note,
+    def _execute(self, ctx: TaskContext) -> Outcome:
+        return execute(
+            self.handlers.get(ctx.task.stage),
+            ctx,
+            worker=f"worker {self.worker_id} ({self.role})",
+            store_retry_s=self.settings.store_retry_seconds,
         )
 
-    @staticmethod
-    def _cancelled(ctx: TaskContext) -> _Outcome:
-        return _Outcome(
-            False,
-            error=common_pb2.ErrorDetail(
-                code="CANCELLED", task_id=ctx.task.id, message="the task was cancelled"
-            ),
-            retryable=True,
-        )
-
-    def _report(self, ctx: TaskContext, outcome: _Outcome) -> None:
+    def _report(self, ctx: TaskContext, outcome: Outcome) -> None:
         lease_id = ctx.lease.lease_id
         if outcome.release:
             self._client.release(lease_id, self.worker_id, timeout=min(self._timeout, 5.0))
@@ -455,7 +290,7 @@ class Worker:
         if quarantined and error.code != "CANCELLED":
             log.warning("task %s will not be retried", ctx.task.id, extra={"task_id": ctx.task.id})
 
-    def _deliver(self, active: _Active, outcome: _Outcome) -> None:
+    def _deliver(self, active: _Active, outcome: Outcome) -> None:
         """Report the outcome; retries while the scheduler is unreachable."""
         ctx = active.ctx
         give_up = time.monotonic() + max(10 * self._lease_s, 60.0)
