@@ -18,6 +18,7 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.models.registry import INPUT_MULTIPLE, build_network
 from deep3m.models.ynet import AttentionYNet
 from deep3m.training.adaptation.data import SCALE, mirror_index
+from deep3m.training.adaptation.runtime import current
 
 # Encoder parts by network family: everything before the decoder / class heads.
 _ENCODER_ATTRS: tuple[tuple[str, ...], ...] = (
@@ -88,8 +89,9 @@ def predict_stack(net: nn.Module, images: np.ndarray, *, batch: int = 2) -> np.n
     out = np.empty((n, h, w), np.float32)
     was_training = net.training
     net.eval()
+    device = next(net.parameters()).device
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), current().autocast():
             for start in range(0, n, batch):
                 zs = range(start, min(n, start + batch))
                 wins = np.stack(
@@ -102,8 +104,9 @@ def predict_stack(net: nn.Module, images: np.ndarray, *, batch: int = 2) -> np.n
                         if py < h and px < w
                         else np.pad(wins, pad, mode="edge")
                     )
-                x = torch.from_numpy(wins / SCALE).float()
-                out[zs.start : zs.stop] = logits_to_probability(net, x)[:, :h, :w].numpy()
+                x = torch.from_numpy(wins / SCALE).float().to(device)
+                prob = logits_to_probability(net, x)[:, :h, :w]
+                out[zs.start : zs.stop] = prob.float().cpu().numpy()
     finally:
         net.train(was_training)
     return out
