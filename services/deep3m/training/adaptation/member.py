@@ -189,13 +189,6 @@ def adapt_member(
             f"adapt_to {target_src.describe()} holds only zeros (padding): nothing to adapt to",
             field="adapt_to",
         )
-    low, high = int(target_images.min()), int(target_images.max())
-    if low == high:
-        # One grey level: no histogram to match, no structure to predict.
-        raise InvalidArgumentError(
-            f"adapt_to {target_src.describe()} holds one grey level ({low}): nothing to adapt to",
-            field="adapt_to",
-        )
     source = Domain.of("source", images, labels)
     target_domain = Domain.of("target", target_images)
     if config.validation_images is not None and config.validation_labels is not None:

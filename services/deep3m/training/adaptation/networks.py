@@ -9,6 +9,8 @@ the mask logit).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -74,6 +76,13 @@ def _pad_to(n: int, multiple: int) -> int:
     return (-n) % multiple
 
 
+def _device_of(net: nn.Module) -> torch.device:
+    """Where ``net`` lives (the runtime's device for one without tensors)."""
+    for t in itertools.chain(net.parameters(), net.buffers()):
+        return t.device
+    return current().device
+
+
 def predict_stack(net: nn.Module, images: np.ndarray, *, batch: int = 2) -> np.ndarray:
     """Foreground probability (z, y, x) float32 of a grey-level stack, slice by slice
     (``frames`` neighbours mirrored at the ends; y/x mirror-padded to the network's stride)."""
@@ -89,7 +98,7 @@ def predict_stack(net: nn.Module, images: np.ndarray, *, batch: int = 2) -> np.n
     out = np.empty((n, h, w), np.float32)
     was_training = net.training
     net.eval()
-    device = next(net.parameters()).device
+    device = _device_of(net)
     try:
         with torch.inference_mode(), current().autocast():
             for start in range(0, n, batch):
