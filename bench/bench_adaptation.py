@@ -56,6 +56,8 @@ from deep3m.training.adaptation.data import Domain, PatchSampler
 from deep3m.training.adaptation.loops import Schedule, run_stage
 from deep3m.training.adaptation.methods import METHODS, AdaptationResult, AdaptationSpec, adapt
 from deep3m.training.adaptation.networks import build_segmenter, segmentation_loss
+from deep3m.training.adaptation.runtime import StageRuntime, precision_for, use
+from deep3m.training.trainer import pick_device
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SBEM_NM = 5.9  # cdeep3m-mito in-plane pixel size
@@ -334,10 +336,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--threads", type=int, default=int(os.environ.get("DEEP3M_BENCH_THREADS", "1"))
     )
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda or auto (the training worker's choice)"
+    )
     args = parser.parse_args(list(argv) if argv is not None else [])
     if "fewlabel" in args.methods and "none" not in args.methods:
         parser.error("fewlabel fine-tunes the baseline: include 'none' in --methods")
-    report = run(args)
+    device = pick_device(args.device)
+    precision = precision_for(device, mixed_precision=True, cpu_bfloat16=False)
+    # Every stage, the calibration's included, on the chosen device.
+    with use(StageRuntime(device=device, precision=precision)):
+        report = run(args)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2, default=str))
 

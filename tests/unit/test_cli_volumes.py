@@ -454,6 +454,36 @@ def test_models_lists_cards(vols: Volumes) -> None:
     assert "broken" in text.output
 
 
+def test_models_shows_the_adaptation_of_an_adapted_model(vols: Volumes) -> None:
+    save_card(
+        vols.store,
+        ModelCard(
+            id="mito-sstem",
+            members=(MemberCard(name="1fm", frames=1, weights="1fm/w.safetensors"),),
+            adaptation={
+                "method": "multitask", "target": "volumes/sstem.zarr", "select_by": "solidity",
+                "match_histogram_at_predict": True, "training_histogram": {"counts": [1]},
+                "members": {"1fm": {"chosen_checkpoint": "segmentation-000400"}},
+                "fallback": None,
+            },
+        ),
+    )  # fmt: skip
+    by_id = {m["id"]: m for m in run_json("models", "--store", vols.url)["models"]}
+    assert by_id["mito-sstem"]["adaptation"] == {
+        "method": "multitask",
+        "target": "volumes/sstem.zarr",
+        "select_by": "solidity",
+        "match_histogram_at_predict": True,
+        "chosen": {"1fm": "segmentation-000400"},
+        "fallback": None,
+    }
+    assert all(m["adaptation"] is None for i, m in by_id.items() if i != "mito-sstem")
+    text = run("models", "--store", vols.url)
+    assert text.exit_code == 0
+    # The table wraps narrow cells: whole words only.
+    assert all(w in text.stdout for w in ("adaptation", "multitask", "solidity", "matched"))
+
+
 # -- doctor -------------------------------------------------------------------------
 @pytest.fixture
 def serving() -> Iterator[str]:

@@ -38,7 +38,10 @@ def degrade(
         )
     x = clean.float()
     peak = x.amax(dim=(1, 2, 3), keepdim=True)
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    # Drawn where the generator lives (a seeded CPU one stays reproducible), used on x's device.
+    noise_device = generator.device if generator is not None else x.device
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=noise_device)
+    noise = noise.to(x.device)
     noisy = torch.minimum(torch.clamp(x + noise * noise_fraction * peak, min=0.0), peak)
     size = (x.shape[2], x.shape[3])
     small = F.interpolate(noisy, scale_factor=scale, mode="bilinear", align_corners=False)

@@ -66,17 +66,6 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
         context.add_callback(cancelled.set)
         device = pick_device(None if self.settings.device == "auto" else self.settings.device)
 
-        def report(metrics: dict[str, float], message: str) -> None:
-            events.put(
-                ProgressEvent(
-                    job_id=config.model_id,
-                    stage="train",
-                    task_id=member,
-                    message=message,
-                    metrics=metrics,
-                )
-            )
-
         def run() -> None:
             try:
                 if config.adapting:
@@ -86,8 +75,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
                             member,
                             store,
                             roots=self.roots,
-                            report=report,
+                            observer=events.put,
                             cancelled=cancelled,
+                            device=device,
                         )
                     )
                     return

@@ -28,7 +28,7 @@ from deep3m.models.card import MemberCard, ModelCard, card_key, load_card, save_
 from deep3m.models.registry import INPUT_MULTIPLE, build_network
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import TaskContext, TaskResult
-from deep3m.training.adaptation.member import adapt_member
+from deep3m.training.adaptation.member import CANDIDATE_METRIC, adapt_member
 from deep3m.training.config import TrainConfig, VolumeSource
 from deep3m.training.data import LabelledVolume, Normalization, read_volume, to_classes
 from deep3m.training.distributed import train_member_distributed, visible_gpus
@@ -99,7 +99,8 @@ class TrainingTasks:
         def observer(event: ProgressEvent) -> None:
             # Validation results always go out; loss-only updates at most once a second.
             now = time.monotonic()
-            if "f1" in event.metrics or now - last_report[0] >= 1.0:
+            shown = "f1" in event.metrics or CANDIDATE_METRIC in event.metrics
+            if shown or now - last_report[0] >= 1.0:
                 last_report[0] = now
                 ctx.report(dict(event.metrics), event.message)
 
@@ -112,8 +113,10 @@ class TrainingTasks:
                 store,
                 roots=self.roots,
                 target=_leased_source(lease, "adapt_to"),
-                report=ctx.report,
+                observer=observer,
                 cancelled=ctx.cancelled,
+                device=device,
+                job_id=lease.task.job_id,
             )
         elif gpus > 1:
             from deep3m.training.validate import check_training_inputs

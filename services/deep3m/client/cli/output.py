@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -285,21 +285,36 @@ def metrics_text(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3g}" for k, v in sorted(metrics.items())) or "—"
 
 
+def adaptation_text(a: Mapping[str, Any] | None) -> str:
+    """``multitask -> volumes/t.zarr, by solidity (1fm: segmentation-000400)``; "" if none."""
+    if not a:
+        return ""
+    chosen = ", ".join(f"{m}: {c}" for m, c in (a.get("chosen") or {}).items() if c)
+    text = f"{a.get('method')} -> {a.get('target')}, by {a.get('select_by')}"
+    text += f" ({chosen})" if chosen else ""
+    if a.get("match_histogram_at_predict"):
+        text += ", matched at predict"
+    return text + (f"; fallback: {a['fallback']}" if a.get("fallback") else "")
+
+
 def render_models(r: dict[str, Any]) -> None:
     if not r["models"] and not r["invalid"]:
         say(f"no models in {r['store']}")
         return
     table = Table(title=f"models in {r['store']}", show_header=True)
-    for col in ("id", "architecture", "members", "iterations", "validation"):
+    adapted = any(m.get("adaptation") for m in r["models"])
+    columns = ("id", "architecture", "members", "iterations", "validation")
+    for col in (*columns, "adaptation") if adapted else columns:
         table.add_column(col)
     for m in r["models"]:
         members = ", ".join(
             f"{x['name']}" + ("" if x["trained"] else " (untrained)") for x in m["members"]
         )
         iterations = m["iterations"] or sum(x["iterations"] for x in m["members"])
-        table.add_row(
-            m["id"], m["architecture"], members, f"{iterations:,}", metrics_text(m["metrics"])
-        )
+        row = [m["id"], m["architecture"], members, f"{iterations:,}", metrics_text(m["metrics"])]
+        if adapted:
+            row.append(adaptation_text(m.get("adaptation")))
+        table.add_row(*row)
     out.print(table)
     for bad in r["invalid"]:
         console.print(

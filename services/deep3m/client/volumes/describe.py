@@ -112,6 +112,24 @@ def list_models(store: Store) -> dict[str, Any]:
                 "metrics": dict(card.metrics),
                 "voxel_size_nm": list(card.voxel_size_nm),
                 "base_model": card.base_model or None,
+                "adaptation": _adaptation_summary(card.adaptation),
             }
         )
     return jsonable({"store": store.url, "models": found, "invalid": invalid})  # type: ignore[no-any-return]
+
+
+def _adaptation_summary(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a listing shows of a card's ``adaptation`` (None: not adapted): the method,
+    target and criterion, and each member's chosen checkpoint (the histograms and
+    morphology stay in the card)."""
+    if not record:
+        return None
+    members = record.get("members") or {}
+    return {
+        "method": record.get("method"),
+        "target": record.get("target"),
+        "select_by": record.get("select_by"),
+        "match_histogram_at_predict": bool(record.get("match_histogram_at_predict")),
+        "chosen": {m: (r or {}).get("chosen_checkpoint") for m, r in members.items()},
+        "fallback": record.get("fallback"),
+    }

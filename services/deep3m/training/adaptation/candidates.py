@@ -103,7 +103,8 @@ class CandidateRecorder:
             tp = [predict_stack(self.net, s) for s in self._view(self.target_scoring.images)]
             tgt = foreground_iou(tp, self.target_scoring.labels)
         name = f"{self.stage}-{iteration:06d}"
-        state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        # Kept on the host: candidates pile up, device memory is for training.
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
         cand = Candidate(name, self.stage, iteration, morph, val, tgt, state)
         self.candidates.append(cand)
         if self.out_dir is not None:

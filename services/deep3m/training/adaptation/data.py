@@ -16,6 +16,7 @@ import torch
 
 from deep3m.core.augmentation import IN_PLANE_VARIATIONS, apply_variation
 from deep3m.core.errors import InvalidArgumentError
+from deep3m.training.adaptation.runtime import current
 
 SCALE = 255.0
 
@@ -158,8 +159,10 @@ class PatchSampler:
             if self.with_labels and self.domain.labels is not None:
                 lbl = self.domain.labels[s][z, y0 : y0 + p, x0 : x0 + p]
                 ys.append(np.ascontiguousarray(apply_variation(lbl, v, has_z=False)))
-        x = torch.from_numpy(np.stack(xs) / SCALE).float()
-        y = torch.from_numpy(np.stack(ys).astype(np.int64)) if ys else None
+        # On the stages' device (the runtime's): the networks are there.
+        device = current().device
+        x = torch.from_numpy(np.stack(xs) / SCALE).float().to(device)
+        y = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device) if ys else None
         return x, y
 
     def labelled_sample(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

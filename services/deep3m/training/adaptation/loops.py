@@ -4,6 +4,8 @@ A stage is a loss closure, the modules it trains, the modules it freezes and an
 optimiser schedule (Adam with the one-cycle policy, as in the paper's code, or
 plain SGD / Adam at a constant rate). Every ``checkpoint_every`` iterations and
 at the end, ``on_checkpoint(iteration)`` is called so candidates can be scored.
+The loop runs on the :mod:`runtime`'s device and precision, reports its loss every
+few seconds and stops within one iteration of a cancellation.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from deep3m.core.errors import InvalidArgumentError
+from deep3m.training.adaptation.runtime import StageTicker, backward_step, current
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -83,7 +86,11 @@ def run_stage(
     for m in frozen:
         for p in m.parameters():
             p.requires_grad_(False)
+    runtime = current()
+    for module in (*train, *frozen):
+        module.to(runtime.device)
     opt = _optimizer(params, schedule)
+    scaler = runtime.scaler()
     sched = (
         torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=schedule.max_lr, total_steps=schedule.iterations
@@ -95,17 +102,19 @@ def run_stage(
         module.train()
     losses: list[float] = []
     started = time.perf_counter()
+    tick = StageTicker(name, schedule.iterations, runtime)
     try:
         for it in range(1, schedule.iterations + 1):
             for m in frozen:
                 m.eval()  # frozen normalisation keeps its statistics too
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn()
-            loss.backward()  # type: ignore[no-untyped-call]
-            opt.step()
+            with runtime.autocast():
+                loss = loss_fn()
+            backward_step(loss, opt, scaler)
             if sched is not None:
                 sched.step()
             losses.append(float(loss.detach()))
+            tick(it, losses[-1])
             if on_checkpoint is not None and (
                 it == schedule.iterations or (checkpoint_every and it % checkpoint_every == 0)
             ):

@@ -19,7 +19,7 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 
 from deep3m.adaptation.histogram import reference_histogram
 from deep3m.core.errors import CancelledError, InvalidArgumentError
+from deep3m.core.events import ProgressEvent
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.models.card import save_weights
@@ -35,12 +36,21 @@ from deep3m.models.translation import GENERATOR_MULTIPLE, TranslationConfig
 from deep3m.training.adaptation.candidates import Candidate
 from deep3m.training.adaptation.data import SCALE, Domain
 from deep3m.training.adaptation.methods import AdaptationSpec, adapt
+from deep3m.training.adaptation.runtime import (
+    PROGRESS_SECONDS,
+    StageProgress,
+    StageRuntime,
+    precision_for,
+    use,
+)
 from deep3m.training.config import TrainConfig, VolumeSource
 from deep3m.training.data import Normalization, read_volume, to_classes
-from deep3m.training.trainer import MemberResult, metrics_key
+from deep3m.training.trainer import MemberResult, Observer, metrics_key, pick_device
 from deep3m.training.validate import resolve_source
 
-Report = Callable[[dict[str, float], str], None]
+# Candidate and summary events carry this metric: an observer that thins loss-only
+# updates passes them (as it passes validation results).
+CANDIDATE_METRIC = "candidate_iteration"
 # What the networks of every method see: grey levels / 255.
 NORMALIZATION = Normalization(0.0, SCALE)
 
@@ -128,14 +138,44 @@ def adapt_member(
     *,
     roots: StoreRoots | None = None,
     target: VolumeSource | None = None,
-    report: Report | None = None,
+    observer: Observer | None = None,
     cancelled: threading.Event | None = None,
+    device: torch.device | str | None = None,
+    job_id: str = "",
+    progress_seconds: float | None = None,
 ) -> MemberResult:
     """Train ``member`` by ``config.adaptation`` for ``config.adapt_to`` (or ``target``,
     the reference as resolved at submission) and write its weights and metrics.
 
-    Each scored candidate is reported; ``cancelled`` stops the run at the next one.
+    Runs on ``device`` (``pick_device``'s choice when None or "auto") under the
+    supervised trainer's precision rule. ``observer`` sees every stage's loss every
+    few seconds (``progress_seconds``) and each scored candidate; ``cancelled``
+    stops the run within one iteration of any stage (CancelledError).
     """
+    dev = pick_device(device)
+
+    def report(metrics: Mapping[str, float], message: str) -> None:
+        if observer is not None:
+            observer(ProgressEvent(job_id=job_id or config.model_id, state="RUNNING",
+                                   stage="train", task_id=member, message=message,
+                                   metrics=dict(metrics)))  # fmt: skip
+
+    def on_progress(p: StageProgress) -> None:
+        report(
+            {"iteration": float(p.iteration), "iterations": float(p.iterations), "loss": p.loss,
+             "stage_seconds": p.seconds},
+            f"{member}: {p.stage} iteration {p.iteration}/{p.iterations}, loss {p.loss:.4f}",
+        )  # fmt: skip
+
+    runtime = StageRuntime(
+        device=dev,
+        precision=precision_for(
+            dev, mixed_precision=config.mixed_precision, cpu_bfloat16=config.cpu_bfloat16
+        ),
+        on_progress=on_progress,
+        cancelled=cancelled,
+        progress_seconds=PROGRESS_SECONDS if progress_seconds is None else progress_seconds,
+    )
     if config.adapt_to is None:
         raise InvalidArgumentError("no target volume to adapt to", field="adapt_to")
     started = time.monotonic()
@@ -164,19 +204,18 @@ def adapt_member(
     else:
         validation, validation_source = source, "training"
     spec = spec_for(config, member, min(source.min_size(), target_domain.min_size()))
-    if report is not None:
-        report({}, f"{member}: {spec.method} adaptation to {target_src.describe()}")
+    report({}, f"{member}: {spec.method} adaptation to {target_src.describe()} on {dev.type}")
 
     def on_candidate(cand: Candidate) -> None:
         if cancelled is not None and cancelled.is_set():
             raise CancelledError(f"training of {member!r} cancelled at {cand.name}")
-        if report is not None:
-            figures = {"iteration": float(cand.iteration), **_finite(cand.figures())}
-            report(figures, f"{member}: candidate {cand.name}")
+        figures = {CANDIDATE_METRIC: float(cand.iteration), **_finite(cand.figures())}
+        report(figures, f"{member}: candidate {cand.name}")
 
-    result = adapt(
-        spec, source, target_domain, source_validation=validation, on_candidate=on_candidate
-    )
+    with use(runtime):
+        result = adapt(
+            spec, source, target_domain, source_validation=validation, on_candidate=on_candidate
+        )
 
     state = {k: v.detach().cpu() for k, v in result.net.state_dict().items()}
     if config.network_architecture == "ynet":
@@ -213,17 +252,18 @@ def adapt_member(
         "voxel_size_nm": list(config.voxel_size_nm or _voxels(store, roots, config.images)),
         "fingerprint": config.fingerprint(member),
         "resumed_from": 0,
-        "device": "cpu",
+        "device": dev.type,
+        "precision": runtime.precision,
         "adaptation": record,
         # Every candidate checkpoint's figures, every selector's pick, the stages.
         "adaptation_metrics": result.metrics,
     }
     store.write_json(metrics_key(config.model_id, member), doc)
-    if report is not None:
-        fallback = record.get("fallback")
-        report(
-            final, f"{member}: kept {result.chosen.name}" + (f" ({fallback})" if fallback else "")
-        )
+    fallback = record.get("fallback")
+    report(
+        {CANDIDATE_METRIC: float(result.chosen.iteration), **final},
+        f"{member}: kept {result.chosen.name}" + (f" ({fallback})" if fallback else ""),
+    )
     return MemberResult(
         member=member,
         frames=config.frames(member),

@@ -9,6 +9,8 @@ the mask logit).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.models.registry import INPUT_MULTIPLE, build_network
 from deep3m.models.ynet import AttentionYNet
 from deep3m.training.adaptation.data import SCALE, mirror_index
+from deep3m.training.adaptation.runtime import current
 
 # Encoder parts by network family: everything before the decoder / class heads.
 _ENCODER_ATTRS: tuple[tuple[str, ...], ...] = (
@@ -73,6 +76,13 @@ def _pad_to(n: int, multiple: int) -> int:
     return (-n) % multiple
 
 
+def _device_of(net: nn.Module) -> torch.device:
+    """Where ``net`` lives (the runtime's device for one without tensors)."""
+    for t in itertools.chain(net.parameters(), net.buffers()):
+        return t.device
+    return current().device
+
+
 def predict_stack(net: nn.Module, images: np.ndarray, *, batch: int = 2) -> np.ndarray:
     """Foreground probability (z, y, x) float32 of a grey-level stack, slice by slice
     (``frames`` neighbours mirrored at the ends; y/x mirror-padded to the network's stride)."""
@@ -88,8 +98,9 @@ def predict_stack(net: nn.Module, images: np.ndarray, *, batch: int = 2) -> np.n
     out = np.empty((n, h, w), np.float32)
     was_training = net.training
     net.eval()
+    device = _device_of(net)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), current().autocast():
             for start in range(0, n, batch):
                 zs = range(start, min(n, start + batch))
                 wins = np.stack(
@@ -102,8 +113,9 @@ def predict_stack(net: nn.Module, images: np.ndarray, *, batch: int = 2) -> np.n
                         if py < h and px < w
                         else np.pad(wins, pad, mode="edge")
                     )
-                x = torch.from_numpy(wins / SCALE).float()
-                out[zs.start : zs.stop] = logits_to_probability(net, x)[:, :h, :w].numpy()
+                x = torch.from_numpy(wins / SCALE).float().to(device)
+                prob = logits_to_probability(net, x)[:, :h, :w]
+                out[zs.start : zs.stop] = prob.float().cpu().numpy()
     finally:
         net.train(was_training)
     return out
