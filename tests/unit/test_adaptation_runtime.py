@@ -24,12 +24,12 @@ from deep3m.training.adaptation.runtime import (
     StageProgress,
     StageRuntime,
     current,
-    precision_for,
     use,
 )
 from deep3m.training.adaptation.translation import train_translator
 from deep3m.training.config import VolumeSource
 from deep3m.training.demo_data import write_volume
+from deep3m.training.precision import precision_for
 from deep3m.training.trainer import pick_device
 from torch import nn
 

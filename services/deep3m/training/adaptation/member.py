@@ -40,11 +40,11 @@ from deep3m.training.adaptation.runtime import (
     PROGRESS_SECONDS,
     StageProgress,
     StageRuntime,
-    precision_for,
     use,
 )
 from deep3m.training.config import TrainConfig, VolumeSource
 from deep3m.training.data import Normalization, read_volume, to_classes
+from deep3m.training.precision import precision_for
 from deep3m.training.trainer import MemberResult, Observer, metrics_key, pick_device
 from deep3m.training.validate import resolve_source
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from deep3m.core.errors import CancelledError
+from deep3m.training.precision import autocast
 
 PROGRESS_SECONDS = 2.0
 
@@ -34,16 +35,6 @@ class StageProgress:
     seconds: float  # since the stage started
 
 
-def precision_for(device: torch.device, *, mixed_precision: bool, cpu_bfloat16: bool) -> str:
-    """The supervised trainer's rule: float16 autocast (with a gradient scaler) on CUDA
-    when ``mixed_precision``; bfloat16 autocast on the CPU when ``cpu_bfloat16``."""
-    if device.type == "cuda" and mixed_precision:
-        return "float16"
-    if device.type == "cpu" and cpu_bfloat16:
-        return "bfloat16"
-    return "float32"
-
-
 @dataclass(frozen=True)
 class StageRuntime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -54,11 +45,7 @@ class StageRuntime:
     clock: Callable[[], float] = time.monotonic
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "float16":
-            return torch.autocast(self.device.type, dtype=torch.float16)
-        if self.precision == "bfloat16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     def scaler(self) -> torch.amp.GradScaler | None:
         """A gradient scaler where float16 needs one (CUDA), else None."""

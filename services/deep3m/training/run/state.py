@@ -20,6 +20,7 @@ from torch import nn
 from deep3m.core.events import ProgressEvent
 from deep3m.core.store import Store
 from deep3m.training.config import TrainConfig
+from deep3m.training.precision import autocast, precision_for
 from deep3m.training.setup import TrainingSet, make_optimizer
 
 Observer = Callable[[ProgressEvent], None]
@@ -91,7 +92,10 @@ class Run:
         # Time-based snapshots follow the wall clock (what a preemption costs), not
         # the budget clock, which may be process CPU time.
         self.last_snapshot = time.monotonic()
-        self.use_amp = device.type == "cuda" and config.mixed_precision
+        self.precision = precision_for(
+            device, mixed_precision=config.mixed_precision, cpu_bfloat16=config.cpu_bfloat16
+        )
+        self.use_amp = self.precision == "float16"  # float16 needs the gradient scaler
         self.weights = torch.tensor(data.class_weights, device=device)
         self.best_f1 = -1.0
         self.best_iteration = 0
@@ -124,11 +128,7 @@ class Run:
         return bool(agree_int(int(over), self.device))
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.use_amp:
-            return torch.autocast("cuda", dtype=torch.float16)
-        if self.device.type == "cpu" and self.config.cpu_bfloat16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     # -- events -------------------------------------------------------------------
     def publish(
