@@ -382,9 +382,11 @@ def test_rendered_environment_is_what_deep3m_serve_reads(
                 assert policy.max_replicas == values["autoscaling"]["maxReplicas"]
                 assert policy.tasks_per_replica == values["autoscaling"]["tasksPerReplica"]
                 assert policy.gpus_per_pod == values["gpu"]["count"]
-                # The autoscaler's idea of a pod's capacity is what the pod leases.
+                # The autoscaler's idea of a pod's capacity is what the pod leases
+                # (an inference pod holds pipeline-depth blocks per block computed).
                 pod_env = _resolve_env(worker["spec"]["template"]["spec"]["containers"][0])
-                assert policy.pod_capacity == int(pod_env["DEEP3M_WORKER_CAPACITY"])
+                depth = int(pod_env.get("DEEP3M_INFERENCE_PIPELINE_DEPTH", "1"))
+                assert policy.pod_capacity == int(pod_env["DEEP3M_WORKER_CAPACITY"]) * depth
 
 
 def test_credentials_come_from_a_secret(scenario: Any) -> None:
