@@ -183,6 +183,10 @@ def test_sealing_a_stage_waits_out_a_store_outage(seaweed: SeaweedServer) -> Non
     # The record is written, then the store goes away: finding every record, sealing the
     # output and writing the result all happen during the outage, and must wait it out.
     assert scheduler.complete_many("w", [(grant.lease_id, metrics, {})]) == [None]
+    # The outage happened (the scheduler may get through a moment before the restart's
+    # own readiness probe does, so wait for that thread rather than race it).
+    assert store.restarter is not None
+    store.restarter.join(timeout=120)
     assert store.restarted.is_set()
     # Sealed (every record found, the output marked complete) and the next stage planned.
     assert plain.volume_info("volumes/out.zarr").complete
