@@ -13,16 +13,18 @@ import uuid
 
 import pytest
 from deep3m.core.errors import InvalidArgumentError
-from deep3m.scheduler.fencing import (
-    FENCE_KEY,
+from deep3m.scheduler.conditional import (
     ConditionalStore,
     ConditionFailed,
+    MemoryConditionalStore,
+    S3ConditionalStore,
+)
+from deep3m.scheduler.fencing import (
+    FENCE_KEY,
     Fence,
     FencedDocuments,
     FencedError,
     FenceRecord,
-    MemoryConditionalStore,
-    S3ConditionalStore,
     check_write,
     next_claim,
 )

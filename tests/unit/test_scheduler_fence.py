@@ -20,17 +20,11 @@ from deep3m.core.store import Store
 from deep3m.runtime.server import create_server
 from deep3m.runtime.settings import Settings
 from deep3m.scheduler.app import SchedulerApp
+from deep3m.scheduler.conditional import LocalConditionalStore
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.fence_keeper import FenceKeeper, holder_name, open_fence
 from deep3m.scheduler.fence_lock import LOCK_KEY, LockFence
-from deep3m.scheduler.fencing import (
-    EPOCH_FIELD,
-    FENCE_KEY,
-    Fence,
-    FencedError,
-    FenceRecord,
-    LocalConditionalStore,
-)
+from deep3m.scheduler.fencing import EPOCH_FIELD, FENCE_KEY, Fence, FencedError, FenceRecord
 from deep3m.scheduler.persistence import EPOCHS_KEY, FINISHED_KEY, JobStore
 from deep3m.testing.clock import ManualClock
 from grpc_health.v1 import health_pb2, health_pb2_grpc

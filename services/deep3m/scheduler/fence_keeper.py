@@ -28,15 +28,9 @@ from pathlib import Path
 from deep3m.core.retry import Backoff
 from deep3m.core.store import Store, url_scheme
 from deep3m.runtime.settings import Settings
+from deep3m.scheduler.conditional import LocalConditionalStore, S3ConditionalStore
 from deep3m.scheduler.fence_lock import LockFence
-from deep3m.scheduler.fencing import (
-    Fence,
-    FencedError,
-    FenceRecord,
-    LocalConditionalStore,
-    S3ConditionalStore,
-    WriteFence,
-)
+from deep3m.scheduler.fencing import Fence, FencedError, FenceRecord, WriteFence
 
 log = logging.getLogger("deep3m.scheduler")
 
