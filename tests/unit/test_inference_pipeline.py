@@ -4,7 +4,8 @@ The compute gate on its own (first come first served, at most ``slots`` holders,
 cancellation while waiting), then the real inference worker (``Worker`` +
 ``PredictTaskHandler``) against the in-process scheduler: reads overlap compute,
 one block computes at a time however many are in flight, a failing write fails
-its task and the job, and cancelling mid-stream ends every block held.
+its task and the job, cancelling mid-stream ends every block held, and stopping
+the worker gives back the blocks waiting for the device at once.
 """
 
 from __future__ import annotations
@@ -293,3 +294,29 @@ def test_cancelling_mid_stream_ends_every_block_held(env: Env) -> None:
     # Only the block that was computing ran its network; nothing was completed.
     assert env.net.calls == 1
     assert worker.completed == 0
+
+
+def test_stopping_gives_back_the_waiting_blocks_at_once_and_writes_the_computed_one(
+    env: Env,
+) -> None:
+    """SIGTERM (``Worker.stop``): the blocks read and waiting for the device are handed
+    back at once, without an attempt, while the block computing finishes and is written."""
+    worker, job, gate = start_with_the_first_block_held(env)
+    stopper = threading.Thread(target=worker.stop, kwargs={"grace": 60.0})
+    try:
+        stopper.start()
+        wait_until(lambda: worker.released == 2, "the waiting blocks given back")
+        assert gate.waiting == 0 and env.leased() == 1
+    finally:
+        env.net.hold.set()
+        stopper.join(WAIT_S)
+    assert not stopper.is_alive(), "stop waited out the grace"
+    assert (worker.completed, worker.released, worker.failed) == (1, 2, 0)
+    assert env.net.calls == 1
+    stage = env.scheduler.get(job).stages[0]
+    assert (stage.tasks_done, stage.tasks_leased) == (1, 0)
+    # Given back, not failed: the other five lease again at once, all first attempts.
+    again = env.scheduler.lease("other", "inference", SHAPE[0])
+    assert len(again) == SHAPE[0] - 1 and {lease.attempt for lease in again} == {1}
+    out = np.asarray(env.store.open_volume("volumes/out.zarr", require_complete=False)[...])
+    assert np.count_nonzero(out.reshape(SHAPE[0], -1).any(axis=1)) == 1

@@ -57,13 +57,25 @@ class PredictTaskHandler(PredictorSetup):
     """``Callable[[TaskContext], TaskResult]`` for the worker's ``predict`` stage."""
 
     def __call__(self, ctx: TaskContext) -> TaskResult:
-        metrics = self.run(ctx.lease, cancelled=ctx.interrupted)
+        metrics = self.run(ctx.lease, cancelled=ctx.cancelled, interrupted=ctx.interrupted)
         return TaskResult(metrics=metrics)
 
     def run(
-        self, lease: common_pb2.TaskLease, *, cancelled: StopFlag | None = None
+        self,
+        lease: common_pb2.TaskLease,
+        *,
+        cancelled: StopFlag | None = None,
+        interrupted: StopFlag | None = None,
     ) -> dict[str, float]:
-        """Predict one block and write its core; returns the task metrics."""
+        """Predict one block and write its core; returns the task metrics.
+
+        ``interrupted`` (default: ``cancelled``) ends waiting for the device and
+        computing: a block read but not yet computed is given back at once when the
+        worker stops. A block already computed is still written unless ``cancelled``
+        (the job cancelled, the lease lost): its compute is not thrown away.
+        """
+        if interrupted is None:
+            interrupted = cancelled
         started = time.perf_counter()
         if lease.spec.WhichOneof("kind") != "predict":
             raise InvalidArgumentError(
@@ -97,7 +109,7 @@ class PredictTaskHandler(PredictorSetup):
             model=spec.model,
             members=list(spec.members),
             tta_level=tta_level,
-            cancelled=cancelled,
+            cancelled=interrupted,
             volume_id=volume_id,
         )
         if cancelled is not None and cancelled.is_set():
