@@ -47,6 +47,34 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def compute_environment(role: str, given: Settings, cpus: int) -> dict[str, str]:
+    """``DEEP3M_TORCH_THREADS`` (and, for compute roles, ``DEEP3M_WORKER_CAPACITY``)
+    for ``role`` on a machine of ``cpus`` cores, unless the operator set them.
+
+    Each compute role fills the cores (threads × tasks at once = cores), so training
+    and inference computing together oversubscribe by 2× at most; torch's spinning
+    thread pools slow down badly beyond that. Training gets half the cores per task
+    (members train independently, two at once). Inference computes one block on
+    every core: convolutions over a block scale with threads (on 2 cores, one pass
+    on 2 threads matched two 1-thread passes at once), while independent blocks leave
+    cores idle whenever
+    fewer blocks than slots remain to compute (the last block of a job: a third of
+    a 3-block job on one core) and hold twice the activations; the pipeline reads
+    and writes the next blocks meanwhile. Other roles get half the cores.
+    """
+    default = cpus if role == "inference" else max(1, cpus // 2)
+    threads = given.torch_threads or default
+    env = {"DEEP3M_TORCH_THREADS": str(threads)}
+    if role in ("training", "inference"):
+        capacity = (
+            given.worker_capacity
+            if "worker_capacity" in given.model_fields_set
+            else max(1, cpus // threads)
+        )
+        env["DEEP3M_WORKER_CAPACITY"] = str(capacity)
+    return env
+
+
 def wait_serving(
     address: str,
     proc: subprocess.Popen[bytes],
@@ -195,27 +223,11 @@ class LocalCluster:
         log_dir = self.spec.log_dir
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
-        # Training and inference may compute at once on one machine; torch's
-        # spinning thread pools slow down badly when oversubscribed, so each
-        # process gets half the cores unless told otherwise.
         given = Settings()
-        torch_threads = given.torch_threads or max(1, (os.cpu_count() or 2) // 2)
-        # ...and compute roles take as many tasks at once as those threads fill
-        # the cores, so one member or block does not leave cores idle.
-        compute_capacity = (
-            given.worker_capacity
-            if "worker_capacity" in given.model_fields_set
-            else max(1, (os.cpu_count() or 2) // torch_threads)
-        )
         for role in self.spec.roles:
             self._envs[role] = {
                 **os.environ,
-                "DEEP3M_TORCH_THREADS": str(torch_threads),
-                **(
-                    {"DEEP3M_WORKER_CAPACITY": str(compute_capacity)}
-                    if role in ("training", "inference")
-                    else {}
-                ),
+                **compute_environment(role, given, os.cpu_count() or 2),
                 # Inputs are confined to the roots: the operator's, the spec's, the
                 # packaged sample and the working folder.
                 "DEEP3M_INPUT_ROOTS": ",".join(
