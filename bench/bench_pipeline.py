@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
                     + ", ".join(f"{n} {times[n][-1]:.1f} s" for n, _ in order)
                     + " (serial: "
                     + ", ".join(f"{p} {phases[p][-1]:.1f} s" for p in PHASES)
-                    + ")",
+                    + f"); (b) vs (a) this round {times['same'][-1] / times['deep3m'][-1]:.3f}",
                     flush=True,
                 )
         finally:
@@ -302,6 +302,12 @@ def report(
     print(
         f"pipeline efficiency, (b) vs the same output computed alone (a): "
         f"{rate['deep3m'] / rate['same']:.3f}"
+    )
+    same_round = [a / b for a, b in zip(times["same"], times["deep3m"], strict=True)]
+    print(
+        f"  per round {', '.join(f'{r:.3f}' for r in same_round)} (median "
+        f"{statistics.median(same_round):.3f}); best times: "
+        f"{min(times['same']) / min(times['deep3m']):.3f}"
     )
     print(
         f"(b) vs bare whole-slice compute (a'), the halo's cost included: "
