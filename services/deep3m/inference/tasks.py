@@ -69,13 +69,12 @@ class PredictTaskHandler(PredictorSetup):
     ) -> dict[str, float]:
         """Predict one block and write its core; returns the task metrics.
 
-        ``interrupted`` (default: ``cancelled``) ends waiting for the device and
-        computing: a block read but not yet computed is given back at once when the
-        worker stops. A block already computed is still written unless ``cancelled``
-        (the job cancelled, the lease lost): its compute is not thrown away.
+        ``cancelled`` (the job cancelled, the lease lost) ends the task wherever it
+        is. ``interrupted`` (the worker stopping, or cancelled) ends only the wait for
+        the device: a block read but not computed is given back at once, while the
+        block computing finishes and is written, its compute not thrown away (the
+        worker's grace bounds it; past it the worker cancels).
         """
-        if interrupted is None:
-            interrupted = cancelled
         started = time.perf_counter()
         if lease.spec.WhichOneof("kind") != "predict":
             raise InvalidArgumentError(
@@ -109,7 +108,8 @@ class PredictTaskHandler(PredictorSetup):
             model=spec.model,
             members=list(spec.members),
             tta_level=tta_level,
-            cancelled=interrupted,
+            cancelled=cancelled,
+            interrupted=interrupted,
             volume_id=volume_id,
         )
         if cancelled is not None and cancelled.is_set():
