@@ -94,6 +94,41 @@ def warm_up(net: nn.Module, shapes: list[tuple[int, ...]]) -> list[tuple[float, 
     return spent
 
 
+def thread_layouts(net: nn.Module, shape: tuple[int, ...], cpus: int, passes: int) -> str:
+    """Two CPU layouts of the worker on the block shape: every core on one stream of
+    passes (``--worker-threads`` = cores), or one thread per stream and ``cpus``
+    streams (``deep3m up``'s default on 2 cores): steady-state throughput, no tail."""
+    import threading
+
+    x = torch.zeros(shape)
+
+    def stream(n: int) -> None:
+        with torch.inference_mode():
+            for _ in range(n):
+                net(x)
+
+    def timed(threads: int, streams: int) -> float:
+        torch.set_num_threads(threads)
+        workers = [threading.Thread(target=stream, args=(passes,)) for _ in range(streams)]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return (time.perf_counter() - t0) / (passes * streams)
+
+    try:
+        one = [timed(cpus, 1), timed(1, cpus), timed(cpus, 1), timed(1, cpus)]
+    finally:
+        torch.set_num_threads(cpus)
+    together, apart = min(one[0], one[2]), min(one[1], one[3])
+    return (
+        f"thread layouts on {list(shape)}, best of 2: {cpus} threads x 1 stream "
+        f"{together:.2f} s per pass, 1 thread x {cpus} streams {apart:.2f} s per pass "
+        f"(throughput ratio {apart / together:.2f}; below 1 favours blocks side by side)"
+    )
+
+
 def load() -> str:
     return "load " + "/".join(f"{v:.1f}" for v in os.getloadavg())
 
@@ -269,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             up.close()
     report(args, card, block, voxels, times, phases, halo[0], loads)
     check_outputs(outputs["bare"], outputs["deep3m"])
+    print(thread_layouts(net, shapes[1], cpus, passes=2), f"({load()})")
 
 
 def report(

@@ -14,18 +14,23 @@ def given(monkeypatch: pytest.MonkeyPatch) -> Settings:
     return Settings()
 
 
-@pytest.mark.parametrize("cpus", [1, 2, 8])
-def test_inference_computes_one_block_on_every_core(given: Settings, cpus: int) -> None:
-    env = compute_environment("inference", given, cpus)
-    assert env == {"DEEP3M_TORCH_THREADS": str(cpus), "DEEP3M_WORKER_CAPACITY": "1"}
+@pytest.mark.parametrize("role", ["training", "inference"])
+def test_compute_roles_fill_the_cores_with_half_of_them_per_task(
+    given: Settings, role: str
+) -> None:
+    assert compute_environment(role, given, 8) == {
+        "DEEP3M_TORCH_THREADS": "4",
+        "DEEP3M_WORKER_CAPACITY": "2",
+    }
+    assert compute_environment(role, given, 2) == {
+        "DEEP3M_TORCH_THREADS": "1",
+        "DEEP3M_WORKER_CAPACITY": "2",
+    }
+    assert compute_environment(role, given, 1)["DEEP3M_WORKER_CAPACITY"] == "1"
 
 
-def test_training_runs_two_members_on_half_the_cores_each(given: Settings) -> None:
-    env = compute_environment("training", given, 8)
-    assert env == {"DEEP3M_TORCH_THREADS": "4", "DEEP3M_WORKER_CAPACITY": "2"}
-    # Other roles get half the cores and no capacity (they keep their own default).
+def test_other_roles_get_half_the_cores_and_no_capacity(given: Settings) -> None:
     assert compute_environment("postprocess", given, 8) == {"DEEP3M_TORCH_THREADS": "4"}
-    assert compute_environment("training", given, 1)["DEEP3M_TORCH_THREADS"] == "1"
 
 
 def test_the_operators_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,19 +51,17 @@ def compute_environment(role: str, given: Settings, cpus: int) -> dict[str, str]
     """``DEEP3M_TORCH_THREADS`` (and, for compute roles, ``DEEP3M_WORKER_CAPACITY``)
     for ``role`` on a machine of ``cpus`` cores, unless the operator set them.
 
-    Each compute role fills the cores (threads × tasks at once = cores), so training
-    and inference computing together oversubscribe by 2× at most; torch's spinning
-    thread pools slow down badly beyond that. Training gets half the cores per task
-    (members train independently, two at once). Inference computes one block on
-    every core: convolutions over a block scale with threads (on 2 cores, one pass
-    on 2 threads matched two 1-thread passes at once), while independent blocks leave
-    cores idle whenever
-    fewer blocks than slots remain to compute (the last block of a job: a third of
-    a 3-block job on one core) and hold twice the activations; the pipeline reads
-    and writes the next blocks meanwhile. Other roles get half the cores.
+    Training and inference may compute at once on one machine, and torch's spinning
+    thread pools slow down badly when oversubscribed, so each process gets half the
+    cores; compute roles take as many tasks at once as those threads fill the cores.
+    For inference that is blocks side by side on few threads each rather than one
+    block on every core: intra-op threads scale below linearly on these small
+    convolutions (``python -m bench pipeline`` on 2 cores: 3 blocks took 15.1 s one
+    at a time on 2 threads, 15.8 s end to end two at a time on 1 thread each, i.e.
+    ~1.3x the throughput in steady state), at the price of an idle core while the
+    last block of a job computes alone.
     """
-    default = cpus if role == "inference" else max(1, cpus // 2)
-    threads = given.torch_threads or default
+    threads = given.torch_threads or max(1, cpus // 2)
     env = {"DEEP3M_TORCH_THREADS": str(threads)}
     if role in ("training", "inference"):
         capacity = (
