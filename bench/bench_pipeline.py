@@ -125,7 +125,8 @@ def thread_layouts(net: nn.Module, shape: tuple[int, ...], cpus: int, passes: in
     return (
         f"thread layouts on {list(shape)}, best of 2: {cpus} threads x 1 stream "
         f"{together:.2f} s per pass, 1 thread x {cpus} streams {apart:.2f} s per pass "
-        f"(throughput ratio {apart / together:.2f}; below 1 favours blocks side by side)"
+        f"(side by side ÷ together {apart / together:.2f}; below 1: blocks side by side "
+        "give more throughput)"
     )
 
 
