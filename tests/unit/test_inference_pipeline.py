@@ -4,7 +4,8 @@ The compute gate on its own (first come first served, at most ``slots`` holders,
 cancellation while waiting), then the real inference worker (``Worker`` +
 ``PredictTaskHandler``) against the in-process scheduler: reads overlap compute,
 one block computes at a time however many are in flight, a failing write fails
-its task and the job, and cancelling mid-stream ends every block held.
+its task and the job, cancelling mid-stream ends every block held, and stopping
+the worker gives back the blocks waiting for the device at once.
 """
 
 from __future__ import annotations
@@ -181,8 +182,8 @@ class Env:
             client=InProcessSchedulerClient(self.scheduler),
         )
 
-    def submit(self, max_attempts: int = 0) -> str:
-        spec = predict_spec("volumes/out.zarr", block_shape=BLOCK, max_attempts=max_attempts)
+    def submit(self, max_attempts: int = 0, block: tuple[int, ...] = BLOCK) -> str:
+        spec = predict_spec("volumes/out.zarr", block_shape=block, max_attempts=max_attempts)
         return self.scheduler.submit(spec).id
 
 
@@ -228,12 +229,14 @@ def test_every_block_is_predicted_once_one_at_a_time(env: Env) -> None:
     assert out.shape == SHAPE and np.all((out > 0) & (out < 1))
 
 
-def start_with_the_first_block_held(env: Env) -> tuple[Worker, str, ComputeGate]:
+def start_with_the_first_block_held(
+    env: Env, block: tuple[int, ...] = BLOCK
+) -> tuple[Worker, str, ComputeGate]:
     """A worker whose first block computes until ``env.net.hold`` is set, once the next
     two blocks have been read and wait for the device (prefetched)."""
     env.net.hold.clear()
     worker = env.worker()
-    job = env.submit()
+    job = env.submit(block=block)
     worker.start()
     gate = env.devices.gate(env.devices.devices[0])
     try:
@@ -293,3 +296,31 @@ def test_cancelling_mid_stream_ends_every_block_held(env: Env) -> None:
     # Only the block that was computing ran its network; nothing was completed.
     assert env.net.calls == 1
     assert worker.completed == 0
+
+
+def test_stopping_gives_back_the_waiting_blocks_at_once_and_finishes_the_computing_one(
+    env: Env,
+) -> None:
+    """SIGTERM (``Worker.stop``): the blocks read and waiting for the device are handed
+    back at once, without an attempt, while the block computing finishes (both of its
+    slices, one forward pass each) and is written."""
+    two_slices = (2, *BLOCK[1:])  # 3 blocks
+    worker, job, gate = start_with_the_first_block_held(env, two_slices)
+    stopper = threading.Thread(target=worker.stop, kwargs={"grace": 60.0})
+    try:
+        stopper.start()
+        wait_until(lambda: worker.released == 2, "the waiting blocks given back")
+        assert gate.waiting == 0 and env.leased() == 1
+    finally:
+        env.net.hold.set()
+        stopper.join(WAIT_S)
+    assert not stopper.is_alive(), "stop waited out the grace"
+    assert (worker.completed, worker.released, worker.failed) == (1, 2, 0)
+    assert env.net.calls == 2
+    stage = env.scheduler.get(job).stages[0]
+    assert (stage.tasks_done, stage.tasks_leased) == (1, 0)
+    # Given back, not failed: the other two lease again at once, first attempts still.
+    again = env.scheduler.lease("other", "inference", 3)
+    assert len(again) == 2 and {lease.attempt for lease in again} == {1}
+    out = np.asarray(env.store.open_volume("volumes/out.zarr", require_complete=False)[...])
+    assert np.count_nonzero(out.reshape(SHAPE[0], -1).any(axis=1)) == 2

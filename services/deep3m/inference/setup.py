@@ -94,6 +94,7 @@ class PredictorSetup:
         members: Sequence[str],
         tta_level: int,
         cancelled: StopFlag | None = None,
+        interrupted: StopFlag | None = None,
         volume_id: str = "",
     ) -> BlockPrediction:
         """Predict ``core`` of ``source`` from one mirror-padded read of ``read``.
@@ -102,7 +103,10 @@ class PredictorSetup:
         its z extent is the context the members need. Only the computation holds
         a compute slot of the device: the model lookup and the read run while
         other blocks compute. ``volume_id`` names the source volume (the key of its
-        prediction-time histogram map).
+        prediction-time histogram map). ``cancelled`` ends the wait for the device
+        and the computation; ``interrupted`` (default: ``cancelled``) ends the wait
+        only: a stopping worker gives back the blocks that have not reached the
+        device, and the one computing finishes.
         """
         with self.devices.acquire() as device:
             loaded = self.cache.get(self.roots.store(), model, list(members), device)
@@ -121,7 +125,7 @@ class PredictorSetup:
             if lut is not None:
                 raw = apply_lut(raw, lut)
             t1 = time.perf_counter()
-            with self.devices.compute(device, cancelled):
+            with self.devices.compute(device, interrupted or cancelled):
                 t2 = time.perf_counter()
                 pred = predictor.predict_core(raw, core, box, cancelled=cancelled)
             t3 = time.perf_counter()

@@ -57,13 +57,24 @@ class PredictTaskHandler(PredictorSetup):
     """``Callable[[TaskContext], TaskResult]`` for the worker's ``predict`` stage."""
 
     def __call__(self, ctx: TaskContext) -> TaskResult:
-        metrics = self.run(ctx.lease, cancelled=ctx.interrupted)
+        metrics = self.run(ctx.lease, cancelled=ctx.cancelled, interrupted=ctx.interrupted)
         return TaskResult(metrics=metrics)
 
     def run(
-        self, lease: common_pb2.TaskLease, *, cancelled: StopFlag | None = None
+        self,
+        lease: common_pb2.TaskLease,
+        *,
+        cancelled: StopFlag | None = None,
+        interrupted: StopFlag | None = None,
     ) -> dict[str, float]:
-        """Predict one block and write its core; returns the task metrics."""
+        """Predict one block and write its core; returns the task metrics.
+
+        ``cancelled`` (the job cancelled, the lease lost) ends the task wherever it
+        is. ``interrupted`` (the worker stopping, or cancelled) ends only the wait for
+        the device: a block read but not computed is given back at once, while the
+        block computing finishes and is written, its compute not thrown away (the
+        worker's grace bounds it; past it the worker cancels).
+        """
         started = time.perf_counter()
         if lease.spec.WhichOneof("kind") != "predict":
             raise InvalidArgumentError(
@@ -98,6 +109,7 @@ class PredictTaskHandler(PredictorSetup):
             members=list(spec.members),
             tta_level=tta_level,
             cancelled=cancelled,
+            interrupted=interrupted,
             volume_id=volume_id,
         )
         if cancelled is not None and cancelled.is_set():

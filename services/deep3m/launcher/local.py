@@ -47,6 +47,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def compute_environment(role: str, given: Settings, cpus: int) -> dict[str, str]:
+    """``DEEP3M_TORCH_THREADS`` (and, for compute roles, ``DEEP3M_WORKER_CAPACITY``)
+    for ``role`` on a machine of ``cpus`` cores, unless the operator set them.
+
+    Training and inference may compute at once on one machine, and torch's spinning
+    thread pools slow down badly when oversubscribed, so each process gets half the
+    cores; compute roles take as many tasks at once as those threads fill the cores.
+    For inference that is blocks side by side on few threads each rather than one
+    block on every core: intra-op threads scale below linearly on these small
+    convolutions (``python -m bench pipeline`` on 2 cores: 3 blocks took 15.1 s one
+    at a time on 2 threads, 15.8 s end to end two at a time on 1 thread each, i.e.
+    ~1.3x the throughput in steady state), at the price of an idle core while the
+    last block of a job computes alone.
+    """
+    threads = given.torch_threads or max(1, cpus // 2)
+    env = {"DEEP3M_TORCH_THREADS": str(threads)}
+    if role in ("training", "inference"):
+        capacity = (
+            given.worker_capacity
+            if "worker_capacity" in given.model_fields_set
+            else max(1, cpus // threads)
+        )
+        env["DEEP3M_WORKER_CAPACITY"] = str(capacity)
+    return env
+
+
 def wait_serving(
     address: str,
     proc: subprocess.Popen[bytes],
@@ -195,27 +221,11 @@ class LocalCluster:
         log_dir = self.spec.log_dir
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
-        # Training and inference may compute at once on one machine; torch's
-        # spinning thread pools slow down badly when oversubscribed, so each
-        # process gets half the cores unless told otherwise.
         given = Settings()
-        torch_threads = given.torch_threads or max(1, (os.cpu_count() or 2) // 2)
-        # ...and compute roles take as many tasks at once as those threads fill
-        # the cores, so one member or block does not leave cores idle.
-        compute_capacity = (
-            given.worker_capacity
-            if "worker_capacity" in given.model_fields_set
-            else max(1, (os.cpu_count() or 2) // torch_threads)
-        )
         for role in self.spec.roles:
             self._envs[role] = {
                 **os.environ,
-                "DEEP3M_TORCH_THREADS": str(torch_threads),
-                **(
-                    {"DEEP3M_WORKER_CAPACITY": str(compute_capacity)}
-                    if role in ("training", "inference")
-                    else {}
-                ),
+                **compute_environment(role, given, os.cpu_count() or 2),
                 # Inputs are confined to the roots: the operator's, the spec's, the
                 # packaged sample and the working folder.
                 "DEEP3M_INPUT_ROOTS": ",".join(
