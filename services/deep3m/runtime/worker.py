@@ -179,6 +179,9 @@ class Worker:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._active: dict[str, _Active] = {}
+        # Tasks ended so far: an idle loop leases again at once after one, since its
+        # completion may have made the next stage's tasks available.
+        self._ended = 0
         self._stop = threading.Event()
         self._hb_stop = threading.Event()
         self._hb_wake = threading.Event()
@@ -288,7 +291,7 @@ class Worker:
                 continue
             unreachable.reset()
             if not leases:
-                self._stop.wait(idle.next_delay())
+                self._wait_idle(idle)
                 continue
             idle.reset()
             executor = self._executor
@@ -298,6 +301,18 @@ class Worker:
                     self._run(active)
                 else:
                     executor.submit(self._run, active)
+
+    def _wait_idle(self, idle: Backoff) -> None:
+        """Wait out an empty queue's backoff, or less: until one of our tasks ends
+        (then the backoff starts over) or ``stop``."""
+        delay = idle.next_delay()
+        with self._changed:
+            ended = self._ended
+            self._changed.wait_for(
+                lambda: self._ended != ended or self._stop.is_set(), timeout=delay
+            )
+            if self._ended != ended:
+                idle.reset()
 
     def _register(self, lease: common_pb2.TaskLease) -> _Active:
         remaining = lease.deadline_unix_s - time.time()
@@ -324,6 +339,7 @@ class Worker:
         finally:
             with self._changed:
                 self._active.pop(active.ctx.lease.lease_id, None)
+                self._ended += 1
                 self._changed.notify_all()
 
     def _execute(self, ctx: TaskContext) -> _Outcome:
