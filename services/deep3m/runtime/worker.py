@@ -17,7 +17,9 @@ handler raising a ``Deep3mError`` with ``retryable=False`` fails the task for
 good (bad input); any other exception is retryable. The scheduler decides
 when to stop retrying. Every call carries a deadline; an unreachable
 scheduler is retried with backoff (a restart must not lose finished work), and
-an empty queue is polled with backoff, never in a busy loop.
+an empty queue is polled with backoff, never in a busy loop, and again at once
+when one of the worker's tasks ends (its completion may have started the next
+stage: no backoff delay between stages).
 """
 
 from __future__ import annotations
