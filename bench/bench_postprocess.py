@@ -21,6 +21,7 @@ scipy and ``confusion_counts`` (medians of REPEATS runs, tracemalloc peaks).
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -185,6 +186,12 @@ def cluster(argv: Sequence[str] = ()) -> None:
             raise RuntimeError(f"object counts differ between rows: {rows}")
         one, two = runs[1], runs[2]
         print(f"2 workers vs 1: {one.seconds / two.seconds:.2f}x (target >= 1.7x)")
+        for workers, run in ((1, one), (2, two)):
+            print(
+                f"  {workers} worker(s): CPU s workers {run.workers_cpu_s:.2f}, scheduler "
+                f"{run.scheduler_cpu_s:.2f} (wall {run.seconds:.2f}; load average "
+                f"{os.getloadavg()[0]:.2f})"
+            )
         print("stage seconds (1 worker / 2 workers):")
         for name in one.stage_seconds:
             print(f"  {name:14s} {one.stage_seconds[name]:7.3f} {two.stage_seconds[name]:7.3f}")

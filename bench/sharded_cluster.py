@@ -31,6 +31,10 @@ class JobRun:
     stage_seconds: dict[str, float]
     # Largest peak resident set (VmHWM) among the worker processes, MB.
     worker_peak_mb: float
+    # CPU seconds (user + system) the job cost the scheduler and all workers together:
+    # the scheduler is not pinned, so on 2 cores it takes from the workers' share.
+    scheduler_cpu_s: float
+    workers_cpu_s: float
 
 
 def _pin(core: int) -> None:
@@ -43,6 +47,12 @@ def _peak_rss_mb(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def label_job(
@@ -83,6 +93,8 @@ def label_job(
             wait_serving(f"127.0.0.1:{port}", cluster.processes[name], 120, "postprocess")
         first: dict[str, float] = {}
         last: dict[str, float] = {}
+        pids = {n: cluster.processes[n].pid for n in ("scheduler", *names)}
+        cpu_before = {n: _cpu_s(pid) for n, pid in pids.items()}
         with Deep3mClient(cluster.scheduler_address, timeout_s=60) as client:
             started = time.perf_counter()
             job = client.label(
@@ -99,6 +111,7 @@ def label_job(
                     break
             seconds = time.perf_counter() - started
             final = client.get(job.id)
+        cpu = {n: _cpu_s(pid) - cpu_before[n] for n, pid in pids.items()}
         peak = max(_peak_rss_mb(cluster.processes[name].pid) for name in names)
     if final.state != common_pb2.JOB_STATE_SUCCEEDED:
         raise RuntimeError(f"label job failed: {[e.message for e in final.errors]}")
@@ -106,4 +119,5 @@ def label_job(
     # A stage runs from its planning until the next one is planned (the last: until its end).
     ends = [first.get(n, 0.0) for n in stages[1:]] + [last.get(stages[-1], 0.0)]
     durations = {n: max(0.0, e - first.get(n, e)) for n, e in zip(stages, ends, strict=True)}
-    return JobRun(seconds, final, durations, peak)
+    workers_cpu = sum(cpu[n] for n in names)
+    return JobRun(seconds, final, durations, peak, cpu["scheduler"], workers_cpu)

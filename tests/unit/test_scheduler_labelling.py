@@ -72,7 +72,7 @@ def test_label_defaults_volume_and_plans(ctx: KindContext, store: Store) -> None
     assert (r.threshold, r.connectivity, r.name) == (0.5, 1, "segmentation")
     assert r.output.path == "volumes/prob.zarr/labels/segmentation"
     assert list(r.block_shape) == [8, 64, 96]  # the default block, clipped to the volume
-    assert r.table_shards == table_shards(1) == 2
+    assert r.table_shards == table_shards(1) == 4
     (vol,) = prepared.volumes
     assert (vol.key, vol.dtype, vol.shape) == (r.output.path, "uint32", SHAPE)
     assert vol.chunk_shape == (4, 32, 32) and vol.attributes["kind"] == "labels"

@@ -38,6 +38,7 @@ from deep3m.testing.scheduler import (
     wait_terminal,
     write_volume,
 )
+from deep3m.v1 import common_pb2
 
 SHAPE = (4, 32, 32)
 BLOCK = (1, 32, 32)  # 4 blocks
@@ -411,3 +412,40 @@ def test_a_store_outage_in_a_task_is_waited_out_without_spending_attempts(env: E
         worker.stop(grace=1.0)
     assert calls["bad"] == 2  # once per task leased (capacity 2), never again in place
     assert env.scheduler.get(second).stages[0].tasks_quarantined == 2
+
+
+class EmptyLeaseSignal(InProcessSchedulerClient):
+    """Sets ``idle`` whenever a lease call finds nothing to do."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        super().__init__(scheduler)
+        self.idle = threading.Event()
+
+    def lease(
+        self, worker_id: str, role: str, max_tasks: int, lease_seconds: float, *, timeout: float
+    ) -> list[common_pb2.TaskLease]:
+        grants = super().lease(worker_id, role, max_tasks, lease_seconds, timeout=timeout)
+        if not grants:
+            self.idle.set()
+        return grants
+
+
+def test_an_idle_worker_leases_again_as_soon_as_one_of_its_tasks_ends(env: Env) -> None:
+    # A poll interval far beyond the wait: only a task's end can end the idle wait in time.
+    settings = env.settings.model_copy(update={"poll_interval_seconds": 600.0})
+    client = EmptyLeaseSignal(env.scheduler)
+    gate = Gate(env.store)
+    worker = Worker(settings, "inference", {"predict": gate}, worker_id="w", client=client)
+    first = env.scheduler.submit(predict_spec("volumes/out.zarr", block_shape=SHAPE)).id
+    worker.start()
+    try:
+        gate.wait_entered(1)
+        assert client.idle.wait(WAIT_S), "the free slot never found the queue empty"
+        second = env.scheduler.submit(predict_spec("volumes/out2.zarr", block_shape=SHAPE)).id
+        gate.open.set()
+        gate.wait_entered(1)  # leased at once, not after the 600 s backoff
+    finally:
+        worker.stop(grace=5.0)
+    assert worker.completed == 2
+    assert env.scheduler.get(first).stages[0].tasks_done == 1
+    assert env.scheduler.get(second).stages[0].tasks_done == 1

@@ -17,7 +17,9 @@ handler raising a ``Deep3mError`` with ``retryable=False`` fails the task for
 good (bad input); any other exception is retryable. The scheduler decides
 when to stop retrying. Every call carries a deadline; an unreachable
 scheduler is retried with backoff (a restart must not lose finished work), and
-an empty queue is polled with backoff, never in a busy loop.
+an empty queue is polled with backoff, never in a busy loop, and again at once
+when one of the worker's tasks ends (its completion may have started the next
+stage: no backoff delay between stages).
 """
 
 from __future__ import annotations
@@ -116,6 +118,9 @@ class Worker:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._active: dict[str, _Active] = {}
+        # Tasks ended so far: an idle loop leases again at once after one, since its
+        # completion may have made the next stage's tasks available.
+        self._ended = 0
         self._stop = threading.Event()
         self._hb_stop = threading.Event()
         self._hb_wake = threading.Event()
@@ -225,7 +230,7 @@ class Worker:
                 continue
             unreachable.reset()
             if not leases:
-                self._stop.wait(idle.next_delay())
+                self._wait_idle(idle)
                 continue
             idle.reset()
             executor = self._executor
@@ -235,6 +240,18 @@ class Worker:
                     self._run(active)
                 else:
                     executor.submit(self._run, active)
+
+    def _wait_idle(self, idle: Backoff) -> None:
+        """Wait out an empty queue's backoff, or less: until one of our tasks ends
+        (then the backoff starts over) or ``stop``."""
+        delay = idle.next_delay()
+        with self._changed:
+            ended = self._ended
+            self._changed.wait_for(
+                lambda: self._ended != ended or self._stop.is_set(), timeout=delay
+            )
+            if self._ended != ended:
+                idle.reset()
 
     def _register(self, lease: common_pb2.TaskLease) -> _Active:
         remaining = lease.deadline_unix_s - time.time()
@@ -261,6 +278,7 @@ class Worker:
         finally:
             with self._changed:
                 self._active.pop(active.ctx.lease.lease_id, None)
+                self._ended += 1
                 self._changed.notify_all()
 
     def _execute(self, ctx: TaskContext) -> Outcome:

@@ -53,13 +53,15 @@ LABELS_DTYPE = "uint32"
 DEFAULT_LABEL_NAME = "segmentation"
 DEFAULT_THRESHOLD = 0.5
 # Each part re-reads every block's piece statistics: a few parts spread the
-# reduction without multiplying those reads much.
+# reduction without multiplying those reads much. At least 4, so two workers
+# leasing two tasks at a time both get some.
+MIN_TABLE_SHARDS = 4
 MAX_TABLE_SHARDS = 8
 BLOCKS_PER_TABLE_SHARD = 64
 
 
 def table_shards(n_blocks: int) -> int:
-    return max(2, min(MAX_TABLE_SHARDS, -(-n_blocks // BLOCKS_PER_TABLE_SHARD)))
+    return max(MIN_TABLE_SHARDS, min(MAX_TABLE_SHARDS, -(-n_blocks // BLOCKS_PER_TABLE_SHARD)))
 
 
 def resolve_labelling(
