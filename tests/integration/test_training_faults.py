@@ -201,7 +201,7 @@ def test_sigkill_mid_member_the_task_is_leased_again_after_expiry_and_finishes(
     # lease may expire once more, hence not exactly 2).
     assert record["attempt"] >= 2, "the expired lease counts as an attempt"
     # It resumed from the newest snapshot the killed worker had written (or a later one).
-    assert newest > 0 and record["metrics"]["resumed_from"] >= newest
+    assert record["metrics"]["resumed_from"] >= newest
     assert final.stages[0].tasks_quarantined == 0
     card = load_card(store, "killed")
     assert card.members[0].iterations == ITERATIONS and card.members[0].weights
