@@ -15,6 +15,7 @@ from deep3m.core.errors import (
     NotFoundError,
 )
 from deep3m.core.geometry import plan_blocks
+from deep3m.core.grey_levels import GreyLevels
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.models.recipes import recipe_defaults
@@ -323,6 +324,35 @@ def test_train_validation_and_member_tasks(ctx: KindContext, store: Store) -> No
     with pytest.raises(InvalidArgumentError, match="differs") as err:
         kinds.validate(spec, ctx)
     assert err.value.field == "labels"
+
+
+def test_an_adaptation_target_recorded_as_all_zero_is_refused_at_submission(
+    ctx: KindContext, store: Store
+) -> None:
+    write_volume(store, "volumes/labels.zarr", np.zeros(SHAPE, np.uint8))
+    target = np.zeros(SHAPE, np.uint8)
+
+    def submit(path: str) -> common_pb2.JobSpec:
+        spec = train(adaptation="histogram", architecture="resunet2d", members=["1fm"])
+        spec.train.adapt_to.path = path
+        return spec
+
+    # Written without grey levels (an older writer): the training worker checks it.
+    write_volume(store, "volumes/unrecorded.zarr", target)
+    assert "adapt_to" in kinds.validate(submit("volumes/unrecorded.zarr"), ctx).resolved.volumes
+    write_volume(store, "volumes/zeros.zarr", target, complete=False)
+    store.mark_complete("volumes/zeros.zarr", **GreyLevels.of(target).attributes())
+    with pytest.raises(InvalidArgumentError, match="volumes/zeros.zarr holds only zeros") as err:
+        kinds.validate(submit("volumes/zeros.zarr"), ctx)
+    assert err.value.field == "adapt_to"
+    target[0, 0, 0] = 1
+    write_volume(store, "volumes/one.zarr", target, complete=False)
+    store.mark_complete("volumes/one.zarr", **GreyLevels.of(target).attributes())
+    assert "adapt_to" in kinds.validate(submit("volumes/one.zarr"), ctx).resolved.volumes
+    store.mark_complete("volumes/one.zarr", grey_levels={"voxels": "many"})
+    with pytest.raises(InvalidArgumentError, match="volumes/one.zarr: .*malformed") as err:
+        kinds.validate(submit("volumes/one.zarr"), ctx)
+    assert err.value.field == "adapt_to"
 
 
 def test_stage_plans_round_trip_and_check_numbers() -> None:

@@ -15,7 +15,7 @@ model card keeps as plain data: :meth:`HistogramReference.to_dict`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,11 +105,27 @@ def reference_histogram(images: np.ndarray | Iterable[np.ndarray]) -> HistogramR
         arr = _check_image(img, f"images[{i}]")
         total += _counts(arr)
         n_images += arr.shape[0] if arr.ndim == 3 else 1
+    return pooled_reference(total, n_images)
+
+
+def pooled_reference(
+    counts: Sequence[float] | np.ndarray, n_images: int, *, field: str = "images"
+) -> HistogramReference:
+    """The reference of a domain whose ``n_images`` images (slices) together count
+    ``counts`` voxels per grey level: :func:`reference_histogram` without the images,
+    e.g. from the counts a volume's writer recorded."""
+    total = np.array(counts, dtype=np.float64)
+    if total.shape != (BINS,) or n_images < 1:
+        raise InvalidArgumentError(
+            f"a pooled histogram needs {BINS} counts over at least one image, got "
+            f"{total.shape[0] if total.ndim == 1 else total.shape} counts over {n_images}",
+            field=field,
+        )
     total[0] = corrected_zero_bin(total[1], total[2])
     if total.sum() <= 0:
         raise InvalidArgumentError(
             "the images hold only padding (grey level 0): no histogram to match to",
-            field="images",
+            field=field,
         )
     return HistogramReference(tuple(float(c) for c in total / n_images))
 

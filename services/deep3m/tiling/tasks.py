@@ -4,7 +4,8 @@ The scheduler checks the source's header, creates the (incomplete) volume at
 submit and records it in the lease (``lease.volumes["output"]``: store, path,
 dtype); each ``ingest`` task then writes its z-range (params ``z_start``,
 ``z_stop``) and the single ``finalize`` task marks the volume complete once
-every range is done.
+every range is done, recording the grey levels the ranges counted (their
+documents, in the default store, are deleted then).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import time
 import numpy as np
 
 from deep3m.core.errors import InvalidArgumentError
-from deep3m.core.ingest import finalize_ingest, ingest_range
+from deep3m.core.ingest import finalize_ingest, gather_levels, ingest_range
 from deep3m.core.store import Store
+from deep3m.core.store.keys import ingest_documents
 from deep3m.runtime.metrics import INGEST_BYTES
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import TaskContext, TaskResult
@@ -86,6 +88,7 @@ class IngestTaskHandlers:
             z_stop,
             cancelled=cancelled,
             storage_options=self.settings.storage_options(),
+            documents=self._documents(lease),
         )
         INGEST_BYTES.inc(written)
         itemsize = np.dtype(dtype or store.volume_info(key).dtype).itemsize
@@ -97,11 +100,23 @@ class IngestTaskHandlers:
             "seconds": time.perf_counter() - started,
         }
 
+    def _documents(self, lease: common_pb2.TaskLease) -> tuple[Store, str]:
+        return self.ops.roots.store(), ingest_documents(lease.task.job_id)
+
     def run_finalize(self, lease: common_pb2.TaskLease) -> dict[str, str]:
-        """Mark the volume complete; returns the job outputs."""
+        """Mark the volume complete, with its grey levels; returns the job outputs."""
         spec = _ingest_spec(lease)
         store, key, _ = self._output(lease)
-        finalize_ingest(store, key, source=spec.source)
+        info = store.volume_info(key)
+        documents = self._documents(lease)
+        levels = gather_levels(
+            documents,
+            info.shape[0],
+            (info.shard_shape or info.chunk_shape)[0],
+            int(spec.slices_per_task),
+        )
+        finalize_ingest(store, key, levels=levels, source=spec.source)
+        documents[0].delete(documents[1])
         return {"volume": store.key_url(key)}
 
     def ingest_range(self, ctx: TaskContext) -> TaskResult:

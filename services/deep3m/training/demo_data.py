@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from deep3m.core.errors import InvalidArgumentError, NotFoundError
+from deep3m.core.grey_levels import GreyLevels
 from deep3m.core.store import Store
 from deep3m.models.recipes import recipe_defaults
 
@@ -113,7 +114,8 @@ def write_volume(
         overwrite=True,
     )
     arr[...] = data
-    store.mark_complete(path)
+    # Recorded as ingest records them: the data is at hand.
+    store.mark_complete(path, **GreyLevels.of(data).attributes())
     return path
 
 

@@ -29,7 +29,7 @@ from deep3m.models.registry import INPUT_MULTIPLE, build_network
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import TaskContext, TaskResult
 from deep3m.training.adaptation.member import CANDIDATE_METRIC, adapt_member
-from deep3m.training.config import TrainConfig, VolumeSource
+from deep3m.training.config import TrainConfig
 from deep3m.training.data import LabelledVolume, Normalization, read_volume, to_classes
 from deep3m.training.distributed import train_member_distributed, visible_gpus
 from deep3m.training.evaluate import evaluate_ensemble, foreground_probabilities, select_ensemble
@@ -112,7 +112,7 @@ class TrainingTasks:
                 member,
                 store,
                 roots=self.roots,
-                target=_leased_source(lease, "adapt_to"),
+                located=located,
                 observer=observer,
                 cancelled=ctx.cancelled,
                 device=device,
@@ -176,14 +176,6 @@ class TrainingTasks:
             device=pick_device(None if self.settings.device == "auto" else self.settings.device),
         )
         return _task_result(card.metrics, {"model": card_key(card.id)})
-
-
-def _leased_source(lease: common_pb2.TaskLease, name: str) -> VolumeSource | None:
-    """The reference ``name`` as the scheduler resolved and confined it at submission."""
-    if name not in lease.volumes:
-        return None
-    v = lease.volumes[name]
-    return VolumeSource(store_url=v.store_url, path=v.path, array=v.array)
 
 
 def _adaptation_record(

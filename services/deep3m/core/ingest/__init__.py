@@ -15,13 +15,19 @@ process, with progress events).
 
 from deep3m.core.ingest.local import IngestResult, ingest
 from deep3m.core.ingest.plan import IngestPlan, plan_ingest, z_ranges
-from deep3m.core.ingest.volume import create_ingest_volume, finalize_ingest, ingest_range
+from deep3m.core.ingest.volume import (
+    create_ingest_volume,
+    finalize_ingest,
+    gather_levels,
+    ingest_range,
+)
 
 __all__ = [
     "IngestPlan",
     "IngestResult",
     "create_ingest_volume",
     "finalize_ingest",
+    "gather_levels",
     "ingest",
     "ingest_range",
     "plan_ingest",

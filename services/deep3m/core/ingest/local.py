@@ -16,6 +16,7 @@ import zarr
 from deep3m.core.errors import CancelledError, InvalidArgumentError
 from deep3m.core.events import ProgressEvent
 from deep3m.core.executor import bounded_map
+from deep3m.core.grey_levels import GreyLevels
 from deep3m.core.imageio import ImageSource, open_source
 from deep3m.core.ingest.plan import IngestPlan, Shape3, plan_ingest
 from deep3m.core.ingest.volume import create_ingest_volume, finalize_ingest, write_range
@@ -82,8 +83,10 @@ def ingest(
         path = check_key(output_path)
         array = create_ingest_volume(store, path, plan, overwrite=overwrite)
         try:
-            written = _run_ranges(array, src, plan, workers, observer, job_id, cancelled, started)
-            finalize_ingest(store, path, source=plan.source)
+            written, levels = _run_ranges(
+                array, src, plan, workers, observer, job_id, cancelled, started
+            )
+            finalize_ingest(store, path, levels=levels, source=plan.source)
         except BaseException as exc:
             # Atomic: whatever the failure (or Ctrl-C), no partial volume stays behind.
             log.warning(
@@ -146,7 +149,7 @@ def _run_ranges(
     job_id: str,
     cancelled: threading.Event | None,
     started: float,
-) -> int:
+) -> tuple[int, GreyLevels]:
     if cancelled is not None and cancelled.is_set():
         raise CancelledError("ingest was cancelled before it started")
     failed = threading.Event()
@@ -154,13 +157,15 @@ def _run_ranges(
     slice_voxels = plan.shape[1] * plan.shape[2]
     counts = {"done": 0, "bytes": 0, "voxels": 0}
 
-    def run(z_range: tuple[int, int]) -> tuple[int, int]:
+    levels: list[GreyLevels] = []
+
+    def run(z_range: tuple[int, int]) -> tuple[int, int, GreyLevels]:
         try:
-            nbytes = write_range(array, src, *z_range, plan.z_unit, cancelled, failed)
+            nbytes, range_levels = write_range(array, src, *z_range, plan.z_unit, cancelled, failed)
         except BaseException:
             failed.set()  # the other running ranges stop at their next layer
             raise
-        return z_range[1] - z_range[0], nbytes
+        return z_range[1] - z_range[0], nbytes, range_levels
 
     _emit(
         observer,
@@ -173,7 +178,8 @@ def _run_ranges(
         run, plan.z_ranges, max(1, min(workers, total)), thread_name_prefix="ingest"
     )
     try:
-        for _, (slices, nbytes) in results:
+        for _, (slices, nbytes, range_levels) in results:
+            levels.append(range_levels)
             counts["done"] += 1
             counts["bytes"] += nbytes
             counts["voxels"] += slices * slice_voxels
@@ -185,7 +191,7 @@ def _run_ranges(
         raise
     if cancelled is not None and cancelled.is_set():
         raise CancelledError("ingest was cancelled")
-    return counts["bytes"]
+    return counts["bytes"], GreyLevels.total(levels)
 
 
 def _progress(

@@ -65,3 +65,9 @@ def labelling_documents(job_id: str) -> str:
     (in the default store): written by the postprocess workers while the job runs,
     deleted by the scheduler once it has succeeded."""
     return f"jobs/{job_id}/labelling"
+
+
+def ingest_documents(job_id: str) -> str:
+    """Where the ingest tasks of job ``job_id`` leave their ranges' grey-level counts
+    (in the default store); the job's finalize task adds them up and deletes them."""
+    return f"jobs/{job_id}/ingest/grey_levels"

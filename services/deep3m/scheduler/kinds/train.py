@@ -15,6 +15,8 @@ from collections.abc import Mapping
 
 from deep3m.adaptation.options import adaptation_problem
 from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from deep3m.core.grey_levels import GreyLevels, recorded_levels
+from deep3m.core.store import VolumeInfo
 from deep3m.models.recipes import RECIPE_NAMES, recipe_defaults
 from deep3m.scheduler.kinds.base import (
     JobKind,
@@ -156,8 +158,10 @@ def check_adaptation(
     members: tuple[str, ...],
     input_scale: int,
     volumes: Mapping[str, VolumeFacts],
+    target_levels: GreyLevels | None = None,
 ) -> None:
-    """The adaptation options agree, and the target is a non-empty stack like the images."""
+    """The adaptation options agree, and the target is a non-empty stack like the images
+    (holding more than padding, where its writer recorded its grey levels)."""
     problem = adaptation_problem(
         t.adaptation or "none",
         t.select_by or "validation",
@@ -190,6 +194,20 @@ def check_adaptation(
             field="adapt_to",
         )
     check_members_fit(members, target, "adapt_to", t.adapt_to)
+    if target_levels is not None and not target_levels.any_nonzero:
+        raise InvalidArgumentError(
+            f"adapt_to {t.adapt_to.path} holds only zeros (padding; its recorded grey-level "
+            "histogram has no non-zero level): nothing to adapt to",
+            field="adapt_to",
+        )
+
+
+def target_levels(info: VolumeInfo, ref: common_pb2.VolumeRef) -> GreyLevels | None:
+    """The grey levels the target's writer recorded, if any."""
+    try:
+        return recorded_levels(info.attributes, ref.array)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"adapt_to {ref.path}: {exc.message}", field="adapt_to") from exc
 
 
 def clip_patch(patch: tuple[int, ...], images: VolumeFacts) -> tuple[tuple[int, ...], str]:
@@ -255,6 +273,7 @@ class TrainKind(JobKind):
         if len(set(members)) != len(members):
             raise InvalidArgumentError(f"members {list(members)} repeat a name", field="members")
         volumes: dict[str, VolumeFacts] = {}
+        levels: GreyLevels | None = None
         if t.adaptation == "multitask" and not t.members:
             members = ("1fm",)  # the Y-Net is 2D
         for name in ("images", "labels", "validation_images", "validation_labels", "adapt_to"):
@@ -263,6 +282,8 @@ class TrainKind(JobKind):
                 continue
             vol_store, key, info = input_volume(ctx.roots, ref, name)
             volumes[name] = facts(vol_store, key, ref.array, info)
+            if name == "adapt_to":
+                levels = target_levels(info, ref)
         has_vi, has_vl = "validation_images" in volumes, "validation_labels" in volumes
         if has_vi != has_vl:
             raise InvalidArgumentError(
@@ -280,7 +301,7 @@ class TrainKind(JobKind):
                 )
             check_members_fit(members, volumes[images], images, getattr(t, images))
         input_scale = t.input_scale or (1 if t.adapt_to.path else int(recipe["input_scale"]))
-        check_adaptation(t, members, input_scale, volumes)
+        check_adaptation(t, members, input_scale, volumes, levels)
         asked_patch = tuple(int(s) for s in t.patch_shape) or tuple(recipe["patch_shape"])
         patch, note = clip_patch(asked_patch, volumes["images"])
         if "adapt_to" in volumes:

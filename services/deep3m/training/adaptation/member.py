@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from deep3m.adaptation.histogram import reference_histogram
+from deep3m.adaptation.histogram import HistogramReference, pooled_reference, reference_histogram
 from deep3m.core.errors import CancelledError, InvalidArgumentError
 from deep3m.core.events import ProgressEvent
+from deep3m.core.grey_levels import recorded_levels
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.models.card import save_weights
@@ -46,7 +47,7 @@ from deep3m.training.config import TrainConfig, VolumeSource
 from deep3m.training.data import Normalization, read_volume, to_classes
 from deep3m.training.precision import precision_for
 from deep3m.training.trainer import MemberResult, Observer, metrics_key, pick_device
-from deep3m.training.validate import resolve_source
+from deep3m.training.validate import LocatedVolumes, resolve_source
 
 # Candidate and summary events carry this metric: an observer that thins loss-only
 # updates passes them (as it passes validation results).
@@ -75,13 +76,14 @@ def _labelled(
     config: TrainConfig,
     store: Store,
     roots: StoreRoots | None,
+    located: LocatedVolumes | None,
     images: VolumeSource,
     labels: VolumeSource,
     fields: tuple[str, str],
 ) -> tuple[np.ndarray, np.ndarray]:
-    s, key = resolve_source(images, store, roots, field=fields[0])
+    s, key = resolve_source(images, store, roots, field=fields[0], located=located)
     raw = _grey_levels(s, key, images, fields[0])
-    s, key = resolve_source(labels, store, roots, field=fields[1])
+    s, key = resolve_source(labels, store, roots, field=fields[1], located=located)
     classes = to_classes(
         read_volume(s, key, labels.array, what=fields[1]),
         config.num_classes,
@@ -123,6 +125,33 @@ def spec_for(config: TrainConfig, member: str, smallest_yx: int) -> AdaptationSp
     )
 
 
+def _target(
+    config: TrainConfig, store: Store, roots: StoreRoots | None, located: LocatedVolumes | None
+) -> tuple[VolumeSource, np.ndarray, HistogramReference]:
+    """The target's grey levels and pooled histogram: the histogram from the counts its
+    writer recorded when there are any (and an all-zero target refused by them),
+    else from the images read."""
+    src = config.adapt_to
+    if src is None:
+        raise InvalidArgumentError("no target volume to adapt to", field="adapt_to")
+    s, key = resolve_source(src, store, roots, field="adapt_to", located=located)
+    try:
+        recorded = recorded_levels(s.volume_info(key, src.array).attributes, src.array)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(
+            f"adapt_to {src.describe()}: {exc.message}", field="adapt_to"
+        ) from exc
+    images = _grey_levels(s, key, src, "adapt_to")
+    if not (images.any() if recorded is None else recorded.any_nonzero):
+        raise InvalidArgumentError(
+            f"adapt_to {src.describe()} holds only zeros (padding): nothing to adapt to",
+            field="adapt_to",
+        )
+    if recorded is None or recorded.counts is None:
+        return src, images, reference_histogram(images)
+    return src, images, pooled_reference(recorded.counts, images.shape[0], field="adapt_to")
+
+
 def _finite(values: Mapping[str, Any]) -> dict[str, float]:
     return {
         k: float(v)
@@ -137,20 +166,24 @@ def adapt_member(
     store: Store,
     *,
     roots: StoreRoots | None = None,
-    target: VolumeSource | None = None,
+    located: LocatedVolumes | None = None,
     observer: Observer | None = None,
     cancelled: threading.Event | None = None,
     device: torch.device | str | None = None,
     job_id: str = "",
     progress_seconds: float | None = None,
 ) -> MemberResult:
-    """Train ``member`` by ``config.adaptation`` for ``config.adapt_to`` (or ``target``,
-    the reference as resolved at submission) and write its weights and metrics.
+    """Train ``member`` by ``config.adaptation`` for ``config.adapt_to`` and write its
+    weights and metrics.
 
-    Runs on ``device`` (``pick_device``'s choice when None or "auto") under the
-    supervised trainer's precision rule. ``observer`` sees every stage's loss every
-    few seconds (``progress_seconds``) and each scored candidate; ``cancelled``
-    stops the run within one iteration of any stage (CancelledError).
+    Volumes in ``located`` (by field: ``images``, ``labels``, ``validation_*``,
+    ``adapt_to``) are read where the scheduler resolved them at submission; the
+    others are resolved here (checked against ``roots`` when given). Runs on
+    ``device`` (``pick_device``'s choice when None or "auto") under the supervised
+    trainer's precision rule. ``observer`` sees every stage's loss every few
+    seconds (``progress_seconds``) and each scored candidate; ``cancelled`` stops
+    the run within one iteration of any stage, or one predicted batch of a
+    candidate's scoring (CancelledError).
     """
     dev = pick_device(device)
 
@@ -176,19 +209,10 @@ def adapt_member(
         cancelled=cancelled,
         progress_seconds=PROGRESS_SECONDS if progress_seconds is None else progress_seconds,
     )
-    if config.adapt_to is None:
-        raise InvalidArgumentError("no target volume to adapt to", field="adapt_to")
     started = time.monotonic()
-    target_src = target or config.adapt_to
-    images, labels = _labelled(config, store, roots, config.images, config.labels,
+    target_src, target_images, target_hist = _target(config, store, roots, located)
+    images, labels = _labelled(config, store, roots, located, config.images, config.labels,
                                ("images", "labels"))  # fmt: skip
-    s, key = resolve_source(target_src, store, roots, field="adapt_to")
-    target_images = _grey_levels(s, key, target_src, "adapt_to")
-    if not target_images.any():
-        raise InvalidArgumentError(
-            f"adapt_to {target_src.describe()} holds only zeros (padding): nothing to adapt to",
-            field="adapt_to",
-        )
     source = Domain.of("source", images, labels)
     target_domain = Domain.of("target", target_images)
     if config.validation_images is not None and config.validation_labels is not None:
@@ -196,6 +220,7 @@ def adapt_member(
             config,
             store,
             roots,
+            located,
             config.validation_images,
             config.validation_labels,
             ("validation_images", "validation_labels"),
@@ -214,7 +239,12 @@ def adapt_member(
 
     with use(runtime):
         result = adapt(
-            spec, source, target_domain, source_validation=validation, on_candidate=on_candidate
+            spec,
+            source,
+            target_domain,
+            source_validation=validation,
+            on_candidate=on_candidate,
+            target_histogram=target_hist,
         )
 
     state = {k: v.detach().cpu() for k, v in result.net.state_dict().items()}
@@ -225,7 +255,7 @@ def adapt_member(
     record = {
         **result.card["adaptation"],
         "target": target_src.describe(),
-        "target_histogram": reference_histogram(target_images).to_dict(),
+        "target_histogram": target_hist.to_dict(),
         "chosen_figures": chosen,
         "choice": result.metrics["choice"],
     }
@@ -249,7 +279,9 @@ def adapt_member(
         "normalization": {"mean": NORMALIZATION.mean, "std": NORMALIZATION.std},
         "class_weights": [],
         "validation_source": validation_source,
-        "voxel_size_nm": list(config.voxel_size_nm or _voxels(store, roots, config.images)),
+        "voxel_size_nm": list(
+            config.voxel_size_nm or _voxels(store, roots, located, config.images)
+        ),
         "fingerprint": config.fingerprint(member),
         "resumed_from": 0,
         "device": dev.type,
@@ -277,6 +309,10 @@ def adapt_member(
     )
 
 
-def _voxels(store: Store, roots: StoreRoots | None, src: VolumeSource) -> tuple[float, ...]:
+def _voxels(
+    store: Store, roots: StoreRoots | None, located: LocatedVolumes | None, src: VolumeSource
+) -> tuple[float, ...]:
+    if located is not None and "images" in located:
+        return tuple(float(v) for v in located["images"].info.voxel_size_nm)
     s, key = resolve_source(src, store, roots, field="images")
     return tuple(float(v) for v in s.volume_info(key, src.array).voxel_size_nm)

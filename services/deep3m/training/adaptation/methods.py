@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deep3m.adaptation.histogram import match_stack, reference_histogram
+from deep3m.adaptation.histogram import HistogramReference, match_stack, reference_histogram
 from deep3m.adaptation.morphology import Morphology, morphology
 from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
 from deep3m.models.registry import INPUT_MULTIPLE
@@ -143,13 +143,16 @@ def adapt(
     base_state: Mapping[str, torch.Tensor] | None = None,
     out_dir: Path | None = None,
     on_candidate: Callable[[Candidate], object] | None = None,
+    target_histogram: HistogramReference | None = None,
 ) -> AdaptationResult:
     """Train ``spec.method`` for ``target`` and choose a checkpoint by ``spec.select_by``.
 
     ``target``'s labels, if any, are never used; ``target_scoring`` (labelled)
     only scores candidates (oracle figures); ``target_labelled`` is what
     ``fewlabel``/``supervised`` train on. ``on_candidate`` sees each candidate as it
-    is scored (progress; raising there stops the run).
+    is scored (progress; raising there stops the run). ``target_histogram`` is the
+    target's pooled histogram when already known (from the counts its volume's
+    writer recorded); otherwise it is pooled from ``target.images``.
     """
     _check_domains(spec, source, target, target_labelled, base_state)
     torch.manual_seed(spec.seed)
@@ -160,7 +163,9 @@ def adapt(
             field="source.labels",
         )
     stages: list[StageLog] = []
-    target_hist = reference_histogram(list(target.images))
+    target_hist = (
+        reference_histogram(list(target.images)) if target_histogram is None else target_histogram
+    )
     train_domain = source
     alternate: list[np.ndarray] | None = None
     alternate_p = 0.0

@@ -99,9 +99,12 @@ def predict_stack(net: nn.Module, images: np.ndarray, *, batch: int = 2) -> np.n
     was_training = net.training
     net.eval()
     device = _device_of(net)
+    runtime = current()
     try:
-        with torch.inference_mode(), current().autocast():
+        with torch.inference_mode(), runtime.autocast():
             for start in range(0, n, batch):
+                # A candidate's scoring predicts whole stacks: a cancel stops it here.
+                runtime.stop_if_cancelled(f"while predicting slice {start} of {n}")
                 zs = range(start, min(n, start + batch))
                 wins = np.stack(
                     [stack[[mirror_index(i, n) for i in range(z - half, z + half + 1)]] for z in zs]

@@ -5,7 +5,8 @@ their own modules; the member sets one :class:`StageRuntime` around the whole
 procedure (:func:`use`) and the loops read it (:func:`current`), so every stage
 runs on the worker's device under the supervised trainer's precision rule,
 reports its loss every few seconds and stops within one iteration of a
-cancellation. Outside :func:`use` the stages run on the CPU in float32, silently.
+cancellation (whole-stack prediction and translation, e.g. a candidate's scoring,
+within one batch). Outside :func:`use` the stages run on the CPU in float32, silently.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ class StageRuntime:
         return None
 
     def check(self, stage: str, iteration: int) -> None:
+        self.stop_if_cancelled(f"in stage {stage!r} at iteration {iteration}")
+
+    def stop_if_cancelled(self, where: str) -> None:
+        """CancelledError (saying ``where``) once the run is cancelled."""
         if self.cancelled is not None and self.cancelled.is_set():
-            raise CancelledError(
-                f"adaptation cancelled in stage {stage!r} at iteration {iteration}"
-            )
+            raise CancelledError(f"adaptation cancelled {where}")
 
 
 _DEFAULT = StageRuntime()

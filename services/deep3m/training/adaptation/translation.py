@@ -87,6 +87,7 @@ def translate_stack(model: CUT | CycleGAN, stack: np.ndarray) -> np.ndarray:
     try:
         with torch.inference_mode(), runtime.autocast():
             for z in range(arr.shape[0]):
+                runtime.stop_if_cancelled(f"while translating slice {z} of {arr.shape[0]}")
                 sl = np.pad(arr[z], ((0, py), (0, px)), mode="reflect") if py or px else arr[z]
                 x = torch.from_numpy(sl / 127.5 - 1.0).float()[None, None].to(device)
                 y = model.translate(x)[0, 0, :h, :w].float().cpu().numpy()
