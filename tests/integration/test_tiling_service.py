@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import tifffile
 from deep3m.core.errors import NotFoundError
+from deep3m.core.grey_levels import GreyLevels, recorded_levels
 from deep3m.core.imageio import open_source
 from deep3m.core.ingest import create_ingest_volume, plan_ingest
 from deep3m.core.store import Store
+from deep3m.core.store.keys import ingest_documents
 from deep3m.runtime.interceptor import error_detail
 from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
@@ -464,11 +466,16 @@ def test_task_handlers_write_ranges_then_finalize(tmp_path: Path) -> None:
         assert metrics["slices"] == z1 - z0 and metrics["bytes"] == (z1 - z0) * 24 * 32
         assert metrics["voxels"] == metrics["bytes"]  # uint8
     assert not store.volume_info("volumes/t.zarr").complete
+    # Each range left its grey-level counts with the job.
+    assert len(store.list(ingest_documents("j"))) == len(plan.z_ranges)
     outputs = handlers.run_finalize(lease_for(tmp_path / "f", store_url, "finalize"))
     assert outputs == {"volume": store.key_url("volumes/t.zarr")}
-    np.testing.assert_array_equal(
-        store.open_volume("volumes/t.zarr")[:], open_source(str(tmp_path / "f")).read(0, 5)
-    )
+    data = open_source(str(tmp_path / "f")).read(0, 5)
+    np.testing.assert_array_equal(store.open_volume("volumes/t.zarr")[:], data)
+    # Finalize added them up into the volume's attributes (no second read) and removed them.
+    info = store.volume_info("volumes/t.zarr")
+    assert recorded_levels(info.attributes) == GreyLevels.of(data)
+    assert store.list(ingest_documents("j")) == []
 
 
 def test_task_handlers_refuse_bad_params_and_specs(tmp_path: Path) -> None:

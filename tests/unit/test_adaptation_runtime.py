@@ -1,5 +1,6 @@
 """The adaptation stages' runtime: the device and precision they run on, their
-progress reports, and cancellation within one iteration of any stage."""
+progress reports, cancellation within one iteration of any stage (and one predicted
+batch of a candidate's scoring), and the member's reading of located volumes."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deep3m.core.errors import CancelledError, InvalidArgumentError
+from deep3m.adaptation.histogram import reference_histogram
+from deep3m.core.errors import CancelledError, InvalidArgumentError, NotFoundError
 from deep3m.core.events import ProgressEvent
+from deep3m.core.grey_levels import recorded_levels
 from deep3m.core.store import Store
 from deep3m.models.translation import TranslationConfig, build_translator
 from deep3m.testing.training import stage_synthetic, synthetic_stack, tiny_config
+from deep3m.testing.volumes import write_volume as write_plain_volume
 from deep3m.training.adaptation.data import Domain, PatchSampler
 from deep3m.training.adaptation.loops import Schedule, run_stage
 from deep3m.training.adaptation.member import CANDIDATE_METRIC, adapt_member
@@ -31,6 +35,7 @@ from deep3m.training.config import VolumeSource
 from deep3m.training.demo_data import write_volume
 from deep3m.training.precision import precision_for
 from deep3m.training.trainer import pick_device
+from deep3m.training.validate import Located
 from torch import nn
 
 
@@ -197,12 +202,73 @@ def test_cancel_mid_pretext_returns_promptly(staged: tuple[Store, dict[str, str]
     assert not store.exists("models/rt-cancel/1fm/metrics.json")
 
 
+@pytest.mark.parametrize("recorded", [True, False])
 def test_an_all_zero_target_is_refused_naming_adapt_to(
+    staged: tuple[Store, dict[str, str]], recorded: bool
+) -> None:
+    store, paths = staged
+    zeros = np.zeros((2, 32, 32), np.uint8)
+    flat = f"volumes/zeros-{recorded}.zarr"
+    if recorded:  # refused by the recorded grey levels (and at submission)
+        write_volume(store, flat, zeros)
+    else:  # a volume without them (an older writer): refused once read
+        write_plain_volume(store, flat, zeros, (2, 32, 32))
+    assert (recorded_levels(store.volume_info(flat).attributes) is not None) == recorded
+    config = _config({**paths, "target": flat}, "rt-flat", adaptation="histogram")
+    with pytest.raises(InvalidArgumentError, match=f"{flat} holds only zeros") as err:
+        adapt_member(config, "1fm", store)
+    assert err.value.field == "adapt_to"
+
+
+def _located(store: Store, keys: dict[str, str]) -> dict[str, Located]:
+    return {name: Located(store, key, store.volume_info(key)) for name, key in keys.items()}
+
+
+def test_member_reads_the_volumes_where_they_were_located(
     staged: tuple[Store, dict[str, str]],
 ) -> None:
     store, paths = staged
-    flat = write_volume(store, "volumes/zeros.zarr", np.zeros((2, 32, 32), np.uint8))
-    config = _config({**paths, "target": flat}, "rt-flat", adaptation="histogram")
-    with pytest.raises(InvalidArgumentError, match="only zeros") as err:
+    # The job's references no longer resolve: only the located volumes can be read.
+    gone = {name: f"volumes/gone-{name}.zarr" for name in ("images", "labels", "target")}
+    config = _config(gone, "rt-located", adaptation="histogram", select_by="last",
+                     iterations=1, adaptation_checkpoints=1)  # fmt: skip
+    with pytest.raises(NotFoundError):
         adapt_member(config, "1fm", store)
-    assert err.value.field == "adapt_to"
+    located = _located(store, {"images": paths["images"], "labels": paths["labels"],
+                               "adapt_to": paths["target"]})  # fmt: skip
+    adapt_member(config, "1fm", store, located=located)
+    doc = store.read_json("models/rt-located/1fm/metrics.json")
+    target = np.asarray(store.open_volume(paths["target"])[:])
+    # Pooled from the target's recorded counts, equal to pooling its images.
+    assert doc["adaptation"]["target_histogram"] == reference_histogram(target).to_dict()
+    assert doc["voxel_size_nm"] == list(store.volume_info(paths["images"]).voxel_size_nm)
+
+
+def test_cancel_while_a_candidate_is_scored_stops_within_one_batch(
+    staged: tuple[Store, dict[str, str]],
+) -> None:
+    store, paths = staged
+    images, _ = synthetic_stack(8, 32, seed=9)
+    deep = write_volume(store, "volumes/deep-target.zarr", 255 - images // 2)
+    config = _config({**paths, "target": deep}, "rt-score-cancel", adaptation="histogram",
+                     select_by="last", iterations=2, adaptation_checkpoints=1)  # fmt: skip
+    cancelled = threading.Event()
+    calls: list[type] = []
+
+    def cancel_on_first_prediction(module: nn.Module, args: object) -> None:
+        # Only a candidate's scoring predicts under inference mode (training does not).
+        if torch.is_inference_mode_enabled():
+            if not calls:
+                cancelled.set()
+            calls.append(type(module))
+
+    hook = nn.modules.module.register_module_forward_pre_hook(cancel_on_first_prediction)
+    try:
+        with pytest.raises(CancelledError, match="while predicting slice 2 of 8"):
+            adapt_member(config, "1fm", store, cancelled=cancelled)
+    finally:
+        hook.remove()
+    # The network (the first module a batch enters) ran once: one batch of the 8-slice
+    # target, not the whole scoring of the target and the source validation.
+    assert calls.count(calls[0]) == 1
+    assert not store.exists("models/rt-score-cancel/1fm/metrics.json")

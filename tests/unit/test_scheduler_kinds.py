@@ -342,7 +342,7 @@ def test_an_adaptation_target_recorded_as_all_zero_is_refused_at_submission(
     assert "adapt_to" in kinds.validate(submit("volumes/unrecorded.zarr"), ctx).resolved.volumes
     write_volume(store, "volumes/zeros.zarr", target, complete=False)
     store.mark_complete("volumes/zeros.zarr", **GreyLevels.of(target).attributes())
-    with pytest.raises(InvalidArgumentError, match="volumes/zeros.zarr holds only zeros") as err:
+    with pytest.raises(InvalidArgumentError, match=r"volumes/zeros\.zarr holds only zeros") as err:
         kinds.validate(submit("volumes/zeros.zarr"), ctx)
     assert err.value.field == "adapt_to"
     target[0, 0, 0] = 1
@@ -350,7 +350,7 @@ def test_an_adaptation_target_recorded_as_all_zero_is_refused_at_submission(
     store.mark_complete("volumes/one.zarr", **GreyLevels.of(target).attributes())
     assert "adapt_to" in kinds.validate(submit("volumes/one.zarr"), ctx).resolved.volumes
     store.mark_complete("volumes/one.zarr", grey_levels={"voxels": "many"})
-    with pytest.raises(InvalidArgumentError, match="volumes/one.zarr: .*malformed") as err:
+    with pytest.raises(InvalidArgumentError, match=r"volumes/one\.zarr: .*malformed") as err:
         kinds.validate(submit("volumes/one.zarr"), ctx)
     assert err.value.field == "adapt_to"
 
