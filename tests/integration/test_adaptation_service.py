@@ -199,7 +199,7 @@ def test_bad_adaptation_input_is_refused_at_submission(
         _add_array(store, TARGET, "flat", (64, 64))
         _add_array(store, TARGET, "empty", (0, 64, 64))
         write_volume(store, WIDE, np.full((4, 64, 64), 300, np.uint16))
-        write_volume(store, ZEROS, np.zeros((4, 64, 64), np.uint8))  # records its levels
+        write_volume(store, ZEROS, np.zeros((6, 64, 64), np.uint8))  # records its levels
     target = extra.get("adapt_to")
     if isinstance(target, tuple):
         extra = {**extra, "adapt_to": common_pb2.VolumeRef(path=target[0], array=target[1])}
