@@ -3,8 +3,6 @@ counts each writer keeps as it writes, and what readers make of them."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +26,8 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 VOXEL = (40.0, 6.0, 6.0)
 
 
-@pytest.fixture
-def store() -> Iterator[Store]:
-    s = Store(f"memory://grey-{uuid.uuid4().hex[:10]}")
-    yield s
-    s.delete("volumes")
-    s.delete("jobs")
+def file_store(tmp_path: Path) -> Store:
+    return Store(f"file://{tmp_path / 'store'}")
 
 
 def pages(folder: Path, data: np.ndarray) -> str:
@@ -81,7 +75,8 @@ def test_malformed_records_are_refused_and_only_the_full_resolution_has_them() -
         assert err.value.field == ATTRIBUTE
 
 
-def test_ingest_records_the_histogram_of_what_it_wrote(tmp_path: Path, store: Store) -> None:
+def test_ingest_records_the_histogram_of_what_it_wrote(tmp_path: Path) -> None:
+    store = file_store(tmp_path)
     data = np.random.default_rng(5).integers(0, 256, size=(10, 20, 18), dtype=np.uint8)
     data[:3] = 0  # padding sections count as zeros
     ingest(pages(tmp_path / "p", data), store, "volumes/v.zarr", voxel_size_nm=VOXEL,
@@ -90,7 +85,8 @@ def test_ingest_records_the_histogram_of_what_it_wrote(tmp_path: Path, store: St
     assert recorded_levels(info.attributes) == GreyLevels.of(data)
 
 
-def test_ingest_tasks_leave_counts_that_finalize_adds_up(tmp_path: Path, store: Store) -> None:
+def test_ingest_tasks_leave_counts_that_finalize_adds_up(tmp_path: Path) -> None:
+    store = file_store(tmp_path)
     data = np.random.default_rng(6).integers(0, 9, size=(7, 16, 16), dtype=np.uint8)
     source = pages(tmp_path / "p", data)
     plan = plan_ingest(source, voxel_size_nm=VOXEL, chunk_shape=(2, 16, 16))
@@ -112,7 +108,8 @@ def test_ingest_tasks_leave_counts_that_finalize_adds_up(tmp_path: Path, store: 
     assert recorded_levels(info.attributes) == GreyLevels.of(data)
 
 
-def test_demo_volumes_record_their_grey_levels(store: Store) -> None:
+def test_demo_volumes_record_their_grey_levels(tmp_path: Path) -> None:
+    store = file_store(tmp_path)
     data = np.zeros((2, 8, 8), np.uint8)
     write_volume(store, "volumes/zeros.zarr", data)
     levels = recorded_levels(store.volume_info("volumes/zeros.zarr").attributes)
@@ -120,7 +117,8 @@ def test_demo_volumes_record_their_grey_levels(store: Store) -> None:
 
 
 @pytest.mark.skipif(not (DATA / "isbi2012").is_dir(), reason="needs ../shared/data/isbi2012")
-def test_recorded_histogram_pools_as_the_images_do_on_real_em(store: Store) -> None:
+def test_recorded_histogram_pools_as_the_images_do_on_real_em(tmp_path: Path) -> None:
+    store = file_store(tmp_path)
     ingest(str(DATA / "isbi2012" / "test" / "images"), store, "volumes/isbi.zarr",
            voxel_size_nm=(50.0, 4.0, 4.0), chunk_shape=(8, 256, 256), workers=2)  # fmt: skip
     info = store.volume_info("volumes/isbi.zarr")
