@@ -599,6 +599,10 @@ def test_ingest_job_runs_on_the_tiling_worker(tmp_path: Path) -> None:
         assert done.outputs["volume"] == store.key_url("volumes/job.zarr")
         reference = np.stack([np.asarray(Image.open(p)) for p in paths])
         np.testing.assert_array_equal(store.open_volume("volumes/job.zarr")[:], reference)
+        # The ranges' counts, added up at finalize, describe the whole volume.
+        info = store.volume_info("volumes/job.zarr")
+        assert recorded_levels(info.attributes) == GreyLevels.of(reference)
+        assert store.list(ingest_documents(job.id)) == []
     finally:
         client.close()
         tiling.stop(2.0)

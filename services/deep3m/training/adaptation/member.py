@@ -141,12 +141,15 @@ def _target(
         raise InvalidArgumentError(
             f"adapt_to {src.describe()}: {exc.message}", field="adapt_to"
         ) from exc
+    only_zeros = InvalidArgumentError(
+        f"adapt_to {src.describe()} holds only zeros (padding): nothing to adapt to",
+        field="adapt_to",
+    )
+    if recorded is not None and not recorded.any_nonzero:
+        raise only_zeros  # known without reading it
     images = _grey_levels(s, key, src, "adapt_to")
-    if not (images.any() if recorded is None else recorded.any_nonzero):
-        raise InvalidArgumentError(
-            f"adapt_to {src.describe()} holds only zeros (padding): nothing to adapt to",
-            field="adapt_to",
-        )
+    if recorded is None and not images.any():
+        raise only_zeros
     if recorded is None or recorded.counts is None:
         return src, images, reference_histogram(images)
     return src, images, pooled_reference(recorded.counts, images.shape[0], field="adapt_to")
