@@ -1,8 +1,10 @@
 """Ingest throughput: PNG stacks into OME-Zarr on file:// and on a local S3 server.
 
 Baseline, measured side by side in the same run: decoding the same PNG files
-with Pillow and nothing else (the least any ingest has to do). Figures are
-medians of REPEATS runs; MB/s counts uncompressed image bytes (1 MB = 10^6 B).
+with Pillow and nothing else (the least any ingest has to do). Also timed alone:
+counting the grey levels ingest records (``GreyLevels`` per 8-slice layer, part
+of every ingest above). Figures are medians of REPEATS runs; MB/s counts
+uncompressed image bytes (1 MB = 10^6 B).
 S3 is SeaweedFS on loopback (same machine), started like the test fixture.
 """
 
@@ -16,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from deep3m.core.grey_levels import GreyLevels
 from deep3m.core.ingest import ingest
 from deep3m.core.store import Store
 from deep3m.testing.seaweed import seaweed_server, weed_executable
@@ -34,6 +37,11 @@ WORKERS = 4
 
 def read_with_pillow(folder: Path) -> int:
     return sum(np.asarray(Image.open(p)).nbytes for p in sorted(folder.glob("*.png")))
+
+
+def count_levels(stack: np.ndarray) -> GreyLevels:
+    """What ingest adds per layer of the default chunk depth (8 slices)."""
+    return GreyLevels.total(GreyLevels.of(stack[z : z + 8]) for z in range(0, len(stack), 8))
 
 
 def ingest_seconds(folder: Path, store: Store) -> float:
@@ -73,6 +81,12 @@ def main() -> None:
             rows.append(
                 (name, "baseline: Pillow decode only", nbytes / baseline / 1e6, baseline, 1.0)
             )
+            data = np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+            counting = median_seconds(lambda data=data: count_levels(data), REPEATS)
+            rows.append(
+                (name, "grey-level counting alone", nbytes / counting / 1e6, counting,
+                 counting / baseline)
+            )  # fmt: skip
     print(f"ingest, {WORKERS} worker threads, median of {REPEATS} runs")
     print(f"{'stack':38} {'target':30} {'MB/s':>8} {'seconds':>8} {'x baseline':>10}")
     for name, label, rate, seconds, ratio in rows:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from deep3m.adaptation.histogram import pooled_reference, reference_histogram
 from deep3m.core.errors import InvalidArgumentError
-from deep3m.core.grey_levels import ATTRIBUTE, GreyLevels, recorded_levels
+from deep3m.core.grey_levels import ATTRIBUTE, GreyLevels, recorded_levels, uint8_counts
 from deep3m.core.ingest import (
     create_ingest_volume,
     finalize_ingest,
@@ -47,6 +47,13 @@ def test_slab_counts_add_up_to_the_whole_volume() -> None:
     assert (whole.voxels, whole.min, whole.max) == (data.size, data.min(), data.max())
     assert whole.any_nonzero
     assert GreyLevels.from_json(whole.to_json()) == whole
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 1100, 1001)])
+def test_byte_pair_counting_equals_counting_bytes(shape: tuple[int, int, int]) -> None:
+    data = np.random.default_rng(4).integers(0, 256, size=shape, dtype=np.uint8)
+    for view in (data, data[:, ::2, 1:]):  # odd sizes, pieces, a strided view
+        np.testing.assert_array_equal(uint8_counts(view), np.bincount(view.ravel(), minlength=256))
 
 
 def test_zero_volumes_and_other_dtypes() -> None:

@@ -25,8 +25,27 @@ ATTRIBUTE = "grey_levels"
 BINS = 256
 
 
+# Counted a piece of about a slice at a time: its int64 temporaries stay in cache.
+_PIECE = 1 << 20
+
+
 def _bound(value: float | None) -> float | None:
     return None if value is None else float(value)
+
+
+def uint8_counts(data: np.ndarray) -> np.ndarray:
+    """The 256 counts (int64) of uint8 ``data``: pairs of bytes are counted as uint16
+    values (65,536 bins) and folded, about twice as fast as counting single bytes."""
+    flat = np.ascontiguousarray(data).reshape(-1)
+    total = np.zeros(BINS, dtype=np.int64)
+    for start in range(0, flat.size - 1, _PIECE):
+        piece = flat[start : start + _PIECE]
+        even = piece[: piece.size - piece.size % 2]
+        pairs = np.bincount(even.view(np.uint16), minlength=BINS * BINS).reshape(BINS, BINS)
+        total += pairs.sum(axis=0) + pairs.sum(axis=1)
+    if flat.size % 2:
+        total[flat[-1]] += 1
+    return total
 
 
 @dataclass(frozen=True)
@@ -43,9 +62,12 @@ class GreyLevels:
     def of(cls, data: np.ndarray) -> GreyLevels:
         """The statistics of one slab (any numeric dtype; NaN and ±inf are left out)."""
         arr = np.asarray(data)
-        counts = None
         if arr.dtype == np.uint8:
-            counts = tuple(int(c) for c in np.bincount(arr.ravel(), minlength=BINS))
+            counts = uint8_counts(arr)
+            present = np.flatnonzero(counts)
+            lo, hi = (float(present[0]), float(present[-1])) if present.size else (None, None)
+            return cls(int(arr.size), lo, hi, tuple(int(c) for c in counts))
+        counts = None
         finite = arr[np.isfinite(arr)] if arr.dtype.kind in "fc" else arr
         if finite.size == 0:
             return cls(int(arr.size), None, None, counts)
