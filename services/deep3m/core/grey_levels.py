@@ -67,11 +67,10 @@ class GreyLevels:
             present = np.flatnonzero(counts)
             lo, hi = (float(present[0]), float(present[-1])) if present.size else (None, None)
             return cls(int(arr.size), lo, hi, tuple(int(c) for c in counts))
-        counts = None
         finite = arr[np.isfinite(arr)] if arr.dtype.kind in "fc" else arr
         if finite.size == 0:
-            return cls(int(arr.size), None, None, counts)
-        return cls(int(arr.size), float(finite.min()), float(finite.max()), counts)
+            return cls(int(arr.size), None, None)
+        return cls(int(arr.size), float(finite.min()), float(finite.max()))
 
     @classmethod
     def total(cls, parts: Iterable[GreyLevels]) -> GreyLevels:
