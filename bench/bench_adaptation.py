@@ -56,7 +56,8 @@ from deep3m.training.adaptation.data import Domain, PatchSampler
 from deep3m.training.adaptation.loops import Schedule, run_stage
 from deep3m.training.adaptation.methods import METHODS, AdaptationResult, AdaptationSpec, adapt
 from deep3m.training.adaptation.networks import build_segmenter, segmentation_loss
-from deep3m.training.adaptation.runtime import StageRuntime, precision_for, use
+from deep3m.training.adaptation.runtime import StageRuntime, use
+from deep3m.training.precision import precision_for
 from deep3m.training.trainer import pick_device
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
