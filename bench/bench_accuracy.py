@@ -23,6 +23,9 @@ slices (050–059), all in one run on the same cores:
   (the model card's default).
 
 ``--candidates a,b`` picks rows (names in ``CANDIDATES``); ``--list`` lists them.
+``--data isbi2012-mito`` or ``--data isbi2012-membranes`` runs the same rows, unchanged,
+on the ISBI 2012 ssTEM volume (sections 00–19 train, 20–29 validate; membrane, label 0
+there, is the foreground).
 ``--tta`` then scores the last deep3m candidate at each test-time augmentation speed
 level (10: identity … 1: all 8 in-plane variations of a 1fm member), with the CPU
 seconds each level costs on the 10 validation slices.
@@ -159,15 +162,38 @@ class Data:
     description: str
 
 
-def load_data(root: Path) -> Data:
-    data = sample_paths()
+ISBI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "isbi2012" / "train"
+# Each data set: (description, training / validation split, label → foreground rule).
+DATASETS = ("cdeep3m-mito", "isbi2012-mito", "isbi2012-membranes")
+
+
+def _stacks(dataset: str) -> tuple[dict[str, np.ndarray], str]:
+    """Images and 0/1 labels of the training and validation slices of ``dataset``."""
+    if dataset == "cdeep3m-mito":
+        data = sample_paths()
+        stacks = {
+            "images": load_stack(data.train_images),
+            "labels": load_stack(data.train_labels),
+            "validation_images": load_stack(data.val_images),
+            "validation_labels": load_stack(data.val_labels),
+        }
+        return stacks, data.description
+    if dataset not in DATASETS:
+        raise SystemExit(f"unknown data set {dataset!r}; choose from {list(DATASETS)}")
+    images = load_stack(ISBI / "images")
+    if dataset == "isbi2012-mito":
+        labels = (load_stack(ISBI / "mitochondria") > 0).astype(np.uint8)
+    else:  # ISBI membranes: 0 is membrane, 255 cell interior; membrane is the foreground
+        labels = (load_stack(ISBI / "membranes") == 0).astype(np.uint8)
+    stacks = {"images": images[:20], "labels": labels[:20],
+              "validation_images": images[20:], "validation_labels": labels[20:]}  # fmt: skip
+    what = "mitochondria" if dataset == "isbi2012-mito" else "membranes"
+    return stacks, f"ISBI 2012 ssTEM {what} ({ISBI}): sections 00–19 train, 20–29 validate"
+
+
+def load_data(root: Path, dataset: str = "cdeep3m-mito") -> Data:
+    stacks, description = _stacks(dataset)
     store = Store(str(root / "store"))
-    stacks = {
-        "images": load_stack(data.train_images),
-        "labels": load_stack(data.train_labels),
-        "validation_images": load_stack(data.val_images),
-        "validation_labels": load_stack(data.val_labels),
-    }
     paths = {k: write_volume(store, f"volumes/{k}.zarr", v) for k, v in stacks.items()}
     norm = compute_normalization(stacks["images"])
     train = LabelledVolume(
@@ -178,7 +204,7 @@ def load_data(root: Path) -> Data:
         to_classes(stacks["validation_labels"], 2, where="validation_labels"),
         "validation",
     )
-    return Data(train, val, store, paths, data.description)
+    return Data(train, val, store, paths, description)
 
 
 class CpuClock:
@@ -333,7 +359,12 @@ def tta_table(net: nn.Module, frames: int, threshold: float, data: Data) -> None
 
 
 def run(
-    names: Sequence[str], minutes: float, threads: int, *, tta: bool = False
+    names: Sequence[str],
+    minutes: float,
+    threads: int,
+    *,
+    tta: bool = False,
+    dataset: str = "cdeep3m-mito",
 ) -> list[dict[str, Any]]:
     torch.set_num_threads(threads)
     clock = CpuClock(threads)
@@ -342,7 +373,7 @@ def run(
     rows: list[dict[str, Any]] = []
     last: tuple[nn.Module, int, float] | None = None
     with tempfile.TemporaryDirectory(prefix="deep3m-bench-acc-") as tmp:
-        data = load_data(Path(tmp))
+        data = load_data(Path(tmp), dataset)
         print(f"data: {data.description}")
         print(
             f"budget {minutes:g} min of thread-normalised CPU time per candidate, "
@@ -403,6 +434,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=",".join(("monai", "cdeep3m-demo", "default")),
         help=f"comma-separated rows (screening set: {','.join(SCREEN)})",
     )
+    parser.add_argument(
+        "--data",
+        choices=DATASETS,
+        default="cdeep3m-mito",
+        help="training / validation data (isbi2012: sections 00–19 train, 20–29 validate)",
+    )
     parser.add_argument("--list", action="store_true", help="list the candidates and exit")
     parser.add_argument(
         "--tta", action="store_true", help="score the last deep3m candidate at each TTA level"
@@ -416,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(names) - {c.name for c in CANDIDATES})
     if unknown:
         raise SystemExit(f"unknown candidate(s) {unknown}; see --list")
-    run(names, args.minutes, args.threads, tta=args.tta)
+    run(names, args.minutes, args.threads, tta=args.tta, dataset=args.data)
 
 
 if __name__ == "__main__":

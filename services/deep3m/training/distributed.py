@@ -183,34 +183,9 @@ def train_member_distributed(
     for p in procs:
         p.start()
     log.info("distributed training started", extra={"world_size": world_size, "member": member})
-    try:
-        while any(p.is_alive() for p in procs):
-            if cancelled is not None and cancelled.is_set():
-                cancel.set()
-            try:
-                item = events.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if observer is not None:
-                observer(
-                    ProgressEvent(
-                        job_id=job_id or config.model_id,
-                        state="RUNNING",
-                        stage="train",
-                        task_id=member,
-                        message=item["message"],
-                        metrics=item["metrics"],
-                        eta_seconds=item["eta_seconds"],
-                    )
-                )
-    finally:
-        for p in procs:
-            p.join()
-    while True:
-        try:
-            item = events.get_nowait()
-        except queue.Empty:
-            break
+
+    def relay(item: dict[str, Any]) -> None:
+        """Rank 0's progress, passed on as this job's event."""
         if observer is not None:
             observer(
                 ProgressEvent(
@@ -220,8 +195,28 @@ def train_member_distributed(
                     task_id=member,
                     message=item["message"],
                     metrics=item["metrics"],
+                    eta_seconds=item["eta_seconds"],
                 )
             )
+
+    try:
+        while any(p.is_alive() for p in procs):
+            if cancelled is not None and cancelled.is_set():
+                cancel.set()
+            try:
+                item = events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            relay(item)
+    finally:
+        for p in procs:
+            p.join()
+    while True:
+        try:
+            item = events.get_nowait()
+        except queue.Empty:
+            break
+        relay(item)
     failures = []
     while True:
         try:
