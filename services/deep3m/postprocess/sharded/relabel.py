@@ -30,6 +30,19 @@ def relabel_block(
     labelling: Labelling,
 ) -> int:
     """Write the global labels of ``core``; returns how many objects it holds."""
+    return write_block_labels(source, target, index, core, id_map, labelling)[0]
+
+
+def write_block_labels(
+    source: Any,
+    target: Any,
+    index: Sequence[int],
+    core: Box,
+    id_map: IdMap,
+    labelling: Labelling,
+) -> tuple[int, np.ndarray]:
+    """Write the global labels of ``core``; returns how many objects it holds and the
+    labels written (for what is made from them in memory, e.g. a pyramid level)."""
     check_labels_shape(source, target)
     grid = write_grid(target)
     if grid is not None:
@@ -48,4 +61,4 @@ def relabel_block(
         )
     final = lut.astype(dtype)[local]
     target[core.slices()] = final
-    return int(np.count_nonzero(np.unique(lut[1:])))
+    return int(np.count_nonzero(np.unique(lut[1:]))), final
