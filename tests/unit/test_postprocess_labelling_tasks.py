@@ -93,10 +93,11 @@ def test_pyramids_of_labels_and_probabilities_equal_whole_volume_downsampling(
     n = ndimage.label(prob >= 0.5)[1]
     assert n > 3 and int(labels.max()) == n == reduced.metrics["objects"]
     (level,) = plan_levels(SHAPE, VOXEL_SIZE_NM)
-    for path, data, method in (
+    cases: list[tuple[str, np.ndarray, Method]] = [
         ("volumes/l.zarr", labels, "mode"),
         ("volumes/p.zarr", prob, "mean"),
-    ):
+    ]
+    for path, data, method in cases:
         got = np.asarray(store.open_volume(path, level.path)[:])
         np.testing.assert_array_equal(got, downsample(data, level.factor, method))
         datasets = store.read_json(f"{path}/zarr.json")["attributes"]["ome"]["multiscales"][0]
