@@ -28,18 +28,6 @@ def relabel_block(
     core: Box,
     id_map: IdMap,
     labelling: Labelling,
-) -> int:
-    """Write the global labels of ``core``; returns how many objects it holds."""
-    return write_block_labels(source, target, index, core, id_map, labelling)[0]
-
-
-def write_block_labels(
-    source: Any,
-    target: Any,
-    index: Sequence[int],
-    core: Box,
-    id_map: IdMap,
-    labelling: Labelling,
 ) -> tuple[int, np.ndarray]:
     """Write the global labels of ``core``; returns how many objects it holds and the
     labels written (for what is made from them in memory, e.g. a pyramid level)."""

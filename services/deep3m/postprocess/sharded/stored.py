@@ -52,7 +52,7 @@ from deep3m.postprocess.sharded.merge import (
     merge_pieces,
     neighbour_indices,
 )
-from deep3m.postprocess.sharded.relabel import write_block_labels
+from deep3m.postprocess.sharded.relabel import relabel_block
 from deep3m.postprocess.sharded.table import (
     ObjectStats,
     concat_tables,
@@ -206,7 +206,7 @@ def relabel_task(
     """Stage (c) for one block: write its label chunks; ``then(id_map, labels)`` goes
     on from the block's labels in memory (a pyramid level, the table's parts)."""
     id_map = docs.id_map()
-    objects, labels = write_block_labels(source, target, index, core, id_map, labelling)
+    objects, labels = relabel_block(source, target, index, core, id_map, labelling)
     if then is not None:
         then(id_map, labels)
     return {"voxels": float(core.size), "objects": float(objects)}
