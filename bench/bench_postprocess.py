@@ -9,7 +9,9 @@ and 2 ``deep3m serve postprocess`` processes pinned to one core each (each
 holding ``capacity`` leases, so store I/O overlaps compute). Beside them, in the
 same run: whole-volume ``scipy.ndimage.label`` (the baseline) and
 ``cc3d.connected_components`` on the same mask in memory, one process. Printed:
-the 2-vs-1 ratio, each stage's wall time, the per-block and merge costs, the
+the 2-vs-1 ratio and the serial share it implies (Amdahl), each stage's wall time
+on 1 and 2 workers and what the 2-worker stage takes beyond half the 1-worker
+one (its tail, hand-over and contention), the per-block and merge costs, the
 predicted time of 100 workers on a teravoxel with the merge's share, and the
 workers' peak RSS on this volume and on one 4x as large (a mirrored 2 x 2
 mosaic of it). One run each: the job rows include every scheduler round trip.
@@ -192,9 +194,21 @@ def cluster(argv: Sequence[str] = ()) -> None:
                 f"{run.scheduler_cpu_s:.2f} (wall {run.seconds:.2f}; load average "
                 f"{os.getloadavg()[0]:.2f})"
             )
-        print("stage seconds (1 worker / 2 workers):")
+        # Amdahl on 2 workers: T2 = T1 (s + (1 - s) / 2), so s = 2 T2 / T1 - 1.
+        serial_share = 2 * two.seconds / one.seconds - 1
+        print(
+            f"serial share (Amdahl, 2 T2 / T1 - 1): {100 * serial_share:.1f} % of the "
+            "1-worker time (under 17.6 % for 1.7x)"
+        )
+        print("stage seconds (1 worker / 2 workers / 2 workers beyond half of 1, tasks):")
+        tasks = {s.name: s.tasks_total for s in one.job.stages}
         for name in one.stage_seconds:
-            print(f"  {name:14s} {one.stage_seconds[name]:7.3f} {two.stage_seconds[name]:7.3f}")
+            a, b = one.stage_seconds[name], two.stage_seconds[name]
+            print(f"  {name:14s} {a:7.3f} {b:7.3f} {b - a / 2:+7.3f} {tasks.get(name, 0):5d}")
+        print(
+            f"  {'whole job':14s} {one.seconds:7.3f} {two.seconds:7.3f} "
+            f"{two.seconds - one.seconds / 2:+7.3f}"
+        )
         sharded = {s.name for s in one.job.stages if s.tasks_total > 1}
         # One worker runs every task of a sharded stage in turn.
         per_block = sum(s for n, s in one.stage_seconds.items() if n in sharded)

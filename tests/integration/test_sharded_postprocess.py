@@ -131,29 +131,39 @@ def test_label_job_shards_over_two_postprocess_workers(
     assert stages["merge"] == stages["reduce"] == (1, 1)
     # Both workers took tasks (18 blocks, one task at a time each).
     assert len(_workers_of(store, job.id, "summarize") | _workers_of(store, job.id, "relabel")) == 2
-    # The label image is registered in its image; the pyramid stage ran (a volume this
+    # The label image is registered in its image; reduce recorded the pyramid (a volume this
     # small keeps level 0 only).
     ome = store.read_json("volumes/label/prob.zarr/labels/zarr.json")["attributes"]["ome"]
     assert ome["labels"] == ["segmentation"]
-    assert stages["pyramid"] == (1, 1) and job.metrics["pyramid_levels"] == 1.0
-    assert not any(name.startswith("pyramid_") for name in stages)
+    assert job.metrics["pyramid_levels"] == 1.0
+    assert not any(name.startswith("pyramid") for name in stages)
     # The stages' documents went once the job succeeded; its records stay.
     assert store.list(f"jobs/{job.id}/labelling") == []
     assert store.list(f"jobs/{job.id}/done/merge")
 
 
+@pytest.mark.parametrize(
+    ("block", "level_stages"),
+    [
+        # 256² blocks, level-1 regions of one 128² chunk: relabel writes level 1 itself.
+        ([4, 256, 256], {"pyramid_2": 4}),
+        # 128² blocks: a level-1 chunk spans 4 blocks, so level 1 is a stage of its own.
+        ([4, 128, 128], {"pyramid_1": 9, "pyramid_2": 4}),
+    ],
+)
 def test_sharded_pyramid_equals_whole_volume_downsampling(
-    client: Deep3mClient, store_url: str
+    client: Deep3mClient, store_url: str, block: list[int], level_stages: dict[str, int]
 ) -> None:
     store = Store(store_url)
     prob = smooth_field((4, 600, 520), seed=4, sigma=4.0)
-    write_volume(store, "volumes/pyr/prob.zarr", prob, chunk_shape=(2, 128, 128))
-    job = _succeeded(client, client.label("volumes/pyr/prob.zarr", block_shape=[4, 256, 256]))
+    source = f"volumes/pyr{block[1]}/prob.zarr"
+    write_volume(store, source, prob, chunk_shape=(2, 128, 128))
+    job = _succeeded(client, client.label(source, block_shape=block))
     stages = {s.name: s.tasks_total for s in job.stages}
     # Level 1 (4 x 300 x 260) and level 2 (4 x 150 x 130) in regions of one 128² chunk.
-    assert (stages["pyramid_1"], stages["pyramid_2"], stages["pyramid"]) == (9, 4, 1)
+    assert {n: t for n, t in stages.items() if n.startswith("pyramid")} == level_stages
     assert job.metrics["pyramid_levels"] == 3.0
-    path = "volumes/pyr/prob.zarr/labels/segmentation"
+    path = f"{source}/labels/segmentation"
     want = np.asarray(store.open_volume(path)[:])
     ome = store.read_json(f"{path}/zarr.json")["attributes"]["ome"]
     datasets = ome["multiscales"][0]["datasets"]
@@ -225,8 +235,8 @@ def test_predict_then_sharded_postprocess_on_real_slices(
     final = _succeeded(client, job)
     names = [s.name for s in final.stages]
     # No pyramid levels: 96 x 128 fits one level.
-    assert names == ["predict", "summarize", "equivalences", "merge", "relabel", "reduce_parts",
-                     "reduce", "evaluate_blocks", "evaluate", "pyramid"]  # fmt: skip
+    assert names == ["predict", "summarize", "equivalences", "merge", "relabel", "reduce",
+                     "evaluate_blocks", "evaluate"]  # fmt: skip
     # One progress stream followed prediction and every postprocess stage.
     assert {"predict", "summarize", "relabel", "reduce"} <= seen
     prob = np.asarray(store.open_volume("volumes/em/p.zarr")[:])

@@ -26,7 +26,7 @@ from deep3m.testing.scheduler import save_test_model, write_volume
 from deep3m.v1 import common_pb2
 
 SHAPE = (8, 64, 96)
-NAMES = [*(s.name for s in LABELLING_STAGES), "pyramid"]  # volumes too small for levels
+NAMES = [s.name for s in LABELLING_STAGES]  # volumes too small for pyramid levels
 
 
 @pytest.fixture
@@ -89,12 +89,10 @@ def test_label_defaults_volume_and_plans(ctx: KindContext, store: Store) -> None
             assert p.n_tasks == len(expected) == 2 * 2 * 3
             assert p.task(5).block == expected.block(5)
             assert p.task(5).id == f"{p.name}/{expected.block(5).id}"
-    parts = got[NAMES.index("reduce_parts")]
-    assert parts.layout == "shards" and parts.n_tasks == 3
-    assert parts.task(2).id == "reduce_parts/2-of-3"
-    assert dict(parts.task(2).params) == {"shard": "2", "shards": "3"}
-    assert StagePlan.from_json(parts.to_json()).task(1).params["shard"] == "1"
-    assert [p.n_tasks for p in got if p.layout == "single"] == [1, 1, 1]
+    # The table's parts are reduced by relabel tasks: no stage of their own.
+    assert [p.name for p in got if p.layout == "single"] == ["merge", "reduce"]
+    assert all(p.n_tasks == 1 for p in got if p.layout == "single")
+    assert StagePlan.from_json(got[-1].to_json()).name == "reduce"
 
 
 def test_pyramid_levels_are_planned_as_chunk_aligned_block_stages() -> None:
@@ -102,16 +100,24 @@ def test_pyramid_levels_are_planned_as_chunk_aligned_block_stages() -> None:
                         (40.0, 6.0, 6.0))  # fmt: skip
     spec = common_pb2.LabelSpec(block_shape=[4, 512, 512], table_shards=2)
     names = [s.name for s in labelling_stages(facts, spec)]
-    assert names[-4:] == ["pyramid_1", "pyramid_2", "pyramid_3", "pyramid"]
+    # 256² level-1 regions, the 512² blocks halved: relabel writes level 1 itself.
+    assert names[-3:] == ["pyramid_2", "pyramid_3", "reduce"]
     got = [plan_labelling(i, 0, facts, spec) for i in range(len(names) + 1)]
     assert got[-1] is None
-    level1, level2, level3 = (got[names.index(f"pyramid_{n}")] for n in (1, 2, 3))
+    level2, level3 = (got[names.index(f"pyramid_{n}")] for n in (2, 3))
+    # Blocks of 256² would make level-1 regions of one 256² chunk, 4 blocks each:
+    # a stage of its own.
+    small = common_pb2.LabelSpec(block_shape=[4, 256, 256], table_shards=2)
+    names = [s.name for s in labelling_stages(facts, small)]
+    assert names[-4:] == ["pyramid_1", "pyramid_2", "pyramid_3", "reduce"]
+    level1 = plan_labelling(names.index("pyramid_1"), 0, facts, small)
     assert level1 is not None and level2 is not None and level3 is not None
     # Each task reads about one block of level 0: level 1 (20 x 1024 x 550) in regions
     # of 4 x 256², level 2 (20 x 512 x 275) of one chunk, level 3 (20 x 256 x 138) in
     # one chunk per z-range (x narrower than a chunk).
     assert level1.layout == "blocks" and level1.n_tasks == 5 * 4 * 3
     assert level1.task(11).block.core == Box((0, 768, 512), (4, 1024, 550))  # type: ignore[union-attr]
+    assert level1.params["block_shape"] == [4, 256, 256]
     assert level2.params["block_shape"] == [4, 256, 256] and level2.n_tasks == 5 * 2 * 2
     assert level3.params["block_shape"] == [4, 256, 138] and level3.n_tasks == 5
 

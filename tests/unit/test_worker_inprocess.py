@@ -27,7 +27,7 @@ from deep3m.core.store import Store
 from deep3m.runtime.scheduler_client import Completion
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import CHUNKS_WRITTEN, TaskContext, TaskHandler, TaskResult
-from deep3m.runtime.worker import Worker
+from deep3m.runtime.worker import IdlePolling, Worker
 from deep3m.scheduler.core import Scheduler
 from deep3m.scheduler.inprocess import InProcessSchedulerClient
 from deep3m.testing.scheduler import (
@@ -449,3 +449,14 @@ def test_an_idle_worker_leases_again_as_soon_as_one_of_its_tasks_ends(env: Env) 
     assert worker.completed == 2
     assert env.scheduler.get(first).stages[0].tasks_done == 1
     assert env.scheduler.get(second).stages[0].tasks_done == 1
+
+
+def test_idle_polls_stay_at_the_base_interval_for_a_while_after_a_task_ends() -> None:
+    polls = IdlePolling(0.5, warm=3)
+    # Idle from the start: backing off at once, up to 4 x the interval.
+    assert [polls.next_delay() for _ in range(4)] == [0.5, 1.0, 2.0, 2.0]
+    polls.task_ended()
+    # A peer may end the stage any moment: a few polls at the base interval first.
+    assert [polls.next_delay() for _ in range(6)] == [0.5, 0.5, 0.5, 0.5, 1.0, 2.0]
+    polls.found_work()
+    assert [polls.next_delay() for _ in range(2)] == [0.5, 1.0]

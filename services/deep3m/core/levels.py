@@ -71,3 +71,34 @@ def plan_levels(
             )
         )
     return out
+
+
+def level_block(
+    block: Sequence[int], level: int, levels: Sequence[Level], grid: Sequence[int]
+) -> list[int]:
+    """The task region of pyramid level ``level`` (1..) of a blockwise labelling: the
+    labelling block shrunk by the level's total factor, so a task reads about one
+    block of level 0, rounded down to whole grid cells (at least one) where the
+    level spans a cell, else the whole axis (the level's one chunk)."""
+    total = np.prod([lv.factor for lv in levels[:level]], axis=0)
+    shape = levels[level - 1].shape
+    return [
+        max(g, (int(b) // int(f)) // g * g) if s >= g else int(s)
+        for b, f, s, g in zip(block, total, shape, grid, strict=True)
+    ]
+
+
+def level_one_in_blocks(
+    shape: Sequence[int], block: Sequence[int], levels: Sequence[Level], grid: Sequence[int]
+) -> bool:
+    """Whether level 1's task regions are exactly the level-0 blocks downsampled
+    (the same grid of tasks, each region its block divided by the factor): then
+    the task that writes a block can write its level-1 region from memory."""
+    if not levels:
+        return False
+    region = level_block(block, 1, levels, grid)
+    for s, b, r, f, s1 in zip(shape, block, region, levels[0].factor, levels[0].shape, strict=True):
+        one_block = int(b) >= int(s) and int(r) >= int(s1)
+        if not one_block and int(r) * int(f) != int(b):
+            return False
+    return True

@@ -17,8 +17,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.geometry import Box
+from deep3m.core.levels import Level, level_one_in_blocks, plan_levels
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store
 from deep3m.core.store.keys import labelling_documents
@@ -31,9 +34,11 @@ from deep3m.postprocess.pyramid import (
     prepare_pyramid,
     pyramid_plan,
     record_pyramid,
+    write_level_from,
     write_level_region,
 )
 from deep3m.postprocess.sharded.block import Labelling
+from deep3m.postprocess.sharded.merge import IdMap
 from deep3m.postprocess.sharded.pipeline import labelling_for
 from deep3m.postprocess.sharded.stored import (
     Documents,
@@ -45,6 +50,7 @@ from deep3m.postprocess.sharded.stored import (
     reduce_task,
     relabel_task,
     summarize_task,
+    table_parts_of,
     truth_summarize_task,
 )
 from deep3m.postprocess.sharded.table import evaluation_key
@@ -134,6 +140,14 @@ class LabellingJob:
 
     def open_labels(self) -> Any:
         return self.labels_store.open_volume(self.labels.path, mode="r+", require_complete=False)
+
+    def level_one(self) -> Level | None:
+        """Pyramid level 1 when each relabel task writes its block's region of it (the
+        scheduler plans no ``pyramid_1`` stage then), else None."""
+        shape = tuple(int(s) for s in self.labels.shape)
+        levels = plan_levels(shape, self.voxel_size_nm)
+        grid = tuple(int(g) for g in self.labels.grid)
+        return levels[0] if level_one_in_blocks(shape, self.block_shape, levels, grid) else None
 
     def pyramids(self) -> list[tuple[Store, str]]:
         """The volumes the pyramid stages reduce: the labels (and a predict job's
@@ -240,6 +254,9 @@ def merge(job: LabellingJob, ctx: TaskContext) -> TaskResult:
     if job.merges_truth() is not None:
         truth_map = merge_task(job.docs.truth, job.grid_shape)
         metrics["truth_objects"] = float(truth_map.object_count)
+    # The pyramid stages (and relabel, writing level 1) write into these levels.
+    for pyramid_store, pyramid_path in job.pyramids():
+        prepare_pyramid(pyramid_store, pyramid_path)
     return TaskResult(metrics=metrics)
 
 
@@ -274,27 +291,39 @@ def evaluate(job: LabellingJob, ctx: TaskContext) -> TaskResult:
 
 
 def relabel(job: LabellingJob, ctx: TaskContext) -> TaskResult:
+    """The block's labels; from them in memory its region of pyramid level 1 (where
+    the regions are the blocks downsampled); and the table parts it is given."""
     index, core = job.block(ctx.task)
+    level = job.level_one()
+    shards = max(1, int(job.spec.table_shards))
+
+    def then(id_map: IdMap, labels: np.ndarray) -> None:
+        if level is not None:
+            target = job.labels_store.open_volume(
+                job.labels.path, level.path, mode="r+", require_complete=False
+            )
+            write_level_from(target, labels, core, level.factor, "mode")
+            if job.pyramid_source:
+                store, path = job.source_store, job.source.path
+                region = Box(
+                    tuple(a // f for a, f in zip(core.start, level.factor, strict=True)),
+                    tuple(-(-b // f) for b, f in zip(core.stop, level.factor, strict=True)),
+                )
+                write_level_region(store, pyramid_plan(store, path), 1, region)
+        for k in table_parts_of(index, job.grid_shape, shards):
+            reduce_part_task(
+                job.docs, job.grid_shape, job.voxel_size_nm, (k, shards), id_map=id_map
+            )
+
     metrics = relabel_task(
-        job.docs, job.open_source(), job.open_labels(), index, core, job.labelling()
+        job.docs, job.open_source(), job.open_labels(), index, core, job.labelling(), then=then
     )
     return TaskResult(metrics=metrics)
 
 
-def reduce_part(job: LabellingJob, ctx: TaskContext) -> TaskResult:
-    params = ctx.task.params
-    try:
-        shard = (int(params["shard"]), int(params["shards"]))
-    except (KeyError, ValueError) as exc:
-        raise InvalidArgumentError(
-            f"task {ctx.task.id!r} needs integer params shard and shards, got {dict(params)}",
-            field="task.params",
-        ) from exc
-    return TaskResult(metrics=reduce_part_task(job.docs, job.grid_shape, job.voxel_size_nm, shard))
-
-
 def reduce(job: LabellingJob, ctx: TaskContext) -> TaskResult:
-    """The tables beside the labels, then the labels sealed (label image marked, complete)."""
+    """The tables beside the labels (joined from the parts the relabel tasks reduced),
+    the labels sealed (label image marked, complete), the multiscales recorded."""
     del ctx
     store, path = job.labels_store, job.labels.path
     stats, keys = reduce_task(
@@ -303,6 +332,8 @@ def reduce(job: LabellingJob, ctx: TaskContext) -> TaskResult:
         volume=Box.from_shape(tuple(int(s) for s in job.labels.shape)),
         shards=max(1, int(job.spec.table_shards)),
     )  # fmt: skip
+    # Every level is written by now: the pyramid stages come before this one.
+    levels = [record_pyramid(s, pyramid_plan(s, p)) for s, p in job.pyramids()]
     if job.in_image:
         register_label_image(store, job.source.path, job.spec.name)
         mark_label_image(store, path)
@@ -311,13 +342,14 @@ def reduce(job: LabellingJob, ctx: TaskContext) -> TaskResult:
         watershed=job.spec.watershed, min_size_voxels=int(job.spec.min_size_voxels),
         connectivity=job.spec.connectivity,
     )  # fmt: skip
-    # The pyramid stages that follow write into these levels, region by region.
-    for pyramid_store, pyramid_path in job.pyramids():
-        prepare_pyramid(pyramid_store, pyramid_path)
     outputs = {name: store.key_url(key) for name, key in keys.items()}
     outputs["labels"] = store.key_url(path)
     return TaskResult(
-        metrics={"objects": float(len(stats)), "threshold": float(job.spec.threshold)},
+        metrics={
+            "objects": float(len(stats)),
+            "threshold": float(job.spec.threshold),
+            "pyramid_levels": float(max(len(p) for p in levels)),
+        },
         outputs=outputs,
     )
 
@@ -332,24 +364,15 @@ def pyramid_level(job: LabellingJob, ctx: TaskContext) -> TaskResult:
     return TaskResult(metrics={"voxels": float(core.size)})
 
 
-def pyramid(job: LabellingJob, ctx: TaskContext) -> TaskResult:
-    """The multiscales metadata, once every level is written."""
-    del ctx
-    levels = [record_pyramid(store, pyramid_plan(store, path)) for store, path in job.pyramids()]
-    return TaskResult(metrics={"pyramid_levels": float(max(len(p) for p in levels))})
-
-
 Body = Callable[[LabellingJob, TaskContext], TaskResult]
 BODIES: Mapping[str, Body] = {
     "summarize": summarize,
     "equivalences": equivalences,
     "merge": merge,
     "relabel": relabel,
-    "reduce_parts": reduce_part,
     "reduce": reduce,
     "evaluate_blocks": evaluate_blocks,
     "evaluate": evaluate,
-    "pyramid": pyramid,
     **{f"pyramid_{n}": pyramid_level for n in range(1, MAX_LEVELS + 1)},
 }
 

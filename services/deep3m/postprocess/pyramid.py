@@ -151,6 +151,21 @@ def write_level_block(
     target[core.slices()] = downsample(np.asarray(source[read.slices()]), factor, method)
 
 
+def write_level_from(
+    target: Any, data: np.ndarray, below: Box, factor: Sequence[int], method: Method
+) -> None:
+    """Write the region of a level that ``data`` (the box ``below`` of the level
+    under it, already in memory) covers: ``below`` must start on a window."""
+    start = tuple(a // f for a, f in zip(below.start, factor, strict=True))
+    if any(a % f for a, f in zip(below.start, factor, strict=True)):
+        raise InvalidArgumentError(
+            f"region {below} does not start on a {list(factor)} window", field="region"
+        )
+    reduced = downsample(data, factor, method)
+    core = Box(start, tuple(a + s for a, s in zip(start, reduced.shape, strict=True)))
+    target[core.slices()] = reduced
+
+
 def record_pyramid(store: Store, plan: PyramidPlan) -> list[str]:
     """Record the written levels in ``ome.multiscales`` (and drop deeper stale levels);
     returns all level paths."""

@@ -19,7 +19,9 @@ when to stop retrying. Every call carries a deadline; an unreachable
 scheduler is retried with backoff (a restart must not lose finished work), and
 an empty queue is polled with backoff, never in a busy loop, and again at once
 when one of the worker's tasks ends (its completion may have started the next
-stage: no backoff delay between stages).
+stage: no backoff delay between stages). After one of its tasks ended, a worker
+polls a few times at the base interval before backing off: a peer's last task
+of the stage may start the next one any moment (``IdlePolling``).
 """
 
 from __future__ import annotations
@@ -63,6 +65,33 @@ log = logging.getLogger("deep3m.worker")
 
 MIN_RENEW_INTERVAL_S = 0.05
 MAX_UNREACHABLE_BACKOFF_S = 2.0
+# Empty polls at the base interval after one of the worker's tasks ended.
+WARM_POLLS = 10
+
+
+class IdlePolling:
+    """The waits between empty polls: ``poll_s`` × 1, 2, 4 — except that after one of
+    the worker's tasks ended the next ``warm`` waits are ``poll_s``, since the end of
+    a stage (on this worker or a peer) is likely near."""
+
+    def __init__(self, poll_s: float, warm: int = WARM_POLLS) -> None:
+        self._backoff = Backoff(poll_s, 4 * poll_s)
+        self._poll_s = poll_s
+        self._warm = warm
+        self._warm_left = 0
+
+    def next_delay(self) -> float:
+        if self._warm_left > 0:
+            self._warm_left -= 1
+            return self._poll_s
+        return self._backoff.next_delay()
+
+    def found_work(self) -> None:
+        self._backoff.reset()
+
+    def task_ended(self) -> None:
+        self._backoff.reset()
+        self._warm_left = self._warm
 
 
 @dataclass
@@ -121,6 +150,8 @@ class Worker:
         # Tasks ended so far: an idle loop leases again at once after one, since its
         # completion may have made the next stage's tasks available.
         self._ended = 0
+        # ``_ended`` as the idle loop last saw it.
+        self._ended_seen = 0
         self._stop = threading.Event()
         self._hb_stop = threading.Event()
         self._hb_wake = threading.Event()
@@ -204,7 +235,7 @@ class Worker:
     def _loop(self) -> None:
         # An empty queue is polled at poll_interval × 1, 2, 4; an unreachable scheduler
         # is retried from twice that up to a couple of seconds.
-        idle = Backoff(self._poll_s, 4 * self._poll_s)
+        idle = IdlePolling(self._poll_s)
         unreachable = Backoff(
             2 * self._poll_s, max(MAX_UNREACHABLE_BACKOFF_S, 2 * self._poll_s), jitter=0.1
         )
@@ -232,7 +263,7 @@ class Worker:
             if not leases:
                 self._wait_idle(idle)
                 continue
-            idle.reset()
+            idle.found_work()
             executor = self._executor
             for lease in leases:
                 active = self._register(lease)
@@ -241,17 +272,19 @@ class Worker:
                 else:
                     executor.submit(self._run, active)
 
-    def _wait_idle(self, idle: Backoff) -> None:
+    def _wait_idle(self, idle: IdlePolling) -> None:
         """Wait out an empty queue's backoff, or less: until one of our tasks ends
-        (then the backoff starts over) or ``stop``."""
-        delay = idle.next_delay()
+        (then the polls start over, warm) or ``stop``."""
         with self._changed:
-            ended = self._ended
+            if self._ended != self._ended_seen:
+                idle.task_ended()  # ended while the worker was busy
+            ended = self._ended_seen = self._ended
             self._changed.wait_for(
-                lambda: self._ended != ended or self._stop.is_set(), timeout=delay
+                lambda: self._ended != ended or self._stop.is_set(), timeout=idle.next_delay()
             )
             if self._ended != ended:
-                idle.reset()
+                idle.task_ended()
+                self._ended_seen = self._ended
 
     def _register(self, lease: common_pb2.TaskLease) -> _Active:
         remaining = lease.deadline_unix_s - time.time()

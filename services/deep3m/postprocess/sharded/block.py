@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import cc3d
+import numcodecs
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
@@ -52,17 +53,26 @@ _FACE_CENTRES = np.array(
 )
 
 
+# Documents are .npz archives compressed whole with zstd: a tenth of the CPU of
+# zlib-compressed members (faces are most of what the equivalences stage reads).
+_ZSTD = numcodecs.Zstd(level=1)
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
 def to_npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
-    return buf.getvalue()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return bytes(_ZSTD.encode(buf.getvalue()))
 
 
 def from_npz_bytes(data: bytes, what: str) -> dict[str, np.ndarray]:
+    """The arrays of a document (zstd-compressed, or a plain .npz as written before)."""
     try:
+        if data[:4] == _ZSTD_MAGIC:
+            data = bytes(_ZSTD.decode(data))
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
-    except (ValueError, OSError, KeyError) as exc:
+    except (ValueError, OSError, KeyError, EOFError, RuntimeError) as exc:
         raise FailedPreconditionError(f"{what} document is unreadable: {exc}") from exc
 
 

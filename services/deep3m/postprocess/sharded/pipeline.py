@@ -85,7 +85,7 @@ def label_sharded(
     )
 
     def relabel(block: Block) -> int:
-        return relabel_block(source, target, block.index, block.core, id_map, labelling)
+        return relabel_block(source, target, block.index, block.core, id_map, labelling)[0]
 
     map_blocks(relabel, plan, **run)
     objects = reduce_objects((s.pieces for s in summaries), id_map, voxel_size_nm)

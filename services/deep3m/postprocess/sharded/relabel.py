@@ -28,8 +28,9 @@ def relabel_block(
     core: Box,
     id_map: IdMap,
     labelling: Labelling,
-) -> int:
-    """Write the global labels of ``core``; returns how many objects it holds."""
+) -> tuple[int, np.ndarray]:
+    """Write the global labels of ``core``; returns how many objects it holds and the
+    labels written (for what is made from them in memory, e.g. a pyramid level)."""
     check_labels_shape(source, target)
     grid = write_grid(target)
     if grid is not None:
@@ -48,4 +49,4 @@ def relabel_block(
         )
     final = lut.astype(dtype)[local]
     target[core.slices()] = final
-    return int(np.count_nonzero(np.unique(lut[1:])))
+    return int(np.count_nonzero(np.unique(lut[1:]))), final

@@ -200,10 +200,25 @@ def relabel_task(
     index: Sequence[int],
     core: Box,
     labelling: Labelling,
+    *,
+    then: Callable[[IdMap, np.ndarray], None] | None = None,
 ) -> dict[str, float]:
-    """Stage (c) for one block: write its label chunks."""
-    objects = relabel_block(source, target, index, core, docs.id_map(), labelling)
+    """Stage (c) for one block: write its label chunks; ``then(id_map, labels)`` goes
+    on from the block's labels in memory (a pyramid level, the table's parts)."""
+    id_map = docs.id_map()
+    objects, labels = relabel_block(source, target, index, core, id_map, labelling)
+    if then is not None:
+        then(id_map, labels)
     return {"voxels": float(core.size), "objects": float(objects)}
+
+
+def table_parts_of(index: Sequence[int], grid_shape: Sequence[int], shards: int) -> list[int]:
+    """The table parts the relabel task of block ``index`` reduces: k with k ≡ the
+    block's number (mod the blocks), so the first blocks' tasks take them all."""
+    if shards <= 1:
+        return []  # one part: ``reduce`` reduces the table itself
+    number = int(np.ravel_multi_index(tuple(int(i) for i in index), tuple(grid_shape)))
+    return list(range(number, shards, int(np.prod(grid_shape))))
 
 
 def reduce_part_task(
@@ -211,10 +226,15 @@ def reduce_part_task(
     grid_shape: Sequence[int],
     voxel_size_nm: Sequence[float],
     shard: tuple[int, int],
+    *,
+    id_map: IdMap | None = None,
 ) -> dict[str, float]:
     """Stage (d), per shard (objects whose label is k + 1 modulo n): part of the table."""
     stats = reduce_objects(
-        in_order(docs.pieces, _grid_indices(grid_shape)), docs.id_map(), voxel_size_nm, shard=shard
+        in_order(docs.pieces, _grid_indices(grid_shape)),
+        id_map if id_map is not None else docs.id_map(),
+        voxel_size_nm,
+        shard=shard,
     )
     docs.store.write_bytes(docs.table_part_key(shard), stats.to_bytes())
     return {"objects": float(len(stats))}

@@ -30,6 +30,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+# Imported with the module (a worker's start), not by the first reduce task: the
+# import costs more than the rest of that single task, which the job waits on.
+import pyarrow as pa
+import pyarrow.parquet as pq
 from scipy.spatial import ConvexHull
 
 from deep3m.core.errors import InvalidArgumentError
@@ -127,9 +132,6 @@ class ObjectStats(InPhysicalUnits):
         return cls(**{name: d[name] for name in cls._FIELDS}, voxel_size_nm=vs)
 
     def to_parquet(self) -> bytes:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         meta = {"voxel_size_nm": ",".join(repr(v) for v in self.voxel_size_nm)}
         table = pa.table({c: pa.array(v) for c, v in self.columns().items()}, metadata=meta)
         buf = io.BytesIO()

@@ -3,15 +3,19 @@
 Both ``label`` jobs and ``predict`` jobs with ``postprocess`` run them, after
 their own stages: ``summarize`` (per block: threshold, local components, face
 and piece documents) → ``equivalences`` (per block: pairs across its upper
-seams) → ``merge`` (once: the global id map) → ``relabel`` (per block: the
-label chunks) → ``reduce_parts`` (a few shards of the object table) →
-``reduce`` (once: the tables, the label image sealed, the pyramid's empty
-levels created) → with a ground truth, ``evaluate_blocks`` (per block: voxel
-counts and object points; the ground truth's components are found by the
-first three stages beside the prediction's) and ``evaluate`` (once) →
-``pyramid_1`` … ``pyramid_L`` (per chunk-aligned region of each level: level
-n from level n - 1, labels by mode, probabilities by mean) → ``pyramid``
-(once: the multiscales metadata). Blocks lie on the labels volume's write
+seams) → ``merge`` (once: the global id map; the pyramid's empty levels
+created) → ``relabel`` (per block: the label chunks; the first tasks also
+reduce the object table's shards, which need only the id map and the piece
+documents, and where the level-1 regions are the blocks downsampled each task
+writes its region of level 1 from memory) → ``pyramid_1`` (or ``pyramid_2``)
+… ``pyramid_L`` (per chunk-aligned region of each level: level n from level
+n - 1, labels by mode, probabilities by mean) → ``reduce`` (once: the tables
+joined, the label image sealed, the multiscales metadata recorded) → with a
+ground truth, ``evaluate_blocks`` (per block: voxel counts and object points;
+the ground truth's components are found by the first three stages beside the
+prediction's) and ``evaluate`` (once). Stages that need not wait for each
+other share tasks, so each hand-over between stages (and the idle tail of a
+stage of few tasks) is paid once. Blocks lie on the labels volume's write
 grid, so each task writes chunks no other task touches. The stages' documents
 are deleted once the last one is done.
 """
@@ -20,11 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError
 from deep3m.core.geometry import plan_blocks
-from deep3m.core.levels import Level, plan_levels
+from deep3m.core.levels import Level, level_block, level_one_in_blocks, plan_levels
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store, VolumeInfo
 from deep3m.core.store.keys import labelling_documents
@@ -35,8 +37,7 @@ from deep3m.v1 import common_pb2
 
 ROLE = "postprocess"
 LABELLING_STAGES: tuple[StageDef, ...] = tuple(
-    StageDef(name, ROLE)
-    for name in ("summarize", "equivalences", "merge", "relabel", "reduce_parts", "reduce")
+    StageDef(name, ROLE) for name in ("summarize", "equivalences", "merge", "relabel", "reduce")
 )
 # With ground truth, after ``reduce``: per block counts, then their reduction.
 EVALUATION_STAGES: tuple[StageDef, ...] = (
@@ -47,14 +48,14 @@ PER_BLOCK = frozenset({"summarize", "equivalences", "relabel", "evaluate_blocks"
 MAX_EXCLUSION_ZONE_VOXELS = 1024
 # Level n of the pyramid (1..), one task per chunk-aligned region of the level.
 PYRAMID_LEVEL_STAGE = "pyramid_{}"
-# Once, after the levels: the multiscales metadata.
-PYRAMID_STAGE = "pyramid"
 LABELS_DTYPE = "uint32"
 DEFAULT_LABEL_NAME = "segmentation"
 DEFAULT_THRESHOLD = 0.5
 # Each part re-reads every block's piece statistics: a few parts spread the
 # reduction without multiplying those reads much. At least 4, so two workers
-# leasing two tasks at a time both get some.
+# leasing two tasks at a time both get some. Part k is reduced by the relabel
+# task of block k (mod the blocks): those are leased first, so the parts run
+# beside the other blocks' relabelling instead of after it.
 MIN_TABLE_SHARDS = 4
 MAX_TABLE_SHARDS = 8
 BLOCKS_PER_TABLE_SHARD = 64
@@ -187,29 +188,24 @@ def pyramid_levels(labels: VolumeFacts) -> list[Level]:
     return plan_levels(labels.shape, labels.voxel_size_nm)
 
 
+def first_pyramid_level(labels: VolumeFacts, spec: common_pb2.LabelSpec) -> int:
+    """The first level a ``pyramid_n`` stage writes: 2 where each relabel task writes
+    its block's region of level 1 (the regions are the blocks downsampled), else 1."""
+    levels = pyramid_levels(labels)
+    block = [int(b) for b in spec.block_shape]
+    return 2 if level_one_in_blocks(labels.shape, block, levels, labels.grid) else 1
+
+
 def labelling_stages(labels: VolumeFacts, spec: common_pb2.LabelSpec) -> tuple[StageDef, ...]:
     levels = pyramid_levels(labels)
+    first = first_pyramid_level(labels, spec)
+    *before, reduce = LABELLING_STAGES
     return (
-        *LABELLING_STAGES,
+        *before,
+        *(StageDef(PYRAMID_LEVEL_STAGE.format(n), ROLE) for n in range(first, len(levels) + 1)),
+        reduce,
         *(EVALUATION_STAGES if spec.ground_truth.path else ()),
-        *(StageDef(PYRAMID_LEVEL_STAGE.format(n), ROLE) for n in range(1, len(levels) + 1)),
-        StageDef(PYRAMID_STAGE, ROLE),
     )
-
-
-def level_block(
-    block: Sequence[int], level: int, levels: Sequence[Level], grid: Sequence[int]
-) -> list[int]:
-    """The task region of pyramid level ``level`` (1..): the labelling block shrunk by
-    the level's total factor, so a task reads about one block of level 0, rounded
-    down to whole grid cells (at least one) where the level spans a cell, else the
-    whole axis (the level's one chunk)."""
-    total = np.prod([lv.factor for lv in levels[:level]], axis=0)
-    shape = levels[level - 1].shape
-    return [
-        max(g, (int(b) // int(f)) // g * g) if s >= g else int(s)
-        for b, f, s, g in zip(block, total, shape, grid, strict=True)
-    ]
 
 
 def finish_labelling(
@@ -242,8 +238,6 @@ def plan_labelling(
     if sdef.name in PER_BLOCK:
         params = {"volume_shape": list(labels.shape), "block_shape": block, "halo": [0, 0, 0]}
         return StagePlan(index, sdef.name, sdef.role, "blocks", params)
-    if sdef.name == "reduce_parts":
-        return StagePlan(index, sdef.name, sdef.role, "shards", {"shards": spec.table_shards})
     if sdef.name.startswith("pyramid_"):
         levels = pyramid_levels(labels)
         n = int(sdef.name.removeprefix("pyramid_"))
