@@ -327,3 +327,25 @@ def test_a_job_recorded_without_resolved_volumes_resumes(
     second.complete(fin.lease_id, "cpu")
     assert second.get("j").state == "SUCCEEDED"
     assert store_volume_complete(second, "volumes/out.zarr")
+
+
+def test_a_job_planned_by_another_version_fails_on_restart_instead_of_running_on(
+    first: Scheduler, settings: Settings, clock: ManualClock
+) -> None:
+    first.submit(predict_spec("volumes/out.zarr"), job_id="j")
+    for lease in first.lease("w", "inference", N_BLOCKS):
+        finish(first, lease)
+    assert [s.name for s in first.get("j").stages] == ["predict", "finalize"]
+    # As an older version would have stored it: another name at stage 1. Planned
+    # from its index alone, the next stage would run on outputs it does not expect.
+    plan = first.store.read_json("jobs/j/stages/1.json")
+    plan["name"] = "reduce_parts"
+    first.store.write_json("jobs/j/stages/1.json", plan)
+    second = fresh(settings, clock)
+    job = second.get("j")
+    assert job.state == "FAILED"
+    (error,) = [e for e in job.errors if e.code == "FAILED_PRECONDITION"]
+    assert "'reduce_parts'" in error.message and "submit the job again" in error.message
+    clock.now += settings.lease_seconds  # past any hold: nothing of it is handed out
+    assert second.lease("cpu", "postprocess", 1) == []
+    assert fresh(settings, clock).get("j").state == "FAILED"

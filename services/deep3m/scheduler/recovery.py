@@ -30,12 +30,12 @@ from deep3m.scheduler.jobs import Job, JobError, index_entry
 from deep3m.scheduler.persistence import READ_THREADS, JobRecord, JobStore
 from deep3m.scheduler.queue import StageCounts, TaskQueue
 from deep3m.scheduler.stages import StagePlan
-from deep3m.scheduler.state import SchedulerState
+from deep3m.scheduler.state import SchedulerState, describe
 from deep3m.scheduler.stats import Statistics
 
 log = logging.getLogger("deep3m.scheduler")
 
-Action = Literal["finished", "cancelled", "plan_first", "resume"]
+Action = Literal["finished", "cancelled", "plan_first", "resume", "stale"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,24 @@ def load_job(jobs_store: JobStore, job_id: str, ctx: kinds.KindContext) -> JobDo
     return JobDocuments(record, None, False, plans, done, quarantined, single)
 
 
+def stale_plan(record: JobRecord, plans: Sequence[StagePlan]) -> str:
+    """Why stages stored by another version of the job's kind cannot be resumed, else "".
+
+    A stage is planned from its index alone, so a job whose stored stages are not the
+    first stages this version plans would run the wrong stage on earlier outputs."""
+    try:
+        expected = [d.name for d in kinds.get_kind(record.kind).stages_for(record.resolution)]
+    except Exception as exc:  # an unplannable record cannot be resumed either
+        return f"its stages cannot be planned again: {describe(exc)[1]}"
+    stored = [p.name for p in plans]
+    if stored == expected[: len(stored)]:
+        return ""
+    return (
+        f"its stages {stored} were planned by another version of deep3m "
+        f"(this one plans {expected}); submit the job again"
+    )
+
+
 def rebuild_job(docs: JobDocuments, queue: TaskQueue, now: float, hold_until: float) -> Recovered:
     """The job rebuilt from its documents, its current stage queued again (no I/O)."""
     record = docs.record
@@ -105,6 +123,12 @@ def rebuild_job(docs: JobDocuments, queue: TaskQueue, now: float, hold_until: fl
     current = plans[-1]
     done = docs.done
     quarantined = docs.quarantined
+    stale = stale_plan(record, plans)
+    if stale:  # shown as it was left, nothing queued
+        job.counts[current.name] = StageCounts(
+            current.n_tasks, 0, 0, int(done.size), len(quarantined)
+        )
+        return Recovered(job, "stale", stale)
     for task, rec in sorted(quarantined.items()):
         job.add_error(
             JobError(
@@ -203,6 +227,10 @@ class Recovery:
         elif got.action == "resume":
             self.state.emit(job, message=got.message)
             self.advancer.check_stage(job, now)
+        elif got.action == "stale":
+            log.error("cannot resume job %s: %s", job.id, got.message, extra={"job_id": job.id})
+            job.add_error(JobError("FAILED_PRECONDITION", got.message))
+            self.advancer.finish(job, "FAILED", f"cannot resume: {got.message}")
         return got.action in ("plan_first", "resume")
 
     def _load_all(self, job_ids: Sequence[str]) -> dict[str, JobDocuments]:
