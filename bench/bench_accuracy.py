@@ -115,6 +115,18 @@ CANDIDATES: tuple[Candidate, ...] = (
         "x2-256", "default with 4×256² patches (128² seen)", overrides={"patch_shape": (256, 256)}
     ),
     Candidate("x2-b8", "default with batch 8", overrides={"batch_size": 8}),
+    Candidate(
+        "lean",
+        "default at full resolution, 8×256² uniform, unweighted CE+Dice, AdamW 1e-3",
+        overrides={
+            "input_scale": 1,
+            "patch_shape": (256, 256),
+            "batch_size": 8,
+            "foreground_fraction": 0.0,
+            "class_balance": False,
+            "learning_rate": 1e-3,
+        },
+    ),
     Candidate("ce", "default with balanced CE only", overrides={"loss": "ce"}),
     Candidate("unbalanced", "default without class weights", overrides={"class_balance": False}),
     Candidate("uniform", "default with uniform patches", overrides={"foreground_fraction": 0.0}),
