@@ -8,6 +8,11 @@ metrics document are written where the trainer writes them, so the finalize
 task assembles the model card as for any member. The metrics document carries
 every candidate checkpoint's figures and the adaptation record the card keeps.
 
+Each stage's result, and each scored candidate, is kept as it ends in the member's
+``adaptation/`` folder (:mod:`journal`): a task leased again after its worker was
+lost continues after the last of them; ``resumed_from`` counts the iterations taken
+over and ``resumed`` names the stages and candidates.
+
 The networks see grey levels / 255 (the normalisation the card records:
 mean 0, std 255); the multi-task method's Y-Net is saved as the registry's
 ``ynet`` segmenter.
@@ -36,6 +41,7 @@ from deep3m.models.registry import INPUT_MULTIPLE
 from deep3m.models.translation import GENERATOR_MULTIPLE, TranslationConfig
 from deep3m.training.adaptation.candidates import Candidate
 from deep3m.training.adaptation.data import SCALE, Domain
+from deep3m.training.adaptation.journal import StageJournal
 from deep3m.training.adaptation.methods import AdaptationSpec, adapt
 from deep3m.training.adaptation.runtime import (
     PROGRESS_SECONDS,
@@ -45,6 +51,7 @@ from deep3m.training.adaptation.runtime import (
 )
 from deep3m.training.config import TrainConfig, VolumeSource
 from deep3m.training.data import Normalization, read_volume, to_classes
+from deep3m.training.outputs import member_dir
 from deep3m.training.precision import precision_for
 from deep3m.training.trainer import MemberResult, Observer, metrics_key, pick_device
 from deep3m.training.validate import LocatedVolumes, resolve_source
@@ -240,6 +247,11 @@ def adapt_member(
         figures = {CANDIDATE_METRIC: float(cand.iteration), **_finite(cand.figures())}
         report(figures, f"{member}: candidate {cand.name}")
 
+    journal = StageJournal(
+        store,
+        f"{member_dir(config.model_id, member)}/adaptation",
+        {"config": config.fingerprint(member), "spec": dataclasses.asdict(spec)},
+    )
     with use(runtime):
         result = adapt(
             spec,
@@ -248,6 +260,7 @@ def adapt_member(
             source_validation=validation,
             on_candidate=on_candidate,
             target_histogram=target_hist,
+            journal=journal,
         )
 
     state = {k: v.detach().cpu() for k, v in result.net.state_dict().items()}
@@ -286,7 +299,8 @@ def adapt_member(
             config.voxel_size_nm or _voxels(store, roots, located, config.images)
         ),
         "fingerprint": config.fingerprint(member),
-        "resumed_from": 0,
+        "resumed_from": result.resumed["iterations"],
+        "resumed": result.resumed,
         "device": dev.type,
         "precision": runtime.precision,
         "adaptation": record,
@@ -307,6 +321,7 @@ def adapt_member(
         metrics=final,
         history=(),
         normalization=NORMALIZATION,
+        resumed_from=result.resumed["iterations"],
         seconds=time.monotonic() - started,
         state_dict=dict[str, torch.Tensor](state),
     )
