@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -39,6 +38,7 @@ from deep3m.core.store import Store
 from deep3m.models.card import save_weights
 from deep3m.models.registry import INPUT_MULTIPLE
 from deep3m.models.translation import GENERATOR_MULTIPLE, TranslationConfig
+from deep3m.runtime.task import StopFlag
 from deep3m.training.adaptation.candidates import Candidate
 from deep3m.training.adaptation.data import SCALE, Domain
 from deep3m.training.adaptation.journal import StageJournal
@@ -178,7 +178,7 @@ def adapt_member(
     roots: StoreRoots | None = None,
     located: LocatedVolumes | None = None,
     observer: Observer | None = None,
-    cancelled: threading.Event | None = None,
+    cancelled: StopFlag | None = None,
     device: torch.device | str | None = None,
     job_id: str = "",
     progress_seconds: float | None = None,
@@ -193,7 +193,7 @@ def adapt_member(
     trainer's precision rule. ``observer`` sees every stage's loss every few
     seconds (``progress_seconds``) and each scored candidate; ``cancelled`` stops
     the run within one iteration of any stage, or one predicted batch of a
-    candidate's scoring (CancelledError).
+    candidate's scoring (CancelledError; what finished before is kept to resume from).
     """
     dev = pick_device(device)
 
