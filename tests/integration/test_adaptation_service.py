@@ -332,19 +332,24 @@ def test_cli_trains_an_adapted_model_and_names_a_bad_option(
     assert not store.exists(card_key("cli-bad"))
 
 
-def test_train_member_rpc_streams_each_candidate(
-    training_role: RunningServer, store: Store, paths: dict[str, str]
-) -> None:
-    spec = common_pb2.TrainSpec(
-        model="rpc-adapted",
+def rpc_spec(paths: dict[str, str], model: str, adaptation: str, select_by: str) -> Any:
+    """A tiny adapted U-Net's spec for the TrainMember RPC."""
+    return common_pb2.TrainSpec(
+        model=model,
         images=common_pb2.VolumeRef(path=paths["images"]),
         labels=common_pb2.VolumeRef(path=paths["labels"]),
         adapt_to=common_pb2.VolumeRef(path=TARGET),
-        adaptation="histogram",
-        select_by="last",
+        adaptation=adaptation,
+        select_by=select_by,
         architecture="resunet2d",
         **TINY,
     )
+
+
+def test_train_member_rpc_streams_each_candidate(
+    training_role: RunningServer, store: Store, paths: dict[str, str]
+) -> None:
+    spec = rpc_spec(paths, "rpc-adapted", "histogram", "last")
     with grpc.insecure_channel(training_role.address) as channel:
         stub = training_pb2_grpc.TrainingStub(channel)
         request = training_pb2.TrainMemberRequest(spec=spec, member="1fm")
@@ -360,16 +365,7 @@ def test_train_member_rpc_streams_each_candidate(
 def test_a_member_leased_again_continues_after_its_last_scored_candidate(
     training_role: RunningServer, store: Store, paths: dict[str, str]
 ) -> None:
-    spec = common_pb2.TrainSpec(
-        model="rpc-resumed",
-        images=common_pb2.VolumeRef(path=paths["images"]),
-        labels=common_pb2.VolumeRef(path=paths["labels"]),
-        adapt_to=common_pb2.VolumeRef(path=TARGET),
-        adaptation="ssl",
-        select_by="solidity",
-        architecture="resunet2d",
-        **TINY,
-    )
+    spec = rpc_spec(paths, "rpc-resumed", "ssl", "solidity")
     request = training_pb2.TrainMemberRequest(spec=spec, member="1fm")
     member = "models/rpc-resumed/1fm"
 
