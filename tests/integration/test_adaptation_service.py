@@ -398,3 +398,5 @@ def test_a_member_leased_again_continues_after_its_last_scored_candidate(
     assert doc["adaptation_metrics"]["candidates"] == whole["adaptation_metrics"]["candidates"]
     assert doc["final"] == whole["final"]
     assert store.read_bytes(f"models/rpc-resumed/{doc['weights']}") == weights  # same network
+    assert scored() == []  # a finished member is not trained again
+    assert store.read_json(f"{member}/metrics.json") == doc

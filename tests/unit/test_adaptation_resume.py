@@ -104,6 +104,8 @@ CASES = [
     ("multitask", "ynet-stage2", {"ynet-stage1", "ynet-stage2"}),
     ("ssl", "segmentation-000002", {"ssl-pretext"}),
     ("none", "segmentation-000002", set()),
+    ("histogram-online", "segmentation-000002", set()),
+    ("translation", "segmentation-000002", {"translation-cut"}),
 ]
 
 
@@ -161,6 +163,7 @@ CANDIDATE = "m/1fm/adaptation/candidate-00000002"
         (f"{STAGE}.safetensors", "truncated"),
         (f"{STAGE}.safetensors", "missing"),
         (f"{STAGE}.json", "garbage"),
+        (f"{STAGE}.json", "missing"),
         (f"{STAGE}.json", "foreign"),
         (f"{CANDIDATE}.safetensors", "wrong-shapes"),
         (f"{CANDIDATE}.json", "garbage"),

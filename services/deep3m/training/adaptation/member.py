@@ -51,7 +51,7 @@ from deep3m.training.adaptation.runtime import (
 )
 from deep3m.training.config import TrainConfig, VolumeSource
 from deep3m.training.data import Normalization, read_volume, to_classes
-from deep3m.training.outputs import member_dir
+from deep3m.training.outputs import completed_member, member_dir, result_from_store
 from deep3m.training.precision import precision_for
 from deep3m.training.trainer import MemberResult, Observer, metrics_key, pick_device
 from deep3m.training.validate import LocatedVolumes, resolve_source
@@ -220,6 +220,10 @@ def adapt_member(
         progress_seconds=PROGRESS_SECONDS if progress_seconds is None else progress_seconds,
     )
     started = time.monotonic()
+    finished = completed_member(store, config, member)
+    if finished is not None:  # leased again after it was written: nothing left to do
+        report({}, f"{member}: already trained")
+        return result_from_store(store, config, member, finished)
     target_src, target_images, target_hist = _target(config, store, roots, located)
     images, labels = _labelled(config, store, roots, located, config.images, config.labels,
                                ("images", "labels"))  # fmt: skip
