@@ -332,19 +332,24 @@ def test_cli_trains_an_adapted_model_and_names_a_bad_option(
     assert not store.exists(card_key("cli-bad"))
 
 
-def test_train_member_rpc_streams_each_candidate(
-    training_role: RunningServer, store: Store, paths: dict[str, str]
-) -> None:
-    spec = common_pb2.TrainSpec(
-        model="rpc-adapted",
+def rpc_spec(paths: dict[str, str], model: str, adaptation: str, select_by: str) -> Any:
+    """A tiny adapted U-Net's spec for the TrainMember RPC."""
+    return common_pb2.TrainSpec(
+        model=model,
         images=common_pb2.VolumeRef(path=paths["images"]),
         labels=common_pb2.VolumeRef(path=paths["labels"]),
         adapt_to=common_pb2.VolumeRef(path=TARGET),
-        adaptation="histogram",
-        select_by="last",
+        adaptation=adaptation,
+        select_by=select_by,
         architecture="resunet2d",
         **TINY,
     )
+
+
+def test_train_member_rpc_streams_each_candidate(
+    training_role: RunningServer, store: Store, paths: dict[str, str]
+) -> None:
+    spec = rpc_spec(paths, "rpc-adapted", "histogram", "last")
     with grpc.insecure_channel(training_role.address) as channel:
         stub = training_pb2_grpc.TrainingStub(channel)
         request = training_pb2.TrainMemberRequest(spec=spec, member="1fm")
@@ -355,3 +360,43 @@ def test_train_member_rpc_streams_each_candidate(
     assert all("target_solidity" in e.metrics or e.metrics["target_regions"] == 0 for e in scored)
     doc = store.read_json("models/rpc-adapted/1fm/metrics.json")
     assert doc["complete"] and doc["adaptation"]["chosen_checkpoint"] == "segmentation-000004"
+
+
+def test_a_member_leased_again_continues_after_its_last_scored_candidate(
+    training_role: RunningServer, store: Store, paths: dict[str, str]
+) -> None:
+    spec = rpc_spec(paths, "rpc-resumed", "ssl", "solidity")
+    request = training_pb2.TrainMemberRequest(spec=spec, member="1fm")
+    member = "models/rpc-resumed/1fm"
+
+    def scored() -> list[int]:
+        with grpc.insecure_channel(training_role.address) as channel:
+            events = list(training_pb2_grpc.TrainingStub(channel).TrainMember(request, timeout=120))
+        assert events[-1].state == common_pb2.JOB_STATE_SUCCEEDED
+        return [int(e.metrics["iteration"]) for e in events if "candidate" in e.message]
+
+    assert scored() == [2, 4]
+    whole = store.read_json(f"{member}/metrics.json")
+    assert whole["resumed_from"] == 0 and whole["resumed"]["stages"] == []
+    weights = store.read_bytes(f"models/rpc-resumed/{whole['weights']}")
+    # What a worker lost after the first candidate leaves behind: the pretext stage and
+    # that candidate recorded, nothing after them, no weights, no metrics.
+    store.delete(f"{member}/adaptation/candidate-00000004.json")
+    store.delete(f"{member}/adaptation/candidate-00000004.safetensors")
+    store.delete(f"models/rpc-resumed/{whole['weights']}")
+    store.delete(f"{member}/metrics.json")
+
+    assert scored() == [4]  # candidate 2 is taken over, not trained and scored again
+    doc = store.read_json(f"{member}/metrics.json")
+    assert doc["resumed"] == {
+        "stages": ["ssl-pretext"],
+        "candidates": ["segmentation-000002"],
+        "iterations": 2 + 2,
+    }
+    assert doc["resumed_from"] == 4
+    assert doc["adaptation"]["chosen_checkpoint"] == whole["adaptation"]["chosen_checkpoint"]
+    assert doc["adaptation_metrics"]["candidates"] == whole["adaptation_metrics"]["candidates"]
+    assert doc["final"] == whole["final"]
+    assert store.read_bytes(f"models/rpc-resumed/{doc['weights']}") == weights  # same network
+    assert scored() == []  # a finished member is not trained again
+    assert store.read_json(f"{member}/metrics.json") == doc

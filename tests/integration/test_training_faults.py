@@ -5,7 +5,8 @@ SIGTERM (scale-down, spot interruption): the worker tells the member to stop, th
 member writes a snapshot, the worker gives the task back (no attempt counted) and
 exits; a new worker resumes from that snapshot. SIGKILL (a node lost): nothing runs
 on the way out; the task is leased again once its lease expires (counted as an
-attempt) and the job still finishes with the model in place.
+attempt) and the job still finishes with the model in place. An adaptation member
+either way continues after the last candidate it had scored.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from deep3m.client.client import Deep3mClient
 from deep3m.core.store import Store
@@ -27,8 +29,9 @@ from deep3m.launcher.local import free_port, wait_serving
 from deep3m.models.card import load_card
 from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
-from deep3m.testing.training import stage_synthetic
+from deep3m.testing.training import stage_synthetic, synthetic_stack
 from deep3m.training import checkpoint as ckpt
+from deep3m.training.demo_data import write_volume
 from deep3m.v1 import common_pb2
 
 # The replacement worker trains in this process: tiny networks gain nothing from threads.
@@ -37,6 +40,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 LEASE_S = 1.5  # progress rides on renewals (a third of this); an expiry takes this long
 ITERATIONS = 150
 PROGRESS = 5  # iterations seen on the watch stream before the worker is stopped
+# Candidates every 30 iterations: the first is reported long before the member ends.
+ADAPT_ITERATIONS = 600
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +211,56 @@ def test_sigkill_mid_member_the_task_is_leased_again_after_expiry_and_finishes(
     card = load_card(store, "killed")
     assert card.members[0].iterations == ITERATIONS and card.members[0].weights
     assert store.exists(f"models/killed/{card.members[0].weights}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_stopped_or_killed_adaptation_member_continues_after_its_last_candidate(
+    sig: signal.Signals,
+    store: Store,
+    paths: dict[str, str],
+    scheduler: RunningServer,
+    tmp_path: Path,
+) -> None:
+    images, _ = synthetic_stack(6, 64, seed=5)
+    write_volume(store, "volumes/faults-target.zarr", (255 - images // 2).astype(np.uint8))
+    model = f"adapt-{sig.name.lower()}"
+    folder = f"models/{model}/1fm/adaptation"
+    log = tmp_path / "adapt.log"
+    with (
+        doomed_worker(store, scheduler.address, model, log) as doomed,
+        Deep3mClient(scheduler.address, timeout_s=30) as client,
+    ):
+        job = client.train(
+            images=paths["images"], labels=paths["labels"], model=model,
+            recipe="cdeep3m", architecture="resunet2d", width=0.0625, members=["1fm"],
+            iterations=ADAPT_ITERATIONS, batch_size=2, patch_shape=[32, 32], seed=1,
+            learning_rate=1e-3, adapt_to="volumes/faults-target.zarr", adaptation="ssl",
+            select_by="solidity", adaptation_iterations=4, adaptation_checkpoints=20,
+        )  # fmt: skip
+        for event in client.watch(job.id, timeout_s=300):
+            # A candidate is recorded in the store before anyone hears of it.
+            if event.stage == "train" and "candidate_iteration" in event.metrics:
+                break
+        doomed.send_signal(sig)
+        assert doomed.wait(timeout=90) == (0 if sig == signal.SIGTERM else -sig), log.read_text()
+        kept = [n for n in store.list(folder) if n.startswith("candidate-") and n.endswith("json")]
+        assert kept, "no candidate was recorded before the worker went away"
+        last = int(max(kept).removeprefix("candidate-").removesuffix(".json"))
+        assert last < ADAPT_ITERATIONS, "the member ran to its end before the worker went"
+        if sig == signal.SIGTERM:
+            given_back = client.get(job.id)
+            assert given_back.stages[0].tasks_done == given_back.stages[0].tasks_leased == 0
+        finish_with_replacement(store, scheduler, client, job)
+    record = train_record(store, job.id)
+    assert record["worker_id"] == "replacement"
+    # Stopping counts no attempt; the lease a killed worker held expires (an attempt).
+    assert record["attempt"] == 1 if sig == signal.SIGTERM else record["attempt"] >= 2
+    doc = store.read_json(f"models/{model}/1fm/metrics.json")
+    assert doc["resumed"]["stages"] == ["ssl-pretext"]
+    # Killed while writing one, a record is incomplete and the one before is the last.
+    taken = int(doc["resumed"]["candidates"][-1].removeprefix("segmentation-"))
+    assert taken == last if sig == signal.SIGTERM else last - 30 <= taken <= last
+    assert doc["resumed_from"] == record["metrics"]["resumed_from"] == 4 + taken
+    assert len(doc["adaptation_metrics"]["candidates"]) == 20
+    card = load_card(store, model)
+    assert card.members[0].weights and store.exists(f"models/{model}/{card.members[0].weights}")

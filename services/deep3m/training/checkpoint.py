@@ -44,7 +44,7 @@ class Checkpoint:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer state_dict into tensors and JSON-able scalars."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -57,7 +57,7 @@ def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(
+def unflatten_optimizer(
     tensors: Mapping[str, torch.Tensor], doc: Mapping[str, Any]
 ) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
@@ -72,7 +72,7 @@ def _unflatten_optimizer(
 
 def save_checkpoint(store: Store, model_id: str, member: str, ckpt: Checkpoint) -> str:
     """Write a snapshot (tensors first, then the JSON that completes it); returns its key."""
-    opt_tensors, opt_doc = _flatten_optimizer(ckpt.optimizer)
+    opt_tensors, opt_doc = flatten_optimizer(ckpt.optimizer)
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in ckpt.model.items()}
     tensors.update(opt_tensors)
     tensors.update({f"rng.{k}": v for k, v in ckpt.rng.items()})
@@ -116,7 +116,7 @@ def load_checkpoint(store: Store, model_id: str, member: str, iteration: int) ->
         return Checkpoint(
             iteration=int(doc["iteration"]),
             model={k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")},
-            optimizer=_unflatten_optimizer(tensors, doc["optimizer"]),
+            optimizer=unflatten_optimizer(tensors, doc["optimizer"]),
             scaler=doc.get("scaler"),
             rng={k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")},
             history=tuple(doc.get("history", ())),

@@ -114,7 +114,7 @@ class TrainingTasks:
                 roots=self.roots,
                 located=located,
                 observer=observer,
-                cancelled=ctx.cancelled,
+                cancelled=ctx.interrupted,
                 device=device,
                 job_id=lease.task.job_id,
             )

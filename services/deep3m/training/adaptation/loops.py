@@ -3,7 +3,9 @@
 A stage is a loss closure, the modules it trains, the modules it freezes and an
 optimiser schedule (Adam with the one-cycle policy, as in the paper's code, or
 plain SGD / Adam at a constant rate). Every ``checkpoint_every`` iterations and
-at the end, ``on_checkpoint(iteration)`` is called so candidates can be scored.
+at the end, ``on_checkpoint(iteration, state)`` is called so candidates can be
+scored (and the optimiser's state kept); ``resume`` continues a stage after such a
+checkpoint.
 The loop runs on the :mod:`runtime`'s device and precision, reports its loss every
 few seconds and stops within one iteration of a cancellation.
 """
@@ -11,8 +13,9 @@ few seconds and stops within one iteration of a cancellation.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,6 +58,25 @@ class StageLog:
     losses: tuple[float, ...]
 
 
+@dataclass(frozen=True)
+class StageState:
+    """Where a stage stands at a checkpoint: what continuing it needs."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    losses: Sequence[float]
+
+
+@dataclass(frozen=True)
+class StageResume:
+    """A stage's state after ``iteration`` (as a :class:`StageState` held it), to go on from."""
+
+    iteration: int
+    optimizer: Mapping[str, Any]
+    scheduler: Mapping[str, Any] | None
+    losses: tuple[float, ...]
+
+
 def _optimizer(params: list[nn.Parameter], schedule: Schedule) -> torch.optim.Optimizer:
     if schedule.optimizer == "sgd":
         return torch.optim.SGD(params, lr=schedule.max_lr, momentum=0.9)
@@ -69,7 +91,8 @@ def run_stage(
     schedule: Schedule,
     frozen: Sequence[nn.Module] = (),
     checkpoint_every: int = 0,
-    on_checkpoint: Callable[[int], object] | None = None,
+    on_checkpoint: Callable[[int, StageState], object] | None = None,
+    resume: StageResume | None = None,
 ) -> StageLog:
     """Minimise ``loss_fn()`` over ``train``'s parameters (minus ``frozen``'s)."""
     frozen_ids = {id(p) for m in frozen for p in m.parameters()}
@@ -98,13 +121,19 @@ def run_stage(
         if schedule.one_cycle
         else None
     )
+    losses: list[float] = []
+    start = 0
+    if resume is not None:
+        opt.load_state_dict(dict(resume.optimizer))
+        if sched is not None and resume.scheduler is not None:
+            sched.load_state_dict(dict(resume.scheduler))
+        losses, start = list(resume.losses), resume.iteration
     for module in train:
         module.train()
-    losses: list[float] = []
     started = time.perf_counter()
     tick = StageTicker(name, schedule.iterations, runtime)
     try:
-        for it in range(1, schedule.iterations + 1):
+        for it in range(start + 1, schedule.iterations + 1):
             for m in frozen:
                 m.eval()  # frozen normalisation keeps its statistics too
             opt.zero_grad(set_to_none=True)
@@ -118,7 +147,7 @@ def run_stage(
             if on_checkpoint is not None and (
                 it == schedule.iterations or (checkpoint_every and it % checkpoint_every == 0)
             ):
-                on_checkpoint(it)
+                on_checkpoint(it, StageState(opt, sched, losses))
     finally:
         for m in frozen:
             for p in m.parameters():

@@ -8,6 +8,11 @@ metrics document are written where the trainer writes them, so the finalize
 task assembles the model card as for any member. The metrics document carries
 every candidate checkpoint's figures and the adaptation record the card keeps.
 
+Each stage's result, and each scored candidate, is kept as it ends in the member's
+``adaptation/`` folder (:mod:`journal`): a task leased again after its worker was
+lost continues after the last of them; ``resumed_from`` counts the iterations taken
+over and ``resumed`` names the stages and candidates.
+
 The networks see grey levels / 255 (the normalisation the card records:
 mean 0, std 255); the multi-task method's Y-Net is saved as the registry's
 ``ynet`` segmenter.
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -34,8 +38,10 @@ from deep3m.core.store import Store
 from deep3m.models.card import save_weights
 from deep3m.models.registry import INPUT_MULTIPLE
 from deep3m.models.translation import GENERATOR_MULTIPLE, TranslationConfig
+from deep3m.runtime.task import StopFlag
 from deep3m.training.adaptation.candidates import Candidate
 from deep3m.training.adaptation.data import SCALE, Domain
+from deep3m.training.adaptation.journal import StageJournal
 from deep3m.training.adaptation.methods import AdaptationSpec, adapt
 from deep3m.training.adaptation.runtime import (
     PROGRESS_SECONDS,
@@ -45,6 +51,7 @@ from deep3m.training.adaptation.runtime import (
 )
 from deep3m.training.config import TrainConfig, VolumeSource
 from deep3m.training.data import Normalization, read_volume, to_classes
+from deep3m.training.outputs import completed_member, member_dir, result_from_store
 from deep3m.training.precision import precision_for
 from deep3m.training.trainer import MemberResult, Observer, metrics_key, pick_device
 from deep3m.training.validate import LocatedVolumes, resolve_source
@@ -171,7 +178,7 @@ def adapt_member(
     roots: StoreRoots | None = None,
     located: LocatedVolumes | None = None,
     observer: Observer | None = None,
-    cancelled: threading.Event | None = None,
+    cancelled: StopFlag | None = None,
     device: torch.device | str | None = None,
     job_id: str = "",
     progress_seconds: float | None = None,
@@ -186,7 +193,7 @@ def adapt_member(
     trainer's precision rule. ``observer`` sees every stage's loss every few
     seconds (``progress_seconds``) and each scored candidate; ``cancelled`` stops
     the run within one iteration of any stage, or one predicted batch of a
-    candidate's scoring (CancelledError).
+    candidate's scoring (CancelledError; what finished before is kept to resume from).
     """
     dev = pick_device(device)
 
@@ -213,6 +220,10 @@ def adapt_member(
         progress_seconds=PROGRESS_SECONDS if progress_seconds is None else progress_seconds,
     )
     started = time.monotonic()
+    finished = completed_member(store, config, member)
+    if finished is not None:  # leased again after it was written: nothing left to do
+        report({}, f"{member}: already trained")
+        return result_from_store(store, config, member, finished)
     target_src, target_images, target_hist = _target(config, store, roots, located)
     images, labels = _labelled(config, store, roots, located, config.images, config.labels,
                                ("images", "labels"))  # fmt: skip
@@ -240,6 +251,11 @@ def adapt_member(
         figures = {CANDIDATE_METRIC: float(cand.iteration), **_finite(cand.figures())}
         report(figures, f"{member}: candidate {cand.name}")
 
+    journal = StageJournal(
+        store,
+        f"{member_dir(config.model_id, member)}/adaptation",
+        {"config": config.fingerprint(member), "spec": dataclasses.asdict(spec)},
+    )
     with use(runtime):
         result = adapt(
             spec,
@@ -248,6 +264,7 @@ def adapt_member(
             source_validation=validation,
             on_candidate=on_candidate,
             target_histogram=target_hist,
+            journal=journal,
         )
 
     state = {k: v.detach().cpu() for k, v in result.net.state_dict().items()}
@@ -286,7 +303,8 @@ def adapt_member(
             config.voxel_size_nm or _voxels(store, roots, located, config.images)
         ),
         "fingerprint": config.fingerprint(member),
-        "resumed_from": 0,
+        "resumed_from": result.resumed["iterations"],
+        "resumed": result.resumed,
         "device": dev.type,
         "precision": runtime.precision,
         "adaptation": record,
@@ -307,6 +325,7 @@ def adapt_member(
         metrics=final,
         history=(),
         normalization=NORMALIZATION,
+        resumed_from=result.resumed["iterations"],
         seconds=time.monotonic() - started,
         state_dict=dict[str, torch.Tensor](state),
     )

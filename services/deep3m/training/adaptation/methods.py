@@ -27,7 +27,9 @@ The supervised stage has ``iterations`` for every method; unsupervised stages
 (pretext, Y-Net stages 1–2, translator) have ``unsupervised_iterations`` on top.
 
 The spec is in ``spec``; the unsupervised stages run before the supervised one
-are in ``pretraining``.
+are in ``pretraining``. With a ``journal`` every finished stage and every scored
+candidate is kept as it ends, and a run given the journal of an interrupted one
+continues after the last of them (``metrics["resumed"]`` says what it took over).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,14 @@ from deep3m.training.adaptation.candidates import (
     selections,
 )
 from deep3m.training.adaptation.data import Domain, PatchSampler
-from deep3m.training.adaptation.loops import Schedule, StageLog, run_stage
+from deep3m.training.adaptation.journal import CandidateRecord, StageJournal
+from deep3m.training.adaptation.loops import (
+    Schedule,
+    StageLog,
+    StageResume,
+    StageState,
+    run_stage,
+)
 from deep3m.training.adaptation.networks import (
     build_segmenter,
     encoder_modules,
@@ -66,8 +75,9 @@ from deep3m.training.adaptation.networks import (
 from deep3m.training.adaptation.pretraining import (
     SSL_FINETUNE_LR,
     YNET_LRS,
+    YNET_STAGES,
     ssl_pretext,
-    ynet_unsupervised,
+    ynet_stage,
 )
 from deep3m.training.adaptation.spec import (
     LABEL_FREE,
@@ -97,6 +107,8 @@ class AdaptationResult:
     stages: list[StageLog]
     metrics: dict[str, Any]
     card: dict[str, Any]
+    # What was taken over from an interrupted run: stage and candidate names, iterations.
+    resumed: dict[str, Any] = field(default_factory=dict)
 
 
 def _uint8_levels(stacks: tuple[np.ndarray, ...]) -> list[np.ndarray]:
@@ -144,6 +156,7 @@ def adapt(
     out_dir: Path | None = None,
     on_candidate: Callable[[Candidate], object] | None = None,
     target_histogram: HistogramReference | None = None,
+    journal: StageJournal | None = None,
 ) -> AdaptationResult:
     """Train ``spec.method`` for ``target`` and choose a checkpoint by ``spec.select_by``.
 
@@ -152,7 +165,9 @@ def adapt(
     ``fewlabel``/``supervised`` train on. ``on_candidate`` sees each candidate as it
     is scored (progress; raising there stops the run). ``target_histogram`` is the
     target's pooled histogram when already known (from the counts its volume's
-    writer recorded); otherwise it is pooled from ``target.images``.
+    writer recorded); otherwise it is pooled from ``target.images``. ``journal``
+    keeps every finished stage and scored candidate; those it already holds (of
+    this spec) are taken over instead of being run again.
     """
     _check_domains(spec, source, target, target_labelled, base_state)
     torch.manual_seed(spec.seed)
@@ -174,6 +189,25 @@ def adapt(
     seg_lr = spec.lr
     frozen: list[nn.Module] = []
     net: nn.Module
+    resumed: dict[str, Any] = {"stages": [], "candidates": [], "iterations": 0}
+    continuing = journal is not None  # until the first stage without a usable record
+
+    def stage(
+        index: int, name: str, modules: Mapping[str, nn.Module], train: Callable[[], StageLog]
+    ) -> StageLog:
+        nonlocal continuing
+        if journal is not None and continuing:
+            done = journal.load_stage(index, name, modules)
+            if done is not None:
+                resumed["stages"].append(name)
+                resumed["iterations"] += done.iterations
+                return done
+            continuing = False
+            journal.discard(stages_from=index)  # they followed this stage's old run
+        log = train()
+        if journal is not None:
+            journal.save_stage(index, name, log, modules)
+        return log
 
     if spec.method == "multitask":
         net = AttentionYNet(
@@ -192,27 +226,42 @@ def adapt(
     elif spec.method == "translation":
         translator = build_translator(spec.translation)
         stages.append(
-            train_translator(
-                translator,
-                source,
-                target,
-                iterations=spec.unsupervised_iterations,
-                batch=spec.batch,
-                seed=spec.seed,
+            stage(
+                0,
+                f"translation-{spec.translation.kind}",
+                {"translator": translator},
+                lambda: train_translator(
+                    translator,
+                    source,
+                    target,
+                    iterations=spec.unsupervised_iterations,
+                    batch=spec.batch,
+                    seed=spec.seed,
+                ),
             )
         )
         train_domain = source.with_images(
             [translate_stack(translator, s) for s in source.images], "+translated"
         )
     elif spec.method == "ssl":
-        stages.append(ssl_pretext(net, spec, source, target))
+
+        def pretext(net: nn.Module = net) -> StageLog:
+            return ssl_pretext(net, spec, source, target)
+
+        stages.append(stage(0, "ssl-pretext", {"net": net}, pretext))
         frozen = encoder_modules(net)
         seg_lr = SSL_FINETUNE_LR
     elif isinstance(net, AttentionYNet):  # multitask
-        stages += ynet_unsupervised(net, spec, source, target, target_hist)
+        matched = [match_stack(s, target_hist) for s in source.images]
+        for index, name in enumerate(YNET_STAGES):
+
+            def train_ynet(net: AttentionYNet = net, index: int = index) -> StageLog:
+                return ynet_stage(net, spec, source, target, matched, index)
+
+            stages.append(stage(index, name, {"net": net}, train_ynet))
+        alternate = matched
         frozen = [*net.encoder, *net.reconstruction_modules()]
         seg_lr = YNET_LRS[2]
-        alternate = [match_stack(s, target_hist) for s in source.images]
         alternate_p = spec.histogram_p
     elif spec.method == "fewlabel" and base_state is not None and target_labelled is not None:
         load_state(net, base_state)
@@ -230,7 +279,6 @@ def adapt(
         target_scoring=target_scoring,
         predict_histogram=training_hist if spec.predict_histogram else None,
         out_dir=out_dir / "candidates" if out_dir is not None else None,
-        on_record=on_candidate,
     )
     sampler = PatchSampler(
         train_domain,
@@ -246,6 +294,24 @@ def adapt(
         return segmentation_loss(net, x, y)
 
     every = max(1, sup_iterations // spec.checkpoints)
+    resume: StageResume | None = None
+    if journal is not None:
+        planned = [i for i in range(1, sup_iterations + 1) if i % every == 0 or i == sup_iterations]
+        records = journal.load_candidates(planned, net.state_dict()) if continuing else []
+        resume = _take_over(records, recorder.candidates, net, sampler)
+        if resume is not None:
+            resumed["candidates"] = [r.candidate.name for r in records]
+            resumed["iterations"] += resume.iteration
+        journal.discard(candidates_from=resume.iteration if resume is not None else 0)
+
+    def checkpoint(iteration: int, state: StageState) -> None:
+        cand = recorder(iteration)
+        if journal is not None:
+            # Kept before anyone hears of it: a stop raised there loses nothing.
+            journal.save_candidate(cand, state, sampler.rng.bit_generator.state)
+        if on_candidate is not None:
+            on_candidate(cand)
+
     sup_log = run_stage(
         "segmentation",
         seg_step,
@@ -253,7 +319,8 @@ def adapt(
         frozen=frozen,
         schedule=Schedule(sup_iterations, seg_lr),
         checkpoint_every=every,
-        on_checkpoint=recorder,
+        on_checkpoint=checkpoint,
+        resume=resume,
     )
     stages.append(sup_log)
     chosen, choice = choose(recorder.candidates, spec.select_by, reference)
@@ -273,6 +340,7 @@ def adapt(
         "chosen": chosen.name,
         "choice": choice,
         "stages": [{k: v for k, v in asdict(s).items() if k != "losses"} for s in stages],
+        "resumed": resumed,
         "wall_seconds": {
             "unsupervised": unsup_seconds,
             "supervised": sup_log.seconds,
@@ -295,5 +363,23 @@ def adapt(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return AdaptationResult(
-        spec.method, net, chosen, recorder.candidates, reference, stages, metrics, card
+        spec.method, net, chosen, recorder.candidates, reference, stages, metrics, card, resumed
     )
+
+
+def _take_over(
+    records: list[CandidateRecord],
+    candidates: list[Candidate],
+    net: nn.Module,
+    sampler: PatchSampler,
+) -> StageResume | None:
+    """The supervised stage's state after the last of ``records`` (its candidates added to
+    ``candidates``, its weights in ``net``, the RNGs where they were), or None."""
+    if not records:
+        return None
+    last = records[-1]
+    load_state(net, last.candidate.state)
+    sampler.rng.bit_generator.state = last.sampler
+    torch.set_rng_state(last.rng)
+    candidates.extend(r.candidate for r in records)
+    return StageResume(last.candidate.iteration, last.optimizer, last.scheduler, last.losses)

@@ -3,6 +3,7 @@ restoration pretext, and stages 1 and 2 of the multi-task Y-Net."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +49,9 @@ def ssl_pretext(net: nn.Module, spec: AdaptationSpec, source: Domain, target: Do
     )
 
 
+YNET_STAGES = ("ynet-stage1", "ynet-stage2")
+
+
 def ynet_unsupervised(
     net: AttentionYNet,
     spec: AdaptationSpec,
@@ -57,54 +61,56 @@ def ynet_unsupervised(
 ) -> list[StageLog]:
     """Stages 1 and 2 of the Y-Net schedule (half the unsupervised budget each)."""
     matched = [match_stack(s, target_hist) for s in source.images]
-    logs = []
+    return [ynet_stage(net, spec, source, target, matched, stage) for stage in (0, 1)]
+
+
+def ynet_stage(
+    net: AttentionYNet,
+    spec: AdaptationSpec,
+    source: Domain,
+    target: Domain,
+    matched: list[np.ndarray],
+    stage: int,
+) -> StageLog:
+    """Stage ``stage + 1`` of the Y-Net schedule; ``matched`` is the source matched to
+    the target's histogram (stage 2's online augmentation)."""
     first = max(1, spec.unsupervised_iterations // 2)
-    second = max(1, spec.unsupervised_iterations - first)
-    for stage, iters in ((0, first), (1, second)):
-        alpha, beta = YNET_ALPHAS[stage], YNET_BETAS[stage]
-        src = PatchSampler(
-            source,
-            patch=spec.patch,
-            frames=1,
-            seed=spec.seed + 300 + stage,
-            alternate=matched if stage == 1 else None,
-            alternate_p=spec.histogram_p if stage == 1 else 0.0,
-        )
-        tgt = PatchSampler(
-            target, patch=spec.patch, frames=1, seed=spec.seed + 400 + stage, with_labels=False
-        )
-        turn = [0]
+    iters = first if stage == 0 else max(1, spec.unsupervised_iterations - first)
+    alpha, beta = YNET_ALPHAS[stage], YNET_BETAS[stage]
+    src = PatchSampler(
+        source,
+        patch=spec.patch,
+        frames=1,
+        seed=spec.seed + 300 + stage,
+        alternate=matched if stage == 1 else None,
+        alternate_p=spec.histogram_p if stage == 1 else 0.0,
+    )
+    tgt = PatchSampler(
+        target, patch=spec.patch, frames=1, seed=spec.seed + 400 + stage, with_labels=False
+    )
+    turn = [0]
 
-        def step(
-            alpha: float = alpha,
-            beta: float = beta,
-            src: PatchSampler = src,
-            tgt: PatchSampler = tgt,
-            turn: list[int] = turn,
-        ) -> torch.Tensor:
-            # One domain per batch, alternating; BCE only where labels exist.
-            turn[0] += 1
-            if turn[0] % 2:
-                x, y = src.sample(spec.batch)
-            else:
-                x, y = tgt.sample(spec.batch)
-            image, mask = net(x)
-            loss = alpha * F.mse_loss(image, x)
-            if y is not None and beta > 0:
-                loss = loss + beta * F.binary_cross_entropy_with_logits(mask[:, 0], y.float())
-            return loss
+    def step() -> torch.Tensor:
+        # One domain per batch, alternating; BCE only where labels exist.
+        turn[0] += 1
+        if turn[0] % 2:
+            x, y = src.sample(spec.batch)
+        else:
+            x, y = tgt.sample(spec.batch)
+        image, mask = net(x)
+        loss = alpha * F.mse_loss(image, x)
+        if y is not None and beta > 0:
+            loss = loss + beta * F.binary_cross_entropy_with_logits(mask[:, 0], y.float())
+        return loss
 
-        logs.append(
-            run_stage(
-                f"ynet-stage{stage + 1}",
-                step,
-                train=[net],
-                schedule=Schedule(
-                    iters,
-                    YNET_LRS[stage],
-                    optimizer="sgd" if stage == 0 else "adam",
-                    one_cycle=False,
-                ),
-            )
-        )
-    return logs
+    return run_stage(
+        YNET_STAGES[stage],
+        step,
+        train=[net],
+        schedule=Schedule(
+            iters,
+            YNET_LRS[stage],
+            optimizer="sgd" if stage == 0 else "adam",
+            one_cycle=False,
+        ),
+    )

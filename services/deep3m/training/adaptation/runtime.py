@@ -12,7 +12,6 @@ within one batch). Outside :func:`use` the stages run on the CPU in float32, sil
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from deep3m.core.errors import CancelledError
+from deep3m.runtime.task import StopFlag
 from deep3m.training.precision import autocast
 
 PROGRESS_SECONDS = 2.0
@@ -41,7 +41,7 @@ class StageRuntime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "float32"
     on_progress: Callable[[StageProgress], object] | None = None
-    cancelled: threading.Event | None = None
+    cancelled: StopFlag | None = None
     progress_seconds: float = PROGRESS_SECONDS
     clock: Callable[[], float] = time.monotonic
 
