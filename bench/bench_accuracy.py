@@ -34,6 +34,7 @@ seconds each level costs on the 10 validation slices.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -339,6 +340,25 @@ def _line(cells: Sequence[str]) -> str:
     return "| " + " | ".join(c.ljust(w) for c, (_, w) in zip(cells, HEADER, strict=True)) + " |"
 
 
+def batch_statistics_f1(net: nn.Module, frames: int, data: Data) -> float:
+    """F1@0 with every BatchNorm layer normalising by each slice pair's own statistics
+    (train mode, running statistics untouched): a diagnostic of train/eval mismatch."""
+    from deep3m.training.evaluate import predict_slices
+
+    probe = copy.deepcopy(net).eval()
+    for module in probe.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()
+            module.momentum = 0.0
+    depth = data.val.shape[0]
+    probs = np.zeros(data.val.labels.shape, np.float32)
+    for start in range(0, depth, 2):
+        zs = range(start, min(start + 2, depth))
+        out = predict_slices(probe, data.val.images, frames, torch.device("cpu"), zs)
+        probs[zs.start : zs.stop] = 1.0 - out[:, 0]
+    return score(probs, data.val.labels > 0)["f1@0"]
+
+
 def tta_probabilities(
     net: nn.Module, volume: LabelledVolume, frames: int, level: int
 ) -> np.ndarray:
@@ -377,6 +397,7 @@ def run(
     *,
     tta: bool = False,
     dataset: str = "cdeep3m-mito",
+    batch_stats: bool = False,
 ) -> list[dict[str, Any]]:
     torch.set_num_threads(threads)
     clock = CpuClock(threads)
@@ -414,6 +435,8 @@ def run(
             rows.append(row)
             if not cand.peer:
                 last = (net, frames, threshold)
+            if batch_stats and not cand.peer:
+                row["f1@0_batch_stats"] = batch_statistics_f1(net, frames, data)
             print(
                 _line([
                     cand.name, *(f"{m[k]:.3f}" for k in ("precision@0", "recall@0", "f1@0",
@@ -426,6 +449,10 @@ def run(
             tta_table(*last, data)
     peer = next((r for r in rows if r["name"] == "monai"), None)
     print()
+    for r in rows:
+        if "f1@0_batch_stats" in r:
+            print(f"{r['name']}: F1@0 {r['f1@0']:.3f} with BatchNorm running statistics, "
+                  f"{r['f1@0_batch_stats']:.3f} with each slice pair's own")  # fmt: skip
     for r in rows:
         gap = f", F1@0 − MONAI {r['f1@0'] - peer['f1@0']:+.3f}" if peer and r is not peer else ""
         print(f"{r['name']}: {r['note']}{gap}")
@@ -452,6 +479,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="cdeep3m-mito",
         help="training / validation data (isbi2012: sections 00–19 train, 20–29 validate)",
     )
+    parser.add_argument(
+        "--batch-stats",
+        action="store_true",
+        help="also score deep3m rows with BatchNorm using each slice pair's statistics",
+    )
     parser.add_argument("--list", action="store_true", help="list the candidates and exit")
     parser.add_argument(
         "--tta", action="store_true", help="score the last deep3m candidate at each TTA level"
@@ -465,7 +497,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(names) - {c.name for c in CANDIDATES})
     if unknown:
         raise SystemExit(f"unknown candidate(s) {unknown}; see --list")
-    run(names, args.minutes, args.threads, tta=args.tta, dataset=args.data)
+    run(
+        names,
+        args.minutes,
+        args.threads,
+        tta=args.tta,
+        dataset=args.data,
+        batch_stats=args.batch_stats,
+    )
 
 
 if __name__ == "__main__":
