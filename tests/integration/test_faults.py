@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 from deep3m.client.client import Deep3mClient
 from deep3m.core.errors import UnavailableError
 from deep3m.core.geometry import grid_cells
+from deep3m.core.retry import Backoff
 from deep3m.core.store import S3Store, Store
 from deep3m.launcher.local import free_port, wait_serving
 from deep3m.runtime.settings import Settings
@@ -279,12 +281,22 @@ def test_submitting_while_the_store_is_down_is_unavailable(seaweed: SeaweedServe
         client = Deep3mClient(address, timeout_s=60)
         try:
             seaweed.stop()
-            # UNAVAILABLE (retryable), not an internal error; once the store is back the
-            # same submission goes through (no claim on the output is left behind).
-            with pytest.raises(UnavailableError, match="could not be reached"):
+            # UNAVAILABLE (retryable), not an internal error: the store's own refusal or,
+            # when the outage outlasts the fence's lease first, the lapsed fence. Once the
+            # store is back the same submission goes through (no claim on the output is
+            # left behind), retried as a client retries UNAVAILABLE while the fence renews.
+            with pytest.raises(UnavailableError, match=r"could not be reached|let its fence lapse"):
                 client.submit(predict_spec("volumes/out.zarr", block_shape=[4, 32, 32]))
             seaweed.restart()
-            job = client.submit(predict_spec("volumes/out.zarr", block_shape=[4, 32, 32]))
+            backoff, deadline = Backoff(initial_s=0.1, max_s=1.0), time.monotonic() + 60.0
+            while True:
+                try:
+                    job = client.submit(predict_spec("volumes/out.zarr", block_shape=[4, 32, 32]))
+                    break
+                except UnavailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(backoff.next_delay())
             assert client.get(job.id).stages[0].tasks_total == 1
         finally:
             client.close()
