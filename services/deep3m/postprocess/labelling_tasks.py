@@ -31,6 +31,7 @@ from deep3m.postprocess.label_image import mark_label_image, register_label_imag
 from deep3m.postprocess.labels import LabelSpec
 from deep3m.postprocess.pyramid import (
     MAX_LEVELS,
+    covered_region,
     prepare_pyramid,
     pyramid_plan,
     record_pyramid,
@@ -305,10 +306,7 @@ def relabel(job: LabellingJob, ctx: TaskContext) -> TaskResult:
             write_level_from(target, labels, core, level.factor, "mode")
             if job.pyramid_source:
                 store, path = job.source_store, job.source.path
-                region = Box(
-                    tuple(a // f for a, f in zip(core.start, level.factor, strict=True)),
-                    tuple(-(-b // f) for b, f in zip(core.stop, level.factor, strict=True)),
-                )
+                region = covered_region(core, level.factor)
                 write_level_region(store, pyramid_plan(store, path), 1, region)
         for k in table_parts_of(index, job.grid_shape, shards):
             reduce_part_task(

@@ -151,19 +151,25 @@ def write_level_block(
     target[core.slices()] = downsample(np.asarray(source[read.slices()]), factor, method)
 
 
+def covered_region(below: Box, factor: Sequence[int]) -> Box:
+    """The region of a level that the box ``below`` of the level under it covers
+    (``below`` starting on a window; a partial last window counts)."""
+    if any(a % f for a, f in zip(below.start, factor, strict=True)):
+        raise InvalidArgumentError(
+            f"region {below} does not start on a {list(factor)} window", field="region"
+        )
+    return Box(
+        tuple(a // f for a, f in zip(below.start, factor, strict=True)),
+        tuple(-(-b // f) for b, f in zip(below.stop, factor, strict=True)),
+    )
+
+
 def write_level_from(
     target: Any, data: np.ndarray, below: Box, factor: Sequence[int], method: Method
 ) -> None:
     """Write the region of a level that ``data`` (the box ``below`` of the level
     under it, already in memory) covers: ``below`` must start on a window."""
-    start = tuple(a // f for a, f in zip(below.start, factor, strict=True))
-    if any(a % f for a, f in zip(below.start, factor, strict=True)):
-        raise InvalidArgumentError(
-            f"region {below} does not start on a {list(factor)} window", field="region"
-        )
-    reduced = downsample(data, factor, method)
-    core = Box(start, tuple(a + s for a, s in zip(start, reduced.shape, strict=True)))
-    target[core.slices()] = reduced
+    target[covered_region(below, factor).slices()] = downsample(data, factor, method)
 
 
 def record_pyramid(store: Store, plan: PyramidPlan) -> list[str]:

@@ -70,17 +70,27 @@ def unflatten_optimizer(
     return {"state": dict(sorted(state.items())), "param_groups": doc["param_groups"]}
 
 
+def write_record(
+    store: Store, stem: str, tensors: Mapping[str, torch.Tensor], doc: Mapping[str, Any]
+) -> None:
+    """``stem.safetensors`` then ``stem.json``: the JSON marks the record complete, so a
+    reader that finds it finds the tensors in place."""
+    data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    store.write_bytes(f"{stem}.safetensors", save_safetensors(data))
+    store.write_json(f"{stem}.json", dict(doc))
+
+
 def save_checkpoint(store: Store, model_id: str, member: str, ckpt: Checkpoint) -> str:
     """Write a snapshot (tensors first, then the JSON that completes it); returns its key."""
     opt_tensors, opt_doc = flatten_optimizer(ckpt.optimizer)
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in ckpt.model.items()}
     tensors.update(opt_tensors)
     tensors.update({f"rng.{k}": v for k, v in ckpt.rng.items()})
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     stem = _stem(model_id, member, ckpt.iteration)
-    store.write_bytes(f"{stem}.safetensors", save_safetensors(tensors))
-    store.write_json(
-        f"{stem}.json",
+    write_record(
+        store,
+        stem,
+        tensors,
         {
             "iteration": ckpt.iteration,
             "optimizer": opt_doc,

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from deep3m.adaptation.morphology import Morphology
@@ -31,7 +30,7 @@ from deep3m.core.store import Store
 from deep3m.models.card import read_safetensors
 from deep3m.training.adaptation.candidates import Candidate
 from deep3m.training.adaptation.loops import StageLog, StageState
-from deep3m.training.checkpoint import flatten_optimizer, unflatten_optimizer
+from deep3m.training.checkpoint import flatten_optimizer, unflatten_optimizer, write_record
 
 log = logging.getLogger("deep3m.training")
 
@@ -92,10 +91,7 @@ class StageJournal:
         return f"{self.prefix}/candidate-{iteration:08d}"
 
     def _write(self, stem: str, tensors: Mapping[str, torch.Tensor], doc: dict[str, Any]) -> None:
-        data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        self.store.write_bytes(f"{stem}.safetensors", save_safetensors(data))
-        # The JSON marks the record done: written only once the tensors are in place.
-        self.store.write_json(f"{stem}.json", {"fingerprint": self.fingerprint, **doc})
+        write_record(self.store, stem, tensors, {"fingerprint": self.fingerprint, **doc})
 
     def _read(self, stem: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
         if not self.store.exists(f"{stem}.json"):
