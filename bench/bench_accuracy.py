@@ -76,13 +76,15 @@ MANY = 10**7  # iterations: the budget ends every run
 
 @dataclass(frozen=True)
 class Candidate:
-    """A row: a deep3m recipe with overrides, or the MONAI peer (``peer=True``)."""
+    """A row: a deep3m recipe with overrides, or the plain peer loop (``peer=True``) with
+    one of ``PEER_NETWORKS`` (the MONAI U-Net unless a diagnostic row swaps it)."""
 
     name: str
     note: str
     recipe: str = "default"
     overrides: Mapping[str, Any] = field(default_factory=dict)
     peer: bool = False
+    peer_network: str = "monai"
 
 
 def _deepem3d(name: str, width: float, patch: int, extra: str = "") -> Candidate:
@@ -99,6 +101,20 @@ def _deepem3d(name: str, width: float, patch: int, extra: str = "") -> Candidate
 _DEFAULT = "resunet2d w0.5, AdamW 2e-3 one-cycle, CE+Dice, fg 0.5, x2, 4×512², bf16"
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate("monai", "MONAI UNet 16…256, 2 res units, Adam 1e-3, DiceCE, 8×256²", peer=True),
+    # Diagnostics: the peer's plain loop with another network, to tell the network's
+    # share of the gap from the training loop's.
+    Candidate(
+        "peer-bn",
+        "the peer with BatchNorm instead of instance norm",
+        peer=True,
+        peer_network="monai-bn",
+    ),
+    Candidate(
+        "peer-resunet",
+        "the peer's loop training deep3m's resunet2d w0.5 (BatchNorm)",
+        peer=True,
+        peer_network="resunet2d",
+    ),
     _deepem3d("cdeep3m-demo", 0.125, 128, " (the old demo)"),
     _deepem3d("deepem3d-w0.25", 0.25, 256),
     Candidate("default", _DEFAULT),
@@ -230,12 +246,27 @@ class CpuClock:
         return time.process_time() / self.threads
 
 
-def train_peer(data: Data, budget_s: float, clock: Callable[[], float]) -> tuple[nn.Module, int]:
+def peer_network(name: str) -> nn.Module:
+    """A network for the peer loop: ``monai`` (instance norm), ``monai-bn``, ``resunet2d``."""
+    if name == "monai":
+        return monai_unet()
+    if name == "monai-bn":
+        return monai_unet(norm="batch")
+    if name == "resunet2d":
+        from deep3m.models.registry import build_network
+
+        return build_network("resunet2d", frames=1, width=0.5, input_scale=1)
+    raise ValueError(f"unknown peer network {name!r}")
+
+
+def train_peer(
+    data: Data, budget_s: float, clock: Callable[[], float], network: str = "monai"
+) -> tuple[nn.Module, int]:
     """The plain recipe: Adam 1e-3, DiceCE, 8×256², flips/rot90, last weights."""
     from monai.losses import DiceCELoss
 
     torch.manual_seed(0)
-    net = monai_unet()
+    net = peer_network(network)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -419,7 +450,7 @@ def run(
         for i, cand in enumerate(chosen):
             wall0, cpu0 = time.monotonic(), clock()
             if cand.peer:
-                net, its = train_peer(data, budget, clock)
+                net, its = train_peer(data, budget, clock, cand.peer_network)
                 frames, threshold = 1, 0.5
             else:
                 net, frames, its, threshold = train_deep3m(data, cand, budget, clock, i)

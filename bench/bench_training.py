@@ -41,7 +41,7 @@ WIDTHS = (0.0625, 0.125, 0.25)
 MEMBERS = {"1fm": 1, "3fm": 3, "5fm": 5}
 
 
-def monai_unet() -> nn.Module:
+def monai_unet(norm: str = "instance") -> nn.Module:
     from monai.networks.nets import UNet
 
     return UNet(
@@ -51,6 +51,7 @@ def monai_unet() -> nn.Module:
         channels=(16, 32, 64, 128, 256),
         strides=(2, 2, 2, 2),
         num_res_units=2,
+        norm=norm,
     )
 
 

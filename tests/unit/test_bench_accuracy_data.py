@@ -32,3 +32,24 @@ def test_isbi_splits_and_foreground(dataset: str, low: float, high: float) -> No
 def test_unknown_data_set_is_refused() -> None:
     with pytest.raises(SystemExit, match="unknown data set"):
         _stacks("lucchi")
+
+
+@pytest.mark.parametrize("name", ["monai", "monai-bn", "resunet2d"])
+def test_peer_networks_map_a_slice_to_two_class_logits(name: str) -> None:
+    import torch
+
+    from bench.bench_accuracy import peer_network
+
+    net = peer_network(name).eval()
+    norms = {type(m).__name__ for m in net.modules() if "Norm" in type(m).__name__}
+    # Only the peer itself normalises per instance; both diagnostic rows use BatchNorm.
+    assert ("InstanceNorm2d" in norms) == (name == "monai")
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+
+
+def test_unknown_peer_network_is_refused() -> None:
+    from bench.bench_accuracy import peer_network
+
+    with pytest.raises(ValueError, match="unknown peer network"):
+        peer_network("vnet")
