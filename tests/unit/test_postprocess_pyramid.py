@@ -75,6 +75,45 @@ def test_label_mode_keeps_ids_and_prefers_the_majority() -> None:
     assert out.tolist() == [[[7, 3]]]  # 7 wins 3:1; 3 and 9 tie 2:2, the smaller wins
 
 
+def _window_by_window(data: np.ndarray, factor: tuple[int, int, int], method: str) -> np.ndarray:
+    """The reference: each window's voxels (edge windows hold fewer) reduced one by one."""
+    out_shape = tuple(-(-s // k) for s, k in zip(data.shape, factor, strict=True))
+    out = np.zeros(out_shape, data.dtype)
+    for index in np.ndindex(*out_shape):
+        window = data[tuple(slice(i * k, (i + 1) * k) for i, k in zip(index, factor, strict=True))]
+        values = window.ravel()
+        if method == "mode":
+            labels, counts = np.unique(values, return_counts=True)
+            out[index] = labels[counts == counts.max()].min()  # unique is sorted: ties → smallest
+        else:
+            mean = values.astype(np.float64).mean()
+            out[index] = np.rint(mean) if np.issubdtype(data.dtype, np.integer) else mean
+    return out
+
+
+@pytest.mark.parametrize("method", ["mode", "mean"])
+def test_downsampling_equals_reducing_each_window(method: str) -> None:
+    # Shapes that the factors do not divide (ragged edge windows in every axis) and
+    # ones they do; few labels, so windows mix labels and tie.
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        shape = tuple(int(v) for v in rng.integers(1, 8, 3))
+        factor = (int(rng.integers(1, 3)), int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        dtype = rng.choice([np.uint8, np.uint32, np.uint64]) if method == "mode" else np.uint8
+        data = rng.integers(0, 3 if method == "mode" else 256, shape).astype(dtype)
+        got = downsample(data, factor, method)  # type: ignore[arg-type]
+        assert got.dtype == data.dtype
+        np.testing.assert_array_equal(got, _window_by_window(data, factor, method))
+
+
+def test_mode_of_uniform_windows_is_their_label() -> None:
+    data = np.full((2, 6, 6), 5, np.uint64)
+    data[:, :2, :2] = 9  # one whole window of another label: still no vote needed
+    out = downsample(data, (1, 2, 2), "mode")
+    assert out[:, 0, 0].tolist() == [9, 9]
+    assert (out[:, 1:, :] == 5).all() and (out[:, :, 1:] == 5).all()
+
+
 def test_build_pyramid_writes_levels_and_metadata(tmp_path: Path) -> None:
     store = Store(f"file://{tmp_path}")
     data = np.random.default_rng(0).random((6, 70, 90)).astype(np.float32)

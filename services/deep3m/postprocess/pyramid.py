@@ -38,32 +38,76 @@ def downsample(data: np.ndarray, factor: Sequence[int], method: Method) -> np.nd
     out_shape = tuple(-(-s // k) for s, k in zip(data.shape, f, strict=True))
     padded_shape = tuple(o * k for o, k in zip(out_shape, f, strict=True))
     pad = [(0, p - s) for p, s in zip(padded_shape, data.shape, strict=True)]
-    windows_shape = (out_shape[0], f[0], out_shape[1], f[1], out_shape[2], f[2])
+    padded = any(p for _, p in pad)
+    offsets = list(np.ndindex(*f))
     if method == "mean":
-        valid = np.pad(np.ones(data.shape, np.float32), pad).reshape(windows_shape)
-        total = np.pad(data.astype(np.float64), pad).reshape(windows_shape)
-        mean = total.sum(axis=(1, 3, 5)) / valid.sum(axis=(1, 3, 5))
+        source = np.pad(data, pad) if padded else data
+        total = np.zeros(out_shape, np.float64)
+        for o in offsets:  # strided views: no windowed copy
+            total += source[o[0] :: f[0], o[1] :: f[1], o[2] :: f[2]]
+        count: np.ndarray | int = (
+            sum(_inside(o, f, out_shape, padded_shape, pad).astype(np.int64) for o in offsets)
+            if padded
+            else len(offsets)
+        )
+        mean = total / count
         if np.issubdtype(data.dtype, np.integer):
             return np.rint(mean).astype(data.dtype)
         return mean.astype(data.dtype)
 
-    # Mode: votes counted by pairwise comparison within each window (k <= 8
-    # entries); padding entries neither vote nor win.
-    def windows_of(a: np.ndarray) -> np.ndarray:
-        w = np.pad(a, pad).reshape(windows_shape).transpose(0, 2, 4, 1, 3, 5)
-        return w.reshape(*out_shape, -1)
+    # Mode. Most windows of a label image hold one label (inside an object or the
+    # background): that label is the mode, so only the others (object borders, a
+    # few per cent) are voted on. Edge padding copies a real entry of the same
+    # window, so "every entry equals the first" is decided by the real entries; the
+    # vote itself leaves the padding out.
+    if padded:
+        data = np.pad(data, pad, mode="edge")
+    # Entry o of every window: a strided view, no copy.
+    entries = [data[o[0] :: f[0], o[1] :: f[1], o[2] :: f[2]] for o in offsets]
+    first = entries[0]
+    mixed = np.zeros(out_shape, bool)
+    for entry in entries[1:]:
+        mixed |= entry != first
+    out = np.array(first, dtype=data.dtype)
+    if mixed.any():
+        rows = np.stack([entry[mixed] for entry in entries], axis=-1)
+        inside = [
+            _inside(o, f, out_shape, padded_shape, pad) if padded else np.ones(out_shape, bool)
+            for o in offsets
+        ]
+        valid = np.stack([v[mixed] for v in inside], axis=-1)
+        out[mixed] = _mode_of_rows(rows, valid)
+    return out
 
-    windows = windows_of(data)
-    valid = windows_of(np.ones(data.shape, bool))
-    # One entry at a time (k <= 8), so no (..., k, k) temporary.
-    votes = np.zeros(windows.shape, np.int8)
-    for j in range(windows.shape[-1]):
-        votes += (windows == windows[..., j : j + 1]) & valid[..., j : j + 1]
+
+def _inside(
+    offset: Sequence[int],
+    factor: Sequence[int],
+    out_shape: Sequence[int],
+    padded_shape: Sequence[int],
+    pad: Sequence[tuple[int, int]],
+) -> np.ndarray:
+    """Which windows' entry ``offset`` lies in the data (not in the padding)."""
+    inside = np.ones(out_shape, bool)
+    for axis, (_, p) in enumerate(pad):
+        # Entry offset of the last window along ``axis`` sits at padded_shape - factor + offset.
+        if p and padded_shape[axis] - factor[axis] + offset[axis] >= padded_shape[axis] - p:
+            index = [slice(None)] * 3
+            index[axis] = slice(-1, None)
+            inside[tuple(index)] = False
+    return inside
+
+
+def _mode_of_rows(rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The most frequent valid entry of each row (ties: the smallest): votes counted by
+    pairwise comparison, one entry at a time (k <= 8, so no (m, k, k) temporary)."""
+    votes = np.zeros(rows.shape, np.int8)
+    for j in range(rows.shape[-1]):
+        votes += (rows == rows[:, j : j + 1]) & valid[:, j : j + 1]
     votes = np.where(valid, votes, np.int8(-1))
     best = votes.max(axis=-1, keepdims=True)
-    # Among the most frequent labels take the smallest.
-    candidates = np.where(votes == best, windows, windows.max())
-    return np.asarray(candidates.min(axis=-1)).astype(data.dtype)
+    candidates = np.where(votes == best, rows, rows.max())
+    return np.asarray(candidates.min(axis=-1))
 
 
 def method_for(attributes: dict[str, Any], ome: dict[str, Any]) -> Method:
