@@ -23,7 +23,6 @@ integers.
 
 from __future__ import annotations
 
-import contextlib
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import cc3d
 import numcodecs
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial import ConvexHull
 
 from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
 from deep3m.core.geometry import Box
@@ -251,16 +250,24 @@ def _hull_candidates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Doubled voxel face centres whose hull is each piece's convex hull.
 
-    Hull vertices are extremes of their rows, so only voxels that end a run of
-    their piece along x are candidates (found on the whole block at once), and
-    of those only the vertices of their hull.
+    Hull vertices are extreme points, and a voxel whose two neighbours along any
+    axis hold its piece is their midpoint, so only voxels that end a run of their
+    piece along z, y and x alike are candidates (found on the whole block at
+    once); of their face centres only the vertices of the hull are kept.
     """
     if not n:
         return np.zeros((0, 3), np.int64), np.zeros(n + 1, np.int64)
-    # A voxel is inside a run when both x-neighbours hold its piece.
-    inside = np.zeros(local.shape, bool)
-    inside[..., 1:-1] = (local[..., 1:-1] == local[..., :-2]) & (local[..., 1:-1] == local[..., 2:])
-    z, y, x = np.nonzero((local > 0) & ~inside)
+    candidate = local > 0
+    for axis in range(3):
+        if local.shape[axis] < 3:
+            continue
+        mid = [slice(None)] * 3
+        lower, upper = list(mid), list(mid)
+        mid[axis], lower[axis], upper[axis] = slice(1, -1), slice(None, -2), slice(2, None)
+        centre = local[tuple(mid)]
+        # Inside a run along ``axis``: both neighbours hold the voxel's piece.
+        candidate[tuple(mid)] &= (centre != local[tuple(lower)]) | (centre != local[tuple(upper)])
+    z, y, x = np.nonzero(candidate)
     ends = local[z, y, x].astype(np.int64)
     order = np.argsort(ends, kind="stable")  # raster order within each piece
     coords = np.stack([z[order], y[order], x[order]], axis=1).astype(np.int64) + origin
@@ -269,9 +276,8 @@ def _hull_candidates(
     points, offsets = [], [0]
     for i in range(n):
         centres = coords[bounds[i] : bounds[i + 1]]
-        if len(centres) > _HULL_DIRECT // len(_FACE_CENTRES):
-            with contextlib.suppress(QhullError):  # a flat piece keeps every candidate
-                centres = centres[ConvexHull(centres).vertices]
+        # One qhull call per piece (its fixed cost dominates at these sizes); the
+        # face centres are never flat, so qhull always accepts them.
         faces = (2 * centres[:, None, :] + _FACE_CENTRES[None, :, :]).reshape(-1, 3)
         if len(faces) > _HULL_DIRECT:
             faces = faces[ConvexHull(faces).vertices]
