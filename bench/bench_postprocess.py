@@ -15,9 +15,10 @@ on 1 and 2 workers and what the 2-worker stage takes beyond half the 1-worker
 one (its tail, hand-over and contention), the per-block and merge costs, the
 predicted time of 100 workers on a teravoxel with the merge's share, and the
 workers' peak RSS on this volume and on one 4x as large (a mirrored 2 x 2
-mosaic of it), and the 2-vs-1 ratio on that 4x volume too (4x the blocks: the
-per-stage hand-overs are a fixed cost, so the ratio grows with the volume). The
-job rows include every scheduler round trip. ``--repeats=N`` runs the 1- and
+mosaic of it), and the 2-vs-1 ratio on that 4x volume too (4x the blocks, the
+same fixed per-stage hand-overs). The job rows include every scheduler round trip;
+the workers' CPU seconds on 1 and 2 workers show what running side by side costs
+(shared caches and memory bandwidth). ``--repeats=N`` runs the 1- and
 2-worker jobs N times, alternating, and prints every ratio and their median (the
 breakdown is of the last pair).
 
@@ -175,10 +176,10 @@ def cluster(argv: Sequence[str] = ()) -> None:
         ]  # fmt: skip
         runs: dict[int, JobRun] = {}
         ratios = []
-        for _ in range(repeats):
+        for repeat in range(repeats):
             for workers in (1, 2):
                 runs[workers] = label_job(
-                    store.url, "volumes/p.zarr", workers, block, tag=f"w{workers}",
+                    store.url, "volumes/p.zarr", workers, block, tag=f"w{workers}-r{repeat}",
                     capacity=capacity,
                 )  # fmt: skip
             ratios.append(runs[1].seconds / runs[2].seconds)

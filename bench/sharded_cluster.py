@@ -11,6 +11,7 @@ task's store reads and writes overlap another's compute on the same core.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -37,8 +38,14 @@ class JobRun:
     workers_cpu_s: float
 
 
-def _pin(core: int) -> None:
-    os.sched_setaffinity(0, {core})
+def _pin(pid: int, core: int) -> None:
+    """Pin every thread of process ``pid`` to ``core`` (threads it starts later inherit).
+
+    From the parent, not through ``preexec_fn``: that runs Python in the forked child
+    of a threaded process (zarr's I/O thread) and can deadlock there."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), {core})
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -88,9 +95,11 @@ def label_job(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=lambda core=cores[n % len(cores)]: _pin(core),
             )
+            core = cores[n % len(cores)]
+            _pin(cluster.processes[name].pid, core)
             wait_serving(f"127.0.0.1:{port}", cluster.processes[name], 120, "postprocess")
+            _pin(cluster.processes[name].pid, core)  # threads started before the first pin
         first: dict[str, float] = {}
         last: dict[str, float] = {}
         pids = {n: cluster.processes[n].pid for n in ("scheduler", *names)}
