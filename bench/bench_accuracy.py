@@ -77,7 +77,8 @@ MANY = 10**7  # iterations: the budget ends every run
 @dataclass(frozen=True)
 class Candidate:
     """A row: a deep3m recipe with overrides, or the plain peer loop (``peer=True``) with
-    one of ``PEER_NETWORKS`` (the MONAI U-Net unless a diagnostic row swaps it)."""
+    a network named for :func:`peer_network` (the MONAI U-Net unless a diagnostic row
+    swaps it)."""
 
     name: str
     note: str

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 from deep3m.client.client import Deep3mClient
 from deep3m.core.errors import UnavailableError
 from deep3m.core.geometry import grid_cells
-from deep3m.core.retry import Backoff
+from deep3m.core.retry import Backoff, retry_while
 from deep3m.core.store import S3Store, Store
 from deep3m.launcher.local import free_port, wait_serving
 from deep3m.runtime.settings import Settings
@@ -288,15 +287,12 @@ def test_submitting_while_the_store_is_down_is_unavailable(seaweed: SeaweedServe
             with pytest.raises(UnavailableError, match=r"could not be reached|let its fence lapse"):
                 client.submit(predict_spec("volumes/out.zarr", block_shape=[4, 32, 32]))
             seaweed.restart()
-            backoff, deadline = Backoff(initial_s=0.1, max_s=1.0), time.monotonic() + 60.0
-            while True:
-                try:
-                    job = client.submit(predict_spec("volumes/out.zarr", block_shape=[4, 32, 32]))
-                    break
-                except UnavailableError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(backoff.next_delay())
+            job = retry_while(
+                lambda: client.submit(predict_spec("volumes/out.zarr", block_shape=[4, 32, 32])),
+                lambda exc: isinstance(exc, UnavailableError),
+                budget_s=60.0,
+                backoff=Backoff(initial_s=0.1, max_s=1.0),
+            )
             assert client.get(job.id).stages[0].tasks_total == 1
         finally:
             client.close()

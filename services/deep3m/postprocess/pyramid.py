@@ -71,11 +71,11 @@ def downsample(data: np.ndarray, factor: Sequence[int], method: Method) -> np.nd
     out = np.array(first, dtype=data.dtype)
     if mixed.any():
         rows = np.stack([entry[mixed] for entry in entries], axis=-1)
-        inside = [
-            _inside(o, f, out_shape, padded_shape, pad) if padded else np.ones(out_shape, bool)
-            for o in offsets
-        ]
-        valid = np.stack([v[mixed] for v in inside], axis=-1)
+        valid = (
+            np.stack([_inside(o, f, out_shape, padded_shape, pad)[mixed] for o in offsets], -1)
+            if padded
+            else np.ones(rows.shape, bool)
+        )
         out[mixed] = _mode_of_rows(rows, valid)
     return out
 

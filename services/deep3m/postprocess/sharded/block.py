@@ -41,8 +41,8 @@ from deep3m.postprocess.watershed import watershed_block
 
 # cc3d names neighbourhoods by neighbour count; LabelSpec by scipy's rank.
 CC3D_CONNECTIVITY: dict[int, Literal[6, 18, 26]] = {1: 6, 2: 18, 3: 26}
-# Pieces with at most this many hull candidates skip qhull here; the reduce stage
-# takes the hull of the union anyway.
+# Pieces with at most this many candidate face centres skip qhull here; the reduce
+# stage takes the hull of the union anyway.
 _HULL_DIRECT = 64
 # A voxel as a convex solid: its six face centres (doubled coordinates), an
 # octahedron, as skimage's convex hull images use; it keeps a single voxel or a
