@@ -116,6 +116,22 @@ CANDIDATES: tuple[Candidate, ...] = (
         peer=True,
         peer_network="resunet2d",
     ),
+    Candidate(
+        "unet2d",
+        "unet2d w0.5 (MONAI's strided layout, BatchNorm) at full resolution, 8×256², "
+        "otherwise the default recipe",
+        overrides={
+            "architecture": "unet2d",
+            "input_scale": 1,
+            "patch_shape": (256, 256),
+            "batch_size": 8,
+        },
+    ),
+    Candidate(
+        "unet2d-512",
+        "unet2d w0.5 at full resolution, 4×512² (4× the field of view, 2× the pixels)",
+        overrides={"architecture": "unet2d", "input_scale": 1, "patch_shape": (512, 512)},
+    ),
     _deepem3d("cdeep3m-demo", 0.125, 128, " (the old demo)"),
     _deepem3d("deepem3d-w0.25", 0.25, 256),
     Candidate("default", _DEFAULT),

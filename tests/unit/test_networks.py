@@ -15,6 +15,7 @@ from deep3m.models.registry import (
     build_network,
     parameter_count,
 )
+from torch import nn
 
 TINY = 0.0625
 
@@ -137,3 +138,48 @@ def test_weights_that_are_not_safetensors_are_one_clear_error(tmp_path: object) 
         load_member(store, card, "1fm")
     assert err.value.field == key and not err.value.retryable
     assert store.key_url(key) in err.value.message
+
+
+def test_unet2d_runs_nothing_at_full_resolution_but_its_last_two_layers() -> None:
+    """The layout's point: the input is read only by stride-2 convolutions, and the only
+    layers whose output has the input's size are the top transposed convolution and
+    the logits convolution after it."""
+    net = build_network("unet2d", frames=3, width=0.5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    full_resolution: list[nn.Module] = []
+    readers: list[nn.Module] = []
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        if output.shape[-2:] == (64, 64):
+            full_resolution.append(module)
+        if inputs[0] is x:
+            readers.append(module)
+
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+            module.register_forward_hook(record)
+    with torch.no_grad():
+        net(x)
+    assert [type(m) for m in full_resolution] == [nn.ConvTranspose2d, nn.Conv2d]
+    assert len(readers) == 2  # the first unit's body and its strided skip
+    assert all(isinstance(m, nn.Conv2d) and m.stride == (2, 2) for m in readers)
+    assert [m.out_channels for m in net.down] == [16, 32, 64, 128]  # type: ignore[union-attr]
+
+
+def test_unet2d_tile_with_a_receptive_field_halo_equals_the_whole_image() -> None:
+    """Eval-mode BatchNorm keeps a voxel's logits a function of its receptive field
+    (about ±93 px here): a crop on the 16-px grid with a 96-px margin predicts its
+    core like the whole image does, and a 32-px margin does not."""
+    torch.manual_seed(3)
+    net = build_network("unet2d", frames=1, width=TINY)
+    with torch.no_grad():
+        net(torch.randn(4, 1, 64, 64))  # running statistics that are not the identity
+    net.eval()
+    x = torch.randn(1, 1, 320, 320)
+    core = (slice(128, 192), slice(128, 192))
+    with torch.no_grad():
+        whole = net(x)[0, :, core[0], core[1]]
+        for margin, seamless in ((96, True), (32, False)):
+            lo, hi = 128 - margin, 192 + margin
+            tile = net(x[..., lo:hi, lo:hi])[0, :, margin:-margin, margin:-margin]
+            assert torch.allclose(tile, whole, atol=1e-5) is seamless

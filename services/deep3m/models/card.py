@@ -25,7 +25,7 @@ from deep3m.core.errors import InvalidArgumentError, NotFoundError
 from deep3m.core.store import Store
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-Architecture = Literal["deepem3d", "resunet2d", "resunet3d", "ynet"]
+Architecture = Literal["deepem3d", "resunet2d", "resunet3d", "unet2d", "ynet"]
 
 
 def check_model_id(model_id: str) -> str:

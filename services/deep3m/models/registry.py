@@ -17,6 +17,7 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.models.deepem3d import TOTAL_STRIDE, DeepEM3D
 from deep3m.models.resunet import ResUNet2D, ResUNet3D
 from deep3m.models.scaled import MAX_INPUT_SCALE, ScaledInput
+from deep3m.models.unet import UNet2D
 from deep3m.models.ynet import YNetSegmenter
 
 INPUT_MULTIPLE = TOTAL_STRIDE
@@ -27,6 +28,7 @@ _BUILDERS: dict[str, Callable[[int, float, int], nn.Module]] = {
     "deepem3d": DeepEM3D,
     "resunet2d": ResUNet2D,
     "resunet3d": ResUNet3D,
+    "unet2d": UNet2D,
 }
 ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)
 # Networks only a procedure makes (not trainable by name): the multi-task domain

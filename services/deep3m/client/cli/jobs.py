@@ -199,7 +199,9 @@ def train(
         help="Training recipe: 'default' (the benchmarked winner, docs/ACCURACY.md) or "
         "'cdeep3m' (CDeep3M's published recipe). Options left unset take the recipe's.",
     ),
-    architecture: str = typer.Option("", help="deepem3d, resunet2d or resunet3d (recipe's)."),
+    architecture: str = typer.Option(
+        "", help="deepem3d, resunet2d, resunet3d or unet2d (recipe's)."
+    ),
     width: float = typer.Option(0.0, help="Channel width multiplier (0: the recipe's)."),
     members: str = typer.Option(
         "", help="Comma-separated ensemble members, e.g. 1fm,3fm (the recipe's)."

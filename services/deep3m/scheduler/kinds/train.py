@@ -32,12 +32,13 @@ from deep3m.v1 import common_pb2
 
 # Kept here rather than imported from deep3m.models.registry, which pulls in torch:
 # the scheduler image has none. A unit test keeps them equal.
-ARCHITECTURES = ("deepem3d", "resunet2d", "resunet3d")
+ARCHITECTURES = ("deepem3d", "resunet2d", "resunet3d", "unet2d")
 PATCH_MULTIPLE = 16  # the networks' total stride (registry.INPUT_MULTIPLE)
 DEFAULT_MEMBERS: Mapping[str, tuple[str, ...]] = {
     "deepem3d": ("1fm", "3fm", "5fm"),
     "resunet2d": ("1fm",),
     "resunet3d": ("1fm",),
+    "unet2d": ("1fm",),
 }
 # Choices of the training configuration (deep3m.training.config.TrainConfig); a unit
 # test keeps them equal to its Literal types. "" chooses the recipe's value.
