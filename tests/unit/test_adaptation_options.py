@@ -10,6 +10,7 @@ import torch
 from deep3m.adaptation.histogram import volume_counts
 from deep3m.adaptation.options import adaptation_problem
 from deep3m.core.errors import InvalidArgumentError
+from deep3m.models.recipes import ADAPTATION_ARCHITECTURE, RECIPES
 from deep3m.models.registry import build_network
 from deep3m.models.ynet import AttentionYNet
 from deep3m.training.config import TrainConfig
@@ -68,9 +69,13 @@ def test_from_spec_reads_the_adaptation_fields_and_trains_at_full_resolution() -
     assert (config.adaptation, config.select_by) == ("histogram", "solidity")
     assert (config.adaptation_iterations, config.adaptation_checkpoints) == (7, 3)
     assert config.match_histogram_at_predict
-    assert config.input_scale == 1  # the default recipe's 2 is for plain training
+    # Adaptation trains the network its benchmark measured, at full resolution,
+    # whatever the default recipe's plain training uses.
+    assert (config.input_scale, config.architecture) == (1, ADAPTATION_ARCHITECTURE)
     plain = TrainConfig.create(**BASE)
-    assert plain.input_scale == 2 and not plain.adapting
+    assert plain.architecture == RECIPES["default"]["architecture"] and not plain.adapting
+    chosen = TrainConfig.create(**BASE, adapt_to=TARGET, architecture="unet2d", input_scale=1)
+    assert chosen.architecture == "unet2d"
     # A snapshot of a plain member is never resumed as an adapted one.
     assert config.fingerprint("1fm") != plain.fingerprint("1fm")
     assert "adapt_to" not in plain.fingerprint("1fm")

@@ -529,7 +529,7 @@ def test_packaged_demo_sample_and_recipe() -> None:
     )
     config = TrainConfig.from_spec(spec)
     assert config.members == DEMO_RECIPE.members and config.iterations == DEMO_RECIPE.iterations
-    assert config.recipe == DEMO_RECIPE.recipe and config.architecture == "resunet2d"
+    assert config.recipe == DEMO_RECIPE.recipe and config.architecture == "unet2d"
     assert config.max_minutes * len(config.members) == pytest.approx(DEMO_RECIPE.minutes)
     half = DEMO_RECIPE.scaled(DEMO_RECIPE.minutes / 2)
     assert half.minutes == DEMO_RECIPE.minutes / 2 and half.members == DEMO_RECIPE.members

@@ -40,7 +40,7 @@ def _default_tiny(
     """The default recipe's code paths (scaled input, bf16, CE+Dice…) at a tiny size."""
     values: dict[str, object] = {
         "recipe": "default",
-        "architecture": "resunet2d",
+        "architecture": "unet2d",
         "width": 0.125,
         "members": ("1fm",),
         "iterations": 12,
@@ -222,7 +222,9 @@ def test_default_recipe_trains_with_bf16_channels_last_and_scaled_input(
     staged: tuple[Store, dict[str, str]],
 ) -> None:
     store, paths = staged
-    config = _default_tiny(paths, iterations=40, learning_rate=1e-2, patch_shape=(48, 48))
+    config = _default_tiny(
+        paths, iterations=40, learning_rate=1e-2, patch_shape=(48, 48), input_scale=2
+    )
     assert config.cpu_bfloat16 and config.channels_last and config.input_scale == 2
     events: list[ProgressEvent] = []
     result = train_member(config, "1fm", store, observer=events.append)
@@ -312,11 +314,11 @@ def test_card_records_recipe_scale_threshold_and_member_weights(
     staged: tuple[Store, dict[str, str]],
 ) -> None:
     store, paths = staged
-    config = _default_tiny(paths, "ens", members=("1fm", "3fm"), iterations=8)
+    config = _default_tiny(paths, "ens", members=("1fm", "3fm"), iterations=8, input_scale=2)
     for member in config.members:
         train_member(config, member, store)
     card = assemble_card(config, store)
-    assert card.input_scale == 2 and card.architecture == "resunet2d"
+    assert card.input_scale == 2 and card.architecture == "unet2d"
     assert card.training["recipe"] == "default" and card.training["loss"] == "ce_dice"
     assert 0 < card.threshold < 1
     assert card.threshold == card.metrics["selected_threshold"]

@@ -17,6 +17,9 @@ from typing import Any
 CDEEP3M_MEMBERS = ("1fm", "3fm", "5fm")
 CDEEP3M_ITERATIONS = 30000
 DEFAULT_RECIPE = "default"
+# The segmenter the label-free adaptation procedures train unless told otherwise: the
+# network their benchmark measured (``python -m bench adaptation``).
+ADAPTATION_ARCHITECTURE = "resunet2d"
 
 RECIPES: dict[str, Mapping[str, Any]] = {
     "cdeep3m": {
@@ -41,12 +44,12 @@ RECIPES: dict[str, Mapping[str, Any]] = {
         "keep_best": False,
     },
     "default": {
-        "architecture": "resunet2d",
+        "architecture": "unet2d",
         "width": 0.5,
         "members": CDEEP3M_MEMBERS,
         "iterations": 6000,
-        "batch_size": 4,
-        "patch_shape": (512, 512),
+        "batch_size": 8,
+        "patch_shape": (256, 256),
         "accumulate_gradients": 1,
         "validate_every": 500,
         "optimizer": "adam",
@@ -56,7 +59,7 @@ RECIPES: dict[str, Mapping[str, Any]] = {
         "loss": "ce_dice",
         "class_balance": True,
         "foreground_fraction": 0.5,
-        "input_scale": 2,
+        "input_scale": 1,
         "cpu_bfloat16": True,
         "channels_last": True,
         "keep_best": True,
@@ -68,3 +71,11 @@ RECIPE_NAMES: tuple[str, ...] = tuple(RECIPES)
 def recipe_defaults(name: str) -> Mapping[str, Any]:
     """The fields recipe ``name`` sets ("" means the default recipe); KeyError if unknown."""
     return RECIPES[name or DEFAULT_RECIPE]
+
+
+def recipe_architecture(name: str, *, adapting: bool) -> str:
+    """The architecture recipe ``name`` trains when none is given: adaptation under the
+    default recipe trains ``ADAPTATION_ARCHITECTURE``."""
+    if adapting and (name or DEFAULT_RECIPE) == DEFAULT_RECIPE:
+        return ADAPTATION_ARCHITECTURE
+    return str(recipe_defaults(name)["architecture"])

@@ -29,7 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deep3m.adaptation.options import adaptation_problem
 from deep3m.core.errors import InvalidArgumentError
 from deep3m.models.card import check_model_id
-from deep3m.models.recipes import CDEEP3M_ITERATIONS, CDEEP3M_MEMBERS, RECIPE_NAMES, RECIPES
+from deep3m.models.recipes import (
+    CDEEP3M_ITERATIONS,
+    CDEEP3M_MEMBERS,
+    RECIPE_NAMES,
+    RECIPES,
+    recipe_architecture,
+)
 from deep3m.models.registry import INPUT_MULTIPLE, check_architecture, member_frames
 from deep3m.models.scaled import MAX_INPUT_SCALE
 from deep3m.training.objectives import Loss, Schedule, lr_factor
@@ -125,9 +131,12 @@ class TrainConfig(BaseModel):
         if name not in RECIPES:
             raise ValueError(f"unknown recipe {name!r}; choose from {list(RECIPE_NAMES)}")
         merged = {**RECIPES[name], **data}
-        if data.get("adapt_to") is not None and "input_scale" not in data:
-            # The adaptation procedures train at full resolution.
-            merged["input_scale"] = 1
+        if data.get("adapt_to") is not None:
+            if "input_scale" not in data:
+                # The adaptation procedures train at full resolution.
+                merged["input_scale"] = 1
+            if "architecture" not in data:
+                merged["architecture"] = recipe_architecture(name, adapting=True)
         return merged
 
     @field_validator("model_id")

@@ -17,7 +17,7 @@ from deep3m.adaptation.options import adaptation_problem
 from deep3m.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from deep3m.core.grey_levels import GreyLevels, recorded_levels
 from deep3m.core.store import VolumeInfo
-from deep3m.models.recipes import RECIPE_NAMES, recipe_defaults
+from deep3m.models.recipes import RECIPE_NAMES, recipe_architecture, recipe_defaults
 from deep3m.scheduler.kinds.base import (
     JobKind,
     KindContext,
@@ -258,7 +258,9 @@ class TrainKind(JobKind):
         # Unset fields come from the recipe, so a plain submission trains the benchmarked
         # default (models.recipes) and the checks below see what will really run.
         recipe = recipe_defaults(t.recipe)
-        architecture = t.architecture or str(recipe["architecture"])
+        architecture = t.architecture or recipe_architecture(
+            t.recipe, adapting=bool(t.adapt_to.path)
+        )
         if architecture not in ARCHITECTURES:
             raise InvalidArgumentError(
                 f"architecture must be one of {', '.join(ARCHITECTURES)}, got {t.architecture!r}",
@@ -266,7 +268,7 @@ class TrainKind(JobKind):
             )
         members = tuple(t.members) or (
             tuple(recipe["members"])
-            if architecture == recipe["architecture"]
+            if architecture == recipe["architecture"] or not t.architecture
             else DEFAULT_MEMBERS[architecture]
         )
         for m in members:

@@ -25,6 +25,7 @@ from deep3m.training.adaptation.runtime import current
 # Encoder parts by network family: everything before the decoder / class heads.
 _ENCODER_ATTRS: tuple[tuple[str, ...], ...] = (
     ("inc", "down"),  # residual U-Nets
+    ("down", "bottom"),  # the strided U-Net
     ("stem", "stem_block", "to_quarter", "to_eighth", "to_sixteenth"),  # DeepEM3D
 )
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from deep3m.adaptation.options import ADAPTATIONS
 from deep3m.core.errors import InvalidArgumentError
+from deep3m.models.recipes import ADAPTATION_ARCHITECTURE
 from deep3m.models.registry import INPUT_MULTIPLE, check_architecture
 from deep3m.models.translation import TranslationConfig
 from deep3m.training.adaptation.candidates import check_selector
@@ -21,7 +22,7 @@ NEEDS_TARGET_LABELS: tuple[str, ...] = ("fewlabel", "supervised")
 class AdaptationSpec:
     method: str = "none"
     select_by: str = "solidity"
-    architecture: str = "resunet2d"
+    architecture: str = ADAPTATION_ARCHITECTURE
     width: float = 0.125
     frames: int = 1
     iterations: int = 200
