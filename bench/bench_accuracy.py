@@ -99,7 +99,21 @@ def _deepem3d(name: str, width: float, patch: int, extra: str = "") -> Candidate
     )  # fmt: skip
 
 
-_DEFAULT = "resunet2d w0.5, AdamW 2e-3 one-cycle, CE+Dice, fg 0.5, x2, 4×512², bf16"
+_DEFAULT = "unet2d w0.5, AdamW 2e-3 one-cycle, CE+Dice, fg 0.5, 8×256², bf16"
+# The previous default (until 2026-12-02): resunet2d w0.5 seeing its input at ×½.
+_RESUNET_X2: dict[str, Any] = {
+    "architecture": "resunet2d",
+    "input_scale": 2,
+    "patch_shape": (512, 512),
+    "batch_size": 4,
+}
+
+
+def _resunet(name: str, note: str, **changes: Any) -> Candidate:
+    """A row relative to the previous default (resunet2d at input scale 2)."""
+    return Candidate(name, note, overrides={**_RESUNET_X2, **changes})
+
+
 CANDIDATES: tuple[Candidate, ...] = (
     Candidate("monai", "MONAI UNet 16…256, 2 res units, Adam 1e-3, DiceCE, 8×256²", peer=True),
     # Diagnostics: the peer's plain loop with another network, to tell the network's
@@ -116,50 +130,41 @@ CANDIDATES: tuple[Candidate, ...] = (
         peer=True,
         peer_network="resunet2d",
     ),
-    Candidate(
-        "unet2d",
-        "unet2d w0.5 (MONAI's strided layout, BatchNorm) at full resolution, 8×256², "
-        "otherwise the default recipe",
-        overrides={
-            "architecture": "unet2d",
-            "input_scale": 1,
-            "patch_shape": (256, 256),
-            "batch_size": 8,
-        },
-    ),
-    Candidate(
-        "unet2d-512",
-        "unet2d w0.5 at full resolution, 4×512² (4× the field of view, 2× the pixels)",
-        overrides={"architecture": "unet2d", "input_scale": 1, "patch_shape": (512, 512)},
-    ),
     _deepem3d("cdeep3m-demo", 0.125, 128, " (the old demo)"),
     _deepem3d("deepem3d-w0.25", 0.25, 256),
     Candidate("default", _DEFAULT),
     Candidate(
+        "unet2d-512",
+        "default with 4×512² patches (4× the field of view, 2× the pixels)",
+        overrides={"patch_shape": (512, 512), "batch_size": 4},
+    ),
+    _resunet(
+        "resunet2d-x2",
+        "the previous default: resunet2d w0.5 at input scale 2 (×½), 4×512² (256² seen)",
+    ),
+    _resunet(
         "x1-256",
-        "default at full resolution, 4×256²",
-        overrides={"input_scale": 1, "patch_shape": (256, 256)},
+        "resunet2d-x2 at full resolution, 4×256²",
+        input_scale=1,
+        patch_shape=(256, 256),
     ),
-    Candidate(
+    _resunet(
         "x4-1024",
-        "default at 1/4 resolution, 4×1024²",
-        overrides={"input_scale": 4, "patch_shape": (1024, 1024)},
+        "resunet2d-x2 at 1/4 resolution, 4×1024²",
+        input_scale=4,
+        patch_shape=(1024, 1024),
     ),
-    Candidate(
-        "x2-256", "default with 4×256² patches (128² seen)", overrides={"patch_shape": (256, 256)}
-    ),
-    Candidate("x2-b8", "default with batch 8", overrides={"batch_size": 8}),
-    Candidate(
+    _resunet("x2-256", "resunet2d-x2 with 4×256² patches (128² seen)", patch_shape=(256, 256)),
+    _resunet("x2-b8", "resunet2d-x2 with batch 8", batch_size=8),
+    _resunet(
         "lean",
-        "default at full resolution, 8×256² uniform, unweighted CE+Dice, AdamW 1e-3",
-        overrides={
-            "input_scale": 1,
-            "patch_shape": (256, 256),
-            "batch_size": 8,
-            "foreground_fraction": 0.0,
-            "class_balance": False,
-            "learning_rate": 1e-3,
-        },
+        "resunet2d-x2 at full resolution, 8×256² uniform, unweighted CE+Dice, AdamW 1e-3",
+        input_scale=1,
+        patch_shape=(256, 256),
+        batch_size=8,
+        foreground_fraction=0.0,
+        class_balance=False,
+        learning_rate=1e-3,
     ),
     Candidate("ce", "default with balanced CE only", overrides={"loss": "ce"}),
     Candidate("unbalanced", "default without class weights", overrides={"class_balance": False}),
@@ -192,11 +197,20 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("3fm", "default as a 3fm member", overrides={"members": ("3fm",)}),
     Candidate(
         "deepem3d-x2",
-        "DeepEM3D w0.25 with the default recipe",
-        overrides={"architecture": "deepem3d", "width": 0.25},
+        "DeepEM3D w0.25 with the default recipe at input scale 2, 4×512²",
+        overrides={**_RESUNET_X2, "architecture": "deepem3d", "width": 0.25},
     ),
 )
-SCREEN = ("monai", "cdeep3m-demo", "default", "x1-256", "x4-1024", "ce", "sgd-poly", "fp32")
+SCREEN = (
+    "monai",
+    "cdeep3m-demo",
+    "default",
+    "unet2d-512",
+    "resunet2d-x2",
+    "ce",
+    "sgd-poly",
+    "fp32",
+)
 
 
 @dataclass(frozen=True)

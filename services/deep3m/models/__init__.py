@@ -1,1 +1,2 @@
-"""Networks (DeepEM3D, residual U-Nets), the registry that builds them, and the model card."""
+"""Networks (DeepEM3D, residual and strided U-Nets), the registry that builds them, and the
+model card."""
