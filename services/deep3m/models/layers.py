@@ -13,6 +13,8 @@ every channel's statistics. Under DDP the buffers are broadcast from rank 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 
@@ -29,8 +31,13 @@ def norm3d(channels: int) -> nn.BatchNorm3d:
     return nn.BatchNorm3d(channels)
 
 
+def relu() -> nn.Module:
+    return nn.ReLU(inplace=True)
+
+
 class ConvNormAct(nn.Sequential):
-    """Conv2d → BatchNorm → ReLU (the activation optional)."""
+    """Conv2d → BatchNorm → activation (ReLU unless ``activation`` makes another; the
+    activation optional)."""
 
     def __init__(
         self,
@@ -40,6 +47,7 @@ class ConvNormAct(nn.Sequential):
         *,
         stride: int = 1,
         act: bool = True,
+        activation: Callable[[], nn.Module] = relu,
     ) -> None:
         k = (kernel, kernel) if isinstance(kernel, int) else kernel
         pad = (k[0] // 2, k[1] // 2)
@@ -48,7 +56,7 @@ class ConvNormAct(nn.Sequential):
             norm2d(c_out),
         ]
         if act:
-            layers.append(nn.ReLU(inplace=True))
+            layers.append(activation())
         super().__init__(*layers)
 
 
@@ -70,5 +78,5 @@ class ConvNormAct3d(nn.Sequential):
             norm3d(c_out),
         ]
         if act:
-            layers.append(nn.ReLU(inplace=True))
+            layers.append(relu())
         super().__init__(*layers)

@@ -24,18 +24,10 @@ import torch
 from torch import nn
 
 from deep3m.models.deepem3d import check_input
-from deep3m.models.layers import norm2d, scaled
+from deep3m.models.layers import ConvNormAct, norm2d, scaled
 
 PUBLISHED_WIDTHS: tuple[int, ...] = (32, 64, 128, 256, 512)
 LEVELS = 4
-
-
-def _conv_norm_act(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-        norm2d(c_out),
-        nn.PReLU(),
-    )
 
 
 class ResidualUnit(nn.Module):
@@ -65,7 +57,7 @@ class ResidualUnit(nn.Module):
             if last and last_conv_only:
                 layers.append(nn.Conv2d(c, c_out, 3, stride=s, padding=1))
             else:
-                layers.append(_conv_norm_act(c, c_out, s))
+                layers.append(ConvNormAct(c, c_out, stride=s, activation=nn.PReLU))
         self.body = nn.Sequential(*layers)
         self.skip: nn.Module
         if stride != 1:

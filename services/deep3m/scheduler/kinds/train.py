@@ -266,9 +266,10 @@ class TrainKind(JobKind):
                 f"architecture must be one of {', '.join(ARCHITECTURES)}, got {t.architecture!r}",
                 field="architecture",
             )
+        # The recipe's members unless another architecture than the recipe's was named.
         members = tuple(t.members) or (
             tuple(recipe["members"])
-            if architecture == recipe["architecture"] or not t.architecture
+            if t.architecture in ("", recipe["architecture"])
             else DEFAULT_MEMBERS[architecture]
         )
         for m in members:
