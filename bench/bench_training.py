@@ -166,6 +166,23 @@ def throughput_table(train: LabelledVolume, weights: torch.Tensor, rounds: int =
 
             configs.append(Setup(member, f"{width:g}", frames, make))
     configs += [
+        # bfloat16 beside the float32 rows above (the dilated heads run in float32).
+        Setup(
+            "3fm bf16+cl",
+            "0.125",
+            3,
+            lambda: build_network("deepem3d", frames=3, width=0.125),
+            bf16=True,
+            channels_last=True,
+        ),
+        Setup(
+            "unet2d bf16+cl (default)",
+            "0.5",
+            1,
+            lambda: build_network("unet2d", frames=1, width=0.5),
+            bf16=True,
+            channels_last=True,
+        ),
         Setup("resunet2d fp32", "0.5", 1, resunet()),
         Setup("resunet2d bf16+cl", "0.5", 1, resunet(), bf16=True, channels_last=True),
         Setup("resunet2d x2 bf16+cl", "0.5", 1, resunet(2), bf16=True, channels_last=True),
@@ -175,7 +192,7 @@ def throughput_table(train: LabelledVolume, weights: torch.Tensor, rounds: int =
         for i, setup in enumerate(configs):
             measured[i].append(samples_per_second(setup, train, weights))
     rates = [statistics.median(measured[i]) for i in range(len(configs))]
-    widths = (22, 7, 8, 10, 9)
+    widths = (26, 7, 8, 10, 9)
     print(_row(("network", "width", "params", "samples/s", "vs MONAI"), widths))
     for setup, rate in zip(configs, rates, strict=True):
         print(

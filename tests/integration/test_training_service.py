@@ -18,6 +18,7 @@ from deep3m.client.client import Deep3mClient
 from deep3m.core.store import Store
 from deep3m.launcher.local import free_port
 from deep3m.models.card import load_card, load_member
+from deep3m.models.registry import seamless_halo_yx
 from deep3m.runtime.interceptor import error_detail
 from deep3m.runtime.server import RunningServer, create_server
 from deep3m.runtime.settings import Settings
@@ -137,6 +138,8 @@ def test_train_member_streams_progress_then_finalize_builds_the_card(
 
     card = load_card(store, "svc")
     assert card.width == 0.0625 and card.halo[0] == 1
+    # y/x: deepem3d's receptive field (±229 px) on its 16-px grid
+    assert card.halo[1:] == (240, 240) == (seamless_halo_yx("deepem3d"),) * 2
     assert card.members[0].metrics["f1"] == pytest.approx(validated[-1].metrics["f1"])
     net = load_member(store, card, "3fm")
     with torch.no_grad():

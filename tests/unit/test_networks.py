@@ -14,6 +14,7 @@ from deep3m.models.registry import (
     INPUT_MULTIPLE,
     build_network,
     parameter_count,
+    seamless_halo_yx,
 )
 from torch import nn
 
@@ -183,3 +184,57 @@ def test_unet2d_tile_with_a_receptive_field_halo_equals_the_whole_image() -> Non
             lo, hi = 128 - margin, 192 + margin
             tile = net(x[..., lo:hi, lo:hi])[0, :, margin:-margin, margin:-margin]
             assert torch.allclose(tile, whole, atol=1e-5) is seamless
+
+
+def _reach(net: nn.Module, size: int) -> int:
+    """How far from the centre pixel its foreground logit has a non-zero gradient."""
+    x = torch.randn(1, 1, size, size, requires_grad=True)
+    centre = size // 2
+    net(x)[0, 1, centre, centre].backward()
+    assert x.grad is not None
+    ys, xs = torch.nonzero(x.grad[0, 0] != 0, as_tuple=True)
+    return int(torch.cat([ys, xs]).sub(centre).abs().max())
+
+
+@pytest.mark.parametrize("input_scale", [1, 2])
+@pytest.mark.parametrize("architecture", [*ARCHITECTURES, "ynet"])
+def test_the_seamless_halo_covers_the_measured_receptive_field(
+    architecture: str, input_scale: int
+) -> None:
+    """The card's halo (``seamless_halo_yx``) reaches as far as the network looks,
+    on the grid the network pools on, and not a grid cell more."""
+    torch.manual_seed(0)
+    net = build_network(architecture, frames=1, width=TINY, input_scale=input_scale).eval()
+    halo = seamless_halo_yx(architecture, input_scale)
+    cell = INPUT_MULTIPLE * input_scale
+    reach = _reach(net, 2 * halo + 2 * cell)  # room for the field on both sides
+    assert halo % cell == 0
+    assert halo - cell < reach <= halo
+
+
+def test_an_unknown_architecture_has_no_halo() -> None:
+    with pytest.raises(InvalidArgumentError, match="unknown architecture 'vit'"):
+        seamless_halo_yx("vit")
+
+
+def test_deepem3d_runs_its_dilated_upsampling_in_float32_under_cpu_autocast() -> None:
+    """PyTorch has no fast bfloat16 CPU kernel for a dilated transposed convolution;
+    those layers run in float32, the rest of the network in bfloat16."""
+    torch.manual_seed(0)
+    net = DeepEM3D(3, TINY).eval()
+    seen: dict[bool, set[torch.dtype]] = {True: set(), False: set()}
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
+        assert isinstance(module, nn.ConvTranspose2d)
+        seen[module.dilation != (1, 1)].add(inputs[0].dtype)
+
+    for module in net.modules():
+        if isinstance(module, nn.ConvTranspose2d):
+            module.register_forward_hook(record)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        exact = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = net(x)
+    assert seen == {True: {torch.float32}, False: {torch.float32, torch.bfloat16}}
+    assert torch.allclose(mixed.float(), exact, atol=0.05 * float(exact.abs().max()))

@@ -223,8 +223,19 @@ class _ScaleHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ups[0](x)
         for up in self.ups[1:]:
-            y = y + up(x)
+            y = y + _dilated_up(up, x)
         return self.conv(self.act(y))  # type: ignore[no-any-return]
+
+
+def _dilated_up(up: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """``up(x)``, in float32 under CPU autocast: oneDNN has no bfloat16 kernel for a
+    dilated transposed convolution, and PyTorch's fallback is ~10× slower than float32
+    (the whole network was ~35× slower; ``python -m bench training`` has a bfloat16
+    row beside the float32 ones)."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return up(x.float())  # type: ignore[no-any-return]
+    return up(x)  # type: ignore[no-any-return]
 
 
 class DeepEM3D(nn.Module):

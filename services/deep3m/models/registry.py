@@ -37,6 +37,17 @@ PROCEDURE_BUILDERS: dict[str, Callable[[int, float, int], nn.Module]] = {
     "ynet": YNetSegmenter,
 }
 
+# How far, in input pixels along y and x, one output pixel's logits reach (measured
+# by gradient, eval mode; ``tests/unit/test_networks.py`` measures it again). A
+# prediction halo that covers it makes blockwise prediction equal a whole-volume pass.
+RECEPTIVE_RADIUS_YX: dict[str, int] = {
+    "deepem3d": 229,
+    "resunet2d": 109,
+    "resunet3d": 109,
+    "unet2d": 93,
+    "ynet": 94,
+}
+
 # CDeep3M's ensemble members and their input frames.
 MEMBER_FRAMES: dict[str, int] = {"1fm": 1, "3fm": 3, "5fm": 5}
 
@@ -98,6 +109,21 @@ def build_network(
         )
     net = builder(frames, float(width), num_classes)
     return ScaledInput(net, input_scale) if input_scale > 1 else net
+
+
+def seamless_halo_yx(architecture: str, input_scale: int = 1) -> int:
+    """The y/x halo that covers ``architecture``'s receptive field, on its input grid.
+
+    A network that sees its input downscaled by ``input_scale`` reaches that much
+    further, plus the resampling's one pixel less than a cell; the halo is a multiple
+    of the grid the downscaled network pools on (``INPUT_MULTIPLE · input_scale``),
+    so a block on that grid sees the same pooling windows as the whole volume.
+    """
+    if architecture not in RECEPTIVE_RADIUS_YX:
+        check_architecture(architecture)  # raises, naming the choices
+    multiple = INPUT_MULTIPLE * input_scale
+    reach = (RECEPTIVE_RADIUS_YX[architecture] + 1) * input_scale - 1
+    return -(-reach // multiple) * multiple
 
 
 def parameter_count(net: nn.Module) -> int:

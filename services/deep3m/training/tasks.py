@@ -25,7 +25,7 @@ from deep3m.core.events import ProgressEvent
 from deep3m.core.locations import StoreRoots
 from deep3m.core.store import Store, VolumeInfo
 from deep3m.models.card import MemberCard, ModelCard, card_key, load_card, save_card
-from deep3m.models.registry import INPUT_MULTIPLE, build_network
+from deep3m.models.registry import INPUT_MULTIPLE, build_network, seamless_halo_yx
 from deep3m.runtime.settings import Settings
 from deep3m.runtime.task import TaskContext, TaskResult
 from deep3m.training.adaptation.member import CANDIDATE_METRIC, adapt_member
@@ -46,8 +46,6 @@ from deep3m.v1 import common_pb2
 
 # What the card keeps of each member's adaptation choice.
 CHOSEN_FIELDS = ("chosen_checkpoint", "chosen_iteration", "chosen_figures", "choice", "fallback")
-# Context (y, x) a block of prediction should read around its core.
-HALO_YX = 64
 
 
 def _task_result(metrics: Mapping[str, float], outputs: Mapping[str, str]) -> TaskResult:
@@ -300,6 +298,7 @@ def assemble_card(
         )
     voxel = first.get("voxel_size_nm") or [1.0, 1.0, 1.0]
     max_frames = max(m.frames for m in members)
+    halo_yx = seamless_halo_yx(config.network_architecture, config.input_scale)
     card = ModelCard(
         id=config.model_id,
         architecture=config.network_architecture,  # type: ignore[arg-type]
@@ -309,7 +308,8 @@ def assemble_card(
         normalization_mean=norm.mean,
         normalization_std=norm.std,
         voxel_size_nm=(float(voxel[0]), float(voxel[1]), float(voxel[2])),
-        halo=(max_frames // 2, HALO_YX, HALO_YX),
+        # The receptive field's reach: block predictions then equal a whole-volume pass.
+        halo=(max_frames // 2, halo_yx, halo_yx),
         input_multiple=INPUT_MULTIPLE,
         input_scale=config.input_scale,
         threshold=threshold,

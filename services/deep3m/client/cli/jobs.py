@@ -118,7 +118,9 @@ def predict(
     tta_level: int = typer.Option(10, help="CDeep3M speed level: 1 (best), 2, 4, 10 (fastest)."),
     members: str = typer.Option("", help="Comma-separated members; default all."),
     block_shape: str = typer.Option("", help="z,y,x core block shape."),
-    halo: str = typer.Option("", help="z,y,x halo."),
+    halo: str = typer.Option(
+        "", help="z,y,x halo; default the model card's, which covers the receptive field."
+    ),
     postprocess: bool = typer.Option(
         False,
         help="Then threshold, label and tabulate objects, sharded over the postprocess workers.",
