@@ -227,7 +227,7 @@ class _ScaleHead(nn.Module):
         return self.conv(self.act(y))  # type: ignore[no-any-return]
 
 
-def _dilated_up(up: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+def _dilated_up(up: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``up(x)``, in float32 under CPU autocast: oneDNN has no bfloat16 kernel for a
     dilated transposed convolution, and PyTorch's fallback is ~10× slower than float32
     (the whole network was ~35× slower; ``python -m bench training`` has a bfloat16
