@@ -20,7 +20,9 @@ from deep3m.postprocess.sharded.block import (
     BlockFaces,
     Labelling,
     PieceStats,
+    from_document_bytes,
     summarize_block,
+    to_document_bytes,
 )
 from deep3m.postprocess.sharded.merge import (
     IdMap,
@@ -482,3 +484,37 @@ def test_stored_watershed_tasks_split_touching_spheres(tmp_path: Path) -> None:
     reference = np.zeros(prob.shape, np.uint32)
     label_sharded(prob, reference, spec, block_shape=(18, 20, 30))
     np.testing.assert_array_equal(target, reference)
+
+
+def test_documents_round_trip_every_dtype_and_shape_and_read_npz_too() -> None:
+    arrays = {
+        "ids": np.arange(7, dtype=np.uint32),
+        "boxes": np.arange(24, dtype=np.int64).reshape(4, 2, 3),
+        "sums": np.linspace(0, 1, 5),
+        "flags": np.array([True, False, True]),
+        "empty": np.zeros((0, 3), np.int64),
+        "scalar": np.asarray(2.5, np.float32),
+        "strided": np.arange(10, dtype=np.int16)[::3],
+    }
+    got = from_document_bytes(to_document_bytes(arrays), "test")
+    assert list(got) == list(arrays)
+    for name, array in arrays.items():
+        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    legacy = from_document_bytes(buf.getvalue(), "test")
+    assert all(np.array_equal(legacy[n], a) for n, a in arrays.items())
+
+
+@pytest.mark.parametrize("cut", [10, 30, -8])
+def test_a_truncated_document_is_a_clear_error(cut: int) -> None:
+    import numcodecs
+
+    raw = numcodecs.Zstd().decode(to_document_bytes({"ids": np.arange(50, dtype=np.int64)}))
+    with pytest.raises(FailedPreconditionError, match="piece statistics document is unreadable"):
+        from_document_bytes(bytes(raw)[:cut], "piece statistics")
+
+
+def test_object_arrays_are_refused_when_a_document_is_written() -> None:
+    with pytest.raises(InvalidArgumentError, match="'names' of a document holds objects"):
+        to_document_bytes({"names": np.array(["a", None], dtype=object)})

@@ -33,8 +33,8 @@ from deep3m.postprocess.evaluate import Evaluation, ObjectCounts, Operand, block
 from deep3m.postprocess.sharded.block import (
     BlockFaces,
     Labelling,
-    from_npz_bytes,
-    to_npz_bytes,
+    from_document_bytes,
+    to_document_bytes,
 )
 from deep3m.postprocess.sharded.merge import IdMap
 
@@ -91,7 +91,7 @@ class BlockEvaluation:
     truth_ids: np.ndarray
 
     def to_bytes(self) -> bytes:
-        return to_npz_bytes(
+        return to_document_bytes(
             {
                 "counts": np.asarray([getattr(self.counts, c) for c in _COUNTS], np.int64),
                 "point_labels": self.point_labels,
@@ -106,7 +106,7 @@ class BlockEvaluation:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BlockEvaluation:
-        d = from_npz_bytes(data, "block evaluation")
+        d = from_document_bytes(data, "block evaluation")
         counts = ConfusionCounts(*(int(v) for v in d["counts"]))
         return cls(
             counts, d["point_labels"], d["point_inside"], d["point_truth"],

@@ -35,8 +35,8 @@ from deep3m.core.errors import FailedPreconditionError, InvalidArgumentError
 from deep3m.postprocess.sharded.block import (
     BlockFaces,
     check_connectivity,
-    from_npz_bytes,
-    to_npz_bytes,
+    from_document_bytes,
+    to_document_bytes,
 )
 from deep3m.postprocess.watershed import watershed_joins
 
@@ -183,7 +183,7 @@ class IdMap:
         )
 
     def to_bytes(self) -> bytes:
-        return to_npz_bytes(
+        return to_document_bytes(
             {
                 "grid_shape": np.asarray(self.grid_shape, np.int64),
                 "piece_counts": self.piece_counts,
@@ -195,7 +195,7 @@ class IdMap:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> IdMap:
-        d = from_npz_bytes(data, "id map")
+        d = from_document_bytes(data, "id map")
         return cls(
             tuple(int(v) for v in d["grid_shape"]),
             d["piece_counts"],

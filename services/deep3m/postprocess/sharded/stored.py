@@ -33,9 +33,9 @@ from deep3m.postprocess.sharded.block import (
     BlockFaces,
     Labelling,
     PieceStats,
-    from_npz_bytes,
+    from_document_bytes,
     summarize_block,
-    to_npz_bytes,
+    to_document_bytes,
 )
 from deep3m.postprocess.sharded.density import write_density_outputs
 from deep3m.postprocess.sharded.evaluation import (
@@ -115,11 +115,12 @@ class Documents:
         return PieceStats.from_bytes(self.store.read_bytes(self.pieces_key(index)))
 
     def pairs(self, index: Sequence[int]) -> np.ndarray:
-        return from_npz_bytes(self.store.read_bytes(self.pairs_key(index)), "equivalences")["pairs"]
+        data = self.store.read_bytes(self.pairs_key(index))
+        return from_document_bytes(data, "equivalences")["pairs"]
 
     def sizes(self, index: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Piece voxel counts and watershed seeds of one block."""
-        d = from_npz_bytes(self.store.read_bytes(self.sizes_key(index)), "piece sizes")
+        d = from_document_bytes(self.store.read_bytes(self.sizes_key(index)), "piece sizes")
         return d["counts"], d["seeds"]
 
     def id_map(self) -> IdMap:
@@ -154,7 +155,7 @@ def summarize_task(
     docs.store.write_bytes(docs.faces_key(index), summary.faces.to_bytes())
     docs.store.write_bytes(docs.pieces_key(index), summary.pieces.to_bytes())
     sizes = {"counts": summary.pieces.counts, "seeds": summary.pieces.seeds}
-    docs.store.write_bytes(docs.sizes_key(index), to_npz_bytes(sizes))
+    docs.store.write_bytes(docs.sizes_key(index), to_document_bytes(sizes))
     return {"voxels": float(core.size), "pieces": float(len(summary.pieces))}
 
 
@@ -167,7 +168,7 @@ def equivalences_task(
     pairs = block_equivalences(
         own, dict(zip(wanted, theirs, strict=True)), grid_shape, connectivity
     )
-    docs.store.write_bytes(docs.pairs_key(index), to_npz_bytes({"pairs": pairs}))
+    docs.store.write_bytes(docs.pairs_key(index), to_document_bytes({"pairs": pairs}))
     return {"equivalences": float(len(pairs))}
 
 
@@ -284,7 +285,7 @@ def truth_summarize_task(
     truth = docs.truth
     truth.store.write_bytes(truth.faces_key(index), faces.to_bytes())
     sizes = {"counts": counts, "seeds": np.full(len(counts), -1, np.int64)}
-    truth.store.write_bytes(truth.sizes_key(index), to_npz_bytes(sizes))
+    truth.store.write_bytes(truth.sizes_key(index), to_document_bytes(sizes))
     return {"truth_pieces": float(len(counts))}
 
 

@@ -41,7 +41,7 @@ from deep3m.core.errors import InvalidArgumentError
 from deep3m.core.store import Store
 from deep3m.postprocess.objects import InPhysicalUnits, csv_text
 from deep3m.postprocess.objects import table_keys as object_table_keys
-from deep3m.postprocess.sharded.block import PieceStats, from_npz_bytes, to_npz_bytes
+from deep3m.postprocess.sharded.block import PieceStats, from_document_bytes, to_document_bytes
 from deep3m.postprocess.sharded.merge import IdMap
 
 # Mean ratio of a surface's area to the area of its voxel faces (isotropic surfaces).
@@ -123,11 +123,11 @@ class ObjectStats(InPhysicalUnits):
     def to_bytes(self) -> bytes:
         """The table as a document (a reduce shard's output)."""
         arrays = {name: getattr(self, name) for name in self._FIELDS}
-        return to_npz_bytes({**arrays, "voxel_size_nm": np.asarray(self.voxel_size_nm)})
+        return to_document_bytes({**arrays, "voxel_size_nm": np.asarray(self.voxel_size_nm)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ObjectStats:
-        d = from_npz_bytes(data, "object table")
+        d = from_document_bytes(data, "object table")
         vs = check_voxel_size(d["voxel_size_nm"].tolist())
         return cls(**{name: d[name] for name in cls._FIELDS}, voxel_size_nm=vs)
 
