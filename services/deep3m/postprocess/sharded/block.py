@@ -75,7 +75,7 @@ def to_document_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
         if array.dtype.hasobject:
             raise InvalidArgumentError(f"array {name!r} of a document holds objects", field=name)
         index.append([name, array.dtype.str, list(array.shape), offset])
-        parts.append(array.tobytes() + bytes(_aligned(array.nbytes) - array.nbytes))
+        parts += [array.tobytes(), bytes(_aligned(array.nbytes) - array.nbytes)]
         offset += _aligned(array.nbytes)
     header = json.dumps(index).encode()
     head = _ARRAYS_MAGIC + struct.pack("<Q", len(header)) + header
