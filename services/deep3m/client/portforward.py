@@ -190,9 +190,24 @@ def _pump(local: socket.socket, remote: Any, stop: threading.Event) -> None:
     except OSError:
         return
     finally:
+        linger(remote)
         for sock in (local, remote):
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+def linger(sock: socket.socket, timeout: float = 2.0) -> None:
+    """Before closing ``sock``: stop sending, then read until the peer closes too.
+
+    Closing a socket with unread bytes sends a TCP reset, which the peer (the
+    Kubernetes client's port-forward thread, on either end) reports as an error
+    instead of a closed connection.
+    """
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(timeout)
+        while sock.recv(65536):
+            pass
 
 
 class _Forwarder:

@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from deep3m.client.portforward import linger
+
 _WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _OP_BINARY = 0x2
 _OP_CLOSE = 0x8
@@ -537,17 +539,4 @@ def _relay(ws: socket.socket, port: int, target: tuple[str, int]) -> None:
             upstream.shutdown(socket.SHUT_RDWR)
         upstream.close()
         up.join(timeout=5)
-        _linger(ws)
-
-
-def _linger(sock: socket.socket, timeout: float = 2.0) -> None:
-    """Close gracefully: stop sending, then read until the client closes too.
-
-    Closing a socket with unread bytes sends a TCP reset, which the client's
-    port-forward thread reports as an error instead of a closed connection.
-    """
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(timeout)
-        while sock.recv(65536):
-            pass
+        linger(ws)
